@@ -1,0 +1,122 @@
+"""The command line end to end, in subprocesses: run.json, determinism,
+saved models, and one-line errors for bad input."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_KEYS = {"schema_version", "config", "env", "history", "final", "per_word", "alignments", "predictions",
+            "timing", "skipped", "wall_seconds", "split"}
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "iam_handwriting.py"), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+def metrics(doc):
+    """Everything in run.json that must not depend on timing."""
+    history = [{k: v for k, v in e.items() if k != "seconds"} for e in doc["history"]]
+    return history, doc["final"], doc["per_word"], doc["predictions"], doc["alignments"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("quick")
+    r = cli("--quick", "--seed", 3, "--save-json", folder / "nested" / "run.json", "--save-model", folder / "model.npz")
+    assert r.returncode == 0, r.stderr
+    return folder, r.stdout, json.loads((folder / "nested" / "run.json").read_text())
+
+
+def test_quick_run_writes_a_complete_run_json(quick_run):
+    folder, stdout, doc = quick_run
+    assert RUN_KEYS <= doc.keys()
+    assert doc["schema_version"] == 1
+    cfg = doc["config"]
+    assert cfg["seed"] == 3 and cfg["epochs"] == len(doc["history"]) > 0
+    for split in ("in_vocab", "held_out"):
+        assert set(doc["final"][split]) == {"cer", "word_acc", "loss"}
+        assert 0.0 <= doc["final"][split]["word_acc"] <= 1.0
+    assert len(doc["history"][0]["in_vocab"]) == 3 and "train_loss" in doc["history"][0]
+    train, held = doc["split"]["train_words"], doc["split"]["held_out_words"]
+    assert len(train) == 38 and len(held) == 9
+    n_eval = cfg["eval_repeats"] * 47
+    assert len(doc["predictions"]) == n_eval
+    assert {p["split"] for p in doc["predictions"] if p["word"] in held} == {"held_out"}
+    assert set(doc["per_word"]) == set(train) | set(held)
+    short, long = doc["alignments"]
+    assert len(short["word"]) < len(long["word"]) and short["word"] in train and long["word"] in train
+    T = len(long["xy"])
+    assert np.shape(long["log_probs"]) == (T, 11) and len(long["char_of"]) == T == len(long["argmax_path"])
+    assert {"data", "forward", "ctc", "backward", "optimiser", "evaluation"} <= doc["timing"].keys()
+    assert doc["skipped"] == 0 and doc["wall_seconds"] > 0
+    assert doc["env"]["numpy"] == np.__version__
+    # one log line per epoch plus the summary
+    assert sum(line.startswith("epoch") for line in stdout.splitlines()) == cfg["epochs"]
+    assert "held-out CER" in stdout
+
+
+def test_same_seed_gives_identical_metrics(quick_run, tmp_path):
+    _, _, first = quick_run
+    r = cli("--quick", "--seed", 3, "--quiet", "--save-json", tmp_path / "again.json")
+    assert r.returncode == 0, r.stderr
+    assert "epoch" not in r.stdout  # --quiet
+    assert metrics(json.loads((tmp_path / "again.json").read_text())) == metrics(first)
+
+
+def test_saved_model_reproduces_the_metrics_when_loaded(quick_run, tmp_path):
+    folder, _, trained = quick_run
+    r = cli("--load-model", folder / "model.npz", "--save-json", tmp_path / "loaded.json")
+    assert r.returncode == 0, r.stderr
+    loaded = json.loads((tmp_path / "loaded.json").read_text())
+    assert loaded["history"] == []
+    assert loaded["config"] == trained["config"]
+    assert loaded["final"] == trained["final"]
+    assert loaded["predictions"] == trained["predictions"]
+
+
+def corrupt_model(folder):
+    path = folder / "corrupt.npz"
+    path.write_bytes(b"PK\x03\x04 this is not really a zip file")
+    return path
+
+
+def wrong_shapes_model(folder):
+    path = folder / "wrong.npz"
+    cfg = {"hidden": 5}
+    np.savez(path, __config__=np.array(json.dumps(cfg)), out_W=np.zeros((3, 3)))
+    return path
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--epochs", "-1"], "--epochs"),
+    (["--hidden", "0"], "--hidden"),
+    (["--layers", "0"], "--layers"),
+    (["--batch-size", "zero"], "--batch-size"),
+    (["--lr", "0"], "--lr"),
+    (["--lr", "nan"], "--lr"),
+    (["--seed", "-3"], "--seed"),
+    (["--no-such-flag"], "unrecognized"),
+    (["--save-json", "{file}/run.json"], "cannot write"),
+    (["--save-model", "{file}/model.npz"], "cannot write"),
+    (["--save-json", "{folder}"], "is a folder"),
+    (["--load-model", "{folder}/missing.npz"], "does not exist"),
+    (["--load-model", "{corrupt}"], "not a readable npz"),
+    (["--load-model", "{wrong}"], "model file"),
+    (["--load-model", "{corrupt}", "--hidden", "8"], "cannot be combined"),
+])
+def test_bad_input_exits_2_with_one_line_and_no_traceback(args, message, tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    values = {"file": tmp_path / "a_file", "folder": tmp_path, "corrupt": corrupt_model(tmp_path),
+              "wrong": wrong_shapes_model(tmp_path)}
+    r = cli(*[a.format(**values) for a in args], "--epochs" if "--epochs" not in args else "--quiet",
+            *(["0"] if "--epochs" not in args else []))
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert message in lines[0]
+    assert "error" in lines[0]
