@@ -32,6 +32,8 @@ Usage:
     python iam_handwriting.py --quick --save-json run.json    # CI smoke run
     python iam_handwriting.py --save-model model.npz          # keep the weights
     python iam_handwriting.py --load-model model.npz          # evaluate only
+    python iam_handwriting.py --load-model model.npz --lexicon-sizes 47,100,1000,10000
+                                                              # the lexicon-size experiment
     python iam_handwriting.py --help                          # every flag
 """
 from __future__ import annotations
@@ -98,6 +100,7 @@ class RunConfig:
     eval_repeats: int = 8  # fresh renderings of each word for evaluation
     holdout_frac: float = 0.2  # share of VOCAB held out for the compositional test
     jitter: float = 0.014  # std of per-point Gaussian pen jitter (unit-box units)
+    input_gain: float = 12.0  # one sample spacing of pen movement is fed to the network as this (README: "Input scale")
     slant_max: float = 0.15  # per-word shear x += slant * y, slant ~ U(-max, max)
     dtype: str = "float32"  # training precision (gradient checks use float64)
     decoder: str = "greedy"  # how the final evaluation decodes: greedy, beam, lexicon
@@ -240,25 +243,19 @@ def split_vocab(rng, holdout_frac):
     return [w for w in VOCAB if w not in held], held
 
 
-# Pen steps are scaled so one sample spacing reads as INPUT_GAIN. Measured
-# (README, "Input scale"): with the usual +-1/sqrt(H) weights, steps of about
-# 1 leave the network on a long CTC plateau on some seeds; a gain of 12
-# reaches the target on every seed tried in a third of the epochs.
-INPUT_GAIN = 12.0
-FEATURE_SCALE = np.array([INPUT_GAIN / SAMPLE_SPACING, INPUT_GAIN / SAMPLE_SPACING, 1.0])
-
-
-def pad_batch(renderings, dtype=np.float64):
+def pad_batch(renderings, input_gain, dtype=np.float64):
     """Stack trajectories into zero-padded network inputs.
 
-    Returns X (T, B, 3) scaled features and lengths (B,).
+    Pen steps are scaled so that one sample spacing reads as `input_gain`;
+    pen_up stays 0/1. Returns X (T, B, 3) and lengths (B,).
     """
     lengths = np.array([len(r.traj) for r in renderings])
     T, B = int(lengths.max()), len(renderings)
     X = np.zeros((T, B, IN_DIM), dtype=dtype)
     time_idx = np.concatenate([np.arange(n) for n in lengths])
     batch_idx = np.repeat(np.arange(B), lengths)
-    X[time_idx, batch_idx] = np.concatenate([r.traj for r in renderings]) * FEATURE_SCALE
+    scale = np.array([input_gain / SAMPLE_SPACING, input_gain / SAMPLE_SPACING, 1.0])
+    X[time_idx, batch_idx] = np.concatenate([r.traj for r in renderings]) * scale
     return X, lengths
 
 
@@ -646,6 +643,183 @@ def cer(pred, target):
     return levenshtein(target, pred) / max(len(target), 1)
 
 
+def beam_search_decode(log_probs, beam_width=16):
+    """CTC prefix beam search over one sequence (Graves 2012, ch. 7; Hannun 2014).
+
+    log_probs (T, K). Every labeling prefix in the beam carries two
+    log-probabilities: of the alignments so far that collapse to it and end in
+    a blank, and of those that end in its last label. Returns (labels,
+    log_prob), the most probable prefix at the end and its total log
+    probability as accumulated by the search (exact if nothing was pruned).
+    """
+    lp = np.asarray(log_probs, dtype=np.float64)
+    if beam_width < 1:
+        raise ValueError(f"beam_width must be at least 1, got {beam_width}")
+    K = lp.shape[1]
+    prefixes = [()]
+    ends_blank = np.array([0.0])  # (W,)
+    ends_label = np.array([-np.inf])  # (W,)
+    for y in lp:
+        total = np.logaddexp(ends_blank, ends_label)
+        last = np.array([p[-1] if p else BLANK for p in prefixes])  # (W,)
+        # blank: the prefix does not change and now ends in a blank
+        stay_blank = total + y[BLANK]
+        # repeat of the last label with no blank between: merges, prefix unchanged
+        stay_label = np.where(last != BLANK, ends_label + y[last], -np.inf)
+        # extension by label k (W, K-1); repeating the last label needs a blank first
+        extend = total[:, None] + y[None, 1:]
+        repeat = np.flatnonzero(last != BLANK)
+        extend[repeat, last[repeat] - 1] = ends_blank[repeat] + y[last[repeat]]
+        # an extension that spells a prefix already in the beam merges into it
+        index = {p: i for i, p in enumerate(prefixes)}
+        for i, p in enumerate(prefixes):
+            j = index.get(p[:-1]) if p else None
+            if j is not None:
+                stay_label[i] = np.logaddexp(stay_label[i], extend[j, p[-1] - 1])
+                extend[j, p[-1] - 1] = -np.inf
+        # keep the beam_width most probable of all candidates (stable: ties keep order)
+        scores = np.concatenate([np.logaddexp(stay_blank, stay_label), extend.ravel()])
+        keep = np.argsort(-scores, kind="stable")[:beam_width]
+        keep = keep[np.isfinite(scores[keep])] if np.isfinite(scores[keep[0]]) else keep[:1]
+        W = len(prefixes)
+        parent, k = np.divmod(keep - W, K - 1)
+        prefixes = [prefixes[c] if c < W else prefixes[j] + (int(kk) + 1,) for c, j, kk in zip(keep, parent, k)]
+        ends_blank = np.where(keep < W, stay_blank[np.minimum(keep, W - 1)], -np.inf)
+        ends_label = np.where(keep < W, stay_label[np.minimum(keep, W - 1)],
+                              extend.ravel()[np.maximum(keep - W, 0)])
+    total = np.logaddexp(ends_blank, ends_label)
+    best = int(np.argmax(total))
+    return list(prefixes[best]), float(total[best])
+
+
+@dataclass(frozen=True)
+class Lexicon:
+    """Dictionary words as a prefix tree; node 0 is the empty prefix."""
+
+    words: tuple  # the W words, in the order scores are reported
+    label: np.ndarray  # (N,) class id of each node's last letter (BLANK at the root)
+    parent: np.ndarray  # (N,) node of the prefix one letter shorter (the root is its own parent)
+    skip: np.ndarray  # (N,) True where the letter differs from its parent's, so no blank is needed between
+    end: np.ndarray  # (W,) node at which each word ends
+
+
+def build_lexicon(words):
+    """Prefix tree of `words`; ValueError for an empty lexicon, an empty word or a foreign letter."""
+    words = tuple(words)
+    if not words:
+        raise ValueError("the lexicon is empty")
+    node_of, label, parent = {"": 0}, [BLANK], [0]
+    for w in words:
+        if not w:
+            raise ValueError("the lexicon holds an empty word")
+        ids = encode(w)
+        for n in range(1, len(w) + 1):
+            if w[:n] not in node_of:
+                node_of[w[:n]] = len(label)
+                label.append(ids[n - 1])
+                parent.append(node_of[w[:n - 1]])
+    label, parent = np.array(label), np.array(parent)
+    skip = label != label[parent]
+    skip[0] = False
+    return Lexicon(words, label, parent, skip, np.array([node_of[w] for w in words]))
+
+
+def lexicon_log_likelihoods(log_probs, lengths, lexicon):
+    """Exact CTC log p(word | x_b) for every lexicon word and sequence: (W, B).
+
+    log_probs (T, B, K), lengths (B,). The CTC forward recursion run on the
+    prefix tree instead of one chain per word (token passing restricted to
+    single words): each node has a state "on its last letter" and a state "in
+    a blank after it", and words sharing a prefix share its computation. The
+    only Python loop is over time.
+    """
+    lp = np.asarray(log_probs, dtype=np.float64).transpose(0, 2, 1)  # (T, K, B)
+    lengths = np.asarray(lengths)
+    N, B = len(lexicon.label), lp.shape[2]
+    parent = lexicon.parent
+    skip_penalty = np.where(lexicon.skip, 0.0, -np.inf)[:, None]  # (N, 1)
+    on_letter = np.full((N, B), -np.inf)  # log P(alignment so far spells the node, ends on its letter)
+    in_blank = np.full((N, B), -np.inf)  # ... and ends in a blank after it
+    in_blank[0] = 0.0  # before the first step: the empty prefix, probability one
+    scores = np.full((len(lexicon.words), B), -np.inf)
+    for t in range(lp.shape[0]):
+        emit = lp[t, lexicon.label]  # (N, B)
+        emit[0] = -np.inf  # the root has no letter to be on
+        # enter a node's letter from its parent's blank, or straight from the
+        # parent's letter when the two letters differ; or stay on the letter
+        from_parent = np.logaddexp(in_blank[parent], on_letter[parent] + skip_penalty)
+        on_letter, in_blank = (np.logaddexp(on_letter, from_parent) + emit,
+                               np.logaddexp(in_blank, on_letter) + lp[t, BLANK])
+        done = np.flatnonzero(lengths == t + 1)
+        if len(done):
+            end = lexicon.end[:, None]
+            scores[:, done] = np.logaddexp(on_letter[end, done], in_blank[end, done])
+    return scores
+
+
+def lexicon_decode(log_probs, lexicon, word_log_prior=None):
+    """The most probable dictionary word for one sequence (T, K).
+
+    lexicon: a list of words or a Lexicon. Returns (word, log_prob) with
+    log_prob the exact CTC log-likelihood of the word plus its prior, if given.
+    """
+    lex = lexicon if isinstance(lexicon, Lexicon) else build_lexicon(lexicon)
+    lp = np.asarray(log_probs, dtype=np.float64)
+    scores = lexicon_log_likelihoods(lp[:, None, :], [len(lp)], lex)[:, 0]
+    if word_log_prior is not None:
+        prior = np.asarray(word_log_prior, dtype=np.float64)
+        if prior.shape != scores.shape:
+            raise ValueError(f"word_log_prior needs one value per word ({len(scores)}), got shape {prior.shape}")
+        scores = scores + prior
+    best = int(np.argmax(scores))
+    return lex.words[best], float(scores[best])
+
+
+LEXICON_BATCH = 32  # sequences decoded together against one lexicon
+
+
+def lexicon_decode_many(log_probs_list, lex):
+    """lexicon_decode for a list of (T_i, K) arrays, batched. Returns the words."""
+    words = []
+    for start in range(0, len(log_probs_list), LEXICON_BATCH):
+        lp, lengths = pad_log_probs(log_probs_list[start:start + LEXICON_BATCH])
+        scores = lexicon_log_likelihoods(lp, lengths, lex)  # (W, B)
+        words += [lex.words[i] for i in np.argmax(scores, axis=0)]
+    return words
+
+
+def pad_log_probs(log_probs):
+    """Stack (T_i, K) arrays into (T, B, K), padding with uniform rows. Returns it and lengths (B,)."""
+    lengths = np.array([len(lp) for lp in log_probs])
+    K = log_probs[0].shape[1]
+    out = np.full((int(lengths.max()), len(log_probs), K), -np.log(K))
+    time_idx = np.concatenate([np.arange(n) for n in lengths])
+    out[time_idx, np.repeat(np.arange(len(log_probs)), lengths)] = np.concatenate(log_probs)
+    return out, lengths
+
+
+LEXICON_SEED = 20090501  # fixed: every run sees the same distractor words
+
+
+def distractor_words(n, real_words=VOCAB):
+    """The first n of a fixed sequence of distinct 3-5 letter pseudo-words, none a real word.
+
+    Candidates are drawn in fixed-size chunks, so a lexicon of a given size is
+    the same whatever larger size is also asked for.
+    """
+    rng = np.random.default_rng(LEXICON_SEED)
+    seen, out = set(real_words), []
+    while len(out) < n:
+        lengths = rng.integers(3, 6, size=4096)
+        letters = rng.integers(0, len(ALPHABET), size=(4096, 5))
+        for length, row in zip(lengths, letters):
+            w = "".join(ALPHABET[i] for i in row[:length])
+            if w not in seen:
+                seen.add(w)
+                out.append(w)
+    return out[:n]
+
+
 # ---------------------------------------------------------------------------
 # Optimiser
 # ---------------------------------------------------------------------------
@@ -727,7 +901,7 @@ def train_step(params, adam, renderings, lr, cfg, timer):
     sequences skipped for impossible alignments).
     """
     t0 = time.perf_counter()
-    X, lengths = pad_batch(renderings, params["out_W"].dtype)
+    X, lengths = pad_batch(renderings, cfg.input_gain, params["out_W"].dtype)
     targets = [r.labels for r in renderings]
     t0 = timer.add("data", t0)
     log_probs, cache = forward(params, X, lengths)
@@ -750,13 +924,13 @@ EVAL_BATCH = 64  # measured fastest per frame for the forward pass alone
 EVAL_THREADS = 2  # numpy releases the GIL in ufuncs and BLAS; batches are independent
 
 
-def run_model(params, renderings):
+def run_model(params, renderings, input_gain):
     """Log-probabilities for every rendering: a list of (T_i, K) float64 arrays."""
     order = np.argsort([len(r.traj) for r in renderings], kind="stable")
     chunks = [order[i:i + EVAL_BATCH] for i in range(0, len(order), EVAL_BATCH)]
 
     def run_chunk(idx):
-        X, lengths = pad_batch([renderings[i] for i in idx], params["out_W"].dtype)
+        X, lengths = pad_batch([renderings[i] for i in idx], input_gain, params["out_W"].dtype)
         log_probs, _ = forward(params, X, lengths)
         return [log_probs[:n, b].astype(np.float64) for b, n in enumerate(lengths)]
 
@@ -768,36 +942,25 @@ def run_model(params, renderings):
     return out
 
 
-def evaluate(params, renderings, decode=None):
+def word_metrics(renderings, words):
+    """Corpus CER (total edits / total characters) and exact-match word accuracy."""
+    edits = sum(levenshtein(r.word, w) for r, w in zip(renderings, words))
+    return {"cer": edits / sum(len(r.word) for r in renderings),
+            "word_acc": float(np.mean([r.word == w for r, w in zip(renderings, words)]))}
+
+
+def evaluate(params, renderings, input_gain, decode=None):
     """Loss, CER and word accuracy of one evaluation set.
 
-    `decode` maps a list of (T_i, K) log-prob arrays to label lists; greedy by
-    default. Returns (metrics dict, per-rendering log-probs, decoded strings).
+    `decode` (from make_decoder) maps a list of (T_i, K) log-prob arrays to
+    words; greedy by default. Returns (metrics, per-rendering log-probs, words).
     """
-    log_probs = run_model(params, renderings)
-    X_lp, lengths = pad_log_probs(log_probs)
-    nll = -ctc_log_likelihood(X_lp, lengths, [r.labels for r in renderings])
-    decoded = decode(log_probs) if decode else greedy_decode(X_lp, lengths)
-    words = [decode_labels(d) for d in decoded]
-    edits = sum(levenshtein(r.word, w) for r, w in zip(renderings, words))
-    n_chars = sum(len(r.word) for r in renderings)
+    log_probs = run_model(params, renderings, input_gain)
+    nll = -ctc_log_likelihood(*pad_log_probs(log_probs), [r.labels for r in renderings])
+    words = (decode or make_decoder("greedy"))(log_probs)
     finite = np.isfinite(nll)
-    metrics = {
-        "cer": edits / n_chars,
-        "word_acc": float(np.mean([r.word == w for r, w in zip(renderings, words)])),
-        "loss": float(nll[finite].sum() / max(sum(len(r.word) for r, f in zip(renderings, finite) if f), 1)),
-    }
-    return metrics, log_probs, words
-
-
-def pad_log_probs(log_probs):
-    """Stack (T_i, K) arrays into (T, B, K), padding with uniform rows."""
-    lengths = np.array([len(lp) for lp in log_probs])
-    K = log_probs[0].shape[1]
-    out = np.full((int(lengths.max()), len(log_probs), K), -np.log(K))
-    time_idx = np.concatenate([np.arange(n) for n in lengths])
-    out[time_idx, np.repeat(np.arange(len(log_probs)), lengths)] = np.concatenate(log_probs)
-    return out, lengths
+    n_chars = sum(len(r.word) for r, f in zip(renderings, finite) if f)
+    return {**word_metrics(renderings, words), "loss": float(nll[finite].sum() / max(n_chars, 1))}, log_probs, words
 
 
 def make_eval_sets(cfg, streams):
@@ -834,11 +997,11 @@ def alignment_record(rendering, log_probs):
 def final_report(params, cfg, eval_sets, train_words, timer):
     """The evaluation part of run.json: final metrics, per word, predictions, alignments."""
     t0 = time.perf_counter()
-    decode = make_decoder(cfg)
+    decode = make_decoder(cfg.decoder, cfg.beam_width)
     final, per_word, predictions, alignments = {}, {}, [], []
     lp_of = {}
     for split, renders in eval_sets.items():
-        metrics, log_probs, words = evaluate(params, renders, decode)
+        metrics, log_probs, words = evaluate(params, renders, cfg.input_gain, decode)
         final[split] = metrics
         for r, w, lp in zip(renders, words, log_probs):
             predictions.append({"word": r.word, "split": split, "decoded": w})
@@ -856,11 +1019,68 @@ def final_report(params, cfg, eval_sets, train_words, timer):
     return {"final": final, "per_word": per_word, "predictions": predictions, "alignments": alignments}
 
 
-def make_decoder(cfg):
-    """None for greedy (the evaluate default), else a function over log-prob lists."""
-    if cfg.decoder == "greedy":
-        return None
-    raise ValueError(f"unknown decoder {cfg.decoder!r}")
+DECODERS = ("greedy", "beam", "lexicon")
+
+
+def make_decoder(name, beam_width=16, lexicon=VOCAB):
+    """A function from a list of (T_i, K) log-prob arrays to decoded words.
+
+    The lexicon decoder's default dictionary is the whole vocabulary, held-out
+    words included, as in the paper (test words are in the dictionary).
+    """
+    if name == "greedy":
+        return lambda lps: [decode_labels(d) for d in greedy_decode(*pad_log_probs(lps))]
+    if name == "beam":
+        return lambda lps: [decode_labels(beam_search_decode(lp, beam_width)[0]) for lp in lps]
+    if name == "lexicon":
+        lex = build_lexicon(lexicon)
+        return lambda lps: lexicon_decode_many(lps, lex)
+    raise ValueError(f"unknown decoder {name!r}; choose from {DECODERS}")
+
+
+def lexicon_experiment(params, cfg, sizes, log=print):
+    """Greedy, beam and lexicon decoding of every evaluation word against
+    lexicons of the given sizes: the 47 vocabulary words (held-out words
+    included) plus distractor pseudo-words. Returns run.json's `decoding`."""
+    t_start = time.perf_counter()
+    _, _, eval_sets = make_eval_sets(cfg, make_streams(cfg.seed))
+    log_probs = {split: run_model(params, renders, cfg.input_gain) for split, renders in eval_sets.items()}
+
+    def timed(split, decode):
+        t0 = time.perf_counter()
+        words = decode(log_probs[split])
+        seconds = time.perf_counter() - t0
+        n = len(eval_sets[split])
+        return {**word_metrics(eval_sets[split], words), "seconds_per_word": seconds / n, "n_words": n}
+
+    fixed = {(d, split): timed(split, make_decoder(d, cfg.beam_width))
+             for d in ("greedy", "beam") for split in eval_sets}
+    distractors = distractor_words(max(sizes) - len(VOCAB))
+    rows = []
+    for size in sizes:
+        decode = make_decoder("lexicon", lexicon=VOCAB + distractors[:size - len(VOCAB)])
+        for split in eval_sets:
+            found = {"greedy": fixed["greedy", split], "beam": fixed["beam", split], "lexicon": timed(split, decode)}
+            rows += [{"lexicon_size": size, "decoder": d, "split": split, **m} for d, m in found.items()]
+    decoding = {"lexicon_sizes": list(sizes), "beam_width": cfg.beam_width, "rows": rows,
+                "seconds": time.perf_counter() - t_start}
+    log(format_decoding(decoding))
+    return decoding
+
+
+def format_decoding(decoding):
+    lines = [f"{'lexicon':>8} {'decoder':>8}   {'in-vocab CER':>12} {'acc':>6}   "
+             f"{'held-out CER':>12} {'acc':>6}   {'ms/word':>8}"]
+    by_key = {(r["lexicon_size"], r["decoder"], r["split"]): r for r in decoding["rows"]}
+    for size in decoding["lexicon_sizes"]:
+        for d in DECODERS:
+            iv, ho = by_key[size, d, "in_vocab"], by_key[size, d, "held_out"]
+            seconds = iv["seconds_per_word"] * iv["n_words"] + ho["seconds_per_word"] * ho["n_words"]
+            ms = 1e3 * seconds / (iv["n_words"] + ho["n_words"])
+            lines.append(f"{size:8d} {d:>8}   {iv['cer']:12.4f} {iv['word_acc']:6.3f}   "
+                         f"{ho['cer']:12.4f} {ho['word_acc']:6.3f}   {ms:8.2f}")
+    lines.append(f"decoding experiment: {decoding['seconds']:.1f}s")
+    return "\n".join(lines)
 
 
 def train(cfg, verbose=True, log=print):
@@ -891,7 +1111,7 @@ def train(cfg, verbose=True, log=print):
         t0 = time.perf_counter()
         entry = {"epoch": epoch, "train_loss": loss_sum / max(n_chars, 1)}
         for split, renders_eval in eval_sets.items():
-            entry[split] = evaluate(params, renders_eval)[0]
+            entry[split] = evaluate(params, renders_eval, cfg.input_gain)[0]
         timer.add("evaluation", t0)
         entry["seconds"] = time.perf_counter() - e0
         history.append(entry)
@@ -1079,6 +1299,21 @@ def _positive_float(text):
     return value
 
 
+MAX_LEXICON = 100_000  # distinct 3-5 letter strings over 10 letters: 111,000
+
+
+def _lexicon_sizes(text):
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+    bad = [n for n in sizes if not len(VOCAB) <= n <= MAX_LEXICON]
+    if bad:
+        raise argparse.ArgumentTypeError(f"sizes must lie in {len(VOCAB)}..{MAX_LEXICON} (the lexicon holds "
+                                         f"the {len(VOCAB)} vocabulary words), got {bad[0]}")
+    return sorted(set(sizes))
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr and exit status 2."""
 
@@ -1103,6 +1338,14 @@ def build_parser():
     p.add_argument("--batch-size", type=_int_at_least(1), default=None,
                    help=f"sequences per Adam step (default {RunConfig.batch_size})")
     p.add_argument("--lr", type=_positive_float, default=None, help=f"Adam learning rate (default {RunConfig.lr})")
+    p.add_argument("--decoder", choices=DECODERS, default=None,
+                   help="how the final evaluation decodes: best path, prefix beam search, or the most probable "
+                        "of the 47 vocabulary words (default greedy)")
+    p.add_argument("--beam-width", type=_int_at_least(1), default=None,
+                   help=f"prefixes kept by the beam decoder (default {RunConfig.beam_width})")
+    p.add_argument("--lexicon-sizes", type=_lexicon_sizes, default=None, metavar="N,N,...",
+                   help=f"after training or loading, decode with lexicons of these sizes (>= {len(VOCAB)}: "
+                        "the vocabulary plus pseudo-word distractors), e.g. 47,100,1000,10000")
     p.add_argument("--save-json", metavar="PATH", help="write the run summary (run.json) here")
     p.add_argument("--save-model", metavar="PATH", help="write the trained parameters and config (npz) here")
     p.add_argument("--load-model", metavar="PATH", help="evaluate this saved model instead of training")
@@ -1112,7 +1355,7 @@ def build_parser():
 
 def config_from_args(args):
     overrides = dict(QUICK_OVERRIDES) if args.quick else {}
-    for name in ("seed", "epochs", "hidden", "layers", "batch_size", "lr"):
+    for name in ("seed", "epochs", "hidden", "layers", "batch_size", "lr", "decoder", "beam_width"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.unidirectional:
@@ -1139,11 +1382,15 @@ def main(argv=None):
                 raise UserError(f"{', '.join(given)} cannot be combined with --load-model "
                                 "(the model file holds its config)")
             params, cfg = load_model(args.load_model)
+            cfg = dataclasses.replace(cfg, **{n: getattr(args, n) for n in ("decoder", "beam_width")
+                                              if getattr(args, n) is not None})
             result = evaluate_saved(params, cfg)
         else:
             cfg = config_from_args(args)
             params, result = train(cfg, verbose=not args.quiet)
         print_summary(result)
+        if args.lexicon_sizes:
+            result["decoding"] = lexicon_experiment(params, cfg, args.lexicon_sizes)
         if args.save_model:
             save_model(args.save_model, params, cfg)
         if args.save_json:

@@ -79,6 +79,30 @@ def test_saved_model_reproduces_the_metrics_when_loaded(quick_run, tmp_path):
     assert loaded["predictions"] == trained["predictions"]
 
 
+def test_lexicon_experiment_runs_on_a_saved_quick_model(quick_run, tmp_path):
+    folder, _, trained = quick_run
+    r = cli("--load-model", folder / "model.npz", "--decoder", "lexicon", "--beam-width", "4",
+            "--lexicon-sizes", "200,47", "--save-json", tmp_path / "dec.json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((tmp_path / "dec.json").read_text())
+    assert doc["config"]["decoder"] == "lexicon" and doc["config"]["beam_width"] == 4
+    dec = doc["decoding"]
+    assert dec["lexicon_sizes"] == [47, 200] and dec["beam_width"] == 4
+    assert len(dec["rows"]) == 2 * 3 * 2  # sizes x decoders x splits
+    by_key = {(row["lexicon_size"], row["decoder"], row["split"]): row for row in dec["rows"]}
+    for split in ("in_vocab", "held_out"):
+        greedy = by_key[47, "greedy", split]
+        assert greedy["word_acc"] == pytest.approx(trained["final"][split]["word_acc"])
+        for d in ("greedy", "beam"):  # they ignore the lexicon: the same row for every size
+            assert {**by_key[200, d, split], "lexicon_size": 47} == by_key[47, d, split]
+        # the 47-word lexicon decoder is what the final evaluation used
+        assert by_key[47, "lexicon", split]["word_acc"] == pytest.approx(doc["final"][split]["word_acc"])
+        assert all(by_key[n, d, split]["seconds_per_word"] > 0 for n in (47, 200) for d in ("greedy", "lexicon"))
+    assert "lexicon  decoder" in r.stdout and "decoding experiment" in r.stdout
+    decoded = {p["decoded"] for p in doc["predictions"]}
+    assert decoded <= set(doc["split"]["train_words"]) | set(doc["split"]["held_out_words"])
+
+
 def corrupt_model(folder):
     path = folder / "corrupt.npz"
     path.write_bytes(b"PK\x03\x04 this is not really a zip file")
@@ -101,6 +125,10 @@ def wrong_shapes_model(folder):
     (["--lr", "nan"], "--lr"),
     (["--seed", "-3"], "--seed"),
     (["--no-such-flag"], "unrecognized"),
+    (["--decoder", "viterbi"], "--decoder"),
+    (["--beam-width", "0"], "--beam-width"),
+    (["--lexicon-sizes", "10,100"], "--lexicon-sizes"),
+    (["--lexicon-sizes", "47,many"], "--lexicon-sizes"),
     (["--save-json", "{file}/run.json"], "cannot write"),
     (["--save-model", "{file}/model.npz"], "cannot write"),
     (["--save-json", "{folder}"], "is a folder"),

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from iam_handwriting import (ALPHABET, GLYPHS, VOCAB, encode, make_streams, pad_batch, render_word,
-                             split_vocab, FEATURE_SCALE)
+from iam_handwriting import (ALPHABET, GLYPHS, SAMPLE_SPACING, VOCAB, encode, make_streams, pad_batch,
+                             render_word, split_vocab)
 
 
 def test_render_word_shapes_labels_and_trajectory():
@@ -82,9 +82,10 @@ def test_vocab_has_the_47_words_of_the_earlier_study_and_a_seeded_split():
 def test_pad_batch_left_aligns_and_zero_pads():
     rng = np.random.default_rng(3)
     renders = [render_word(w, rng) for w in ("moon", "it", "lime")]
-    X, lengths = pad_batch(renders)
+    X, lengths = pad_batch(renders, input_gain=4.0)
     assert X.shape == (max(lengths), 3, 3)
     for b, r in enumerate(renders):
         assert lengths[b] == len(r.traj)
-        np.testing.assert_allclose(X[:lengths[b], b], r.traj * FEATURE_SCALE)
+        np.testing.assert_allclose(X[:lengths[b], b, :2], r.traj[:, :2] * 4.0 / SAMPLE_SPACING)
+        np.testing.assert_array_equal(X[:lengths[b], b, 2], r.traj[:, 2])
         assert np.all(X[lengths[b]:, b] == 0)
