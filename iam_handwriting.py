@@ -91,8 +91,8 @@ class RunConfig:
     hidden: int = 64  # H, LSTM cells per direction
     layers: int = 1  # stacked (B)LSTM layers
     bidirectional: bool = True  # False: the forward-only baseline
-    epochs: int = 15  # passes over the freshly rendered training set
-    batch_size: int = 8  # sequences per Adam step
+    epochs: int = 10  # passes over the freshly rendered training set
+    batch_size: int = 4  # sequences per Adam step
     lr: float = 1e-2  # Adam step size at the start
     lr_final: float = 0.1  # the step size decays linearly to lr * lr_final by the last step
     grad_clip: float = 5.0  # global-norm gradient clip
@@ -107,7 +107,7 @@ class RunConfig:
     beam_width: int = 16  # prefixes kept by the beam decoder
 
 
-QUICK_OVERRIDES = dict(hidden=32, epochs=6)  # --quick: a CI smoke run of about 2 s
+QUICK_OVERRIDES = dict(hidden=32, epochs=6, batch_size=8)  # --quick: a CI smoke run of under 2 s
 
 
 # ---------------------------------------------------------------------------

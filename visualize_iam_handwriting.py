@@ -524,7 +524,10 @@ def fig_lexicon_size(run):
             if len(x) == 1 and len(sizes) > 1:  # a decoder that ignores the lexicon: one level everywhere
                 x = [sizes[0], sizes[-1]]
                 rows = rows * 2
-            kw = dict(color=colours[d], ls=ls, marker=marker, ms=5, label=f"{d}, {split_name}")
+            # greedy and beam often score the same: greedy is a wide pale band under the others
+            wide = d == "greedy"
+            kw = dict(color=colours[d], ls=ls, marker=marker, ms=9 if wide else 5, lw=6 if wide else 1.8,
+                      alpha=0.35 if wide else 1.0, zorder=1 if wide else 2, label=f"{d}, {split_name}")
             ax_acc.plot(x, [r["word_acc"] for r in rows], **kw)
             ax_time.plot(x, [1e3 * r["seconds_per_word"] for r in rows], **kw)
     for ax in (ax_acc, ax_time):

@@ -9,7 +9,11 @@ Run from the repository root:
     python benchmarks/throughput.py --batch-sizes 8 --epochs 5
 
 The process is set up as the CLI sets itself up (one BLAS thread, freed
-memory kept), so the numbers describe `python iam_handwriting.py`.
+memory kept), so the numbers describe `python iam_handwriting.py`. To see
+what each setting is worth:
+
+    OPENBLAS_NUM_THREADS=2 python benchmarks/throughput.py   # two BLAS threads
+    python benchmarks/throughput.py --default-malloc         # glibc's default allocator policy
 """
 import argparse
 import os
@@ -52,9 +56,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 128], help="batch sizes to time")
     p.add_argument("--epochs", type=int, default=3, help="timed epochs per batch size (median reported)")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="skip iam_handwriting.keep_freed_memory(), to measure what it is worth")
     args = p.parse_args(argv)
-    ih.keep_freed_memory()
-    print(f"numpy {np.__version__}, {os.cpu_count()} cores, H = {ih.RunConfig.hidden}, "
+    if not args.default_malloc:
+        ih.keep_freed_memory()
+    print(f"numpy {np.__version__}, {os.cpu_count()} cores, BLAS threads {os.environ['OPENBLAS_NUM_THREADS']}, "
+          f"{'default' if args.default_malloc else 'kept'} freed memory, H = {ih.RunConfig.hidden}, "
           f"{ih.RunConfig.dtype}, epoch = 38 words x {ih.RunConfig.word_repeats} renderings")
     print(f"{'batch':>5} {'frames/s':>10} {'s/epoch':>8} {'ms/step':>8} {'steps/epoch':>11}")
     for b in args.batch_sizes:
