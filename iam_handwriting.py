@@ -13,8 +13,8 @@ What is scaled down, and why:
   different writers. Input is 3 features per pen sample (dx, dy, pen_up), not
   the paper's 25.
 - Model. One BLSTM layer of 64 cells per direction by default (the paper's
-  online system: 100 cells per direction); stacked layers and a unidirectional
-  baseline are flags.
+  networks are larger); stacked layers and a unidirectional baseline are
+  flags.
 - Decoding. Greedy best-path decoding by default. Prefix beam search and a
   dictionary-constrained decoder (the single-word case of the paper's token
   passing) are in the decoding section; there is no bigram language model.
@@ -88,21 +88,25 @@ class RunConfig:
     """Every hyperparameter of a run. The defaults are the headline run."""
 
     seed: int = 0  # root of every random stream (split, data, init, shuffle, eval)
+    # data
+    word_repeats: int = 6  # renderings of each training word per epoch
+    eval_repeats: int = 8  # fresh renderings of each word for evaluation
+    holdout_frac: float = 0.2  # share of VOCAB held out for the compositional test
+    jitter: float = 0.014  # std of per-point Gaussian pen jitter (unit-box units)
+    slant_max: float = 0.15  # per-word shear x += slant * y, slant ~ U(-max, max)
+    input_gain: float = 12.0  # one sample spacing of pen movement enters the network as this (README)
+    # model
     hidden: int = 64  # H, LSTM cells per direction
     layers: int = 1  # stacked (B)LSTM layers
     bidirectional: bool = True  # False: the forward-only baseline
+    dtype: str = "float32"  # training precision (gradient checks use float64)
+    # optimisation
     epochs: int = 10  # passes over the freshly rendered training set
     batch_size: int = 4  # sequences per Adam step
     lr: float = 1e-2  # Adam step size at the start
     lr_final: float = 0.1  # the step size decays linearly to lr * lr_final by the last step
     grad_clip: float = 5.0  # global-norm gradient clip
-    word_repeats: int = 6  # renderings of each training word per epoch
-    eval_repeats: int = 8  # fresh renderings of each word for evaluation
-    holdout_frac: float = 0.2  # share of VOCAB held out for the compositional test
-    jitter: float = 0.014  # std of per-point Gaussian pen jitter (unit-box units)
-    input_gain: float = 12.0  # one sample spacing of pen movement is fed to the network as this (README: "Input scale")
-    slant_max: float = 0.15  # per-word shear x += slant * y, slant ~ U(-max, max)
-    dtype: str = "float32"  # training precision (gradient checks use float64)
+    # decoding
     decoder: str = "greedy"  # how the final evaluation decodes: greedy, beam, lexicon
     beam_width: int = 16  # prefixes kept by the beam decoder
 
