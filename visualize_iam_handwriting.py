@@ -383,7 +383,7 @@ def fig_training_curves(run):
                   ("held_out", "held-out words (never trained on)", "tab:green")]
     for split, label, colour in cer_curves:
         ax_cer.plot(ep, [e[split]["cer"] for e in hist], color=colour, marker="o", ms=3, label=label)
-    ax_cer.set_ylim(bottom=0.0, top=max(1.0, max(e[s]["cer"] for e in hist for s, _, _ in cer_curves)) * 1.04)
+    ax_cer.set_ylim(bottom=0.0, top=max(0.05, max(e[s]["cer"] for e in hist for s, _, _ in cer_curves)) * 1.08)
     ax_cer.set_xlabel("epoch")
     ax_cer.set_ylabel("character error rate (edits / characters)")
     ax_cer.set_title("Character error rate (greedy decoding)")
