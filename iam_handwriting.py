@@ -1087,14 +1087,10 @@ def format_decoding(decoding):
     return "\n".join(lines)
 
 
-def train(cfg, verbose=True, log=print):
-    """Train a model as configured. Returns (params, run.json dict without env)."""
-    wall0 = time.perf_counter()
-    timer = Timer()
-    streams = make_streams(cfg.seed)
-    t0 = time.perf_counter()
-    train_words, held_out, eval_sets = make_eval_sets(cfg, streams)
-    timer.add("data", t0)
+def fit(cfg, streams, train_words, eval_sets, timer, verbose=True, log=print):
+    """The training loop: fresh renderings every epoch, minibatch Adam, and an
+    evaluation of both splits after each epoch. Returns (params, history,
+    number of sequences skipped for impossible alignments)."""
     dtype = np.dtype(cfg.dtype)
     params = {k: v.astype(dtype) for k, v in init_params(
         streams["init"], cfg.hidden, cfg.layers, cfg.bidirectional).items()}
@@ -1121,13 +1117,35 @@ def train(cfg, verbose=True, log=print):
         history.append(entry)
         if verbose:
             log(format_epoch(entry, cfg.epochs))
-    result = {"config": dataclasses.asdict(cfg), "history": history}
-    result.update(final_report(params, cfg, eval_sets, train_words, timer))
-    result["split"] = {"train_words": train_words, "held_out_words": held_out}
-    result["timing"] = timer.seconds
-    result["skipped"] = skipped
+    return params, history, skipped
+
+
+def train_and_evaluate(cfg, params=None, verbose=True, log=print):
+    """Train a model as configured (or, given `params`, only evaluate them) and report.
+
+    Returns (params, result): result is what run.json holds, less
+    schema_version and env (see run_json).
+    """
+    wall0 = time.perf_counter()
+    timer = Timer()
+    streams = make_streams(cfg.seed)
+    t0 = time.perf_counter()
+    train_words, held_out, eval_sets = make_eval_sets(cfg, streams)
+    timer.add("data", t0)
+    history, skipped = [], 0
+    if params is None:
+        params, history, skipped = fit(cfg, streams, train_words, eval_sets, timer, verbose, log)
+    result = {"config": dataclasses.asdict(cfg), "history": history,
+              **final_report(params, cfg, eval_sets, train_words, timer),
+              "split": {"train_words": train_words, "held_out_words": held_out},
+              "timing": timer.seconds, "skipped": skipped}
     result["wall_seconds"] = time.perf_counter() - wall0
     return params, result
+
+
+def train(cfg, verbose=True):
+    """Train as configured; returns what run.json holds, as a dict."""
+    return run_json(train_and_evaluate(cfg, verbose=verbose)[1])
 
 
 def format_epoch(e, n_epochs):
@@ -1135,23 +1153,6 @@ def format_epoch(e, n_epochs):
     return (f"epoch {e['epoch']:3d}/{n_epochs}  loss {e['train_loss']:.4f}  "
             f"in-vocab CER {iv['cer']:.4f} acc {iv['word_acc']:.3f}  "
             f"held-out CER {ho['cer']:.4f} acc {ho['word_acc']:.3f}  {e['seconds']:.2f}s")
-
-
-def evaluate_saved(params, cfg):
-    """Evaluate loaded parameters on the evaluation sets their config defines."""
-    wall0 = time.perf_counter()
-    timer = Timer()
-    streams = make_streams(cfg.seed)
-    t0 = time.perf_counter()
-    train_words, held_out, eval_sets = make_eval_sets(cfg, streams)
-    timer.add("data", t0)
-    result = {"config": dataclasses.asdict(cfg), "history": []}
-    result.update(final_report(params, cfg, eval_sets, train_words, timer))
-    result["split"] = {"train_words": train_words, "held_out_words": held_out}
-    result["timing"] = timer.seconds
-    result["skipped"] = 0
-    result["wall_seconds"] = time.perf_counter() - wall0
-    return result
 
 
 # ---------------------------------------------------------------------------
@@ -1388,10 +1389,10 @@ def main(argv=None):
             params, cfg = load_model(args.load_model)
             cfg = dataclasses.replace(cfg, **{n: getattr(args, n) for n in ("decoder", "beam_width")
                                               if getattr(args, n) is not None})
-            result = evaluate_saved(params, cfg)
+            params, result = train_and_evaluate(cfg, params)
         else:
             cfg = config_from_args(args)
-            params, result = train(cfg, verbose=not args.quiet)
+            params, result = train_and_evaluate(cfg, verbose=not args.quiet)
         print_summary(result)
         if args.lexicon_sizes:
             result["decoding"] = lexicon_experiment(params, cfg, args.lexicon_sizes)

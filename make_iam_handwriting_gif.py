@@ -13,7 +13,6 @@ Usage:
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 
@@ -124,16 +123,8 @@ def make_gif(a):
         keep *= 2
 
 
-def build_parser():
-    p = ih.OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("run", nargs="?", default="run.json", help="run summary written by iam_handwriting.py --save-json")
-    p.add_argument("--out", default="iam_handwriting.gif", help="GIF to write")
-    return p
-
-
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = viz.build_parser(PROG, __doc__, "iam_handwriting.gif", "GIF to write").parse_args(argv)
     try:
         run = viz.load_run(args.run)
         ih.check_writable(args.out, "GIF")

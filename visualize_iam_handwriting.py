@@ -565,11 +565,12 @@ def figures(run):
 # ---------------------------------------------------------------------------
 
 
-def build_parser():
-    p = ih.OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0],
+def build_parser(prog=PROG, doc=__doc__, out="viz", out_help="folder for the PNGs (created if missing)"):
+    """[run.json] [--out OUT]: the command line of both figure scripts."""
+    p = ih.OneLineParser(prog=prog, description=doc.split("\n\n")[0],
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run", nargs="?", default="run.json", help="run summary written by iam_handwriting.py --save-json")
-    p.add_argument("--out", default="viz", help="folder for the PNGs (created if missing)")
+    p.add_argument("--out", default=out, help=out_help)
     return p
 
 

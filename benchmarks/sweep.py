@@ -69,7 +69,7 @@ def main(argv=None):
         for seed in seeds:
             cfg = ih.RunConfig(seed=seed, **dict(zip(names, values)))
             t0 = time.perf_counter()
-            _, result = ih.train(cfg, verbose=False)
+            result = ih.train(cfg, verbose=False)
             iv, ho = result["final"]["in_vocab"], result["final"]["held_out"]
             first = target_epoch(result["history"])
             print(" ".join(f"{str(v):>13}" for v in values) + f" {seed:4d} {iv['cer']:7.4f} {iv['word_acc']:6.3f} "

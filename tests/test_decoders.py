@@ -81,7 +81,7 @@ def test_a_pruned_beam_can_lose_to_greedy():
 def trained_outputs():
     """Log-probs of every evaluation word under a trained --quick model."""
     cfg = dataclasses.replace(ih.RunConfig(seed=1), **ih.QUICK_OVERRIDES)
-    params, _ = ih.train(cfg, verbose=False)
+    params, _ = ih.train_and_evaluate(cfg, verbose=False)
     _, _, eval_sets = ih.make_eval_sets(cfg, ih.make_streams(cfg.seed))
     return [lp for renders in eval_sets.values() for lp in ih.run_model(params, renders, cfg.input_gain)]
 

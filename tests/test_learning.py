@@ -6,7 +6,8 @@ from iam_handwriting import QUICK_OVERRIDES, RunConfig, train
 
 def test_quick_run_learns_to_read_unseen_renderings():
     cfg = dataclasses.replace(RunConfig(seed=0), **QUICK_OVERRIDES)
-    _, result = train(cfg, verbose=False)
+    result = train(cfg, verbose=False)  # the contents of run.json
+    assert result["schema_version"] == 1
     first, last = result["history"][0], result["history"][-1]
     assert first["in_vocab"]["cer"] > 0.5  # the untrained start is far from reading
     assert last["train_loss"] < first["train_loss"] / 5
