@@ -1260,6 +1260,22 @@ def save_model(path, params, cfg):
     atomic_write(path, buf.getvalue())
 
 
+def check_config(cfg):
+    """cfg itself if every field has a usable value, else ValueError naming the first that has not."""
+    checks = {
+        "hidden": cfg.hidden >= 1, "layers": cfg.layers >= 1, "epochs": cfg.epochs >= 0,
+        "batch_size": cfg.batch_size >= 1, "lr": cfg.lr > 0, "lr_final": cfg.lr_final >= 0,
+        "grad_clip": cfg.grad_clip > 0, "word_repeats": cfg.word_repeats >= 1, "eval_repeats": cfg.eval_repeats >= 1,
+        "holdout_frac": 0 < cfg.holdout_frac < 1, "jitter": cfg.jitter >= 0, "slant_max": cfg.slant_max >= 0,
+        "input_gain": cfg.input_gain > 0, "dtype": cfg.dtype in ("float32", "float64"),
+        "decoder": cfg.decoder in DECODERS, "beam_width": cfg.beam_width >= 1,
+    }
+    bad = [name for name, ok in checks.items() if not ok]
+    if bad:
+        raise ValueError(f"{bad[0]} = {getattr(cfg, bad[0])!r} is out of range")
+    return cfg
+
+
 def load_model(path):
     """(params, RunConfig) from save_model's file; UserError if missing or corrupt."""
     try:
@@ -1270,16 +1286,15 @@ def load_model(path):
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         raise UserError(f"model file {path!r} is not a readable npz: {e}") from None
     try:
-        cfg = RunConfig(**json.loads(str(arrays.pop("__config__"))))
-        params = {k: v for k, v in arrays.items()}
+        cfg = check_config(RunConfig(**json.loads(str(arrays.pop("__config__")))))
         expected = init_params(np.random.default_rng(0), cfg.hidden, cfg.layers, cfg.bidirectional)
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"model file {path!r} has no valid config: {e}") from None
-    if {k: v.shape for k, v in params.items()} != {k: v.shape for k, v in expected.items()}:
+    if {k: v.shape for k, v in arrays.items()} != {k: v.shape for k, v in expected.items()}:
         raise UserError(f"model file {path!r} does not hold the parameters its config describes")
-    if not all(np.isfinite(v).all() for v in params.values()):
-        raise UserError(f"model file {path!r} holds non-finite weights")
-    return {k: v.astype(cfg.dtype) for k, v in params.items()}, cfg
+    if not all(v.dtype.kind == "f" and np.isfinite(v).all() for v in arrays.values()):
+        raise UserError(f"model file {path!r} holds weights that are not finite floating-point numbers")
+    return {k: v.astype(cfg.dtype) for k, v in arrays.items()}, cfg
 
 
 def _int_at_least(low):

@@ -116,6 +116,33 @@ def wrong_shapes_model(folder):
     return path
 
 
+def model_with(folder, name, change_config=None, change_arrays=None):
+    """A copy of the quick run's model file with its config or arrays altered."""
+    with np.load(folder / "model.npz", allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    cfg = json.loads(str(arrays.pop("__config__")))
+    cfg.update(change_config or {})
+    arrays.update(change_arrays or {})
+    path = folder / name
+    np.savez(path, __config__=np.array(json.dumps(cfg)), **arrays)
+    return path
+
+
+@pytest.mark.parametrize("config,arrays,message", [
+    ({"dtype": "float16"}, None, "no valid config"),
+    ({"hidden": -2}, None, "no valid config"),
+    ({"no_such_field": 1}, None, "no valid config"),
+    (None, {"out_b": np.array(["a"] * 11)}, "not finite floating-point"),
+    (None, {"out_b": np.full(11, np.nan)}, "not finite floating-point"),
+])
+def test_altered_model_files_exit_2_with_one_line(quick_run, tmp_path, config, arrays, message):
+    folder, _, _ = quick_run
+    path = model_with(folder, f"altered-{tmp_path.name}.npz", config, arrays)
+    r = cli("--load-model", path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr
+
+
 @pytest.mark.parametrize("args,message", [
     (["--epochs", "-1"], "--epochs"),
     (["--hidden", "0"], "--hidden"),
