@@ -1,4 +1,4 @@
-"""Bidirectional LSTM + CTC reading synthetic online handwriting, in numpy.
+"""Bidirectional LSTM + CTC reading online handwriting, in numpy.
 
 A scaled-down reproduction of Graves, Liwicki, Fernandez, Bertolami, Bunke and
 Schmidhuber, "A Novel Connectionist System for Unconstrained Handwriting
@@ -6,35 +6,40 @@ Recognition", IEEE TPAMI 31(5), 2009: a bidirectional LSTM with a
 connectionist temporal classification (CTC) output layer reads unsegmented pen
 trajectories and emits character sequences, with no segmentation step.
 
-What is scaled down, and why:
-- Data. The IAM-OnDB / IAM-DB corpora cannot be downloaded here, so words are
-  drawn by a numpy renderer from a 10-letter stroke alphabet ("colitnmaeu") and
-  a 47-word vocabulary; per-word slant and per-point jitter stand in for
-  different writers. Input is 3 features per pen sample (dx, dy, pen_up), not
-  the paper's 25.
-- Model. One BLSTM layer of 64 cells per direction by default (the paper's
-  networks are larger); stacked layers and a unidirectional baseline are
-  flags.
-- Decoding. Greedy best-path decoding by default. Prefix beam search and a
-  dictionary-constrained decoder (the single-word case of the paper's token
-  passing) are in the decoding section; there is no bigram language model.
+Three tasks share one model, one CTC, one set of decoders and one training loop:
+- words (the default, the seed task): 47 words over ten printed letters
+  "colitnmaeu", drawn by a numpy renderer. Every letter starts with a pen
+  lift, so the task is easy; it is kept as a fast, saturated baseline.
+- lines: the paper's setting in miniature. Text lines of English words
+  (sampled from symspellpy's word and word-pair counts) written in connected
+  cursive (Hershey Script Simplex glyphs) by 260 synthetic writers, each with
+  their own slant, size, spacing, baseline, letter shapes, pen inertia, speed
+  and tremor; training, validation and test writers are disjoint.
+- iam-ondb: the real IAM-OnDB, for users who have it (the paper's data; it
+  cannot be downloaded here), with the preprocessing and the 25 online
+  features of Liwicki and Bunke (2006) that the paper uses.
+
+What is scaled down: the synthetic data, the network (one BLSTM layer by
+default), the optimiser (Adam on minibatches). Decoding: greedy best path,
+prefix beam search, a single-word dictionary decoder, and the paper's token
+passing over a dictionary with a word bigram language model.
 
 Everything below is hand-written numpy: the LSTM forward pass and
 back-propagation through time, the log-space CTC forward-backward, the
-decoders and Adam.
+decoders, the language model and Adam.
 
 Shapes: T time steps, B batch, D input features, H hidden units per direction,
-R directions (1 or 2), K classes (blank + 10 letters), L label length,
-S = 2L + 1 extended labels.
+R directions (1 or 2), K classes (blank + the task's characters), L label
+length, S = 2L + 1 extended labels, N prefix-tree nodes, W dictionary words.
 
 Usage:
-    python iam_handwriting.py --seed 0 --save-json run.json   # headline run
-    python iam_handwriting.py --quick --save-json run.json    # CI smoke run
-    python iam_handwriting.py --save-model model.npz          # keep the weights
-    python iam_handwriting.py --load-model model.npz          # evaluate only
-    python iam_handwriting.py --load-model model.npz --lexicon-sizes 47,100,1000,10000
-                                                              # the lexicon-size experiment
-    python iam_handwriting.py --help                          # every flag
+    python iam_handwriting.py --seed 0 --save-json run.json        # words: headline run
+    python iam_handwriting.py --quick --save-json run.json         # CI smoke run
+    python iam_handwriting.py --task lines --seed 0 --save-json lines.json
+    python iam_handwriting.py --task lines --load-model m.npz --decoder lm --dictionary-sizes 1000,5000,20000
+    python iam_handwriting.py --task lines --export-iam-ondb DIR   # synthetic lines in the IAM-OnDB format
+    python iam_handwriting.py --task iam-ondb --data-dir DIR --features graves25 --save-json iam.json
+    python iam_handwriting.py --help                               # every flag
 """
 from __future__ import annotations
 
@@ -42,10 +47,18 @@ import argparse
 import ctypes
 import ctypes.util
 import dataclasses
+import functools
+import importlib.resources
 import io
 import json
+import math
+import multiprocessing
 import os
 import platform
+import re
+import signal
+import stat
+import string
 import subprocess
 import sys
 import tempfile
@@ -53,6 +66,7 @@ import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 if __name__ == "__main__":
     # One BLAS thread, set before numpy loads BLAS. Measured: faster here (the
@@ -68,10 +82,194 @@ import numpy as np  # noqa: E402
 # Constants and configuration
 # ---------------------------------------------------------------------------
 
+BLANK = 0  # class 0 is the CTC blank; character c of a task's alphabet is class 1 + alphabet.index(c)
+SCHEMA_VERSION = 2  # run.json: 2 added the task, WER and the lines task's keys
+TASK_NAMES = ("words", "lines", "iam-ondb")
+DECODERS = ("greedy", "beam", "lexicon", "lm")
+FEATURE_SETS = ("raw", "graves25")
+N_ENGLISH_WORDS = 82_769  # words over a-z in symspellpy's counts (a test checks it)
+
+
+def _setting(default, help, low=None, high=None, above=None, choices=None):
+    """A RunConfig field with its help text and its valid range: one table serves
+    the command line, saved model files and --help."""
+    return dataclasses.field(default=default, metadata=dict(help=help, low=low, high=high, above=above,
+                                                            choices=choices))
+
+
+@dataclass
+class RunConfig:
+    """Every setting of a run. The defaults are the words task's headline run;
+    each task overrides some of them (Task.defaults)."""
+
+    seed: int = _setting(0, "root of every random stream (split, data, init, shuffle, eval)", low=0, high=2**32 - 1)
+    task: str = _setting("words", "words (printed seed task), lines (cursive text lines), iam-ondb (real data)",
+                         choices=TASK_NAMES)
+    # data: printed words
+    word_repeats: int = _setting(6, "renderings of each training word per epoch", low=1, high=1000)
+    eval_repeats: int = _setting(8, "fresh renderings of each word for evaluation", low=1, high=1000)
+    holdout_frac: float = _setting(0.2, "share of the 47 words held out for the compositional test", above=0.0,
+                                   high=0.9)
+    jitter: float = _setting(0.014, "std of per-point Gaussian pen jitter (unit-box units)", low=0.0, high=0.5)
+    slant_max: float = _setting(0.15, "per-word shear x += slant * y, slant ~ U(-max, max)", low=0.0, high=2.0)
+    # data: cursive lines
+    lines_per_epoch: int = _setting(1200, "fresh training lines rendered per epoch", low=1, high=1_000_000)
+    eval_lines_per_writer: int = _setting(10, "validation and test lines per writer", low=1, high=10)
+    # data: IAM-OnDB
+    data_dir: str = _setting("", "the IAM-OnDB folder (holding lineStrokes/, ascii/ and the split files)")
+    features: str = _setting("raw", "network input: raw (dx, dy, pen_up) or graves25 (the paper's 25 features)",
+                             choices=FEATURE_SETS)
+    # network input
+    input_gain: float = _setting(12.0, "one sample spacing of pen movement enters the network as this", above=0.0,
+                                 high=1e4)
+    # model
+    hidden: int = _setting(64, "LSTM cells per direction", low=1, high=1024)
+    layers: int = _setting(1, "stacked (B)LSTM layers", low=1, high=8)
+    bidirectional: bool = _setting(True, "False: the forward-only baseline")
+    dtype: str = _setting("float32", "training precision (gradient checks use float64)",
+                          choices=("float32", "float64"))
+    # optimisation
+    epochs: int = _setting(10, "training epochs", low=0, high=100_000)
+    batch_size: int = _setting(4, "sequences per Adam step", low=1, high=1024)
+    lr: float = _setting(1e-2, "Adam step size at the start", above=0.0, high=1e3)
+    lr_final: float = _setting(0.1, "the step size decays linearly to lr * lr_final by the last step", low=0.0,
+                               high=1.0)
+    grad_clip: float = _setting(5.0, "global-norm gradient clip", above=0.0, high=1e6)
+    workers: int = _setting(1, "processes sharing each training batch (gradients summed)", low=1, high=16)
+    # decoding
+    decoder: str = _setting("greedy", "how the final evaluation decodes", choices=DECODERS)
+    beam_width: int = _setting(16, "prefixes kept by the beam decoder", low=1, high=4096)
+    dictionary_size: int = _setting(20_000, "words in the lm decoder's dictionary (the most frequent)", low=1,
+                                    high=N_ENGLISH_WORDS)
+    lm_weight: float = _setting(1.0, "weight of the language model's log-probability in the lm decoder",
+                                low=0.0, high=100.0)
+    word_penalty: float = _setting(0.0, "added to the lm decoder's score per word (negative: fewer words)",
+                                   low=-100.0, high=100.0)
+    lm_beam: int = _setting(64, "tokens (history, tree node) kept per time step by the lm decoder", low=1,
+                            high=1_000_000)
+
+
+CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+
+def setting_error(name, value):
+    """Why `value` is not valid for RunConfig field `name`, or None if it is."""
+    meta, kind = CONFIG_FIELDS[name].metadata, CONFIG_FIELDS[name].type
+    expected = {"int": int, "float": (int, float), "bool": bool, "str": str}[kind]
+    if not isinstance(value, expected) or (kind != "bool" and isinstance(value, bool)):
+        return f"must be {'a whole number' if kind == 'int' else 'a number' if kind == 'float' else kind}, got {value!r}"
+    if kind == "float" and not math.isfinite(value):
+        return f"must be a finite number, got {value!r}"
+    if meta["choices"] is not None and value not in meta["choices"]:
+        return f"must be one of {', '.join(meta['choices'])}; got {value!r}"
+    low, high, above = meta["low"], meta["high"], meta["above"]
+    if (low is not None and value < low) or (above is not None and value <= above) or \
+            (high is not None and value > high):
+        lo = f"{low}" if low is not None else f"above {above}" if above is not None else ""
+        return f"must lie in {lo}..{high}, got {value!r}" if high is not None else f"must be at least {lo}, got {value!r}"
+    return None
+
+
+def check_config(cfg):
+    """cfg itself if every field has a usable value, else ValueError naming the first that has not."""
+    for name in CONFIG_FIELDS:
+        problem = setting_error(name, getattr(cfg, name))
+        if problem:
+            raise ValueError(f"{name} {problem}")
+    return cfg
+
+
+# ---------------------------------------------------------------------------
+# Samples, alphabets and pen paths
+# ---------------------------------------------------------------------------
+# A pen path is points (N, 2) with stroke ids (N,): one stroke is one pen-down
+# segment, and the ids are non-decreasing in writing order. Every data source
+# (printed glyphs, cursive lines, IAM-OnDB files) ends up as one.
+
+
+@dataclass
+class Sample:
+    """One handwritten sequence and its transcription."""
+
+    text: str
+    traj: np.ndarray  # (T, D) float64 input features before normalisation; raw: (dx, dy, pen_up)
+    labels: list  # class ids of `text`
+    xy: np.ndarray | None  # (T, 2) pen positions, y up (for figures)
+    char_of: np.ndarray | None  # (T,) index into `text` of the character each sample draws (None if unknown)
+    writer: str | None = None
+
+
+def encode(text, alphabet):
+    """Class ids of `text`; ValueError naming any character outside `alphabet`."""
+    bad = sorted({c for c in text if c not in alphabet})
+    if bad:
+        raise ValueError(f"characters {''.join(bad)!r} in {text!r} are not in the alphabet {alphabet!r}")
+    return [1 + alphabet.index(c) for c in text]
+
+
+def decode_labels(labels, alphabet):
+    """Inverse of `encode` for class ids 1..K-1."""
+    return "".join(alphabet[k - 1] for k in labels)
+
+
+def stroke_starts(stroke):
+    """(N,) bool, True on the first point of every stroke."""
+    return np.diff(stroke, prepend=-1) != 0
+
+
+def ink_length(points, stroke):
+    """(N,) distance along the ink from the start of each point's stroke."""
+    step = np.linalg.norm(np.diff(points, axis=0), axis=1)  # (N-1,)
+    total = np.concatenate([[0.0], np.cumsum(step)])
+    return total - total[np.flatnonzero(stroke_starts(stroke))][np.cumsum(stroke_starts(stroke)) - 1]
+
+
+def resample_strokes(values, stroke, key, step):
+    """Sample every stroke at evenly spaced values of `key`, both ends included.
+
+    values (N, C) quantities along a pen path, stroke (N,) its stroke ids, key
+    (N,) non-decreasing within each stroke (distance along the ink, or time).
+    A stroke whose key spans L gets n = max(2, round(L / step) + 1) points at
+    key = 0, L/(n-1), ..., L from its start. Returns the new values (M, C),
+    their stroke ids (M,) and each new point's fractional index into the old
+    points (M,), for carrying other per-point quantities along.
+    """
+    starts = stroke_starts(stroke)
+    first = np.flatnonzero(starts)  # (S,)
+    last = np.append(first[1:], len(stroke)) - 1
+    span = key[last] - key[first]
+    n = np.maximum(2, np.round(span / step).astype(int) + 1)  # (S,)
+    new_stroke = np.repeat(np.arange(len(first)), n)
+    k = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
+    pos = k * np.repeat(span / (n - 1), n)
+    pos[np.cumsum(n) - 1] = span  # exactly the stroke's end, as np.linspace does
+    # The strokes laid end to end on one axis, a gap apart, so one np.interp serves them all.
+    offset = np.cumsum(np.append(0.0, span[:-1] + 1.0))  # (S,)
+    stroke_index = np.cumsum(starts) - 1  # (N,)
+    axis = key - key[first][stroke_index] + offset[stroke_index]
+    query = pos + offset[new_stroke]
+    new_values = np.column_stack([np.interp(query, axis, v) for v in np.asarray(values, float).T])
+    return new_values, new_stroke, np.interp(query, axis, np.arange(len(axis), dtype=float))
+
+
+def pen_trajectory(xy, stroke):
+    """(T, 3) network input (dx, dy, pen_up): dx, dy of the first sample are 0,
+    pen_up is 1 on the first sample of every stroke."""
+    dxy = np.diff(xy, axis=0, prepend=xy[:1])
+    return np.column_stack([dxy, stroke_starts(stroke).astype(float)])
+
+
+# ---------------------------------------------------------------------------
+# Printed words (the seed task)
+# ---------------------------------------------------------------------------
+# Glyphs live in a unit box: baseline y = 0, x-height 0.5, ascenders up to 0.9.
+# Each glyph is a list of strokes (dense polylines) and an advance width.
+
 ALPHABET = "colitnmaeu"
-BLANK = 0
 N_CLASSES = 1 + len(ALPHABET)  # K: blank + letters
 IN_DIM = 3  # (dx, dy, pen_up)
+SAMPLE_SPACING = 0.085  # pen samples are this far apart along the ink
+LETTER_GAP = 0.08  # blank space between consecutive glyph boxes
 
 # The 47 words of the earlier study, kept so results stay comparable.
 VOCAB = (
@@ -79,49 +277,6 @@ VOCAB = (
     "net moo moon loom noon name nice cone tone lane amen main mine lent tent "
     "team lime time mile tail lion into icon actin tonic milne linen matte atone"
 ).split()
-
-SCHEMA_VERSION = 1
-
-
-@dataclass
-class RunConfig:
-    """Every hyperparameter of a run. The defaults are the headline run."""
-
-    seed: int = 0  # root of every random stream (split, data, init, shuffle, eval)
-    # data
-    word_repeats: int = 6  # renderings of each training word per epoch
-    eval_repeats: int = 8  # fresh renderings of each word for evaluation
-    holdout_frac: float = 0.2  # share of VOCAB held out for the compositional test
-    jitter: float = 0.014  # std of per-point Gaussian pen jitter (unit-box units)
-    slant_max: float = 0.15  # per-word shear x += slant * y, slant ~ U(-max, max)
-    input_gain: float = 12.0  # one sample spacing of pen movement enters the network as this (README)
-    # model
-    hidden: int = 64  # H, LSTM cells per direction
-    layers: int = 1  # stacked (B)LSTM layers
-    bidirectional: bool = True  # False: the forward-only baseline
-    dtype: str = "float32"  # training precision (gradient checks use float64)
-    # optimisation
-    epochs: int = 10  # passes over the freshly rendered training set
-    batch_size: int = 4  # sequences per Adam step
-    lr: float = 1e-2  # Adam step size at the start
-    lr_final: float = 0.1  # the step size decays linearly to lr * lr_final by the last step
-    grad_clip: float = 5.0  # global-norm gradient clip
-    # decoding
-    decoder: str = "greedy"  # how the final evaluation decodes: greedy, beam, lexicon
-    beam_width: int = 16  # prefixes kept by the beam decoder
-
-
-QUICK_OVERRIDES = dict(hidden=32, epochs=6, batch_size=8)  # --quick: a CI smoke run of under 2 s
-
-
-# ---------------------------------------------------------------------------
-# Synthetic handwriting
-# ---------------------------------------------------------------------------
-# Glyphs live in a unit box: baseline y = 0, x-height 0.5, ascenders up to 0.9.
-# Each glyph is a list of strokes (dense polylines) and an advance width.
-
-SAMPLE_SPACING = 0.085  # pen samples are this far apart along the ink
-LETTER_GAP = 0.08  # blank space between consecutive glyph boxes
 
 
 def _arc(cx, cy, rx, ry, deg_from, deg_to, n=64):
@@ -165,15 +320,6 @@ GLYPH_STROKES = {
 }
 
 
-def _resample(polyline, spacing):
-    """Evenly spaced points along a polyline: (n, 2) with n = ink length / spacing + 1."""
-    seg = np.linalg.norm(np.diff(polyline, axis=0), axis=1)
-    arclen = np.concatenate([[0.0], np.cumsum(seg)])
-    n = max(2, int(round(arclen[-1] / spacing)) + 1)
-    s = np.linspace(0.0, arclen[-1], n)
-    return np.stack([np.interp(s, arclen, polyline[:, 0]), np.interp(s, arclen, polyline[:, 1])], axis=1)
-
-
 @dataclass(frozen=True)
 class Glyph:
     points: np.ndarray  # (n, 2) pen samples of all strokes, in drawing order
@@ -182,36 +328,14 @@ class Glyph:
 
 
 def _make_glyph(strokes, width):
-    pts = [_resample(s, SAMPLE_SPACING) for s in strokes]
+    # One stroke at a time: the glyphs, and so the seed task's numbers, stay as they were.
+    pts = [resample_strokes(s, np.zeros(len(s), int), ink_length(s, np.zeros(len(s), int)), SAMPLE_SPACING)[0]
+           for s in strokes]
     starts = [np.eye(1, len(p)).ravel() for p in pts]
     return Glyph(np.concatenate(pts), np.concatenate(starts), width)
 
 
 GLYPHS = {c: _make_glyph(*GLYPH_STROKES[c]) for c in ALPHABET}
-
-
-@dataclass
-class Rendering:
-    """One handwritten word."""
-
-    word: str
-    traj: np.ndarray  # (T, 3) float64 (dx, dy, pen_up); dx, dy of the first sample are 0
-    labels: list  # class ids, 1 + ALPHABET.index(c)
-    xy: np.ndarray  # (T, 2) absolute pen positions
-    char_of: np.ndarray  # (T,) index into `word` of the character each sample draws
-
-
-def encode(word):
-    """Class ids of a word; ValueError naming any character outside ALPHABET."""
-    bad = sorted({c for c in word if c not in ALPHABET})
-    if bad:
-        raise ValueError(f"characters {''.join(bad)!r} in {word!r} are not in the alphabet {ALPHABET!r}")
-    return [1 + ALPHABET.index(c) for c in word]
-
-
-def decode_labels(labels):
-    """Inverse of `encode` for class ids 1..K-1."""
-    return "".join(ALPHABET[k - 1] for k in labels)
 
 
 def render_word(word, rng, jitter=0.014, slant_max=0.15):
@@ -220,7 +344,7 @@ def render_word(word, rng, jitter=0.014, slant_max=0.15):
     Glyph templates are placed left to right (advance = width + LETTER_GAP),
     sheared by x += slant * y, then every sample is jittered.
     """
-    labels = encode(word)
+    labels = encode(word, ALPHABET)
     glyphs = [GLYPHS[c] for c in word]
     offsets = np.cumsum([0.0] + [g.width + LETTER_GAP for g in glyphs[:-1]])
     xy = np.concatenate([g.points + (dx, 0.0) for g, dx in zip(glyphs, offsets)])  # (T, 2)
@@ -229,9 +353,8 @@ def render_word(word, rng, jitter=0.014, slant_max=0.15):
     slant = rng.uniform(-slant_max, slant_max)
     xy[:, 0] += slant * xy[:, 1]
     xy += rng.normal(0.0, jitter, size=xy.shape)
-    dxy = np.diff(xy, axis=0, prepend=xy[:1])  # (T, 2)
-    traj = np.column_stack([dxy, pen_up])
-    return Rendering(word, traj, labels, xy, char_of)
+    traj = pen_trajectory(xy, np.cumsum(pen_up) - 1)
+    return Sample(word, traj, labels, xy, char_of)
 
 
 def render_words(words, repeats, rng, cfg):
@@ -247,19 +370,638 @@ def split_vocab(rng, holdout_frac):
     return [w for w in VOCAB if w not in held], held
 
 
-def pad_batch(renderings, input_gain, dtype=np.float64):
-    """Stack trajectories into zero-padded network inputs.
+# ---------------------------------------------------------------------------
+# Cursive lines: glyphs
+# ---------------------------------------------------------------------------
+# Hershey Script Simplex ("scripts"), the 1967 US National Bureau of Standards
+# stroke font, from the PyPI package Hershey-Fonts. Font units: y down,
+# baseline y = 9, x-height line y = 0, about 17 units per letter; lowercase
+# letters end on the joining point (advance, 4), 16 of them start on it.
 
-    Pen steps are scaled so that one sample spacing reads as `input_gain`;
-    pen_up stays 0/1. Returns X (T, B, 3) and lengths (B,).
+LINE_ALPHABET = string.ascii_lowercase + " "  # K = 28 with the blank
+FONT_BASELINE = 9.0
+FONT_XHEIGHT = 9.0
+LINE_UNIT = 0.5 / FONT_XHEIGHT  # font units -> output units (x-height 0.5, as the printed words)
+# Polylines a writer adds after the word, as IAM-OnDB writers do: the i and j
+# dots, the t bar and the x crossing (indices into the glyph's polylines).
+DELAYED_POLYLINES = {"i": (0,), "j": (0,), "t": (2,), "x": (1,)}
+
+
+@functools.lru_cache(maxsize=1)
+def script_glyphs():
+    """{letter: (vertices (n, 2), polyline id (n,), delayed (n,) bool, advance)} for a-z, font units.
+
+    Vertices are in plotter order with the retraces the font has (the second
+    and third polylines of 'm' start on ink already drawn).
     """
-    lengths = np.array([len(r.traj) for r in renderings])
-    T, B = int(lengths.max()), len(renderings)
-    X = np.zeros((T, B, IN_DIM), dtype=dtype)
+    try:
+        from HersheyFonts import HersheyFonts
+    except ImportError:
+        raise RuntimeError("the lines task needs the Hershey-Fonts package: pip install Hershey-Fonts") from None
+    font = HersheyFonts()
+    font.load_default_font("scripts")
+    table = {}
+    for c in string.ascii_lowercase:
+        polylines = [np.array(p, dtype=float) for p in font.strokes_for_text(c)]
+        ids = np.repeat(np.arange(len(polylines)), [len(p) for p in polylines])
+        advance = float(next(iter(font.glyphs_for_text(c))).char_width)
+        table[c] = (np.concatenate(polylines), ids, np.isin(ids, DELAYED_POLYLINES.get(c, ())), advance)
+    return table
+
+
+# ---------------------------------------------------------------------------
+# Cursive lines: writers
+# ---------------------------------------------------------------------------
+
+WARP_WAVES = 3  # sinusoids in one letter's deformation field
+
+
+@dataclass(frozen=True)
+class WriterStyle:
+    """One writer's hand, drawn once. Lengths are font units (x-height 9)."""
+
+    slant: float  # shear x += slant * height above the baseline (+ leans right)
+    size: float  # x-height scale
+    width: float  # horizontal scale on top of size
+    letter_spacing: float  # added to every letter's advance
+    word_spacing: float  # gap between words, on top of the letter spacing
+    tilt: float  # baseline angle, radians counter-clockwise
+    drift: tuple  # (amplitude, wavelength): slow vertical wander of the baseline
+    warp: np.ndarray  # (26, WARP_WAVES, 5) per-letter deformation: amplitude (2), wave vector (2), phase
+    warp_rms: float  # RMS displacement of those fields
+    inertia: float  # how far the pen lags behind its path, in output samples
+    ink_per_sample: float  # ink between samples at full speed, per unit of size
+    curve_slowdown: float  # how much the pen slows in tight curves
+    tremor: float  # std of per-sample jitter
+    dot_offset: np.ndarray  # (2,) where i and j dots land, relative to the font's
+    bar_scale: float  # length of t and x crossings relative to the font's
+    bar_offset: np.ndarray  # (2,) where the crossings land
+
+
+def random_warp(rng, n, rms):
+    """(n, WARP_WAVES, 5) smooth displacement fields d(p) = sum_m a_m sin(k_m . p + phi_m).
+
+    Wavelengths of 10-25 font units, about a letter, so a field bends a
+    letter's shape rather than roughening its outline. Each field is scaled to
+    RMS displacement `rms` (a scalar or (n,)).
+    """
+    amp = rng.normal(size=(n, WARP_WAVES, 2))
+    amp *= np.reshape(rms, (-1, 1, 1)) / np.sqrt(0.5 * (amp ** 2).sum(axis=(1, 2), keepdims=True))
+    angle = rng.uniform(0, 2 * np.pi, size=(n, WARP_WAVES))
+    wavenumber = 2 * np.pi / rng.uniform(10.0, 25.0, size=(n, WARP_WAVES))
+    wave = np.stack([np.cos(angle), np.sin(angle)], axis=-1) * wavenumber[..., None]
+    phase = rng.uniform(0, 2 * np.pi, size=(n, WARP_WAVES, 1))
+    return np.concatenate([amp, wave, phase], axis=-1)
+
+
+def apply_warp(points, warp):
+    """Displace points (N, 2) by their own fields warp (N, WARP_WAVES, 5)."""
+    arg = (warp[..., 2:4] * points[:, None, :]).sum(-1) + warp[..., 4]  # (N, M)
+    return points + (warp[..., :2] * np.sin(arg)[..., None]).sum(axis=1)
+
+
+def draw_writer(rng):
+    """A writer's style. The ranges are the README's table; none is narrower
+    than the issue's minimum."""
+    warp_rms = rng.uniform(0.08, 0.15) * FONT_XHEIGHT
+    return WriterStyle(
+        slant=rng.uniform(-0.4, 0.4),
+        size=rng.uniform(0.8, 1.25),
+        width=rng.uniform(0.75, 1.3),
+        letter_spacing=rng.uniform(-1.5, 3.0),
+        word_spacing=rng.uniform(6.0, 14.0),
+        tilt=np.radians(rng.uniform(-3.0, 3.0)),
+        drift=(rng.uniform(0.0, 2.0), rng.uniform(120.0, 400.0)),
+        warp=random_warp(rng, 26, warp_rms),
+        warp_rms=warp_rms,
+        inertia=rng.uniform(0.0, 2.0),
+        ink_per_sample=4.9 * rng.uniform(0.75, 1.25),
+        curve_slowdown=rng.uniform(0.5, 2.0),
+        tremor=rng.uniform(0.05, 0.25),
+        dot_offset=rng.uniform([-1.5, -2.0], [2.5, 1.0]),
+        bar_scale=rng.uniform(0.7, 1.4),
+        bar_offset=rng.uniform([-1.5, -1.5], [2.5, 1.5]),
+    )
+
+
+# ---------------------------------------------------------------------------
+# Cursive lines: the pen
+# ---------------------------------------------------------------------------
+
+CONNECTOR_POINTS = 5  # vertices inside the arc that carries the pen from letter to letter
+DENSE_STEP = 0.25  # font units between points of the ideal pen path
+FINE = 4  # pen positions simulated per output sample
+LINE_SAMPLE_SPACING = 4.9 * LINE_UNIT  # a typical writer's ink per sample on straight ink, output units
+
+
+def add_connectors(x, height, letter_of, polyline, delayed, word_of):
+    """Arc the pen's way from each letter's end to the next letter's start.
+
+    Letters that start on their bowl (a c d e g o q w) start away from the
+    joining point, and a straight connector would cut through the bowl; a
+    writer arcs over it. A quadratic Bezier from the previous letter's last
+    vertex, bulging up by 0.3 of its horizontal span, goes before the letter's
+    first vertex and belongs to that letter. All arrays are per vertex (V,).
+    """
+    main = np.flatnonzero(~delayed)
+    prev, nxt = main[:-1], main[1:]
+    joins = (letter_of[nxt] != letter_of[prev]) & (word_of[letter_of[nxt]] == word_of[letter_of[prev]])
+    gap = np.hypot(x[nxt] - x[prev], height[nxt] - height[prev])
+    at, came_from = nxt[joins & (gap > 1.0)], prev[joins & (gap > 1.0)]  # (J,)
+    x0, h0, x1, h1 = x[came_from], height[came_from], x[at], height[at]
+    cx, ch = (x0 + x1) / 2, np.maximum(h0, h1) + 0.3 * np.abs(x1 - x0)
+    u = np.linspace(0, 1, CONNECTOR_POINTS + 2)[1:-1, None]  # (P, 1)
+    bx = ((1 - u) ** 2 * x0 + 2 * u * (1 - u) * cx + u ** 2 * x1).T.ravel()  # (J * P,)
+    bh = ((1 - u) ** 2 * h0 + 2 * u * (1 - u) * ch + u ** 2 * h1).T.ravel()
+    where = np.repeat(at, CONNECTOR_POINTS)
+    return (np.insert(x, where, bx), np.insert(height, where, bh), np.insert(letter_of, where, letter_of[where]),
+            np.insert(polyline, where, polyline[where]), np.insert(delayed, where, False))
+
+
+def line_layout(text, writer, rng):
+    """The ideal pen path of a line, before any timing: where the pen should go.
+
+    Letters are placed with the writer's spacing and deformed by the writer's
+    field for that letter plus a third as much for this instance; within a
+    word the pen stays down from letter to letter; the dots and crossings are
+    delayed strokes written after their word. Returns points (V, 2) in font
+    units (y up, baseline 0), stroke ids (V,) in writing order, and char_of
+    (V,), the index into `text` of the letter each vertex belongs to.
+    """
+    table = script_glyphs()
+    letter_pos = np.array([i for i, c in enumerate(text) if c != " "])  # (n,) letters' indices into text
+    letters = [text[i] for i in letter_pos]
+    word_of = np.cumsum([c == " " for c in text])[letter_pos]  # (n,)
+    size = writer.size * np.exp(rng.normal(0, 0.04))  # per-line variation on top of the writer's
+    slant = writer.slant + rng.normal(0, 0.03)
+    advance = np.array([table[c][3] for c in letters]) * size * writer.width
+    advance += (writer.letter_spacing + rng.normal(0, 0.5, len(letters))) * size
+    starts_word = np.diff(word_of, prepend=0) > 0
+    gap = np.where(starts_word, (writer.word_spacing + rng.normal(0, 1.0, len(letters))) * size, 0.0)
+    origin = np.cumsum(gap + np.append(0.0, advance[:-1]))  # (n,) left edge of each letter
+
+    glyphs = [table[c] for c in letters]
+    letter_of = np.repeat(np.arange(len(letters)), [len(g[0]) for g in glyphs])  # (V,)
+    local = np.concatenate([g[0] for g in glyphs])  # (V, 2) glyph coordinates
+    polyline = np.concatenate([g[1] for g in glyphs])
+    delayed = np.concatenate([g[2] for g in glyphs])
+    alphabet_index = np.array([ord(c) - ord("a") for c in letters])
+    local = apply_warp(local, writer.warp[alphabet_index[letter_of]])
+    local = apply_warp(local, random_warp(rng, len(letters), writer.warp_rms / 3)[letter_of])
+
+    # Dots land at the writer's offset; crossings are rescaled about their centre and shifted.
+    jitter = rng.normal(0, 0.6, size=(len(letters), 2))[letter_of]
+    is_dot = delayed & np.isin(np.array(letters)[letter_of], ["i", "j"])
+    is_bar = delayed & ~is_dot
+    local[is_dot] += writer.dot_offset + jitter[is_dot]
+    bar_letters, bar_index = np.unique(letter_of[is_bar], return_inverse=True)
+    centre = np.zeros((len(bar_letters), 2))
+    np.add.at(centre, bar_index, local[is_bar])
+    centre /= np.bincount(bar_index, minlength=len(bar_letters))[:, None].clip(1)
+    local[is_bar] = centre[bar_index] + (local[is_bar] - centre[bar_index]) * writer.bar_scale
+    local[is_bar] += writer.bar_offset + jitter[is_bar]
+
+    x = local[:, 0] * size * writer.width + origin[letter_of]
+    height = (FONT_BASELINE - local[:, 1]) * size
+    x, height, letter_of, polyline, delayed = add_connectors(x, height, letter_of, polyline, delayed, word_of)
+    x = x + slant * height
+    tilt = writer.tilt + rng.normal(0, np.radians(0.5))
+    points = np.column_stack([x * np.cos(tilt) - height * np.sin(tilt), x * np.sin(tilt) + height * np.cos(tilt)])
+    amplitude, wavelength = writer.drift
+    points[:, 1] += amplitude * np.sin(2 * np.pi * points[:, 0] / wavelength + rng.uniform(0, 2 * np.pi))
+
+    # Writing order: each word's pen-down stroke, then its delayed polylines one by one.
+    delayed_rank = np.where(delayed, 1 + polyline + 100 * letter_of, 0)
+    word = word_of[letter_of]
+    order = np.lexsort((np.arange(len(points)), delayed_rank, word))
+    key = word[order] * 100_000 + delayed_rank[order]
+    stroke = np.cumsum(np.diff(key, prepend=-1) != 0) - 1
+    return points[order], stroke, letter_pos[letter_of][order]
+
+
+def critically_damped_kernel(tau):
+    """Impulse response of two cascaded one-pole low-passes with time constant tau (steps).
+
+    h[k] = (1 - r)^2 (k + 1) r^k with r = exp(-1 / tau): a pen pulled towards
+    its target without overshoot, lagging it by 2 tau steps.
+    """
+    if tau <= 0:
+        return np.ones(1)
+    r = np.exp(-1.0 / tau)
+    k = np.arange(int(np.ceil(12 * tau)) + 1)
+    h = (1 - r) ** 2 * (k + 1) * r ** k
+    return h / h.sum()
+
+
+def lowpass_strokes(points, stroke, kernel, settle):
+    """Filter each stroke of points (N, 2) causally with `kernel`, strokes independent.
+
+    Each stroke is padded before with copies of its first point (the pen rests
+    there, so the filter starts on the ink) and after with `settle` copies of
+    its last (the pen settles onto the end before lifting). Returns the
+    filtered points, their stroke ids and the index of the input point each
+    output point stands for.
+    """
+    K = len(kernel) - 1
+    first = np.flatnonzero(stroke_starts(stroke))
+    n = np.diff(np.append(first, len(stroke)))  # (S,)
+    padded = n + K + settle
+    local = np.arange(padded.sum()) - np.repeat(np.cumsum(padded) - padded, padded) - K
+    source = np.clip(local, 0, np.repeat(n - 1, padded)) + np.repeat(first, padded)
+    # The start padding is as long as the kernel, so no output sees the previous stroke.
+    smooth = np.column_stack([np.convolve(points[source, c], kernel)[:len(source)] for c in range(2)])
+    keep = local >= 0
+    return smooth[keep], np.repeat(np.arange(len(n)), padded)[keep], source[keep]
+
+
+def time_pen_path(points, stroke, char_of, writer):
+    """Sample the ideal path as a pen would be sampled at a fixed rate.
+
+    The pen moves fast on straight ink and slows in tight curves; it lags
+    behind the path by the writer's inertia (which rounds corners and shrinks
+    small loops). Returns samples (T, 2), stroke ids (T,), char_of (T,).
+    """
+    dense, dense_stroke, source = resample_strokes(points, stroke, ink_length(points, stroke), DENSE_STEP)
+    dense_char = char_of[np.ceil(source).astype(int)]  # a connector belongs to the letter it leads into
+    starts = stroke_starts(dense_stroke)
+    step = np.diff(dense, axis=0, append=dense[-1:])
+    heading = np.arctan2(step[:, 1], step[:, 0])
+    turn = np.abs(np.angle(np.exp(1j * np.diff(heading, prepend=heading[:1]))))  # radians per dense step
+    turn[starts] = 0.0
+    turn[np.append(starts[1:], True)] = 0.0  # a stroke's last point has no heading of its own
+    curvature = np.convolve(turn, np.ones(9) / 9, mode="same") / DENSE_STEP  # per font unit, over ~2 units
+    speed = 1.0 / (1.0 + 2.0 * writer.curve_slowdown * curvature)
+    clock = np.cumsum(np.where(starts, 0.0, DENSE_STEP / speed))
+    spacing = writer.ink_per_sample * writer.size
+    fine, fine_stroke, fine_source = resample_strokes(dense, dense_stroke, clock, spacing / FINE)
+    fine_char = dense_char[np.round(fine_source).astype(int)]
+    lag = writer.inertia * FINE  # in fine steps
+    smooth, smooth_stroke, smooth_source = lowpass_strokes(
+        fine, fine_stroke, critically_damped_kernel(lag / 2), int(np.ceil(lag)))
+    first = np.flatnonzero(stroke_starts(smooth_stroke))
+    local = np.arange(len(smooth_stroke)) - first[np.cumsum(stroke_starts(smooth_stroke)) - 1]
+    keep = local % FINE == 0
+    return smooth[keep], smooth_stroke[keep], fine_char[smooth_source[keep]]
+
+
+def render_line(text, writer, rng):
+    """`text` (a-z and single spaces) in `writer`'s hand.
+
+    Returns a Sample: xy (T, 2) in output units (x-height 0.5, y up), traj
+    (T, 3) = (dx, dy, pen_up), char_of (T,) into `text`. pen_up is 1 on the
+    first sample of every word and of every delayed stroke, and nowhere else.
+    A space draws no ink: its only trace is the pen lift before the next word,
+    so no sample belongs to it.
+    """
+    labels = encode(text, LINE_ALPHABET)
+    if not text.strip(" ") or "  " in text or text != text.strip(" "):
+        raise ValueError(f"a line is words separated by single spaces, got {text!r}")
+    points, stroke, char_of = line_layout(text, writer, rng)
+    samples, sample_stroke, sample_char = time_pen_path(points, stroke, char_of, writer)
+    samples = samples + rng.normal(0, writer.tremor, size=samples.shape)
+    xy = samples * LINE_UNIT
+    return Sample(text, pen_trajectory(xy, sample_stroke), labels, xy, sample_char)
+
+
+# ---------------------------------------------------------------------------
+# Cursive lines: English text
+# ---------------------------------------------------------------------------
+# Word and word-pair counts from the PyPI package symspellpy (large web and book
+# corpora): 82,765 words and 242,342 pairs, read as data files. The pair list
+# keeps only pairs counted at least 6,400,000 times, so rare pairs are missing
+# and the model backs off to word frequencies.
+
+UNIGRAM_FILE = "frequency_dictionary_en_82_765.txt"
+BIGRAM_FILE = "frequency_bigramdictionary_en_243_342.txt"
+
+
+def _symspell_text(name):
+    try:
+        return (importlib.resources.files("symspellpy") / name).read_text(encoding="utf-8")
+    except (ModuleNotFoundError, FileNotFoundError, OSError) as e:
+        raise RuntimeError(f"the lines task needs symspellpy's word counts ({e}); pip install symspellpy") from None
+
+
+@functools.lru_cache(maxsize=1)
+def english_words():
+    """(words, counts (V,)): every word over a-z in symspellpy's counts, most frequent first."""
+    words, counts = [], []
+    for line in _symspell_text(UNIGRAM_FILE).splitlines():
+        parts = line.split()
+        if len(parts) == 2 and re.fullmatch("[a-z]+", parts[0]):
+            words.append(parts[0])
+            counts.append(int(parts[1]))
+    order = np.argsort(-np.array(counts), kind="stable")
+    return tuple(words[i] for i in order), np.array(counts, dtype=float)[order]
+
+
+@functools.lru_cache(maxsize=1)
+def english_pairs():
+    """(first (P,), second (P,), count (P,)): word-pair counts as ids into english_words()."""
+    index = {w: i for i, w in enumerate(english_words()[0])}
+    first, second, counts = [], [], []
+    for line in _symspell_text(BIGRAM_FILE).splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] in index and parts[1] in index:
+            first.append(index[parts[0]])
+            second.append(index[parts[1]])
+            counts.append(int(parts[2]))
+    return np.array(first), np.array(second), np.array(counts, dtype=float)
+
+
+@dataclass(frozen=True)
+class BigramModel:
+    """A smoothed word bigram distribution over a vocabulary: interpolated absolute
+    discounting (Ney, Essen and Kneser 1994),
+
+        P(w | v) = max(c(v, w) - D, 0) / c(v) + backoff(v) P(w),   backoff(v) = D n(v) / c(v),
+
+    with c(v, w) the pair counts in units of the smallest count the list keeps,
+    c(v) their sum over w, n(v) the number of listed followers, P(w) the word
+    frequencies and D = n1 / (n1 + 2 n2) from the pairs counted once and twice
+    (in those units). A word with no listed followers uses P(w) alone. For
+    every v, P(. | v) sums to one over the vocabulary.
+    """
+
+    words: tuple  # (V,) the vocabulary; a word's id is its index
+    unigram: np.ndarray  # (V,) P(w)
+    pair_key: np.ndarray  # (P,) sorted v * V + w of the listed pairs
+    pair_prob: np.ndarray  # (P,) the discounted part max(c(v, w) - D, 0) / c(v)
+    backoff: np.ndarray  # (V,)
+    discount: float  # D
+
+
+def build_bigram_model(vocabulary_size=None):
+    """The bigram model over the `vocabulary_size` most frequent words (all if None)."""
+    words, counts = english_words()
+    V = len(words) if vocabulary_size is None else min(vocabulary_size, len(words))
+    first, second, pair_counts = english_pairs()
+    unit = pair_counts.min()
+    keep = (first < V) & (second < V)
+    v, w, c = first[keep], second[keep], pair_counts[keep] / unit
+    n1, n2 = np.count_nonzero(c < 2), np.count_nonzero((c >= 2) & (c < 3))
+    D = n1 / (n1 + 2 * n2) if n1 + n2 else 0.5
+    c_v = np.bincount(v, weights=c, minlength=V)  # (V,)
+    n_v = np.bincount(v, minlength=V)
+    backoff = np.where(n_v > 0, D * n_v / np.maximum(c_v, 1e-300), 1.0)
+    key = v.astype(np.int64) * V + w
+    order = np.argsort(key)
+    return BigramModel(words[:V], counts[:V] / counts[:V].sum(), key[order],
+                       (np.maximum(c - D, 0.0) / c_v[v])[order], backoff, D)
+
+
+def bigram_prob(model, prev, nxt):
+    """P(nxt | prev) for word-id arrays of one shape."""
+    prev, nxt = np.asarray(prev), np.asarray(nxt)
+    key = prev.astype(np.int64) * len(model.words) + nxt
+    at = np.minimum(np.searchsorted(model.pair_key, key), len(model.pair_key) - 1)
+    listed = np.where(model.pair_key[at] == key, model.pair_prob[at], 0.0)
+    return listed + model.backoff[prev] * model.unigram[nxt]
+
+
+@dataclass(frozen=True)
+class TextSampler:
+    """Cumulative tables for drawing words from a BigramModel quickly."""
+
+    model: BigramModel
+    unigram_cdf: np.ndarray  # (V,)
+    row_start: np.ndarray  # (V + 1,) the listed followers of v are pairs row_start[v]:row_start[v + 1]
+    pair_cdf: np.ndarray  # (P,) running sum of pair_prob within each row
+
+
+@functools.lru_cache(maxsize=1)
+def english_text_sampler():
+    model = build_bigram_model()
+    V = len(model.words)
+    row_start = np.searchsorted(model.pair_key, np.arange(V + 1, dtype=np.int64) * V)
+    running = np.cumsum(model.pair_prob)
+    before_row = np.concatenate([[0.0], running])[row_start[:-1]]  # (V,)
+    pair_cdf = running - np.repeat(before_row, np.diff(row_start))
+    return TextSampler(model, np.cumsum(model.unigram), row_start, pair_cdf)
+
+
+def next_word(sampler, prev, rng):
+    """Draw w ~ P(w | prev), or from the word frequencies when prev is None."""
+    u = rng.random()
+    if prev is not None:
+        lo, hi = sampler.row_start[prev], sampler.row_start[prev + 1]
+        if hi > lo and u < sampler.pair_cdf[hi - 1]:  # one of the listed followers
+            j = lo + np.searchsorted(sampler.pair_cdf[lo:hi], u, side="right")
+            return int(sampler.model.pair_key[j] % len(sampler.model.words))
+        u = rng.random()
+    return int(min(np.searchsorted(sampler.unigram_cdf, u * sampler.unigram_cdf[-1], side="right"),
+                   len(sampler.unigram_cdf) - 1))
+
+
+LINE_CHARS = (25, 45)  # line length in characters, as IAM-OnDB text lines
+LINE_WORDS = (4, 9)
+
+
+def sample_line(rng):
+    """One line of text: a word-bigram Markov chain started from the word
+    frequencies, run until a length drawn from LINE_CHARS is reached; lines
+    outside LINE_CHARS or LINE_WORDS are drawn again. Sampled, not real text."""
+    sampler = english_text_sampler()
+    words = sampler.model.words
+    while True:
+        target = rng.integers(LINE_CHARS[0], LINE_CHARS[1] + 1)
+        ids = [next_word(sampler, None, rng)]
+        length = len(words[ids[0]])
+        while length < target:
+            ids.append(next_word(sampler, ids[-1], rng))
+            length += 1 + len(words[ids[-1]])
+        if LINE_CHARS[0] <= length <= LINE_CHARS[1] and LINE_WORDS[0] <= len(ids) <= LINE_WORDS[1]:
+            return " ".join(words[i] for i in ids)
+
+
+# ---------------------------------------------------------------------------
+# Cursive lines: the synthetic database
+# ---------------------------------------------------------------------------
+# Writers and the validation and test lines are fixed (LINES_DATA_SEED), the
+# same for every run, like a real corpus; the run's seed draws the training
+# lines. Writers of the three splits are disjoint, as in IAM-OnDB-t1, and so
+# are the texts.
+
+LINES_DATA_SEED = 2009
+LINE_WRITERS = {"train": 200, "validation": 20, "test": 40}
+MAX_EVAL_LINES_PER_WRITER = 10
+LINE_SPLITS = ("validation", "test")
+
+
+def writer_id(split, i):
+    return f"{split[:2]}{i:03d}"
+
+
+def line_writer(split, i):
+    """Writer i of a split, drawn from its own seed: the same style in every run."""
+    code = list(LINE_WRITERS).index(split)
+    return draw_writer(np.random.default_rng([LINES_DATA_SEED, code, i]))
+
+
+@functools.lru_cache(maxsize=None)
+def line_writers(split):
+    return tuple(line_writer(split, i) for i in range(LINE_WRITERS[split]))
+
+
+@functools.lru_cache(maxsize=1)
+def line_eval_texts():
+    """{split: [[text] * MAX_EVAL_LINES_PER_WRITER per writer]} for validation and test.
+
+    Each writer's lines come from the writer's own text stream, so fewer lines
+    per writer are a prefix of more; a line already used elsewhere is drawn again.
+    """
+    seen, texts = set(), {}
+    for code, split in enumerate(LINE_SPLITS, start=1):
+        texts[split] = []
+        for i in range(LINE_WRITERS[split]):
+            rng = np.random.default_rng([LINES_DATA_SEED, code, i, 1])
+            mine = []
+            while len(mine) < MAX_EVAL_LINES_PER_WRITER:
+                text = sample_line(rng)
+                if text not in seen:
+                    seen.add(text)
+                    mine.append(text)
+            texts[split].append(mine)
+    return texts
+
+
+def render_writer_line(text, split, i, seed):
+    """Writer i of `split` writing `text`; `seed` fixes the per-line variation."""
+    sample = render_line(text, line_writers(split)[i], np.random.default_rng(seed))
+    sample.writer = writer_id(split, i)
+    return sample
+
+
+def line_eval_set(split, lines_per_writer):
+    """The fixed validation or test lines: every writer of the split, `lines_per_writer` each."""
+    code = LINE_SPLITS.index(split) + 1
+    return [render_writer_line(text, split, i, [LINES_DATA_SEED, code, i, 2, j])
+            for i, texts in enumerate(line_eval_texts()[split]) for j, text in enumerate(texts[:lines_per_writer])]
+
+
+def draw_training_lines(n, rng):
+    """(texts, writer indices, render seeds) for n fresh training lines; never a validation or test text."""
+    held = {t for split in LINE_SPLITS for texts in line_eval_texts()[split] for t in texts}
+    texts = []
+    while len(texts) < n:
+        text = sample_line(rng)
+        if text not in held:
+            texts.append(text)
+    return texts, rng.integers(LINE_WRITERS["train"], size=n), rng.integers(2**63, size=n)
+
+
+# ---------------------------------------------------------------------------
+# Tasks
+# ---------------------------------------------------------------------------
+# A task is a small value: its alphabet, how it makes its data, its splits and
+# its default settings. The model, CTC, decoders, training loop, run.json and
+# the figures are written once and take a task.
+
+
+@dataclass
+class TaskData:
+    """One run's data for a task."""
+
+    eval_sets: dict  # split name -> [Sample], in report order; the first is the one choices are made on
+    training_samples: Callable  # (rng, parallel_map) -> [Sample] for one epoch
+    epoch_size: int  # training samples per epoch
+    input_shift: np.ndarray  # (D,) the network reads (traj - shift) * scale
+    input_scale: np.ndarray  # (D,)
+    alignment_picks: list  # [(split, index)]: samples whose CTC alignment run.json keeps (short, long)
+    info: dict  # run.json "split": what the splits hold
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    alphabet: str  # class 1 + i is alphabet[i]; 0 is the blank
+    monitor: tuple  # evaluation splits scored after every epoch (all are scored at the end)
+    group_by: str  # run.json keeps per-group error counts: "word" (per_word) or "writer" (per_writer)
+    decoders: tuple  # decoders the final evaluation may use
+    options: tuple  # command-line options that only this task takes
+    defaults: dict  # RunConfig overrides: the task's headline run
+    quick: dict  # further overrides for --quick
+    make_data: Callable  # (cfg, streams) -> TaskData
+
+    @property
+    def n_classes(self):
+        return 1 + len(self.alphabet)
+
+
+def words_data(cfg, streams):
+    """The seed task: renderings of the 47 words; 38 train, 9 held out entirely."""
+    train_words, held_out = split_vocab(streams["split"], cfg.holdout_frac)
+    eval_sets = {
+        "in_vocab": render_words(train_words, cfg.eval_repeats, streams["eval"], cfg),
+        "held_out": render_words(held_out, cfg.eval_repeats, streams["eval"], cfg),
+    }
+    short, long = pick_alignment_words(train_words)
+    picks = [("in_vocab", cfg.eval_repeats * train_words.index(w)) for w in (short, long)]
+    scale = np.array([cfg.input_gain / SAMPLE_SPACING, cfg.input_gain / SAMPLE_SPACING, 1.0])
+    return TaskData(eval_sets, lambda rng, parallel_map: render_words(train_words, cfg.word_repeats, rng, cfg),
+                    len(train_words) * cfg.word_repeats, np.zeros(IN_DIM), scale, picks,
+                    {"train_words": train_words, "held_out_words": held_out})
+
+
+def pick_alignment_words(train_words):
+    """A short and a long in-vocab word for alignment pictures ('ant', 'actin' when possible)."""
+    short = "ant" if "ant" in train_words else min(train_words, key=len)
+    long = "actin" if "actin" in train_words else max(train_words, key=len)
+    return short, long
+
+
+def _render_training_line(args):
+    text, writer_index, seed = args
+    return render_writer_line(text, "train", int(writer_index), int(seed))
+
+
+def lines_data(cfg, streams):
+    """Cursive lines: fresh training lines by the 200 training writers every
+    epoch; fixed validation and test lines by 20 and 40 other writers."""
+    eval_sets = {split: line_eval_set(split, cfg.eval_lines_per_writer) for split in LINE_SPLITS}
+
+    def training_samples(rng, parallel_map):
+        texts, writers, seeds = draw_training_lines(cfg.lines_per_epoch, rng)
+        return parallel_map(_render_training_line, list(zip(texts, writers, seeds)))
+
+    test = eval_sets["test"]
+    by_length = np.argsort([len(s.text) for s in test], kind="stable")
+    scale = np.array([cfg.input_gain / LINE_SAMPLE_SPACING, cfg.input_gain / LINE_SAMPLE_SPACING, 1.0])
+    info = {"writers": {split: LINE_WRITERS[split] for split in LINE_WRITERS},
+            "lines": {split: len(s) for split, s in eval_sets.items()}, "data_seed": LINES_DATA_SEED,
+            "train_lines_per_epoch": cfg.lines_per_epoch}
+    return TaskData(eval_sets, training_samples, cfg.lines_per_epoch, np.zeros(3), scale,
+                    [("test", int(by_length[0])), ("test", int(by_length[len(test) // 2]))], info)
+
+
+WORD_OPTIONS = ("lexicon_sizes",)
+LINE_OPTIONS = ("dictionary_sizes", "lm_weight", "word_penalty", "lm_beam", "export_iam_ondb")
+
+TASKS = {
+    "words": Task("words", ALPHABET, ("in_vocab", "held_out"), "word", ("greedy", "beam", "lexicon"),
+                  WORD_OPTIONS, {}, dict(hidden=32, epochs=6, batch_size=8), words_data),
+    "lines": Task("lines", LINE_ALPHABET, ("validation",), "writer", ("greedy", "beam", "lm"),
+                  LINE_OPTIONS, dict(hidden=100, batch_size=8, epochs=12, lr=5e-3, lr_final=0.1, workers=2),
+                  dict(hidden=32, epochs=2, lines_per_epoch=160, eval_lines_per_writer=2), lines_data),
+}
+
+
+# ---------------------------------------------------------------------------
+# Network input
+# ---------------------------------------------------------------------------
+
+
+def pad_batch(samples, shift, scale, dtype=np.float64):
+    """Stack trajectories into zero-padded network inputs (traj - shift) * scale.
+
+    Returns X (T, B, D) and lengths (B,); sequences are left-aligned.
+    """
+    lengths = np.array([len(s.traj) for s in samples])
+    T, B, D = int(lengths.max()), len(samples), samples[0].traj.shape[1]
+    X = np.zeros((T, B, D), dtype=dtype)
     time_idx = np.concatenate([np.arange(n) for n in lengths])
     batch_idx = np.repeat(np.arange(B), lengths)
-    scale = np.array([input_gain / SAMPLE_SPACING, input_gain / SAMPLE_SPACING, 1.0])
-    X[time_idx, batch_idx] = np.concatenate([r.traj for r in renderings]) * scale
+    X[time_idx, batch_idx] = (np.concatenate([s.traj for s in samples]) - shift) * scale
     return X, lengths
 
 
@@ -499,19 +1241,34 @@ def ctc_alpha(log_emit, skip):
 
     log_emit (T, B, S): log y_t(l'_s), -inf for states past a label's end.
     skip (B, S). Returns alpha (T, B, S).
+
+    Each step sums three predecessors in log space as m + log(sum exp(x - m))
+    with m their elementwise maximum: exact like np.logaddexp, but about twice
+    as fast at line scale, because exp and log are vectorised and logaddexp is not.
     """
     T, B, S = log_emit.shape
     # Two columns of -inf on the left make the s-1 and s-2 predecessors views.
     alpha = np.full((T, B, S + 2), -np.inf)
     alpha[0, :, 2:4] = log_emit[0, :, :2]  # start in the first blank or the first label
     skip_penalty = np.where(skip, 0.0, -np.inf)
-    for t in range(1, T):
-        prev = alpha[t - 1]
-        # stay in s, or advance from s - 1 (blank <-> label) ...
-        acc = np.logaddexp(prev[:, 2:], prev[:, 1:-1])
-        # ... or jump over a blank from s - 2 when the two labels differ
-        acc = np.logaddexp(acc, prev[:, :-2] + skip_penalty)
-        np.add(acc, log_emit[t], out=alpha[t, :, 2:])
+    jump, top, total, term = (np.empty((B, S)) for _ in range(4))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for t in range(1, T):
+            prev = alpha[t - 1]
+            # stay in s, or advance from s - 1 (blank <-> label), or jump over a
+            # blank from s - 2 when the two labels differ
+            stay, advance = prev[:, 2:], prev[:, 1:-1]
+            np.add(prev[:, :-2], skip_penalty, out=jump)
+            np.maximum(stay, advance, out=top)
+            np.maximum(top, jump, out=top)
+            np.maximum(top, -1e300, out=top)  # where no path reaches s, any finite shift gives exp(-inf) = 0
+            np.exp(np.subtract(stay, top, out=total), out=total)
+            total += np.exp(np.subtract(advance, top, out=term), out=term)
+            total += np.exp(np.subtract(jump, top, out=term), out=term)
+            out = alpha[t, :, 2:]
+            np.log(total, out=out)
+            out += top
+            out += log_emit[t]
     return alpha[:, :, 2:]
 
 
@@ -588,6 +1345,8 @@ def ctc_loss(log_probs, input_lengths, targets):
     return -log_p, grad
 
 
+
+
 # ---------------------------------------------------------------------------
 # Decoding and metrics
 # ---------------------------------------------------------------------------
@@ -647,6 +1406,25 @@ def cer(pred, target):
     return levenshtein(target, pred) / max(len(target), 1)
 
 
+def error_counts(refs, hyps):
+    """Edit counts over a corpus: characters, character edits, words, word edits.
+
+    Word edits are the Levenshtein distance between the word sequences
+    (substitutions, deletions, insertions), as for the paper's word accuracy.
+    """
+    return {"chars": sum(len(r) for r in refs), "edits": sum(levenshtein(r, h) for r, h in zip(refs, hyps)),
+            "words": sum(len(r.split()) for r in refs),
+            "word_edits": sum(levenshtein(r.split(), h.split()) for r, h in zip(refs, hyps))}
+
+
+def rates(counts):
+    """CER = edits / characters, WER = word edits / words and word accuracy = 1 - WER
+    (the paper's measure; for single words it is the share read exactly)."""
+    words = max(counts["words"], 1)
+    return {"cer": counts["edits"] / max(counts["chars"], 1), "wer": counts["word_edits"] / words,
+            "word_acc": (counts["words"] - counts["word_edits"]) / words}
+
+
 def beam_search_decode(log_probs, beam_width=16):
     """CTC prefix beam search over one sequence (Graves 2012, ch. 7; Hannun 2014).
 
@@ -698,17 +1476,21 @@ def beam_search_decode(log_probs, beam_width=16):
 
 @dataclass(frozen=True)
 class Lexicon:
-    """Dictionary words as a prefix tree; node 0 is the empty prefix."""
+    """Dictionary words as a prefix tree; node 0 is the empty prefix (the root)."""
 
     words: tuple  # the W words, in the order scores are reported
+    alphabet: str  # the task's characters: class 1 + i is alphabet[i]
     label: np.ndarray  # (N,) class id of each node's last letter (BLANK at the root)
     parent: np.ndarray  # (N,) node of the prefix one letter shorter (the root is its own parent)
     skip: np.ndarray  # (N,) True where the letter differs from its parent's, so no blank is needed between
     end: np.ndarray  # (W,) node at which each word ends
+    word_at: np.ndarray  # (N,) the word ending at each node, -1 for none
+    child_start: np.ndarray  # (N + 1,) the children of node n are children[child_start[n]:child_start[n + 1]]
+    children: np.ndarray  # (N - 1,) every node but the root, grouped by parent
 
 
-def build_lexicon(words):
-    """Prefix tree of `words`; ValueError for an empty lexicon, an empty word or a foreign letter."""
+def build_lexicon(words, alphabet=ALPHABET):
+    """Prefix tree of `words`; ValueError for an empty lexicon, an empty or repeated word, or a foreign letter."""
     words = tuple(words)
     if not words:
         raise ValueError("the lexicon is empty")
@@ -716,16 +1498,41 @@ def build_lexicon(words):
     for w in words:
         if not w:
             raise ValueError("the lexicon holds an empty word")
-        ids = encode(w)
+        ids = encode(w, alphabet)
         for n in range(1, len(w) + 1):
             if w[:n] not in node_of:
                 node_of[w[:n]] = len(label)
                 label.append(ids[n - 1])
                 parent.append(node_of[w[:n - 1]])
+    if len(set(words)) < len(words):
+        raise ValueError(f"the lexicon holds {next(w for w in words if words.count(w) > 1)!r} more than once")
     label, parent = np.array(label), np.array(parent)
     skip = label != label[parent]
     skip[0] = False
-    return Lexicon(words, label, parent, skip, np.array([node_of[w] for w in words]))
+    end = np.array([node_of[w] for w in words])
+    word_at = np.full(len(label), -1)
+    word_at[end] = np.arange(len(words))
+    children = np.argsort(parent[1:], kind="stable") + 1
+    child_start = np.searchsorted(parent[children], np.arange(len(label) + 1))
+    return Lexicon(words, alphabet, label, parent, skip, end, word_at, child_start, children)
+
+
+# The CTC recursion on a prefix tree, shared by the single-word lexicon decoder
+# and the language-model decoder. A node has two states: "on its label" (the
+# node's last letter, or the space at a line decoder's root) and "in a blank
+# after it".
+
+
+def entering(parent_on_label, parent_in_blank, skip):
+    """Log mass that may enter a node's label from its parent: from the parent's
+    blank, or straight from the parent's label when the two labels differ."""
+    return np.logaddexp(parent_in_blank, np.where(skip, parent_on_label, -np.inf))
+
+
+def tree_step(on_label, in_blank, enter, emit_label, emit_blank):
+    """One time step: a label is reached by staying on it or by entering it; a
+    blank by staying in it or by leaving the label. Returns the new (on_label, in_blank)."""
+    return np.logaddexp(on_label, enter) + emit_label, np.logaddexp(in_blank, on_label) + emit_blank
 
 
 def lexicon_log_likelihoods(log_probs, lengths, lexicon):
@@ -733,31 +1540,26 @@ def lexicon_log_likelihoods(log_probs, lengths, lexicon):
 
     log_probs (T, B, K), lengths (B,). The CTC forward recursion run on the
     prefix tree instead of one chain per word (token passing restricted to
-    single words): each node has a state "on its last letter" and a state "in
-    a blank after it", and words sharing a prefix share its computation. The
-    only Python loop is over time.
+    single words), over every node at once: words sharing a prefix share its
+    computation. The only Python loop is over time.
     """
     lp = np.asarray(log_probs, dtype=np.float64).transpose(0, 2, 1)  # (T, K, B)
     lengths = np.asarray(lengths)
     N, B = len(lexicon.label), lp.shape[2]
-    parent = lexicon.parent
-    skip_penalty = np.where(lexicon.skip, 0.0, -np.inf)[:, None]  # (N, 1)
-    on_letter = np.full((N, B), -np.inf)  # log P(alignment so far spells the node, ends on its letter)
+    parent, skip = lexicon.parent, lexicon.skip[:, None]
+    on_label = np.full((N, B), -np.inf)  # log P(alignment so far spells the node, ends on its letter)
     in_blank = np.full((N, B), -np.inf)  # ... and ends in a blank after it
     in_blank[0] = 0.0  # before the first step: the empty prefix, probability one
     scores = np.full((len(lexicon.words), B), -np.inf)
     for t in range(lp.shape[0]):
         emit = lp[t, lexicon.label]  # (N, B)
         emit[0] = -np.inf  # the root has no letter to be on
-        # enter a node's letter from its parent's blank, or straight from the
-        # parent's letter when the two letters differ; or stay on the letter
-        from_parent = np.logaddexp(in_blank[parent], on_letter[parent] + skip_penalty)
-        on_letter, in_blank = (np.logaddexp(on_letter, from_parent) + emit,
-                               np.logaddexp(in_blank, on_letter) + lp[t, BLANK])
+        on_label, in_blank = tree_step(on_label, in_blank, entering(on_label[parent], in_blank[parent], skip),
+                                       emit, lp[t, BLANK])
         done = np.flatnonzero(lengths == t + 1)
         if len(done):
             end = lexicon.end[:, None]
-            scores[:, done] = np.logaddexp(on_letter[end, done], in_blank[end, done])
+            scores[:, done] = np.logaddexp(on_label[end, done], in_blank[end, done])
     return scores
 
 
@@ -800,6 +1602,222 @@ def pad_log_probs(log_probs):
     time_idx = np.concatenate([np.arange(n) for n in lengths])
     out[time_idx, np.repeat(np.arange(len(log_probs)), lengths)] = np.concatenate(log_probs)
     return out, lengths
+
+
+# The paper's decoder: token passing over a dictionary with a word language model.
+
+LM_START = -1  # the context of a line's first word
+
+
+@dataclass(frozen=True)
+class LanguageModel:
+    """A word language model over a dictionary, line start and end included:
+
+        P(w | <s>)  = P(w)                        a line's first word: the word frequencies
+        P(w | v)    = (1 - p_end) P_bigram(w | v) order 2
+                    = (1 - p_end) P(w)            order 1 (the context is ignored)
+        P(</s> | v) = p_end
+
+    Lines start anywhere in a text, so the first word follows the word
+    frequencies (as the line sampler draws it). For every context the
+    probabilities sum to one over the dictionary, plus </s> after a word.
+    """
+
+    bigram: BigramModel  # over the dictionary, in the lexicon's word order
+    p_end: float
+    order: int  # 1: unigram, 2: bigram
+
+
+def lm_log_prob(lm, prev, nxt):
+    """log P(nxt | prev) for word-id arrays of one shape; prev may be LM_START."""
+    prev, nxt = np.asarray(prev), np.asarray(nxt)
+    start = prev == LM_START
+    p = lm.bigram.unigram[nxt]
+    if lm.order == 2:
+        p = np.where(start, p, bigram_prob(lm.bigram, np.where(start, 0, prev), nxt))
+    return np.log(np.where(start, p, (1 - lm.p_end) * p))
+
+
+def lm_perplexity(lm, lines):
+    """(perplexity, out-of-dictionary rate) of `lm` on text lines.
+
+    Every in-dictionary word and each line's end is scored; a word after an
+    out-of-dictionary word is scored as a line's first. Out-of-dictionary
+    words cannot be scored by a closed-vocabulary model: they are left out
+    and counted.
+    """
+    index = {w: i for i, w in enumerate(lm.bigram.words)}
+    prev, nxt, n_words, n_oov = [], [], 0, 0
+    for line in lines:
+        context = LM_START
+        for word in line.split():
+            n_words += 1
+            i = index.get(word)
+            if i is None:
+                n_oov, context = n_oov + 1, LM_START
+                continue
+            prev.append(context)
+            nxt.append(i)
+            context = i
+    log_p = lm_log_prob(lm, prev, nxt).sum() + len(lines) * np.log(lm.p_end)
+    return float(np.exp(-log_p / (len(nxt) + len(lines)))), n_oov / max(n_words, 1)
+
+
+class _Histories:
+    """Word histories of a line as a tree: id 0 is the empty history, and every
+    other history is its parent plus one word. Each carries its language-model
+    score so far: lm_weight * log P(words) + word_penalty * len(words)."""
+
+    def __init__(self, n_words, word_score):
+        self.parent, self.word, self.score = np.array([-1]), np.array([LM_START]), np.array([0.0])
+        self.keys, self.ids_of_keys = np.empty(0, np.int64), np.empty(0, int)  # sorted (parent, word) keys
+        self.n_words, self.word_score = n_words, word_score
+
+    def extend(self, parent, word):
+        """Ids of the histories parent + word (arrays), created where new."""
+        key = parent.astype(np.int64) * self.n_words + word
+        pos = np.minimum(np.searchsorted(self.keys, key), max(len(self.keys) - 1, 0))
+        known = self.keys[pos] == key if len(self.keys) else np.zeros(len(key), bool)
+        new_keys, first = np.unique(key[~known], return_index=True)
+        if len(new_keys):
+            p, w = parent[~known][first], word[~known][first]
+            self.score = np.concatenate([self.score, self.score[p] + self.word_score(self.word[p], w)])
+            at = np.searchsorted(self.keys, new_keys)
+            self.keys = np.insert(self.keys, at, new_keys)
+            self.ids_of_keys = np.insert(self.ids_of_keys, at, len(self.parent) + np.arange(len(new_keys)))
+            self.parent, self.word = np.concatenate([self.parent, p]), np.concatenate([self.word, w])
+        return self.ids_of_keys[np.searchsorted(self.keys, key)]
+
+    def words(self, h):
+        out = []
+        while h > 0:
+            out.append(int(self.word[h]))
+            h = self.parent[h]
+        return out[::-1]
+
+
+def group_logsumexp(values, starts):
+    """Log-sum-exp of the rows of values (C, J) in each group of consecutive rows
+    starting at `starts` (U,); returns (U, J)."""
+    top = np.maximum.reduceat(values, starts, axis=0)
+    shift = np.where(np.isfinite(top), top, 0.0)
+    size = np.diff(np.append(starts, len(values)))
+    with np.errstate(divide="ignore"):
+        return np.log(np.add.reduceat(np.exp(values - np.repeat(shift, size, axis=0)), starts, axis=0)) + shift
+
+
+def lm_decode(log_probs, lexicon, lm, lm_weight=1.0, word_penalty=0.0, beam=64):
+    """The best word sequence for one text line: token passing on the prefix tree
+    of the dictionary (Young, Russell and Thornton 1989), with a word language model.
+
+    log_probs (T, K), whose alphabet has the space. A line is dictionary words
+    separated by single spaces, with optionally a space at either edge and
+    blanks anywhere. A word sequence scores
+
+        log p_CTC(words | x) + lm_weight * log P_LM(words, </s>) + word_penalty * len(words),
+
+    with p_CTC summed over the edge-space variants and all their alignments.
+    A token is a (word history, tree node) pair carrying the CTC
+    log-probabilities of the alignments so far that end on the node's label or
+    in a blank after it (the root's label is the space). Tokens with the same
+    history and node spell the same labels, and merge by adding probabilities,
+    as in prefix beam search; so with no pruning the scores are exact. At a
+    word's end a token may emit the space and move, through the language
+    model, to the root with the word appended to its history.
+
+    beam: the number of tokens kept after each time step, the best by score;
+    None keeps every token (exact, and exponential in T: tiny problems only).
+    lm: a LanguageModel over lexicon.words, or None for a uniform word prior.
+    Vectorised over tokens; the Python loop is over time steps. Returns
+    (words, score), or ([], -inf) if no word sequence fits in T steps.
+    """
+    if " " not in lexicon.alphabet:
+        raise ValueError("lm_decode reads lines: the alphabet needs the space")
+    if beam is not None and beam < 1:
+        raise ValueError(f"beam must be at least 1 (or None for no pruning), got {beam}")
+    if lm is not None and len(lm.bigram.words) != len(lexicon.words):
+        raise ValueError("the language model and the lexicon have different vocabularies")
+    lp = np.asarray(log_probs, dtype=np.float64)
+    N = len(lexicon.label)
+    space = 1 + lexicon.alphabet.index(" ")
+    node_class = np.where(np.arange(N) == 0, space, lexicon.label)  # the class each node's label emits
+
+    def word_score(prev, word):
+        return word_penalty + (lm_weight * lm_log_prob(lm, prev, word) if lm is not None else 0.0)
+
+    histories = _Histories(len(lexicon.words), word_score)
+    hist, node = np.array([0]), np.array([0])  # (M,) the tokens
+    on_label, in_blank = np.array([-np.inf]), np.array([-np.inf])  # (M,)
+    nothing = 0.0  # log P(only blanks so far): no label emitted yet
+    first_letters = lexicon.children[lexicon.child_start[0]:lexicon.child_start[1]]
+    for y in lp:
+        # Candidates: every token as it is; every child of a token's node,
+        # entered from it; every word end, leaving through the space to the
+        # root of a longer history; and, from "nothing", the first letters and
+        # the leading space of the empty history.
+        n_child = lexicon.child_start[node + 1] - lexicon.child_start[node]
+        parent_tok = np.repeat(np.arange(len(node)), n_child)
+        offset = np.arange(len(parent_tok)) - np.repeat(np.cumsum(n_child) - n_child, n_child)
+        child = lexicon.children[lexicon.child_start[node[parent_tok]] + offset]
+        ends = np.flatnonzero(lexicon.word_at[node] >= 0)
+        new_hist = histories.extend(hist[ends], lexicon.word_at[node[ends]])
+        c_hist = np.concatenate([hist, hist[parent_tok], new_hist, np.zeros(len(first_letters) + 1, int)])
+        c_node = np.concatenate([node, child, np.zeros(len(ends), int), first_letters, [0]])
+        c_mass = np.full((len(c_node), 3), -np.inf)  # on_label, in_blank, entering
+        c_mass[:len(node), 0], c_mass[:len(node), 1] = on_label, in_blank
+        at = len(node)
+        c_mass[at:at + len(child), 2] = entering(on_label[parent_tok], in_blank[parent_tok], lexicon.skip[child])
+        at += len(child)
+        c_mass[at:at + len(ends), 2] = np.logaddexp(on_label[ends], in_blank[ends])  # a letter, then the space
+        c_mass[at + len(ends):, 2] = nothing
+        # Tokens that spell the same labels merge.
+        key = c_hist.astype(np.int64) * N + c_node
+        order = np.argsort(key, kind="stable")
+        starts = np.flatnonzero(np.diff(key[order], prepend=-1) != 0)
+        merged = group_logsumexp(c_mass[order], starts)
+        hist, node = c_hist[order][starts], c_node[order][starts]
+        on_label, in_blank = tree_step(merged[:, 0], merged[:, 1], merged[:, 2], y[node_class[node]], y[BLANK])
+        nothing += y[BLANK]
+        alive = np.isfinite(on_label) | np.isfinite(in_blank)
+        if beam is not None and alive.sum() > beam:
+            score = np.logaddexp(on_label, in_blank) + histories.score[hist]
+            alive = np.zeros(len(node), bool)
+            alive[np.argpartition(-score, beam - 1)[:beam]] = True
+        hist, node, on_label, in_blank = hist[alive], node[alive], on_label[alive], in_blank[alive]
+
+    # A line ends on a word (its last word not followed by a space) or on the
+    # space after one; both spell the same words and are added together.
+    total = np.logaddexp(on_label, in_blank)
+    ends = np.flatnonzero(lexicon.word_at[node] >= 0)
+    after_space = np.flatnonzero((node == 0) & (hist > 0))
+    line_hist = np.concatenate([histories.extend(hist[ends], lexicon.word_at[node[ends]]), hist[after_space]])
+    if not len(line_hist):
+        return [], -np.inf
+    order = np.argsort(line_hist, kind="stable")
+    starts = np.flatnonzero(np.diff(line_hist[order], prepend=-1) != 0)
+    ctc = group_logsumexp(np.concatenate([total[ends], total[after_space]])[order][:, None], starts)[:, 0]
+    line_hist = line_hist[order][starts]
+    end_score = lm_weight * np.log(lm.p_end) if lm is not None else 0.0
+    score = ctc + histories.score[line_hist] + end_score
+    best = int(np.argmax(score))
+    return [lexicon.words[i] for i in histories.words(line_hist[best])], float(score[best])
+
+
+def make_decoder(name, cfg, task, lexicon=None):
+    """A function from a list of (T_i, K) log-prob arrays to decoded strings.
+
+    The words task's lexicon decoder defaults to the whole vocabulary,
+    held-out words included, as in the paper (test words are in the dictionary).
+    """
+    alphabet = task.alphabet
+    if name == "greedy":
+        return lambda lps: [decode_labels(d, alphabet) for d in greedy_decode(*pad_log_probs(lps))]
+    if name == "beam":
+        return lambda lps: [decode_labels(beam_search_decode(lp, cfg.beam_width)[0], alphabet) for lp in lps]
+    if name == "lexicon":
+        lex = build_lexicon(VOCAB if lexicon is None else lexicon, alphabet)
+        return lambda lps: lexicon_decode_many(lps, lex)
+    raise ValueError(f"unknown decoder {name!r}; choose from {', '.join(task.decoders)}")
 
 
 LEXICON_SEED = 20090501  # fixed: every run sees the same distractor words
@@ -866,6 +1884,8 @@ def adam_step(params, grads, state, lr, beta1=0.9, beta2=0.999, eps=1e-8):
         p -= step * m / (np.sqrt(v) + eps)
 
 
+
+
 # ---------------------------------------------------------------------------
 # Training and evaluation
 # ---------------------------------------------------------------------------
@@ -891,254 +1911,391 @@ class Timer:
         return now
 
 
-def make_batches(renderings, batch_size, order):
+class Diverged(Exception):
+    """Training produced a non-finite loss or gradient."""
+
+
+def make_batches(samples, batch_size, order):
     """Consecutive chunks of `order`, each sorted by length so padding is short."""
-    lengths = np.array([len(r.traj) for r in renderings])
+    lengths = np.array([len(s.traj) for s in samples])
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     return [chunk[np.argsort(lengths[chunk], kind="stable")] for chunk in chunks]
 
 
-def train_step(params, adam, renderings, lr, cfg, timer):
-    """Forward, CTC, backward, clip and Adam on one minibatch.
+def ctc_feasible(lengths, targets):
+    """(B,) bool: can T_b steps carry the labels? Each label needs a step, and
+    each repeated letter a blank between its two copies."""
+    need = [len(y) + sum(a == b for a, b in zip(y, y[1:])) for y in targets]
+    return np.asarray(lengths) >= np.array(need, dtype=int)
 
-    Returns (summed nll of the usable sequences, their label count, number of
-    sequences skipped for impossible alignments).
+
+def part_gradients(params, X, lengths, targets, n_used, timer=None):
+    """Forward, CTC and backward on one part of a batch.
+
+    Returns (grads of the summed nll / n_used, the summed nll, its label
+    count). Runs in worker processes too, so it only reads its arguments.
     """
+    timer = timer or Timer()
     t0 = time.perf_counter()
-    X, lengths = pad_batch(renderings, cfg.input_gain, params["out_W"].dtype)
-    targets = [r.labels for r in renderings]
-    t0 = timer.add("data", t0)
     log_probs, cache = forward(params, X, lengths)
     t0 = timer.add("forward", t0)
     nll, grad = ctc_loss(log_probs, lengths, targets)
-    usable = np.isfinite(nll)
     t0 = timer.add("ctc", t0)
+    grads = backward(params, cache, grad / n_used)
+    timer.add("backward", t0)
+    usable = ctc_feasible(lengths, targets)
+    return grads, float(nll[usable].sum()), sum(len(y) for y, u in zip(targets, usable) if u)
+
+
+def train_step(params, adam, samples, lr, cfg, data, timer, pool=None):
+    """Forward, CTC, backward, clip and Adam on one minibatch.
+
+    With a pool, the length-sorted batch is cut into one contiguous part per
+    process and the parts' gradients are summed (equal to one process up to
+    float rounding). Sequences whose labels cannot fit their length are
+    skipped. Returns (summed nll of the usable sequences, their label count,
+    number skipped). Raises Diverged on a non-finite loss or gradient, before
+    the parameters are touched.
+    """
+    t0 = time.perf_counter()
+    dtype = params["out_W"].dtype
+    targets = [s.labels for s in samples]
+    usable = ctc_feasible([len(s.traj) for s in samples], targets)
     n_used = int(usable.sum())
-    if n_used:
-        grads = backward(params, cache, grad / n_used)
-        t0 = timer.add("backward", t0)
-        clip_global_norm(grads, cfg.grad_clip)
-        adam_step(params, grads, adam, lr)
-        timer.add("optimiser", t0)
-    n_chars = sum(len(t) for t, u in zip(targets, usable) if u)
-    return float(nll[usable].sum()), n_chars, len(renderings) - n_used
+    if n_used == 0:
+        return 0.0, 0, len(samples)
+    samples = [s for s, u in zip(samples, usable) if u]
+    n_parts = min(pool.processes if pool else 1, len(samples))
+    bounds = np.linspace(0, len(samples), n_parts + 1).round().astype(int)
+    parts = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        X, lengths = pad_batch(samples[lo:hi], data.input_shift, data.input_scale, dtype)
+        parts.append((X, lengths, [s.labels for s in samples[lo:hi]]))
+    t0 = timer.add("data", t0)
+    pending = [pool.submit(part_gradients, params, *part, n_used) for part in parts[1:]] if pool else []
+    grads, nll_sum, n_chars = part_gradients(params, *parts[0], n_used, timer)
+    t0 = time.perf_counter()
+    for other in pending:
+        g, s, n = other.get()
+        for k in grads:
+            grads[k] += g[k]
+        nll_sum, n_chars = nll_sum + s, n_chars + n
+    t0 = timer.add("wait", t0)
+    norm = clip_global_norm(grads, cfg.grad_clip)
+    if not (math.isfinite(nll_sum) and math.isfinite(norm)):
+        raise Diverged(f"{'loss' if not math.isfinite(nll_sum) else 'gradient norm'} is "
+                       f"{nll_sum if not math.isfinite(nll_sum) else norm}")
+    adam_step(params, grads, adam, lr)
+    timer.add("optimiser", t0)
+    return nll_sum, n_chars, len(usable) - n_used
+
+
+def _ignore_interrupts():
+    # Ctrl-C reaches every process of the group; only the main process reports it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _apply_to_chunk(fn, chunk):
+    return [fn(item) for item in chunk]
+
+
+class Pool:
+    """`processes - 1` worker processes that share batches and rendering with this one.
+
+    Workers are forked after the data is built, so they start with the same
+    module state (glyph tables, word statistics). Jobs are module-level
+    functions of their arguments; results come back in submission order, so
+    what a run computes does not depend on timing.
+    """
+
+    def __init__(self, processes):
+        self.processes = processes
+        methods = multiprocessing.get_all_start_methods()
+        context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        self.pool = context.Pool(processes - 1, initializer=_ignore_interrupts)
+
+    def submit(self, fn, *args):
+        return self.pool.apply_async(fn, args)
+
+    def map(self, fn, items):
+        """[fn(item) for item in items], the items split evenly over the processes."""
+        chunks = np.array_split(np.arange(len(items)), self.processes)
+        pending = [self.submit(_apply_to_chunk, fn, [items[i] for i in c]) for c in chunks[1:]]
+        out = _apply_to_chunk(fn, [items[i] for i in chunks[0]])
+        for p in pending:
+            out += p.get()
+        return out
+
+    def close(self):
+        self.pool.terminate()
+        self.pool.join()
+
+
+def serial_map(fn, items):
+    return [fn(item) for item in items]
 
 
 EVAL_BATCH = 64  # measured fastest per frame for the forward pass alone
 EVAL_THREADS = 2  # numpy releases the GIL in ufuncs and BLAS; batches are independent
 
 
-def run_model(params, renderings, input_gain):
-    """Log-probabilities for every rendering: a list of (T_i, K) float64 arrays."""
-    order = np.argsort([len(r.traj) for r in renderings], kind="stable")
+def run_model(params, samples, data):
+    """Log-probabilities for every sample: a list of (T_i, K) float64 arrays."""
+    order = np.argsort([len(s.traj) for s in samples], kind="stable")
     chunks = [order[i:i + EVAL_BATCH] for i in range(0, len(order), EVAL_BATCH)]
 
     def run_chunk(idx):
-        X, lengths = pad_batch([renderings[i] for i in idx], input_gain, params["out_W"].dtype)
+        X, lengths = pad_batch([samples[i] for i in idx], data.input_shift, data.input_scale, params["out_W"].dtype)
         log_probs, _ = forward(params, X, lengths)
         return [log_probs[:n, b].astype(np.float64) for b, n in enumerate(lengths)]
 
-    out = [None] * len(renderings)
-    with ThreadPoolExecutor(EVAL_THREADS) as pool:
-        for idx, lps in zip(chunks, pool.map(run_chunk, chunks)):
+    out = [None] * len(samples)
+    with ThreadPoolExecutor(EVAL_THREADS) as threads:
+        for idx, lps in zip(chunks, threads.map(run_chunk, chunks)):
             for i, lp in zip(idx, lps):
                 out[i] = lp
     return out
 
 
-def word_metrics(renderings, words):
-    """Corpus CER (total edits / total characters) and exact-match word accuracy."""
-    edits = sum(levenshtein(r.word, w) for r, w in zip(renderings, words))
-    return {"cer": edits / sum(len(r.word) for r in renderings),
-            "word_acc": float(np.mean([r.word == w for r, w in zip(renderings, words)]))}
-
-
-def evaluate(params, renderings, input_gain, decode=None):
-    """Loss, CER and word accuracy of one evaluation set.
+def evaluate(params, samples, data, decode):
+    """Loss, CER, WER and word accuracy of one evaluation set.
 
     `decode` (from make_decoder) maps a list of (T_i, K) log-prob arrays to
-    words; greedy by default. Returns (metrics, per-rendering log-probs, words).
+    strings. Returns (metrics, per-sample log-probs, decoded strings).
     """
-    log_probs = run_model(params, renderings, input_gain)
-    nll = -ctc_log_likelihood(*pad_log_probs(log_probs), [r.labels for r in renderings])
-    words = (decode or make_decoder("greedy"))(log_probs)
+    log_probs = run_model(params, samples, data)
+    nll = -ctc_log_likelihood(*pad_log_probs(log_probs), [s.labels for s in samples])
+    hyps = decode(log_probs)
     finite = np.isfinite(nll)
-    n_chars = sum(len(r.word) for r, f in zip(renderings, finite) if f)
-    return {**word_metrics(renderings, words), "loss": float(nll[finite].sum() / max(n_chars, 1))}, log_probs, words
+    n_chars = sum(len(s.labels) for s, f in zip(samples, finite) if f)
+    metrics = rates(error_counts([s.text for s in samples], hyps))
+    return {**metrics, "loss": float(nll[finite].sum() / max(n_chars, 1))}, log_probs, hyps
 
 
-def make_eval_sets(cfg, streams):
-    train_words, held_out = split_vocab(streams["split"], cfg.holdout_frac)
-    eval_sets = {
-        "in_vocab": render_words(train_words, cfg.eval_repeats, streams["eval"], cfg),
-        "held_out": render_words(held_out, cfg.eval_repeats, streams["eval"], cfg),
-    }
-    return train_words, held_out, eval_sets
-
-
-def pick_alignment_words(train_words):
-    """A short and a long in-vocab word for alignment pictures ('ant', 'actin' when possible)."""
-    short = "ant" if "ant" in train_words else min(train_words, key=len)
-    long = "actin" if "actin" in train_words else max(train_words, key=len)
-    return short, long
-
-
-def alignment_record(rendering, log_probs):
-    path = np.argmax(log_probs, axis=1)
-    decoded = decode_labels(greedy_decode(log_probs[:, None, :], [len(log_probs)])[0])
+def alignment_record(sample, split, log_probs, alphabet):
+    """What the alignment figures need about one sample, as JSON-ready lists."""
+    decoded = decode_labels(greedy_decode(log_probs[:, None, :], [len(log_probs)])[0], alphabet)
     return {
-        "word": rendering.word,
-        "xy": rendering.xy.round(5).tolist(),
-        "traj": rendering.traj.round(5).tolist(),
-        "char_of": rendering.char_of.tolist(),
+        "text": sample.text, "split": split, "writer": sample.writer,
+        "xy": sample.xy.round(5).tolist(),
+        "pen_up": sample.traj[:, 2].tolist() if sample.traj.shape[1] == 3 else None,
+        "char_of": sample.char_of.tolist() if sample.char_of is not None else None,
         "log_probs": log_probs.round(4).tolist(),
-        "argmax_path": path.tolist(),
+        "argmax_path": np.argmax(log_probs, axis=1).tolist(),
         "decoded": decoded,
-        "cer": cer(decoded, rendering.word),
+        "cer": cer(decoded, sample.text),
     }
 
 
-def final_report(params, cfg, eval_sets, train_words, timer):
-    """The evaluation part of run.json: final metrics, per word, predictions, alignments."""
-    t0 = time.perf_counter()
-    decode = make_decoder(cfg.decoder, cfg.beam_width)
-    final, per_word, predictions, alignments = {}, {}, [], []
-    lp_of = {}
-    for split, renders in eval_sets.items():
-        metrics, log_probs, words = evaluate(params, renders, cfg.input_gain, decode)
-        final[split] = metrics
-        for r, w, lp in zip(renders, words, log_probs):
-            predictions.append({"word": r.word, "split": split, "decoded": w})
-            entry = per_word.setdefault(r.word, {"split": split, "n": 0, "edits": 0, "correct": 0})
+def group_errors(task, eval_sets, hyps_of):
+    """run.json's per-word or per-writer error counts and rates, over every evaluation split."""
+    groups = {}
+    for split, samples in eval_sets.items():
+        for s, h in zip(samples, hyps_of[split]):
+            name = s.text if task.group_by == "word" else s.writer
+            entry = groups.setdefault(name, {"split": split, "n": 0, "chars": 0, "edits": 0, "words": 0,
+                                             "word_edits": 0})
             entry["n"] += 1
-            entry["edits"] += levenshtein(r.word, w)
-            entry["correct"] += int(r.word == w)
-            lp_of.setdefault(r.word, (r, lp))
-    for w, e in per_word.items():
-        e["cer"] = e["edits"] / (e["n"] * len(w))
-        e["word_acc"] = e["correct"] / e["n"]
-    for w in pick_alignment_words(train_words):
-        alignments.append(alignment_record(*lp_of[w]))
+            for k, v in error_counts([s.text], [h]).items():
+                entry[k] += v
+    return {name: {**e, **rates(e)} for name, e in groups.items()}
+
+
+def final_report(params, cfg, task, data, timer):
+    """The evaluation part of run.json: final metrics, per group, predictions, alignments."""
+    t0 = time.perf_counter()
+    decode = make_decoder(cfg.decoder, cfg, task)
+    final, predictions, hyps_of, log_probs_of = {}, [], {}, {}
+    for split, samples in data.eval_sets.items():
+        final[split], log_probs_of[split], hyps_of[split] = evaluate(params, samples, data, decode)
+        predictions += [{"text": s.text, "split": split, "writer": s.writer, "decoded": h}
+                        for s, h in zip(samples, hyps_of[split])]
+    alignments = [alignment_record(data.eval_sets[split][i], split, log_probs_of[split][i], task.alphabet)
+                  for split, i in data.alignment_picks]
     timer.add("evaluation", t0)
-    return {"final": final, "per_word": per_word, "predictions": predictions, "alignments": alignments}
+    return {"final": final, f"per_{task.group_by}": group_errors(task, data.eval_sets, hyps_of),
+            "predictions": predictions, "alignments": alignments}
 
 
-DECODERS = ("greedy", "beam", "lexicon")
+def decoding_experiment(params, cfg, data, sizes, fixed, by_size, splits):
+    """Decode the evaluation splits with each decoder, timing it.
 
-
-def make_decoder(name, beam_width=16, lexicon=VOCAB):
-    """A function from a list of (T_i, K) log-prob arrays to decoded words.
-
-    The lexicon decoder's default dictionary is the whole vocabulary, held-out
-    words included, as in the paper (test words are in the dictionary).
+    fixed: {name: decode} for decoders that ignore the size (run once, reported
+    at every size); by_size: size -> {name: decode}. Returns rows of
+    {size, decoder, split, cer, wer, word_acc, seconds_per_seq, n}.
     """
-    if name == "greedy":
-        return lambda lps: [decode_labels(d) for d in greedy_decode(*pad_log_probs(lps))]
-    if name == "beam":
-        return lambda lps: [decode_labels(beam_search_decode(lp, beam_width)[0]) for lp in lps]
-    if name == "lexicon":
-        lex = build_lexicon(lexicon)
-        return lambda lps: lexicon_decode_many(lps, lex)
-    raise ValueError(f"unknown decoder {name!r}; choose from {DECODERS}")
+    log_probs = {split: run_model(params, data.eval_sets[split], data) for split in splits}
+
+    def timed(split, decode):
+        t0 = time.perf_counter()
+        hyps = decode(log_probs[split])
+        seconds = time.perf_counter() - t0
+        samples = data.eval_sets[split]
+        return {**rates(error_counts([s.text for s in samples], hyps)), "seconds_per_seq": seconds / len(samples),
+                "n": len(samples)}
+
+    once = {(name, split): timed(split, decode) for name, decode in fixed.items() for split in splits}
+    rows = []
+    for size in sizes:
+        found = {**{name: None for name in fixed}, **by_size(size)}
+        for name, decode in found.items():
+            for split in splits:
+                m = once[name, split] if decode is None else timed(split, decode)
+                rows.append({"size": size, "decoder": name, "split": split, **m})
+    return rows
 
 
-def lexicon_experiment(params, cfg, sizes, log=print):
+def lexicon_experiment(params, cfg, task, data, sizes, log=print):
     """Greedy, beam and lexicon decoding of every evaluation word against
     lexicons of the given sizes: the 47 vocabulary words (held-out words
     included) plus distractor pseudo-words. Returns run.json's `decoding`."""
     t_start = time.perf_counter()
-    _, _, eval_sets = make_eval_sets(cfg, make_streams(cfg.seed))
-    log_probs = {split: run_model(params, renders, cfg.input_gain) for split, renders in eval_sets.items()}
-
-    def timed(split, decode):
-        t0 = time.perf_counter()
-        words = decode(log_probs[split])
-        seconds = time.perf_counter() - t0
-        n = len(eval_sets[split])
-        return {**word_metrics(eval_sets[split], words), "seconds_per_word": seconds / n, "n_words": n}
-
-    fixed = {(d, split): timed(split, make_decoder(d, cfg.beam_width))
-             for d in ("greedy", "beam") for split in eval_sets}
     distractors = distractor_words(max(sizes) - len(VOCAB))
-    rows = []
-    for size in sizes:
-        decode = make_decoder("lexicon", lexicon=VOCAB + distractors[:size - len(VOCAB)])
-        for split in eval_sets:
-            found = {"greedy": fixed["greedy", split], "beam": fixed["beam", split], "lexicon": timed(split, decode)}
-            rows += [{"lexicon_size": size, "decoder": d, "split": split, **m} for d, m in found.items()]
-    decoding = {"lexicon_sizes": list(sizes), "beam_width": cfg.beam_width, "rows": rows,
+    rows = decoding_experiment(
+        params, cfg, data, sizes, {d: make_decoder(d, cfg, task) for d in ("greedy", "beam")},
+        lambda size: {"lexicon": make_decoder("lexicon", cfg, task, VOCAB + distractors[:size - len(VOCAB)])},
+        list(data.eval_sets))
+    decoding = {"kind": "lexicon", "sizes": list(sizes), "beam_width": cfg.beam_width, "rows": rows,
                 "seconds": time.perf_counter() - t_start}
     log(format_decoding(decoding))
     return decoding
 
 
 def format_decoding(decoding):
-    lines = [f"{'lexicon':>8} {'decoder':>8}   {'in-vocab CER':>12} {'acc':>6}   "
-             f"{'held-out CER':>12} {'acc':>6}   {'ms/word':>8}"]
-    by_key = {(r["lexicon_size"], r["decoder"], r["split"]): r for r in decoding["rows"]}
-    for size in decoding["lexicon_sizes"]:
-        for d in DECODERS:
-            iv, ho = by_key[size, d, "in_vocab"], by_key[size, d, "held_out"]
-            seconds = iv["seconds_per_word"] * iv["n_words"] + ho["seconds_per_word"] * ho["n_words"]
-            ms = 1e3 * seconds / (iv["n_words"] + ho["n_words"])
-            lines.append(f"{size:8d} {d:>8}   {iv['cer']:12.4f} {iv['word_acc']:6.3f}   "
-                         f"{ho['cer']:12.4f} {ho['word_acc']:6.3f}   {ms:8.2f}")
+    splits = list(dict.fromkeys(r["split"] for r in decoding["rows"]))
+    decoders = list(dict.fromkeys(r["decoder"] for r in decoding["rows"]))
+    lines = [f"{'size':>8} {'decoder':>10}" + "".join(f"   {s[:12]:>12} {'CER':>6} {'WER':>6}" for s in splits)
+             + f"   {'ms/seq':>8}"]
+    by_key = {(r["size"], r["decoder"], r["split"]): r for r in decoding["rows"]}
+    for size in decoding["sizes"]:
+        for d in decoders:
+            rows = [by_key[size, d, s] for s in splits]
+            ms = 1e3 * sum(r["seconds_per_seq"] * r["n"] for r in rows) / sum(r["n"] for r in rows)
+            lines.append(f"{size:8d} {d:>10}" + "".join(f"   {'':>12} {r['cer']:6.4f} {r['wer']:6.3f}" for r in rows)
+                         + f"   {ms:8.2f}")
     lines.append(f"decoding experiment: {decoding['seconds']:.1f}s")
     return "\n".join(lines)
 
 
-def fit(cfg, streams, train_words, eval_sets, timer, verbose=True, log=print):
-    """The training loop: fresh renderings every epoch, minibatch Adam, and an
-    evaluation of both splits after each epoch. Returns (params, history,
-    number of sequences skipped for impossible alignments)."""
+class Progress:
+    """A live line within an epoch (samples done, frames/s, time left), only on a terminal."""
+
+    def __init__(self, enabled, log):
+        self.enabled, self.log, self.shown = enabled, log, 0.0
+
+    def update(self, epoch, n_epochs, done, total, frames, seconds, steps_left, seconds_per_step):
+        now = time.perf_counter()
+        if not self.enabled or now - self.shown < 0.5:
+            return
+        self.shown = now
+        left = steps_left * seconds_per_step
+        self.log(f"\repoch {epoch}/{n_epochs}  {done}/{total} sequences  {frames / max(seconds, 1e-9):,.0f} frames/s  "
+                 f"about {left / 60:.0f} min {left % 60:02.0f} s of training left ", end="")
+
+    def clear(self):
+        if self.enabled:
+            self.log("\r" + " " * 100 + "\r", end="")
+
+
+def fit(cfg, task, data, streams, timer, pool=None, log=print, progress=None, status=None):
+    """The training loop: one epoch of training samples at a time, minibatch
+    Adam, and an evaluation of the task's monitored splits after each epoch.
+    Returns (params, history, number of sequences skipped for impossible
+    alignments). Raises Diverged with the epoch and step."""
     dtype = np.dtype(cfg.dtype)
     params = {k: v.astype(dtype) for k, v in init_params(
-        streams["init"], cfg.hidden, cfg.layers, cfg.bidirectional).items()}
+        streams["init"], cfg.hidden, cfg.layers, cfg.bidirectional, feature_dim(cfg), task.n_classes).items()}
     adam = adam_init(params)
-    total_steps = cfg.epochs * -(-len(train_words) * cfg.word_repeats // cfg.batch_size)
-    history, skipped = [], 0
+    steps_per_epoch = -(-data.epoch_size // cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    greedy = make_decoder("greedy", cfg, task)
+    parallel_map = pool.map if pool else serial_map
+    history, skipped, train_seconds = [], 0, 0.0
+    status = {} if status is None else status
     for epoch in range(1, cfg.epochs + 1):
-        e0 = time.perf_counter()
-        t0 = time.perf_counter()
-        renders = render_words(train_words, cfg.word_repeats, streams["data"], cfg)
-        order = streams["shuffle"].permutation(len(renders))
+        status["where"] = f"at epoch {epoch} of {cfg.epochs}"
+        e0 = t0 = time.perf_counter()
+        samples = data.training_samples(streams["data"], parallel_map)
+        order = streams["shuffle"].permutation(len(samples))
         timer.add("data", t0)
-        loss_sum, n_chars = 0.0, 0
-        for idx in make_batches(renders, cfg.batch_size, order):
+        loss_sum, n_chars, done, frames = 0.0, 0, 0, 0
+        s0 = time.perf_counter()
+        for step, idx in enumerate(make_batches(samples, cfg.batch_size, order), 1):
             lr = learning_rate(cfg, adam["t"], total_steps)
-            s, n, k = train_step(params, adam, [renders[i] for i in idx], lr, cfg, timer)
+            try:
+                s, n, k = train_step(params, adam, [samples[i] for i in idx], lr, cfg, data, timer, pool)
+            except Diverged as e:
+                raise Diverged(f"training diverged at epoch {epoch}, step {step}: {e}") from None
             loss_sum, n_chars, skipped = loss_sum + s, n_chars + n, skipped + k
+            done, frames = done + len(idx), frames + sum(len(samples[i].traj) for i in idx)
+            if progress:
+                elapsed = time.perf_counter() - s0
+                per_step = (train_seconds + elapsed) / (adam["t"] or 1)
+                progress.update(epoch, cfg.epochs, done, len(samples), frames, elapsed, total_steps - adam["t"],
+                                per_step)
+        train_seconds += time.perf_counter() - s0
+        if progress:
+            progress.clear()
         t0 = time.perf_counter()
         entry = {"epoch": epoch, "train_loss": loss_sum / max(n_chars, 1)}
-        for split, renders_eval in eval_sets.items():
-            entry[split] = evaluate(params, renders_eval, cfg.input_gain)[0]
+        for split in task.monitor:
+            entry[split] = evaluate(params, data.eval_sets[split], data, greedy)[0]
         timer.add("evaluation", t0)
         entry["seconds"] = time.perf_counter() - e0
         history.append(entry)
-        if verbose:
-            log(format_epoch(entry, cfg.epochs))
+        log(format_epoch(entry, cfg.epochs, task))
     return params, history, skipped
 
 
-def train_and_evaluate(cfg, params=None, verbose=True, log=print):
+def check_memory(cfg, task, data, training):
+    """UserError, before any training, if a step would need more than MEMORY_LIMIT of the machine's memory."""
+    longest = max(len(s.traj) for samples in data.eval_sets.values() for s in samples)
+    need = max(training_bytes(cfg, longest, task.n_classes) if training else 0,
+               EVAL_THREADS * training_bytes(dataclasses.replace(cfg, batch_size=EVAL_BATCH), longest,
+                                             task.n_classes) // 2)
+    have = physical_memory()
+    if have and need > MEMORY_LIMIT * have:
+        raise UserError(f"this configuration would need about {need / 2**30:.1f} GiB per step, more than "
+                        f"{MEMORY_LIMIT:.0%} of this machine's {have / 2**30:.1f} GiB; use a smaller --hidden, "
+                        "--layers or --batch-size")
+
+
+def feature_dim(cfg):
+    """D: what the network reads per pen sample."""
+    return {"raw": 3, "graves25": 25}[cfg.features]
+
+
+def train_and_evaluate(cfg, params=None, verbose=True, log=print, status=None):
     """Train a model as configured (or, given `params`, only evaluate them) and report.
 
     Returns (params, result): result is what run.json holds, less
     schema_version and env (see run_json).
     """
     wall0 = time.perf_counter()
+    task = TASKS[cfg.task]
     timer = Timer()
     streams = make_streams(cfg.seed)
+    status = {} if status is None else status
+    status["where"] = "while preparing the data"
     t0 = time.perf_counter()
-    train_words, held_out, eval_sets = make_eval_sets(cfg, streams)
+    data = task.make_data(cfg, streams)
     timer.add("data", t0)
-    history, skipped = [], 0
+    check_memory(cfg, task, data, training=params is None)
+    history, skipped, loaded = [], 0, params is not None
     if params is None:
-        params, history, skipped = fit(cfg, streams, train_words, eval_sets, timer, verbose, log)
-    result = {"config": dataclasses.asdict(cfg), "history": history,
-              **final_report(params, cfg, eval_sets, train_words, timer),
-              "split": {"train_words": train_words, "held_out_words": held_out},
-              "timing": timer.seconds, "skipped": skipped}
+        pool = Pool(cfg.workers) if cfg.workers > 1 else None
+        try:
+            progress = Progress(verbose and sys.stdout.isatty(), log)
+            params, history, skipped = fit(cfg, task, data, streams, timer, pool,
+                                           log if verbose else (lambda *a, **k: None), progress, status)
+        finally:
+            if pool:
+                pool.close()
+    status["where"] = "during the final evaluation"
+    source = "loaded" if loaded else "trained" if history else "untrained"  # untrained: --epochs 0
+    result = {"config": dataclasses.asdict(cfg), "model_source": source, "history": history,
+              **final_report(params, cfg, task, data, timer),
+              "split": data.info, "timing": timer.seconds, "skipped": skipped}
     result["wall_seconds"] = time.perf_counter() - wall0
     return params, result
 
@@ -1148,16 +2305,26 @@ def train(cfg, verbose=True):
     return run_json(train_and_evaluate(cfg, verbose=verbose)[1])
 
 
-def format_epoch(e, n_epochs):
-    iv, ho = e["in_vocab"], e["held_out"]
-    return (f"epoch {e['epoch']:3d}/{n_epochs}  loss {e['train_loss']:.4f}  "
-            f"in-vocab CER {iv['cer']:.4f} acc {iv['word_acc']:.3f}  "
-            f"held-out CER {ho['cer']:.4f} acc {ho['word_acc']:.3f}  {e['seconds']:.2f}s")
+def format_epoch(e, n_epochs, task):
+    parts = [f"epoch {e['epoch']:3d}/{n_epochs}  loss {e['train_loss']:.4f}"]
+    for split in task.monitor:
+        m = e[split]
+        parts.append(f"{split.replace('_', '-')} CER {m['cer']:.4f} " +
+                     (f"acc {m['word_acc']:.3f}" if task.group_by == "word" else f"WER {m['wer']:.4f}"))
+    return "  ".join(parts) + f"  {e['seconds']:.2f}s"
 
 
 # ---------------------------------------------------------------------------
-# run.json, model files and CLI
+# Files: run.json, model files, safe writing
 # ---------------------------------------------------------------------------
+
+
+class UserError(Exception):
+    """A problem with the user's input: reported as one line, exit status 2."""
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that temporary files are removed on the way out."""
 
 
 def keep_freed_memory():
@@ -1176,32 +2343,33 @@ def keep_freed_memory():
     return bool(mallopt(M_MMAP_THRESHOLD, 1 << 25) and mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
-class UserError(Exception):
-    """A problem with the user's input: reported as one line, exit status 2."""
+def output_target(path, what):
+    """Where writing `path` goes: ("file", path) or ("stream", path), symlinks followed.
 
-
-def atomic_write(path, data: bytes):
-    """Write via a temporary file in the same folder, then rename over `path`.
-
-    A reader never sees a half-written file, and an interrupted run leaves the
-    previous file intact. The file gets the usual umask-based permissions.
+    A regular file or a new path is written atomically; a character device
+    or a FIFO (/dev/stdout, /dev/null, a pipe) is written straight to, never
+    replaced. UserError for a folder, a name ending in a separator, a file
+    without write permission (refused even for root, who could write it), or
+    another kind of file.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    if not path or path.endswith(("/", os.sep)):
+        raise UserError(f"cannot write {what} {path!r}: the name ends in a folder separator; give a file name")
+    real = os.path.realpath(path)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private (0600)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        st = os.stat(real)
+    except FileNotFoundError:
+        return "file", real
+    except OSError as e:
+        raise UserError(f"cannot write {what} {path!r}: {e.strerror or e}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise UserError(f"cannot write {what} {path!r}: it is a folder")
+    if stat.S_ISCHR(st.st_mode) or stat.S_ISFIFO(st.st_mode):
+        return "stream", real
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError(f"cannot write {what} {path!r}: it is neither a regular file, a FIFO nor a character device")
+    if not st.st_mode & 0o222:
+        raise UserError(f"cannot write {what} {path!r}: the file is read-only")
+    return "file", real
 
 
 def _file_in_the_way(folder):
@@ -1226,10 +2394,53 @@ def check_folder_writable(folder, what):
 
 
 def check_writable(path, what):
-    """Fail before any work, not after it, if the file `path` cannot be written."""
-    if os.path.isdir(path):
-        raise UserError(f"cannot write {what} {path!r}: it is a folder")
-    check_folder_writable(os.path.dirname(os.path.abspath(path)), f"{what} {path!r}")
+    """Fail before any work, not after it, if `path` cannot be written."""
+    kind, real = output_target(path, what)
+    if kind == "stream":
+        if not os.access(real, os.W_OK):
+            raise UserError(f"cannot write {what} {path!r}: permission denied")
+        return
+    folder, name = os.path.split(real)
+    check_folder_writable(folder, f"{what} {path!r}")
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    if len(os.fsencode(name)) > limit:
+        raise UserError(f"cannot write {what} {path!r}: the file name is longer than {limit} bytes")
+
+
+def write_output(path, data: bytes, what):
+    """Write `data` to `path`: atomically for a regular file (temporary file in
+    the same folder, then rename; a symlink keeps pointing at it), straight
+    through for a device or FIFO. A reader never sees a half-written file, and
+    an interrupted run (Ctrl-C, SIGTERM) leaves the previous file intact and
+    no temporary file behind."""
+    kind, real = output_target(path, what)
+    if kind == "stream":
+        with open(real, "wb") as f:
+            f.write(data)
+        return
+    folder = os.path.dirname(real)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")  # short: a long file name must still fit
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            mode = stat.S_IMODE(os.stat(real).st_mode)  # an existing file keeps its permissions
+        except FileNotFoundError:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask  # mkstemp makes files private (0600)
+        os.chmod(tmp, mode)
+        os.replace(tmp, real)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def env_info():
@@ -1243,53 +2454,70 @@ def env_info():
 
 
 def run_json(result):
-    """Order the keys of run.json and add schema and environment."""
-    doc = {"schema_version": SCHEMA_VERSION, "config": result["config"], "env": env_info()}
+    """Order the keys of run.json and add schema, task and environment."""
+    task = TASKS[result["config"]["task"]]
+    doc = {"schema_version": SCHEMA_VERSION,
+           "task": {"name": task.name, "alphabet": task.alphabet, "splits": list(result["final"]),
+                    "monitor": list(task.monitor), "group_by": task.group_by},
+           "config": result["config"], "env": env_info()}
     doc.update({k: v for k, v in result.items() if k != "config"})
     return doc
 
 
-def save_json(path, doc):
-    atomic_write(path, (json.dumps(doc, indent=1, allow_nan=False) + "\n").encode())
+def json_bytes(doc):
+    return (json.dumps(doc, indent=1, allow_nan=False) + "\n").encode()
 
 
-def save_model(path, params, cfg):
+def model_bytes(params, cfg):
     """npz of the parameter arrays plus the config as a JSON string."""
+    if not all(np.isfinite(v).all() for v in params.values()):
+        raise ValueError("refusing to save weights that are not finite")
     buf = io.BytesIO()
     np.savez(buf, __config__=np.array(json.dumps(dataclasses.asdict(cfg))), **params)
-    atomic_write(path, buf.getvalue())
+    return buf.getvalue()
 
 
-def check_config(cfg):
-    """cfg itself if every field has a usable value, else ValueError naming the first that has not."""
-    checks = {
-        "hidden": cfg.hidden >= 1, "layers": cfg.layers >= 1, "epochs": cfg.epochs >= 0,
-        "batch_size": cfg.batch_size >= 1, "lr": cfg.lr > 0, "lr_final": cfg.lr_final >= 0,
-        "grad_clip": cfg.grad_clip > 0, "word_repeats": cfg.word_repeats >= 1, "eval_repeats": cfg.eval_repeats >= 1,
-        "holdout_frac": 0 < cfg.holdout_frac < 1, "jitter": cfg.jitter >= 0, "slant_max": cfg.slant_max >= 0,
-        "input_gain": cfg.input_gain > 0, "dtype": cfg.dtype in ("float32", "float64"),
-        "decoder": cfg.decoder in DECODERS, "beam_width": cfg.beam_width >= 1,
-    }
-    bad = [name for name, ok in checks.items() if not ok]
-    if bad:
-        raise ValueError(f"{bad[0]} = {getattr(cfg, bad[0])!r} is out of range")
-    return cfg
+# Model files from before the task field existed (schema 1) are words models;
+# the fields added since take their defaults. Any other missing field is refused.
+FIELDS_ADDED_AFTER_SCHEMA_1 = ("task", "lines_per_epoch", "eval_lines_per_writer", "data_dir", "features",
+                               "workers", "dictionary_size", "lm_weight", "word_penalty", "lm_beam")
+
+
+def config_from_file(saved):
+    """RunConfig from a model file's config dict; ValueError naming what is wrong."""
+    if not isinstance(saved, dict):
+        raise ValueError("the config is not a JSON object")
+    unknown = sorted(set(saved) - set(CONFIG_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+    missing = sorted(set(CONFIG_FIELDS) - set(saved) - set(FIELDS_ADDED_AFTER_SCHEMA_1))
+    if missing:
+        raise ValueError(f"missing config keys: {', '.join(missing)}")
+    return check_config(RunConfig(**saved))
 
 
 def load_model(path):
-    """(params, RunConfig) from save_model's file; UserError if missing or corrupt."""
+    """(params, RunConfig) from a model file; UserError if missing, not a model file or inconsistent."""
     try:
         with np.load(path, allow_pickle=False) as f:
+            if not hasattr(f, "files"):
+                raise ValueError("a bare array, not an archive")
             arrays = {k: f[k] for k in f.files}
     except FileNotFoundError:
         raise UserError(f"model file {path!r} does not exist (make one with --save-model)") from None
+    except IsADirectoryError:
+        raise UserError(f"model file {path!r} is a folder") from None
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise UserError(f"model file {path!r} is not a readable npz: {e}") from None
+        reason = "it holds pickled objects" if "pickle" in str(e) else (getattr(e, "strerror", None) or e)
+        raise UserError(f"model file {path!r} is not a model file ({reason})") from None
     try:
-        cfg = check_config(RunConfig(**json.loads(str(arrays.pop("__config__")))))
-        expected = init_params(np.random.default_rng(0), cfg.hidden, cfg.layers, cfg.bidirectional)
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"model file {path!r} has no valid config: {e}") from None
+        cfg = config_from_file(json.loads(str(arrays.pop("__config__"))))
+        expected = init_params(np.random.default_rng(0), cfg.hidden, cfg.layers, cfg.bidirectional,
+                               feature_dim(cfg), TASKS[cfg.task].n_classes)
+    except KeyError:
+        raise UserError(f"model file {path!r} is not a model file (it has no config)") from None
+    except (TypeError, ValueError) as e:
+        raise UserError(f"model file {path!r} has an invalid config: {e}") from None
     if {k: v.shape for k, v in arrays.items()} != {k: v.shape for k, v in expected.items()}:
         raise UserError(f"model file {path!r} does not hold the parameters its config describes")
     if not all(v.dtype.kind == "f" and np.isfinite(v).all() for v in arrays.values()):
@@ -1297,41 +2525,66 @@ def load_model(path):
     return {k: v.astype(cfg.dtype) for k, v in arrays.items()}, cfg
 
 
-def _int_at_least(low):
+MEMORY_LIMIT = 0.5  # of the machine's physical memory: a run estimated to need more is refused up front
+
+
+def training_bytes(cfg, longest, n_classes):
+    """Rough peak memory of one training step with sequences of length `longest`.
+
+    Per layer and direction, the forward pass caches 11 H-wide arrays per time
+    step and batch entry (gates, cell, tanh(cell), hidden), the backward pass 4
+    more; CTC holds a few float64 (T, 2B, S) arrays.
+    """
+    R, H, B, T = (2 if cfg.bidirectional else 1), cfg.hidden, cfg.batch_size, longest
+    itemsize = np.dtype(cfg.dtype).itemsize
+    lstm = cfg.layers * R * T * B * 15 * H * itemsize
+    ctc = 6 * T * 2 * B * (2 * T + 1) * 8 // 4  # labels are at most about T / 2 long
+    return lstm + ctc + 4 * T * B * n_classes * 8
+
+
+def physical_memory():
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def _setting_type(name):
+    """An argparse type for RunConfig field `name`, with the field's own range check."""
+    kind = CONFIG_FIELDS[name].type
+
     def parse(text):
         try:
-            value = int(text)
+            value = {"int": int, "float": float, "str": str}[kind](text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind == 'int' else 'a number'}, "
+                                             f"got {text!r}") from None
+        problem = setting_error(name, value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
         return value
     return parse
-
-
-def _positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (np.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
 
 
 MAX_LEXICON = 100_000  # distinct 3-5 letter strings over 10 letters: 111,000
 
 
-def _lexicon_sizes(text):
-    try:
-        sizes = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
-    bad = [n for n in sizes if not len(VOCAB) <= n <= MAX_LEXICON]
-    if bad:
-        raise argparse.ArgumentTypeError(f"sizes must lie in {len(VOCAB)}..{MAX_LEXICON} (the lexicon holds "
-                                         f"the {len(VOCAB)} vocabulary words), got {bad[0]}")
-    return sorted(set(sizes))
+def _sizes(low, high, what):
+    def parse(text):
+        try:
+            sizes = [int(part) for part in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+        bad = [n for n in sizes if not low <= n <= high]
+        if bad:
+            raise argparse.ArgumentTypeError(f"sizes must lie in {low}..{high} ({what}), got {bad[0]}")
+        return sorted(set(sizes))
+    return parse
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -1341,31 +2594,64 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-TRAINING_FLAGS = ("seed", "hidden", "layers", "unidirectional", "epochs", "batch_size", "lr", "quick")
+# Flags that set a RunConfig field of the same name.
+CONFIG_FLAGS = ("task", "seed", "epochs", "hidden", "layers", "batch_size", "lr", "workers", "lines_per_epoch",
+                "data_dir", "features", "decoder", "beam_width", "lm_weight", "word_penalty", "lm_beam",
+                "dictionary_size")
+TRAINING_FLAGS = ("seed", "hidden", "layers", "unidirectional", "epochs", "batch_size", "lr", "quick", "workers",
+                  "lines_per_epoch")
+# Flags only some tasks take (a Task's `options` names the ones it takes).
+TASK_FLAGS = ("lexicon_sizes", "dictionary_sizes", "lm_weight", "word_penalty", "lm_beam", "dictionary_size",
+              "export_iam_ondb", "data_dir", "features", "lines_per_epoch")
+
+
+def _default_text(name):
+    """'(default X)', with the tasks whose headline runs differ."""
+    default = CONFIG_FIELDS[name].default
+    others = [f"{t.name}: {t.defaults[name]}" for t in TASKS.values() if name in t.defaults]
+    return f"(default {default!r}" + (f"; {', '.join(others)}" if others else "") + ")"
 
 
 def build_parser():
-    p = OneLineParser(prog="iam_handwriting.py", description=__doc__.split("\n\n")[0],
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--seed", type=_int_at_least(0), default=None, help="root random seed (default 0)")
-    p.add_argument("--quick", action="store_true", help=f"CI smoke preset: {QUICK_OVERRIDES}")
-    p.add_argument("--epochs", type=_int_at_least(0), default=None,
-                   help=f"training epochs (default {RunConfig.epochs})")
-    p.add_argument("--hidden", type=_int_at_least(1), default=None,
-                   help=f"LSTM cells per direction (default {RunConfig.hidden})")
-    p.add_argument("--layers", type=_int_at_least(1), default=None, help="stacked BLSTM layers (default 1)")
+    p = OneLineParser(prog="iam_handwriting.py", description=__doc__.split("\n\n")[0])
+
+    def setting(flag, name=None, **kw):
+        name = name or flag.lstrip("-").replace("-", "_")
+        meta = CONFIG_FIELDS[name].metadata
+        p.add_argument(flag, type=_setting_type(name), default=None, help=f"{meta['help']} {_default_text(name)}",
+                       **kw)
+
+    setting("--task", choices=None, metavar="{" + ",".join(TASK_NAMES) + "}")
+    setting("--seed")
+    p.add_argument("--quick", action="store_true",
+                   help="CI smoke preset: " + "; ".join(f"{t.name}: " + ", ".join(f"{k} {v}" for k, v in t.quick.items())
+                                                         for t in TASKS.values()))
+    setting("--epochs")
+    setting("--hidden")
+    setting("--layers")
     p.add_argument("--unidirectional", action="store_true", help="forward-only LSTM baseline")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=None,
-                   help=f"sequences per Adam step (default {RunConfig.batch_size})")
-    p.add_argument("--lr", type=_positive_float, default=None, help=f"Adam learning rate (default {RunConfig.lr})")
-    p.add_argument("--decoder", choices=DECODERS, default=None,
-                   help="how the final evaluation decodes: best path, prefix beam search, or the most probable "
-                        "of the 47 vocabulary words (default greedy)")
-    p.add_argument("--beam-width", type=_int_at_least(1), default=None,
-                   help=f"prefixes kept by the beam decoder (default {RunConfig.beam_width})")
-    p.add_argument("--lexicon-sizes", type=_lexicon_sizes, default=None, metavar="N,N,...",
-                   help=f"after training or loading, decode with lexicons of these sizes (>= {len(VOCAB)}: "
-                        "the vocabulary plus pseudo-word distractors), e.g. 47,100,1000,10000")
+    setting("--batch-size")
+    setting("--lr")
+    setting("--workers")
+    setting("--lines-per-epoch")
+    setting("--data-dir", metavar="DIR")
+    setting("--features", metavar="{" + ",".join(FEATURE_SETS) + "}")
+    setting("--decoder", metavar="{" + ",".join(DECODERS) + "}")
+    setting("--beam-width")
+    p.add_argument("--lexicon-sizes", type=_sizes(len(VOCAB), MAX_LEXICON, f"the lexicon holds the {len(VOCAB)} "
+                                                  "vocabulary words"), default=None, metavar="N,N,...",
+                   help="words: after training or loading, decode with lexicons of these sizes (the vocabulary plus "
+                        "pseudo-word distractors), e.g. 47,100,1000,10000")
+    setting("--dictionary-size")
+    p.add_argument("--dictionary-sizes", type=_sizes(1, N_ENGLISH_WORDS, "most frequent English words"),
+                   default=None, metavar="N,N,...",
+                   help="lines: after training or loading, compare greedy, dictionary, unigram and bigram decoding "
+                        "with dictionaries of these sizes, e.g. 1000,5000,20000")
+    setting("--lm-weight")
+    setting("--word-penalty")
+    setting("--lm-beam")
+    p.add_argument("--export-iam-ondb", metavar="DIR", default=None,
+                   help="lines: write the synthetic lines in the IAM-OnDB layout and format into DIR, then stop")
     p.add_argument("--save-json", metavar="PATH", help="write the run summary (run.json) here")
     p.add_argument("--save-model", metavar="PATH", help="write the trained parameters and config (npz) here")
     p.add_argument("--load-model", metavar="PATH", help="evaluate this saved model instead of training")
@@ -1374,50 +2660,137 @@ def build_parser():
 
 
 def config_from_args(args):
-    overrides = dict(QUICK_OVERRIDES) if args.quick else {}
-    for name in ("seed", "epochs", "hidden", "layers", "batch_size", "lr", "decoder", "beam_width"):
+    task = TASKS[args.task or "words"]
+    overrides = {**task.defaults, **(task.quick if args.quick else {})}
+    for name in CONFIG_FLAGS:
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.unidirectional:
         overrides["bidirectional"] = False
-    return RunConfig(**overrides)
+    return check_config(RunConfig(**overrides))
 
 
-def print_summary(result, log=print):
+def check_arguments(args):
+    """One line for flag combinations and output paths that cannot work, before any work."""
+    if args.load_model:
+        given = [f"--{n.replace('_', '-')}" for n in TRAINING_FLAGS if getattr(args, n) not in (None, False)]
+        if given:
+            raise UserError(f"{', '.join(given)} cannot be combined with --load-model "
+                            "(the model file holds its config)")
+    paths = {"--load-model": args.load_model, "--save-json": args.save_json, "--save-model": args.save_model}
+    given = {flag: os.path.realpath(p) for flag, p in paths.items() if p}
+    for i, (a, pa) in enumerate(given.items()):
+        for b, pb in list(given.items())[i + 1:]:
+            if pa == pb:
+                raise UserError(f"{a} and {b} name the same file {paths[a]!r}; one would destroy the other")
+    for path, what in ((args.save_json, "run summary"), (args.save_model, "model file")):
+        if path:
+            check_writable(path, what)
+
+
+def check_task_arguments(args, task):
+    """One line for flags the task does not take."""
+    for name in TASK_FLAGS:
+        if getattr(args, name) not in (None, False) and name not in task.options:
+            takers = [t.name for t in TASKS.values() if name in t.options]
+            raise UserError(f"--{name.replace('_', '-')} is for the {' and '.join(takers)} task"
+                            f"{'s' if len(takers) > 1 else ''}, not {task.name}")
+    if args.decoder is not None and args.decoder not in task.decoders:
+        raise UserError(f"--decoder {args.decoder} is not available for the {task.name} task "
+                        f"(choose from {', '.join(task.decoders)})")
+
+
+def print_summary(result, task, log=print):
     for split, m in result["final"].items():
-        log(f"final {split:8s}  CER {m['cer']:.4f}  word acc {m['word_acc']:.3f}  loss/char {m['loss']:.4f}")
-    log(f"wall {result['wall_seconds']:.2f}s  skipped {result['skipped']}")
+        log(f"final {split:10s}  CER {m['cer']:.4f}  WER {m['wer']:.4f}  word acc {m['word_acc']:.3f}  "
+            f"loss/char {m['loss']:.4f}")
+    log(f"wall {result['wall_seconds']:.2f}s  skipped (impossible alignments) {result['skipped']}")
+
+
+def safe_log():
+    """print that survives a closed stdout (`| head`): once a write fails, the
+    rest of the output goes to /dev/null and the run carries on."""
+    def log(*args, **kw):
+        try:
+            print(*args, **kw, flush=True)
+        except (BrokenPipeError, OSError):
+            try:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except OSError:
+                pass
+    return log
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def write_results(outputs, log):
+    """Write (path, bytes, what) outputs; on failure, keep a copy in the temporary
+    folder and raise one UserError that says where it went."""
+    written = []
+    for path, data, what in outputs:
+        try:
+            write_output(path, data, what)
+            written.append(path)
+        except OSError as e:
+            try:
+                fd, rescue = tempfile.mkstemp(prefix="iam_handwriting-", suffix=os.path.splitext(path)[1] or ".out")
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                kept = f"; a copy was saved to {rescue}"
+            except OSError:
+                kept = "; no copy could be saved elsewhere either"
+            raise UserError(f"cannot write {what} {path!r}: {e.strerror or e}{kept}") from None
+    return written
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    log = safe_log()
     keep_freed_memory()
+    previous_term = signal.signal(signal.SIGTERM, _raise_terminated) if sys.platform != "win32" else None
+    status = {"where": "before training"}
     try:
-        for path, what in ((args.save_json, "run summary"), (args.save_model, "model file")):
-            if path:
-                check_writable(path, what)
+        check_arguments(args)
         if args.load_model:
-            given = [f"--{n.replace('_', '-')}" for n in TRAINING_FLAGS if getattr(args, n) not in (None, False)]
-            if given:
-                raise UserError(f"{', '.join(given)} cannot be combined with --load-model "
-                                "(the model file holds its config)")
             params, cfg = load_model(args.load_model)
-            cfg = dataclasses.replace(cfg, **{n: getattr(args, n) for n in ("decoder", "beam_width")
-                                              if getattr(args, n) is not None})
-            params, result = train_and_evaluate(cfg, params)
+            task = TASKS[cfg.task]
+            if args.task and args.task != cfg.task:
+                raise UserError(f"the model file holds a {cfg.task} model, not {args.task}")
+            check_task_arguments(args, task)
+            cfg = check_config(dataclasses.replace(cfg, **{
+                n: getattr(args, n) for n in ("decoder", "beam_width", "lm_weight", "word_penalty", "lm_beam",
+                                              "dictionary_size") if getattr(args, n) is not None}))
         else:
-            cfg = config_from_args(args)
-            params, result = train_and_evaluate(cfg, verbose=not args.quiet)
-        print_summary(result)
+            task = TASKS[args.task or "words"]
+            check_task_arguments(args, task)
+            params, cfg = None, config_from_args(args)
+        params, result = train_and_evaluate(cfg, params, verbose=not args.quiet, log=log, status=status)
+        print_summary(result, task, log)
         if args.lexicon_sizes:
-            result["decoding"] = lexicon_experiment(params, cfg, args.lexicon_sizes)
+            data = task.make_data(cfg, make_streams(cfg.seed))
+            result["decoding"] = lexicon_experiment(params, cfg, task, data, args.lexicon_sizes, log)
+        outputs = []
         if args.save_model:
-            save_model(args.save_model, params, cfg)
+            outputs.append((args.save_model, model_bytes(params, cfg), "model file"))
         if args.save_json:
-            save_json(args.save_json, run_json(result))
+            outputs.append((args.save_json, json_bytes(run_json(result)), "run summary"))
+        status["where"] = "while writing results"
+        for path in write_results(outputs, log):
+            log(f"wrote {path}")
     except UserError as e:
         print(f"iam_handwriting.py: error: {e}", file=sys.stderr)
         return 2
+    except Diverged as e:
+        print(f"iam_handwriting.py: error: {e}; nothing written", file=sys.stderr)
+        return 3
+    except (KeyboardInterrupt, Terminated) as e:
+        print(f"iam_handwriting.py: interrupted {status['where']}; nothing written", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
     return 0
 
 

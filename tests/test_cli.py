@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN_KEYS = {"schema_version", "config", "env", "history", "final", "per_word", "alignments", "predictions",
+RUN_KEYS = {"schema_version", "task", "config", "env", "history", "final", "per_word", "alignments", "predictions",
             "timing", "skipped", "wall_seconds", "split"}
 
 
@@ -35,21 +35,23 @@ def quick_run(tmp_path_factory):
 def test_quick_run_writes_a_complete_run_json(quick_run):
     folder, stdout, doc = quick_run
     assert RUN_KEYS <= doc.keys()
-    assert doc["schema_version"] == 1
+    assert doc["schema_version"] == 2
+    assert doc["task"]["name"] == "words" and doc["task"]["splits"] == ["in_vocab", "held_out"]
     cfg = doc["config"]
     assert cfg["seed"] == 3 and cfg["epochs"] == len(doc["history"]) > 0
     for split in ("in_vocab", "held_out"):
-        assert set(doc["final"][split]) == {"cer", "word_acc", "loss"}
+        assert set(doc["final"][split]) == {"cer", "wer", "word_acc", "loss"}
+        assert doc["final"][split]["word_acc"] == pytest.approx(1 - doc["final"][split]["wer"])
         assert 0.0 <= doc["final"][split]["word_acc"] <= 1.0
-    assert len(doc["history"][0]["in_vocab"]) == 3 and "train_loss" in doc["history"][0]
+    assert len(doc["history"][0]["in_vocab"]) == 4 and "train_loss" in doc["history"][0]
     train, held = doc["split"]["train_words"], doc["split"]["held_out_words"]
     assert len(train) == 38 and len(held) == 9
     n_eval = cfg["eval_repeats"] * 47
     assert len(doc["predictions"]) == n_eval
-    assert {p["split"] for p in doc["predictions"] if p["word"] in held} == {"held_out"}
+    assert {p["split"] for p in doc["predictions"] if p["text"] in held} == {"held_out"}
     assert set(doc["per_word"]) == set(train) | set(held)
     short, long = doc["alignments"]
-    assert len(short["word"]) < len(long["word"]) and short["word"] in train and long["word"] in train
+    assert len(short["text"]) < len(long["text"]) and short["text"] in train and long["text"] in train
     T = len(long["xy"])
     assert np.shape(long["log_probs"]) == (T, 11) and len(long["char_of"]) == T == len(long["argmax_path"])
     assert {"data", "forward", "ctc", "backward", "optimiser", "evaluation"} <= doc["timing"].keys()
@@ -57,7 +59,7 @@ def test_quick_run_writes_a_complete_run_json(quick_run):
     assert doc["env"]["numpy"] == np.__version__
     # one log line per epoch plus the summary
     assert sum(line.startswith("epoch") for line in stdout.splitlines()) == cfg["epochs"]
-    assert "held-out CER" in stdout
+    assert "held-out CER" in stdout and "final held_out" in stdout
 
 
 def test_same_seed_gives_identical_metrics(quick_run, tmp_path):
@@ -87,18 +89,18 @@ def test_lexicon_experiment_runs_on_a_saved_quick_model(quick_run, tmp_path):
     doc = json.loads((tmp_path / "dec.json").read_text())
     assert doc["config"]["decoder"] == "lexicon" and doc["config"]["beam_width"] == 4
     dec = doc["decoding"]
-    assert dec["lexicon_sizes"] == [47, 200] and dec["beam_width"] == 4
+    assert dec["sizes"] == [47, 200] and dec["beam_width"] == 4 and dec["kind"] == "lexicon"
     assert len(dec["rows"]) == 2 * 3 * 2  # sizes x decoders x splits
-    by_key = {(row["lexicon_size"], row["decoder"], row["split"]): row for row in dec["rows"]}
+    by_key = {(row["size"], row["decoder"], row["split"]): row for row in dec["rows"]}
     for split in ("in_vocab", "held_out"):
         greedy = by_key[47, "greedy", split]
         assert greedy["word_acc"] == pytest.approx(trained["final"][split]["word_acc"])
         for d in ("greedy", "beam"):  # they ignore the lexicon: the same row for every size
-            assert {**by_key[200, d, split], "lexicon_size": 47} == by_key[47, d, split]
+            assert {**by_key[200, d, split], "size": 47} == by_key[47, d, split]
         # the 47-word lexicon decoder is what the final evaluation used
         assert by_key[47, "lexicon", split]["word_acc"] == pytest.approx(doc["final"][split]["word_acc"])
-        assert all(by_key[n, d, split]["seconds_per_word"] > 0 for n in (47, 200) for d in ("greedy", "lexicon"))
-    assert "lexicon  decoder" in r.stdout and "decoding experiment" in r.stdout
+        assert all(by_key[n, d, split]["seconds_per_seq"] > 0 for n in (47, 200) for d in ("greedy", "lexicon"))
+    assert "decoder" in r.stdout and "decoding experiment" in r.stdout
     decoded = {p["decoded"] for p in doc["predictions"]}
     assert decoded <= set(doc["split"]["train_words"]) | set(doc["split"]["held_out_words"])
 
@@ -129,10 +131,14 @@ def model_with(folder, name, change_config=None, change_arrays=None):
 
 
 @pytest.mark.parametrize("config,arrays,message", [
-    ({"dtype": "float16"}, None, "no valid config"),
-    ({"hidden": -2}, None, "no valid config"),
-    ({"no_such_field": 1}, None, "no valid config"),
+    ({"dtype": "float16"}, None, "invalid config"),
+    ({"hidden": -2}, None, "invalid config"),
+    ({"no_such_field": 1}, None, "invalid config"),
     (None, {"out_b": np.array(["a"] * 11)}, "not finite floating-point"),
+    ({"seed": -1}, None, "invalid config"),
+    ({"bidirectional": "no"}, None, "invalid config"),
+    ({"eval_repeats": 10**9}, None, "invalid config"),
+    ({"beam_width": 10**8}, None, "invalid config"),
     (None, {"out_b": np.full(11, np.nan)}, "not finite floating-point"),
 ])
 def test_altered_model_files_exit_2_with_one_line(quick_run, tmp_path, config, arrays, message):
@@ -160,7 +166,7 @@ def test_altered_model_files_exit_2_with_one_line(quick_run, tmp_path, config, a
     (["--save-model", "{file}/model.npz"], "cannot write"),
     (["--save-json", "{folder}"], "is a folder"),
     (["--load-model", "{folder}/missing.npz"], "does not exist"),
-    (["--load-model", "{corrupt}"], "not a readable npz"),
+    (["--load-model", "{corrupt}"], "not a model file"),
     (["--load-model", "{wrong}"], "model file"),
     (["--load-model", "{corrupt}", "--hidden", "8"], "cannot be combined"),
 ])

@@ -65,13 +65,13 @@ def test_unknown_characters_raise_value_error_naming_them_and_the_alphabet(word,
     with pytest.raises(ValueError, match=f"{bad!r}.*{ALPHABET!r}"):
         render_word(word, np.random.default_rng(0))
     with pytest.raises(ValueError):
-        encode(word)
+        encode(word, ALPHABET)
 
 
 def test_vocab_has_the_47_words_of_the_earlier_study_and_a_seeded_split():
     assert len(VOCAB) == 47 and len(set(VOCAB)) == 47
     for w in VOCAB:
-        encode(w)
+        encode(w, ALPHABET)
     train, held = split_vocab(make_streams(0)["split"], 0.2)
     assert len(held) == 9 and len(train) == 38
     assert set(train) | set(held) == set(VOCAB) and not set(train) & set(held)
@@ -82,7 +82,7 @@ def test_vocab_has_the_47_words_of_the_earlier_study_and_a_seeded_split():
 def test_pad_batch_left_aligns_and_zero_pads():
     rng = np.random.default_rng(3)
     renders = [render_word(w, rng) for w in ("moon", "it", "lime")]
-    X, lengths = pad_batch(renders, input_gain=4.0)
+    X, lengths = pad_batch(renders, np.zeros(3), np.array([4.0 / SAMPLE_SPACING, 4.0 / SAMPLE_SPACING, 1.0]))
     assert X.shape == (max(lengths), 3, 3)
     for b, r in enumerate(renders):
         assert lengths[b] == len(r.traj)

@@ -80,10 +80,10 @@ def test_a_pruned_beam_can_lose_to_greedy():
 @pytest.fixture(scope="module")
 def trained_outputs():
     """Log-probs of every evaluation word under a trained --quick model."""
-    cfg = dataclasses.replace(ih.RunConfig(seed=1), **ih.QUICK_OVERRIDES)
+    cfg = dataclasses.replace(ih.RunConfig(seed=1), **ih.TASKS["words"].quick)
     params, _ = ih.train_and_evaluate(cfg, verbose=False)
-    _, _, eval_sets = ih.make_eval_sets(cfg, ih.make_streams(cfg.seed))
-    return [lp for renders in eval_sets.values() for lp in ih.run_model(params, renders, cfg.input_gain)]
+    data = ih.TASKS["words"].make_data(cfg, ih.make_streams(cfg.seed))
+    return [lp for samples in data.eval_sets.values() for lp in ih.run_model(params, samples, data)]
 
 
 def test_beam_labeling_is_at_least_as_probable_as_greedy_on_trained_outputs(trained_outputs):
@@ -112,7 +112,7 @@ LEXICON = ["ant", "tan", "an", "a", "n", "ill", "il", "lll", "noon", "non", "tt"
 @pytest.mark.parametrize("T,seed", [(2, 0), (3, 1), (5, 2), (8, 3), (12, 4), (20, 5)])
 def test_lexicon_decode_is_the_argmax_of_word_by_word_ctc(T, seed):
     lp = log_softmax(np.random.default_rng(seed).normal(size=(T, 11)) * 2)
-    by_word = np.array([-nll_of(lp, encode(w)) for w in LEXICON])
+    by_word = np.array([-nll_of(lp, encode(w, ih.ALPHABET)) for w in LEXICON])
     scores = lexicon_log_likelihoods(lp[:, None], [T], build_lexicon(LEXICON))[:, 0]
     finite = np.isfinite(by_word)
     np.testing.assert_array_equal(np.isfinite(scores), finite)
@@ -140,7 +140,7 @@ def test_word_prior_is_added_to_the_score():
     prior[LEXICON.index("moon")] = 50.0
     boosted, boosted_log_prob = lexicon_decode(lp, LEXICON, word_log_prior=prior)
     assert boosted == "moon" != word
-    np.testing.assert_allclose(boosted_log_prob, 50.0 - nll_of(lp, encode("moon")))
+    np.testing.assert_allclose(boosted_log_prob, 50.0 - nll_of(lp, encode("moon", ih.ALPHABET)))
     with pytest.raises(ValueError, match="one value per word"):
         lexicon_decode(lp, LEXICON, word_log_prior=[0.0])
 
