@@ -63,10 +63,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import xml.parsers.expat
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Callable
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
+from xml.sax.saxutils import quoteattr
 
 if __name__ == "__main__":
     # One BLAS thread, set before numpy loads BLAS. Measured: faster here (the
@@ -87,7 +90,11 @@ SCHEMA_VERSION = 2  # run.json: 2 added the task, WER and the lines task's keys
 TASK_NAMES = ("words", "lines", "iam-ondb")
 DECODERS = ("greedy", "beam", "lexicon", "lm")
 FEATURE_SETS = ("raw", "graves25")
-N_ENGLISH_WORDS = 82_769  # words over a-z in symspellpy's counts (a test checks it)
+N_ENGLISH_WORDS = 82_727  # words over a-z in symspellpy's counts, less the excluded ones (a test checks it)
+
+
+class UserError(Exception):
+    """A problem with the user's input: reported as one line, exit status 2."""
 
 
 def _setting(default, help, low=None, high=None, above=None, choices=None):
@@ -119,6 +126,7 @@ class RunConfig:
     data_dir: str = _setting("", "the IAM-OnDB folder (holding lineStrokes/, ascii/ and the split files)")
     features: str = _setting("raw", "network input: raw (dx, dy, pen_up) or graves25 (the paper's 25 features)",
                              choices=FEATURE_SETS)
+    alphabet: str = _setting("", "iam-ondb: the characters the model reads, set from the training transcriptions")
     # network input
     input_gain: float = _setting(12.0, "one sample spacing of pen movement enters the network as this", above=0.0,
                                  high=1e4)
@@ -194,7 +202,8 @@ class Sample:
     text: str
     traj: np.ndarray  # (T, D) float64 input features before normalisation; raw: (dx, dy, pen_up)
     labels: list  # class ids of `text`
-    xy: np.ndarray | None  # (T, 2) pen positions, y up (for figures)
+    xy: np.ndarray  # (T, 2) pen positions, y up (for figures and export)
+    pen_up: np.ndarray  # (T,) 1.0 on the first sample of every stroke
     char_of: np.ndarray | None  # (T,) index into `text` of the character each sample draws (None if unknown)
     writer: str | None = None
 
@@ -354,7 +363,7 @@ def render_word(word, rng, jitter=0.014, slant_max=0.15):
     xy[:, 0] += slant * xy[:, 1]
     xy += rng.normal(0.0, jitter, size=xy.shape)
     traj = pen_trajectory(xy, np.cumsum(pen_up) - 1)
-    return Sample(word, traj, labels, xy, char_of)
+    return Sample(word, traj, labels, xy, pen_up, char_of)
 
 
 def render_words(words, repeats, rng, cfg):
@@ -660,7 +669,8 @@ def render_line(text, writer, rng):
     samples, sample_stroke, sample_char = time_pen_path(points, stroke, char_of, writer)
     samples = samples + rng.normal(0, writer.tremor, size=samples.shape)
     xy = samples * LINE_UNIT
-    return Sample(text, pen_trajectory(xy, sample_stroke), labels, xy, sample_char)
+    return Sample(text, pen_trajectory(xy, sample_stroke), labels, xy, stroke_starts(sample_stroke).astype(float),
+                  sample_char)
 
 
 # ---------------------------------------------------------------------------
@@ -682,13 +692,23 @@ def _symspell_text(name):
         raise RuntimeError(f"the lines task needs symspellpy's word counts ({e}); pip install symspellpy") from None
 
 
+# Web-scale counts carry web spam: these explicit, slur and spam words would
+# otherwise turn up in sampled lines and README figures, so they are left out
+# of the statistics (everything else is kept as counted).
+EXCLUDED_WORDS = frozenset("""
+    anal babes blowjob bitch bitches bondage boobs busty cock cum dick dildo erotic escort escorts fetish fuck
+    fucking hardcore horny incest masturbation milf naked nigger nipple nipples nude nudes orgy porn porno pussy
+    shit slut tit tits valium viagra voyeur whore xxx""".split())
+
+
 @functools.lru_cache(maxsize=1)
 def english_words():
-    """(words, counts (V,)): every word over a-z in symspellpy's counts, most frequent first."""
+    """(words, counts (V,)): every word over a-z in symspellpy's counts, most frequent first,
+    less EXCLUDED_WORDS."""
     words, counts = [], []
     for line in _symspell_text(UNIGRAM_FILE).splitlines():
         parts = line.split()
-        if len(parts) == 2 and re.fullmatch("[a-z]+", parts[0]):
+        if len(parts) == 2 and re.fullmatch("[a-z]+", parts[0]) and parts[0] not in EXCLUDED_WORDS:
             words.append(parts[0])
             counts.append(int(parts[1]))
     order = np.argsort(-np.array(counts), kind="stable")
@@ -891,6 +911,1403 @@ def draw_training_lines(n, rng):
 
 
 # ---------------------------------------------------------------------------
+# IAM-OnDB: reading the database
+# ---------------------------------------------------------------------------
+# The IAM On-Line Handwriting Database needs a registration and cannot be
+# downloaded here, so the reader follows the on-disk format as public loaders
+# describe it (below: what was checked where), and it is tested on files
+# written in that format. The files are untrusted: XML is parsed with the
+# standard library's expat with every entity declaration, external entity and
+# external DTD refused, so a "billion laughs" file is rejected unexpanded.
+#
+# Format facts, and where each was checked:
+# No IAM-OnDB file is available here. Each fact was read in public loaders through the code
+# search index (learned from, not copied); "unnamed" means the index showed the file without
+# its repository, so it supports the fact but cannot be cited.
+#
+# Layout. lineStrokes/a01/a01-000/a01-000u-01.xml (one file per text line, numbered from 01),
+#   ascii/a01/a01-000/a01-000u.txt (one per form), original/a01/a01-000/strokesu.xml. The
+#   trailing letter tells apart the copies of text a01-000 by different writers and is not a
+#   writer id; some form ids have no letter ("d04-081", "h02-037"), and then the original file
+#   is strokes.xml.
+#   - sjvasquez/handwriting-synthesis prepare_data.py: lineStrokes and original folders are the
+#     ascii folder with its first part renamed; line files start with "<text id><letter>-";
+#     original file "strokes" + letter, letter "" when the id ends in a digit.
+#   - jan-auer/rnnlib-iam english_online.py and iam_online.py: a split entry maps to
+#     a01/a01-000/a01-000u by the regex ^(((\w+)-\d+)\w?)$ (letter optional), then to
+#     ascii/<that>.txt and lineStrokes/<that>-%02d.xml for line i + 1.
+#   - X-rayLaser/pytorch-handwriting-synthesis-toolkit iam_ondb/_utils.py (PathFinder drops the
+#     letter to find the folder).
+# Split files. trainset.txt, testset_v.txt, testset_t.txt, testset_f.txt in the data root, one
+#   form id per line, written with a leading space (" a01-020x", " d04-081", " f07-088b").
+#   - jan-auer/rnnlib-iam README.md (files beside ascii/ and lineStrokes/; "trainset and
+#     testset_v/testset_t for validation") and minimal.txt (a split file in that format).
+#   - ShigekiKarita/gravesnet src/dataset.py (entries stripped; lineStrokes/<[:3]>/<[:7]>/ then
+#     glob entry + "*.xml").
+#   - unnamed loaders: `line[1:-1]  # Skip the initial space`, and some swap the roles
+#     (testset_f as validation, testset_v as test). We use trainset -> train,
+#     testset_v -> validation, testset_t -> validation2, testset_f -> test.
+#   - The line counts 5,364 (train) and 3,859 (test) come from the paper; they are printed
+#     beside what was read, never asserted. Not found in public code here.
+# ascii files. "OCR:" (the prompt), then "CSR:" (what was written) and a blank line, then one
+#   text line per line file in order. "%%%%%%%%%%%" is replaced by a line break before
+#   splitting; blank lines are dropped; the count must equal the number of line files.
+#   - sjvasquez/handwriting-synthesis prepare_data.py (replace('%%%%%%%%%%%', '\n'), lines from
+#     index('CSR:') + 2, blank lines dropped, assert count == number of line files).
+#   - jan-auer/rnnlib-iam english_online.py (text after "CSR:", split on [\r\n]+, stripped).
+#   - X-rayLaser/pytorch-handwriting-synthesis-toolkit iam_ondb/_transcriptions.py
+#     (extract_transcription_from_txt_file: non-blank lines after "CSR:", line i -> id-%02d).
+#   Where the marker sits in real files (own line or mid-line) was not seen; both read the same.
+# lineStrokes XML. Root WhiteboardCaptureSession; WhiteboardDescription with
+#   SensorLocation@corner and Diagonally/Vertically/HorizontallyOppositeCoords@x,y (integers);
+#   StrokeSet/Stroke/Point@x,y (integers), @time (float seconds).
+#   - X-rayLaser/pytorch-handwriting-synthesis-toolkit iam_ondb/_line_strokes.py (all of these
+#     element and attribute names; int x, y; float time).
+#   - ShigekiKarita/gravesnet src/dataset.py and sjvasquez prepare_data.py (int x, y; float time;
+#     one Stroke = one pen-down segment: an end-of-stroke flag on its last point).
+#   - ISO-8859-1 declaration, Stroke@colour/start_time/end_time, times 20 ms apart with two
+#     decimals ("14978711.86", ".88", ".90"), and a file with only DiagonallyOppositeCoords:
+#     /work/shared/REFERENCE.md and an unnamed IAM-OnDB guide. So Vertically/Horizontally are
+#     optional here.
+# original/**/strokes*.xml. General/Form@writerID; Transcription/TextLine@id,@text.
+#   - sjvasquez/handwriting-synthesis prepare_data.py (root.find('General')[0].attrib['writerID']).
+#   - X-rayLaser/pytorch-handwriting-synthesis-toolkit iam_ondb/_transcriptions.py
+#     (General/Form attributes, Transcription/TextLine@text,@id) and _iam_ondb.py (form.writerID).
+# forms.txt. The FKI download page (fki.tic.heia-fr.ch/databases/download-the-iam-on-line-
+#   handwriting-database) says data/forms.txt "contains the mapping of all forms to the
+#   writers", for forms whose original file has no writer id. Its column layout was NOT found
+#   for IAM-OnDB. We read "form_id writer_id" (first two whitespace-separated columns, "#" lines
+#   skipped): the layout of the offline IAM-DB forms.txt (an unnamed loader: column 0 form,
+#   column 1 writer, "#" header) and of an unnamed IAM-OnDB loader's writer file.
+# Known bad files. a08-551z-08.xml and a08-551z-09.xml are invalid XML; z01-000z has no ascii
+#   file. - sjvasquez prepare_data.py (skips z01-000z); an unnamed loader docstring (all three).
+#   They are skipped and counted by the generic rules, not by name.
+
+IAM_SPLIT_FILES = {  # split name -> IAM-OnDB-t1 file in the data root
+    "train": "trainset.txt",
+    "validation": "testset_v.txt",  # validation 1
+    "validation2": "testset_t.txt",  # validation 2
+    "test": "testset_f.txt",  # final test
+}
+PUBLISHED_LINE_COUNTS = {"train": 5364, "test": 3859}  # from the paper; printed, never asserted
+IAM_ENCODING = "iso-8859-1"  # the XML files declare it; the ascii files are read the same way
+IAM_ROOT = "WhiteboardCaptureSession"
+CSR_MARKER = "%" * 11  # in ascii files; public loaders read it as a line break
+LINE_BREAK = re.compile(r"\r\n|\r|\n")  # not str.splitlines: latin-1 byte 0x85 (cp1252 "...") is U+0085
+BLANKS = " \t\r\n\x0b\x0c"  # what .strip() removes here; U+0085 and U+00A0 may be text
+SAMPLE_PERIOD = 0.02  # seconds between pen samples in the real files
+
+FORM_ID = re.compile(r"(?P<prefix>[A-Za-z0-9]+)-(?P<number>\d+)(?P<letter>[A-Za-z]?)")
+LINE_FILE = re.compile(r"(?P<form>[A-Za-z0-9]+-\d+[A-Za-z]?)-(?P<number>\d+)\.xml")
+DATA_FOLDERS = ("lineStrokes", "ascii", "original")
+
+
+class IamOnDbError(UserError):
+    """A problem with the data on disk, said in one line that names the file or folder."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))  # one line, whatever was interpolated
+
+
+# Safe XML: expat with entities refused.
+# The files come from a download, so they are untrusted: a DTD entity could expand
+# exponentially (billion laughs) or pull in a local file. No real IAM-OnDB file needs a DTD,
+# so every entity declaration and every external DTD or entity is refused outright.
+
+
+class _BadContent(Exception):
+    """Raised inside expat handlers; becomes an IamOnDbError naming the file."""
+
+
+def _refuse_entity_declaration(name, *_):
+    raise _BadContent(f"refused DTD entity declaration {name!r}")
+
+
+def _refuse_unparsed_entity(name, *_):
+    raise _BadContent(f"refused unparsed entity {name!r}")
+
+
+def _refuse_external_entity(context, base, system_id, public_id):
+    raise _BadContent(f"refused external entity {system_id or public_id!r}")
+
+
+def _refuse_external_dtd(name, system_id, public_id, has_internal_subset):
+    if system_id or public_id:
+        raise _BadContent(f"refused external DTD {system_id or public_id!r}")
+
+
+def _safe_parser() -> xml.parsers.expat.XMLParserType:
+    parser = xml.parsers.expat.ParserCreate()  # the encoding comes from the XML declaration
+    parser.SetParamEntityParsing(xml.parsers.expat.XML_PARAM_ENTITY_PARSING_NEVER)
+    parser.StartDoctypeDeclHandler = _refuse_external_dtd
+    parser.EntityDeclHandler = _refuse_entity_declaration
+    parser.UnparsedEntityDeclHandler = _refuse_unparsed_entity
+    parser.ExternalEntityRefHandler = _refuse_external_entity
+    return parser
+
+
+def _parse(parser, data: bytes, source: str) -> None:
+    """Run an expat parser over a whole file, turning any failure into an IamOnDbError."""
+    try:
+        parser.Parse(data, True)
+    except xml.parsers.expat.ExpatError as err:
+        raise IamOnDbError(f"{source}: invalid XML ({err})") from None
+    except _BadContent as err:
+        raise IamOnDbError(f"{source}: {err} (line {parser.CurrentLineNumber})") from None
+
+
+# lineStrokes and original files.
+
+
+@dataclass(frozen=True, eq=False)
+class LineInk:
+    """The ink of one lineStrokes file."""
+
+    points: np.ndarray  # (N, 2) float64 x, y in sensor units, y pointing down
+    stroke: np.ndarray  # (N,) int64 pen-down segment of each point, 0..S-1 in drawing order
+    times: np.ndarray  # (N,) float64 seconds
+    corners: dict  # e.g. {"DiagonallyOppositeCoords": (6512.0, 1376.0), ...}; whiteboard corners
+    sensor_corner: str | None  # SensorLocation@corner, "top_left" in every file seen
+
+
+def parse_line_strokes(data: bytes, source: str) -> LineInk:
+    """Points, strokes, times and whiteboard corners of one lineStrokes XML file.
+
+    Points are collected by a start-element handler without building a tree. Strokes without
+    points are dropped, so stroke ids stay 0..S-1. Raises IamOnDbError naming `source` for
+    invalid XML, a refused entity, a wrong root, a missing or non-numeric attribute, or no points.
+    """
+    xs, ys, ts = [], [], []  # attribute strings; numpy converts them in one call each
+    stroke_starts = []  # index into xs of each Stroke's first point
+    corners, sensor = {}, []
+    in_stroke = seen_root = False
+
+    def start(name, attrs):
+        nonlocal in_stroke, seen_root
+        if not seen_root:
+            if name != IAM_ROOT:
+                raise _BadContent(f"root element <{name}>, expected <{IAM_ROOT}>")
+            seen_root = True
+        elif name == "Point":
+            if not in_stroke:
+                raise _BadContent("<Point> outside a <Stroke>")
+            try:
+                xs.append(attrs["x"])
+                ys.append(attrs["y"])
+                ts.append(attrs["time"])
+            except KeyError as missing:
+                raise _BadContent(f"<Point> without the {missing} attribute") from None
+        elif name == "Stroke":
+            in_stroke = True
+            stroke_starts.append(len(xs))
+        elif name.endswith("OppositeCoords"):
+            if "x" not in attrs or "y" not in attrs:
+                raise _BadContent(f"<{name}> without x and y")
+            corners[name] = (attrs["x"], attrs["y"])
+        elif name == "SensorLocation":
+            sensor.append(attrs.get("corner"))
+
+    def end(name):
+        nonlocal in_stroke
+        if name == "Stroke":
+            in_stroke = False
+
+    parser = _safe_parser()
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    _parse(parser, data, source)
+
+    if not xs:
+        raise IamOnDbError(f"{source}: no <Point> elements")
+    try:
+        points = np.array([xs, ys], dtype=np.float64).T  # (N, 2)
+        times = np.array(ts, dtype=np.float64)  # (N,)
+        corners = {k: (float(x), float(y)) for k, (x, y) in corners.items()}
+    except ValueError as err:
+        raise IamOnDbError(f"{source}: non-numeric coordinate or time ({err})") from None
+    if not (np.isfinite(points).all() and np.isfinite(times).all()):
+        raise IamOnDbError(f"{source}: non-finite coordinate or time")
+    counts = np.diff(np.append(stroke_starts, len(xs)))  # (S_all,) points per Stroke element
+    counts = counts[counts > 0]
+    stroke = np.repeat(np.arange(len(counts)), counts)  # (N,)
+    return LineInk(points, stroke, times, corners, sensor[0] if sensor else None)
+
+
+class _FoundWriter(Exception):
+    """Stops the parse once General/Form is seen: the rest of the file is the form's ink."""
+
+
+def parse_form_writer(data: bytes, source: str) -> str | None:
+    """General/Form@writerID of an original/**/strokes*.xml file, or None when absent.
+
+    Same entity refusals as the line parser; raises IamOnDbError for invalid XML.
+    """
+    path, found = [], []  # open elements; the writer id once seen
+
+    def start(name, attrs):
+        if name == "Form" and path[-1:] == ["General"]:
+            found.append(attrs.get("writerID", "").strip())
+            raise _FoundWriter
+        path.append(name)
+
+    def end(name):
+        path.pop()
+
+    parser = _safe_parser()
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    try:
+        _parse(parser, data, source)
+    except _FoundWriter:
+        pass
+    return found[0] if found and found[0] else None
+
+
+# ascii, split and forms.txt files.
+
+
+def parse_ascii(text: str, source: str) -> list[str]:
+    """The CSR lines of an ascii file: what was written, one entry per lineStrokes file.
+
+    The marker %%%%%%%%%%% counts as a line break, blank lines are dropped and each line is
+    stripped, as public loaders do. Raises IamOnDbError when there is no "CSR:" line.
+    """
+    lines = LINE_BREAK.split(re.sub(CSR_MARKER + "+", "\n", text))
+    heads = [i for i, line in enumerate(lines) if line.strip(BLANKS) == "CSR:"]
+    if not heads:
+        raise IamOnDbError(f"{source}: no 'CSR:' section")
+    return [line.strip(BLANKS) for line in lines[heads[0] + 1:] if line.strip(BLANKS)]
+
+
+def parse_split_file(text: str, source: str) -> list[str]:
+    """Form ids of a split file, in file order without repeats (entries have a leading space)."""
+    form_ids = []
+    for number, line in enumerate(LINE_BREAK.split(text), start=1):
+        entry = line.strip(BLANKS)
+        if not entry:
+            continue
+        if not FORM_ID.fullmatch(entry):  # also keeps "../" out of the paths built from it
+            raise IamOnDbError(f"{source} line {number}: {entry!r} is not a form id like a01-000u")
+        if entry not in form_ids:
+            form_ids.append(entry)
+    return form_ids
+
+
+def parse_forms_txt(text: str) -> dict[str, str]:
+    """form id -> writer id from forms.txt: first two whitespace-separated columns, '#' skipped."""
+    writers = {}
+    for line in LINE_BREAK.split(text):
+        columns = line.split()
+        if len(columns) >= 2 and not columns[0].startswith("#"):
+            writers[columns[0]] = columns[1]
+    return writers
+
+
+def _read_bytes(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except PermissionError:
+        raise IamOnDbError(f"cannot read {path}: permission denied") from None
+    except OSError as err:
+        raise IamOnDbError(f"cannot read {path}: {err.strerror or err}") from None
+
+
+def _raise_unreadable_folder(err: OSError):
+    raise IamOnDbError(f"cannot read folder {err.filename}: {err.strerror or err}")
+
+
+# Finding the data.
+
+
+def _subfolders(path: str) -> list[str]:
+    try:
+        return sorted(entry.path for entry in os.scandir(path) if entry.is_dir())
+    except OSError:  # only a hint: an unreadable folder is just not searched
+        return []
+
+
+def _layout_hint(data_dir: str) -> str:
+    """Where the data seems to be, when data_dir is not the root (the usual mistakes)."""
+    base = os.path.basename(os.path.normpath(data_dir))
+    if base in DATA_FOLDERS:
+        parent = os.path.dirname(os.path.normpath(data_dir))
+        return f"; {data_dir} looks like the {base}/ folder itself: pass its parent {parent}"
+    found = {name: [] for name in ("lineStrokes", "ascii")}
+    children = _subfolders(data_dir)[:200]  # two levels, bounded: enough for the usual mistakes
+    for folder in children + [grandchild for child in children for grandchild in _subfolders(child)][:2000]:
+        for name in found:
+            if os.path.isdir(os.path.join(folder, name)):
+                found[name].append(folder)
+    together = sorted(set(found["lineStrokes"]) & set(found["ascii"]))
+    if together:
+        return f"; found lineStrokes/ and ascii/ in {together[0]}: pass that folder"
+    if found["lineStrokes"] or found["ascii"]:
+        where = ", ".join(f"{name}/ in {places[0]}" for name, places in found.items() if places)
+        return f"; found {where}: move lineStrokes/, ascii/, original/ and the split files into one folder and pass it"
+    return ""
+
+
+def check_layout(data_dir: str) -> None:
+    """Raise IamOnDbError unless data_dir holds lineStrokes/ and ascii/."""
+    if not os.path.exists(data_dir):
+        raise IamOnDbError(f"IAM-OnDB folder not found: {data_dir}")
+    if not os.path.isdir(data_dir):
+        raise IamOnDbError(f"IAM-OnDB path is not a folder: {data_dir}")
+    missing = [name + "/" for name in ("lineStrokes", "ascii") if not os.path.isdir(os.path.join(data_dir, name))]
+    if missing:
+        raise IamOnDbError(
+            f"{data_dir} is not the IAM-OnDB root: no {' or '.join(missing)} in it (expected lineStrokes/, "
+            f"ascii/, original/ and {', '.join(IAM_SPLIT_FILES.values())} side by side){_layout_hint(data_dir)}")
+
+
+def read_split_files(data_dir: str) -> dict[str, list[str]]:
+    """split name -> form ids, from the IAM-OnDB-t1 files. Train, validation and
+    test are required (missing or empty -> IamOnDbError); validation 2
+    (testset_t.txt) may be missing or empty, as in an export of the lines task."""
+    splits, split_of = {}, {}
+    for split, name in IAM_SPLIT_FILES.items():
+        path = os.path.join(data_dir, name)
+        optional = split == "validation2"
+        if not os.path.isfile(path):
+            if optional:
+                continue
+            elsewhere = [f for f in _subfolders(data_dir) if os.path.isfile(os.path.join(f, name))]
+            hint = f"; found one in {elsewhere[0]}: move the four split files up" if elsewhere else ""
+            raise IamOnDbError(f"missing split file {path} (the IAM-OnDB-t1 files belong in the data root){hint}")
+        form_ids = parse_split_file(_read_bytes(path).decode(IAM_ENCODING), path)
+        if not form_ids:
+            if optional:
+                continue
+            raise IamOnDbError(f"empty split file {path}: no form ids")
+        for form_id in form_ids:
+            if form_id in split_of:  # the splits are writer-disjoint by design
+                raise IamOnDbError(f"{path}: form {form_id} is also in {IAM_SPLIT_FILES[split_of[form_id]]}")
+            split_of[form_id] = split
+        splits[split] = form_ids
+    return splits
+
+
+def find_line_files(strokes_root: str) -> tuple[dict[str, tuple[str, dict[int, str]]], list[str]]:
+    """form id -> (folder relative to lineStrokes/, {line number: path}); and unrecognised files."""
+    forms, unrecognised = {}, []
+    for dirpath, dirnames, filenames in os.walk(strokes_root, onerror=_raise_unreadable_folder):
+        dirnames.sort()
+        folder = os.path.relpath(dirpath, strokes_root)
+        for name in sorted(filenames):
+            match = LINE_FILE.fullmatch(name)
+            entry = forms.setdefault(match["form"], (folder, {})) if match else None
+            if entry is None or entry[0] != folder:  # not a line file, or a form in two folders
+                unrecognised.append(os.path.join(dirpath, name))
+                continue
+            entry[1][int(match["number"])] = os.path.join(dirpath, name)
+    return forms, unrecognised
+
+
+# Loading.
+
+
+@dataclass(frozen=True, eq=False)
+class InkLine:
+    """One handwritten text line of IAM-OnDB."""
+
+    line_id: str  # "a01-000u-01"
+    form_id: str  # "a01-000u": text a01-000, copy u
+    writer: str  # General/Form@writerID, else forms.txt, else the form id
+    split: str  # "train", "validation", "validation2" or "test"
+    text: str  # the CSR transcription
+    points: np.ndarray  # (N, 2) float64 x, y sensor units, y down
+    stroke: np.ndarray  # (N,) int64 pen-down segment, 0..S-1
+    times: np.ndarray  # (N,) float64 seconds
+
+
+@dataclass
+class _Tally:
+    """What the loader skipped or ignored, with a few example paths per reason."""
+
+    skipped: Counter = field(default_factory=Counter)  # reason -> files or forms (the name says)
+    lines_lost: int = 0  # line files of split forms not loaded
+    ignored: Counter = field(default_factory=Counter)
+    writer_from: Counter = field(default_factory=Counter)  # where each loaded form's writer came from
+    examples: dict = field(default_factory=dict)  # reason -> up to 3 paths or ids
+
+    def note(self, counter: Counter, reason: str, example: str, count: int = 1):
+        counter[reason] += count
+        self.examples.setdefault(reason, [])
+        if len(self.examples[reason]) < 3:
+            self.examples[reason].append(example)
+
+    def skip(self, reason: str, example: str, lines_lost: int):
+        self.note(self.skipped, reason, example)
+        self.lines_lost += lines_lost
+
+
+def _writer_of(data_dir, form_id, folder, forms_txt, tally) -> str:
+    """General/Form@writerID of the form's original file, else forms.txt, else the form id."""
+    path = os.path.join(data_dir, "original", folder, f"strokes{FORM_ID.fullmatch(form_id)['letter']}.xml")
+    if os.path.isfile(path):
+        raw = _read_bytes(path)  # unreadable: fatal, like every other file
+        try:
+            writer = parse_form_writer(raw, path)
+        except IamOnDbError:  # corrupt: the writer comes from elsewhere
+            writer = None
+            tally.note(tally.ignored, "invalid original files", path)
+        if writer:
+            tally.writer_from["original"] += 1
+            return writer
+    if form_id in forms_txt:
+        tally.writer_from["forms.txt"] += 1
+        return forms_txt[form_id]
+    tally.note(tally.writer_from, "unknown (form id used)", form_id)
+    return form_id
+
+
+def _load_form(data_dir, form_id, folder, numbered, split, forms_txt, tally) -> list[InkLine]:
+    """The loadable lines of one form; skips are counted in tally, unreadable files raise."""
+    ascii_path = os.path.join(data_dir, "ascii", folder, form_id + ".txt")
+    if not os.path.isfile(ascii_path):
+        tally.skip("forms without an ascii file", ascii_path, len(numbered))
+        return []
+    raw = _read_bytes(ascii_path)
+    try:
+        texts = parse_ascii(raw.decode(IAM_ENCODING), ascii_path)
+    except IamOnDbError:
+        tally.skip("forms whose ascii file has no CSR section", ascii_path, len(numbered))
+        return []
+    if sorted(numbered) != list(range(1, len(texts) + 1)):
+        tally.skip("forms whose CSR line count differs from their line files",
+                   f"{form_id} ({len(texts)} CSR lines, {len(numbered)} line files)", len(numbered))
+        return []
+    writer = _writer_of(data_dir, form_id, folder, forms_txt, tally)
+    lines = []
+    for number, path in sorted(numbered.items()):
+        raw = _read_bytes(path)
+        try:
+            ink = parse_line_strokes(raw, path)
+        except IamOnDbError:
+            tally.skip("invalid line files", path, 1)
+            continue
+        lines.append(InkLine(f"{form_id}-{number:02d}", form_id, writer, split, texts[number - 1],
+                          ink.points, ink.stroke, ink.times))
+    return lines
+
+
+def load_iam_ondb(data_dir, log=print) -> tuple[dict[str, list[InkLine]], dict]:
+    """Every line of the four IAM-OnDB-t1 splits, and a summary of what was read and skipped.
+
+    data_dir holds lineStrokes/, ascii/, optionally original/ and forms.txt, and the split files
+    trainset.txt (-> "train"), testset_v.txt (-> "validation"), testset_t.txt (-> "validation2"),
+    testset_f.txt (-> "test"). A corrupt line file, a form without ascii file or with a CSR line
+    count unlike its line files are skipped and counted. A missing or mislaid folder, a missing
+    or empty split, and an unreadable file raise IamOnDbError. Lines sorted by line id per split.
+    The summary is logged through `log` (one string per call) and returned as a dict.
+    """
+    started = time.perf_counter()
+    data_dir = os.fspath(data_dir)
+    check_layout(data_dir)
+    form_ids_by_split = read_split_files(data_dir)
+    split_of = {form_id: split for split, ids in form_ids_by_split.items() for form_id in ids}
+    forms_txt_path = os.path.join(data_dir, "forms.txt")
+    forms_txt = parse_forms_txt(_read_bytes(forms_txt_path).decode(IAM_ENCODING)) if os.path.isfile(forms_txt_path) else {}
+    line_files, unrecognised = find_line_files(os.path.join(data_dir, "lineStrokes"))
+
+    tally = _Tally()
+    for path in unrecognised:
+        tally.note(tally.ignored, "files in lineStrokes/ that are not line files", path)
+    lines_by_split = {split: [] for split in form_ids_by_split}
+    for form_id in sorted(line_files):
+        folder, numbered = line_files[form_id]
+        if form_id not in split_of:  # not parsed: IAM-OnDB-t1 leaves these forms out
+            tally.note(tally.ignored, "forms in no split file", form_id)
+            tally.ignored["lines of forms in no split file"] += len(numbered)
+            continue
+        split = split_of[form_id]
+        lines_by_split[split] += _load_form(data_dir, form_id, folder, numbered, split, forms_txt, tally)
+    for form_id in sorted(set(split_of) - set(line_files)):
+        tally.skip("split forms without line files", form_id, 0)
+
+    for split, lines in lines_by_split.items():
+        if not lines:
+            path = os.path.join(data_dir, IAM_SPLIT_FILES[split])
+            n_forms = len(form_ids_by_split[split])
+            raise IamOnDbError(f"{path} lists {n_forms} form{'s' * (n_forms != 1)} but none has a loadable line")
+
+    summary = {
+        "data_dir": data_dir,
+        "lines": {split: len(lines) for split, lines in lines_by_split.items()},
+        "forms": {split: len({l.form_id for l in lines}) for split, lines in lines_by_split.items()},
+        "writers": {split: len({l.writer for l in lines}) for split, lines in lines_by_split.items()},
+        "skipped": dict(tally.skipped),
+        "lines_lost": tally.lines_lost,
+        "ignored": dict(tally.ignored),
+        "writer_from": dict(tally.writer_from),
+        "examples": tally.examples,
+        "seconds": time.perf_counter() - started,
+    }
+    for text in format_summary(summary).splitlines():
+        log(text)
+    return lines_by_split, summary
+
+
+def format_summary(summary: dict) -> str:
+    """A few lines: lines, forms and writers per split, then skips and ignored files with examples."""
+    def counted(counts):
+        return "; ".join(f"{reason}: {n}" + (f" (e.g. {', '.join(summary['examples'][reason])})"
+                                             if reason in summary["examples"] else "")
+                         for reason, n in counts.items())
+
+    out = [f"IAM-OnDB {summary['data_dir']}: {sum(summary['lines'].values())} lines in {summary['seconds']:.2f} s"]
+    for split, n in summary["lines"].items():
+        paper = f"   (paper: {PUBLISHED_LINE_COUNTS[split]:,})" if split in PUBLISHED_LINE_COUNTS else ""
+        out.append(f"  {split:<12}{n:>6} lines {summary['forms'][split]:>5} forms "
+                   f"{summary['writers'][split]:>4} writers{paper}")
+    if summary["skipped"]:
+        out.append(f"  skipped (line files lost: {summary['lines_lost']}): {counted(summary['skipped'])}")
+    if summary["ignored"]:
+        out.append(f"  ignored: {counted(summary['ignored'])}")
+    out.append(f"  writer ids of forms: {counted(summary['writer_from'])}")
+    return "\n".join(out)
+
+# ---------------------------------------------------------------------------
+# IAM-OnDB: preprocessing (Liwicki and Bunke 2006)
+# ---------------------------------------------------------------------------
+# The paper's front end for IAM-OnDB: one line of pen samples (sensor units, y
+# down) is cleaned, deskewed, deslanted, normalised to corpus height 1 and
+# resampled along the ink; delayed strokes are removed and kept as the "hat"
+# feature. Everything after the first step works with y up, in corpus heights:
+# baseline y = 0, corpus line y = 1. Choices where the papers are silent:
+# - strokes stay separate: trajectory features never cross a pen-up (Liwicki
+#   and Bunke join strokes with pen-up lines);
+# - skew: a robust regression line through the baseline's local minima;
+# - slant: 1-degree bins over +-60 degrees, segment length x a Gaussian
+#   (sigma 30 degrees) around the vertical, shear about the mean y;
+# - one scale factor for all three zones (the paper scales each zone);
+# - spacing 0.15 corpus heights: about 20 samples per letter, the 15-25 of
+#   IAM lines after preprocessing;
+# - vicinity: the point and 3 on either side within its stroke; context map:
+#   3x3 pixels of 0.5 corpus heights aligned to the baseline.
+
+IAM_SPACING = 0.15  # resampling step in corpus heights: ~20 points per letter (docstring)
+ZERO_LENGTH = 1e-9  # shorter than this (corpus heights) counts as no movement
+
+SPIKE_FACTOR = 10.0  # a step this many times the median step is a tracker glitch, not a hand
+SPECK_MAX_POINTS = 2  # strokes this short may be noise ...
+SPECK_ISOLATION = 1.0  # ... if farther than this many line heights from any other ink
+
+MAX_SKEW = np.radians(45.0)  # beyond this the "line" is not a line; clip the estimate
+ROBUST_TRIM = 2.0  # extrema beyond this many robust sigmas from the fit are ascenders etc.
+ROBUST_ITERATIONS = 3  # refits of the trimmed regression
+
+SLANT_MAX_DEG = 60  # histogram covers -60..60 degrees from the vertical, 1-degree bins
+SLANT_SIGMA_DEG = 30.0  # Gaussian weight around the vertical: near-vertical ink decides
+SLANT_SMOOTHING = np.array([0.25, 0.5, 0.25])  # Liwicki and Bunke's histogram smoothing
+
+DELAYED_MIN_Y = 0.75  # delayed strokes sit high: most points above 3/4 of the corpus height
+DELAYED_MAX_WIDTH = 2.0  # dots and bars are small (corpus heights); longer strokes are words
+DELAYED_MAX_HEIGHT = 1.0
+HAT_MARGIN = 0.2  # a removed stroke's x-range widened by this much, so a dot covers its stem
+
+X_HIGHPASS_HALF = 30  # x minus its moving average over 61 points (~3 letters)
+VICINITY_HALF = 3  # vicinity = 7 points (~1 corpus height of ink)
+ZONE_MARGIN = 0.3  # ascender points are above 1 + margin, descender points below -margin
+ZONE_X_RADIUS = 0.5  # ... counted within this x-distance of the point
+CONTEXT_CELL = 0.5  # side of one cell of the 3x3 context map (corpus heights)
+
+GRAVES25_NAMES = (
+    "pen_up", "hat", "speed", "x_highpass", "y",
+    "dir_cos", "dir_sin", "curv_cos", "curv_sin",
+    "vic_aspect", "vic_slope_cos", "vic_slope_sin", "vic_curliness", "vic_linearity",
+    "ascenders", "descenders",
+    "ctx_top_left", "ctx_top", "ctx_top_right",
+    "ctx_left", "ctx_centre", "ctx_right",
+    "ctx_bottom_left", "ctx_bottom", "ctx_bottom_right",
+)
+
+
+# Input validation and stroke bookkeeping.
+
+def validate_line(points, stroke, times=None):
+    """Check one line and return (points (N, 2) float64, stroke (N,) 0..S-1, times (N,)).
+
+    Stroke ids may be any non-decreasing integers; they are relabelled 0..S-1. times=None
+    means uniform sampling at SAMPLE_PERIOD. Raises ValueError for an empty line,
+    wrong shapes, non-finite values or decreasing stroke ids.
+    """
+    points = np.asarray(points, dtype=np.float64)
+    if points.size == 0:
+        raise ValueError("empty line: no points")
+    if points.ndim != 2 or points.shape[1] != 2:
+        raise ValueError(f"points must have shape (N, 2), got {points.shape}")
+    n = len(points)
+    stroke = np.asarray(stroke)
+    if stroke.shape != (n,):
+        raise ValueError(f"stroke must have shape ({n},), got {stroke.shape}")
+    if not np.issubdtype(stroke.dtype, np.integer):
+        if not np.all(np.isfinite(stroke)) or np.any(stroke != np.round(stroke)):
+            raise ValueError("stroke ids must be integers")
+    if np.any(np.diff(stroke) < 0):
+        raise ValueError("stroke ids must be non-decreasing (points in writing order)")
+    times = (np.arange(n) * SAMPLE_PERIOD if times is None
+             else np.asarray(times, dtype=np.float64))
+    if times.shape != (n,):
+        raise ValueError(f"times must have shape ({n},), got {times.shape}")
+    if not (np.all(np.isfinite(points)) and np.all(np.isfinite(times))):
+        raise ValueError("points and times must be finite")
+    return points, relabel_strokes(stroke), times
+
+
+def relabel_strokes(stroke):
+    """Stroke ids 0..S-1 in order of appearance, (N,) int; gaps from removed strokes close."""
+    return np.cumsum(stroke_starts(stroke)) - 1
+
+
+def stroke_bounds(stroke):
+    """Index of the first and the last point of each point's stroke: (N,), (N,)."""
+    starts = np.flatnonzero(stroke_starts(stroke))
+    ends = np.append(starts[1:] - 1, len(stroke) - 1)
+    which = relabel_strokes(stroke)
+    return starts[which], ends[which]
+
+
+def stroke_steps(points, stroke):
+    """Steps into and out of each point within its stroke.
+
+    Returns (step_in (N, 2) = p[t] - p[t-1], step_out (N, 2) = p[t+1] - p[t], has_in (N,),
+    has_out (N,)); a step across a pen-up or past a stroke end is zero and its flag False.
+    points may also be (N,) (times). Slicing instead of gathering neighbours: this is the
+    hot path of most features.
+    """
+    same = stroke[1:] == stroke[:-1]  # (N-1,)
+    step = (points[1:] - points[:-1]) * same.reshape((-1,) + (1,) * (points.ndim - 1))
+    zero = np.zeros((1,) + points.shape[1:])
+    return (np.concatenate((zero, step)), np.concatenate((step, zero)),
+            np.concatenate(([False], same)), np.concatenate((same, [False])))
+
+
+def _lengths(vectors):
+    """(N,) Euclidean lengths of the rows of vectors (N, 2)."""
+    return np.hypot(vectors[:, 0], vectors[:, 1])
+
+
+def _median(values):
+    """Median of a 1-D array (np.median's checks cost more than the sort at these sizes)."""
+    ordered = np.sort(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+
+
+def _prefix_sums(values):
+    """(N+1,) [0, v0, v0+v1, ...]: window sums become two lookups."""
+    return np.concatenate(([0.0], np.cumsum(values, dtype=np.float64)))
+
+
+def _safe_divide(num, den, default):
+    """num / den where den > ZERO_LENGTH**2, else default: degenerate geometry stays finite."""
+    num, den = np.broadcast_arrays(np.asarray(num, float), np.asarray(den, float))
+    out = np.full(num.shape, float(default))
+    return np.divide(num, den, out=out, where=den > ZERO_LENGTH ** 2)
+
+
+def flip_to_y_up(points):
+    """(N, 2) with y negated: IAM-OnDB's y grows downwards, everything after this grows up."""
+    return points * np.array([1.0, -1.0])
+
+
+# Duplicates and noise.
+
+def _drop_consecutive_duplicates(points, stroke, times):
+    """Keep the first of any run of identical consecutive points within a stroke."""
+    step_in, _, has_in, _ = stroke_steps(points, stroke)
+    keep = ~(has_in & (step_in[:, 0] == 0) & (step_in[:, 1] == 0))  # (N,)
+    return points[keep], stroke[keep], times[keep]
+
+
+def _spikes(points, stroke):
+    """(N,) bool: interior points that jump out and straight back.
+
+    A spike's steps in and out both exceed SPIKE_FACTOR x the line's median step, and its
+    two neighbours are closer to each other than it is to either of them.
+    """
+    into, out_of, has_in, has_out = stroke_steps(points, stroke)
+    step_in, step_out = _lengths(into), _lengths(out_of)  # (N,) 0 at stroke ends
+    moving = step_in[step_in > 0]
+    if moving.size == 0:
+        return np.zeros(len(points), dtype=bool)
+    big = SPIKE_FACTOR * _median(moving)
+    shortcut = _lengths(into + out_of)  # p[t+1] - p[t-1]
+    return (has_in & has_out & (step_in > big) & (step_out > big)
+            & (shortcut < np.minimum(step_in, step_out)))
+
+
+def _isolated_specks(points, stroke):
+    """(N,) bool: points of strokes of <= SPECK_MAX_POINTS points far from all other ink.
+
+    "Far" = more than SPECK_ISOLATION line heights from the bounding box of every other
+    stroke, the line height being the 5-95 percentile spread of y (about two corpus
+    heights), so i-dots (well under one line height from their stem) stay. Boxes instead of
+    points keep this O(specks x strokes).
+    """
+    mask = np.zeros(len(points), dtype=bool)
+    counts = np.bincount(stroke)
+    small = counts[stroke] <= SPECK_MAX_POINTS
+    if len(counts) < 2 or not small.any():
+        return mask
+    y_sorted = np.sort(points[:, 1])
+    lo, hi = y_sorted[int(0.05 * (len(y_sorted) - 1))], y_sorted[int(0.95 * (len(y_sorted) - 1))]
+    if hi - lo <= 0:
+        return mask  # a flat line gives no scale to call anything far
+    starts = np.flatnonzero(stroke_starts(stroke))
+    box_min = np.minimum.reduceat(points, starts, axis=0)  # (S, 2)
+    box_max = np.maximum.reduceat(points, starts, axis=0)
+    cand = np.flatnonzero(small)  # (M,)
+    p = points[cand, None, :]  # (M, 1, 2)
+    outside = np.maximum(np.maximum(box_min[None] - p, p - box_max[None]), 0.0)  # (M, S, 2)
+    dist = np.hypot(outside[..., 0], outside[..., 1])  # (M, S)
+    dist[np.arange(len(cand)), stroke[cand]] = np.inf
+    mask[cand[dist.min(axis=1) > SPECK_ISOLATION * (hi - lo)]] = True
+    return mask
+
+
+def remove_duplicates_and_noise(points, stroke, times):
+    """Drop duplicate points, spikes and isolated specks.
+
+    Rules, in order: (1) a point equal to the previous point of its stroke is dropped
+    (zero-length steps carry no direction); (2) spikes (`_spikes`: out-and-back jumps over
+    10x the median step) are dropped, then duplicates again; (3) strokes of at most 2 points
+    farther than one line height from all other ink are dropped (`_isolated_specks`). If (3)
+    would empty the line it is skipped. Stroke ids come back relabelled 0..S'-1.
+
+    points (N, 2), stroke (N,), times (N,) -> points (N', 2), stroke (N',), times (N',).
+    """
+    points, stroke, times = _drop_consecutive_duplicates(points, stroke, times)
+    keep = ~_spikes(points, stroke)
+    points, stroke, times = _drop_consecutive_duplicates(
+        points[keep], stroke[keep], times[keep])
+    keep = ~_isolated_specks(points, stroke)
+    if keep.any():
+        points, stroke, times = points[keep], stroke[keep], times[keep]
+    return points, relabel_strokes(stroke), times
+
+
+# Regression lines and local extrema (shared by skew, baseline and corpus line).
+
+class FittedLine(NamedTuple):
+    """y = intercept + slope * x."""
+
+    intercept: float
+    slope: float
+
+    def at(self, x):
+        return self.intercept + self.slope * np.asarray(x, dtype=float)
+
+
+def fit_line_least_squares(x, y):
+    """Least-squares Line through (x, y); slope 0 if x does not vary (a vertical line)."""
+    x_mean, y_mean = x.sum() / len(x), y.sum() / len(y)
+    dx = x - x_mean
+    sxx = dx @ dx
+    if sxx <= ZERO_LENGTH ** 2 * len(x) * (1.0 + abs(x_mean)) ** 2:
+        return FittedLine(float(y_mean), 0.0)
+    slope = (dx @ (y - y_mean)) / sxx
+    return FittedLine(float(y_mean - slope * x_mean), float(slope))
+
+
+def fit_line_robust(x, y):
+    """Least-squares Line after trimming points beyond ROBUST_TRIM robust sigmas, refit.
+
+    The robust sigma is 1.4826 x the median absolute deviation of the residuals, so a
+    minority of outliers (descender bottoms among baseline minima, ascender tops among
+    corpus maxima) does not move the line.
+    """
+    keep = np.ones(len(x), dtype=bool)
+    line = fit_line_least_squares(x, y)
+    exact = ZERO_LENGTH * (1.0 + np.abs(y).max())  # residuals this small count as on the line
+    for _ in range(ROBUST_ITERATIONS):
+        resid = y - (line.intercept + line.slope * x)
+        centre = _median(resid[keep])
+        sigma = 1.4826 * _median(np.abs(resid[keep] - centre))
+        new_keep = np.abs(resid - centre) <= ROBUST_TRIM * sigma + exact
+        if new_keep.sum() < 2 or (new_keep == keep).all():
+            break
+        keep = new_keep
+        line = fit_line_least_squares(x[keep], y[keep])
+    return line
+
+
+def local_extrema(points, stroke):
+    """Interior local minima and maxima of y within each stroke: (N,) bool, (N,) bool.
+
+    Stroke ends are never extrema (a pen-down point is not a turning point). A plateau
+    counts once, at its first point.
+    """
+    step_in, step_out, has_in, has_out = stroke_steps(points, stroke)
+    interior = has_in & has_out
+    rise_in, rise_out = step_in[:, 1], step_out[:, 1]
+    return (interior & (rise_in < 0) & (rise_out >= 0),
+            interior & (rise_in > 0) & (rise_out <= 0))
+
+
+def rotate(points, angle, centre):
+    """(N, 2) rotated counter-clockwise by angle (radians) about centre (2,)."""
+    c, s = np.cos(angle), np.sin(angle)
+    return (points - centre) @ np.array([[c, s], [-s, c]]) + centre
+
+
+# Skew.
+
+def correct_skew(points, stroke):
+    """Rotate a y-up line so its baseline is level; returns (points (N, 2), skew angle).
+
+    The skew is the angle of a robust regression line (`fit_line_robust`) through the local
+    minima of y (the baseline points), chosen over all points because ascenders and
+    descenders spread unevenly along a line and tilt an all-points fit. With fewer than 3
+    minima (very short lines) all points are used. The angle (radians, counter-clockwise =
+    line rising to the right) is clipped to +-45 degrees; the rotation is about the centroid.
+    """
+    minima, _ = local_extrema(points, stroke)
+    if minima.sum() >= 3 and np.ptp(points[minima, 0]) > 0:
+        line = fit_line_robust(points[minima, 0], points[minima, 1])
+    else:
+        line = fit_line_least_squares(points[:, 0], points[:, 1])
+    angle = float(np.clip(np.arctan(line.slope), -MAX_SKEW, MAX_SKEW))
+    return rotate(points, -angle, points.mean(axis=0)), angle
+
+
+# Slant.
+
+def slant_histogram(points, stroke):
+    """Weighted, smoothed histogram of pen-down segment angles from the vertical.
+
+    Returns (centres (B,) degrees, -60..60, histogram (B,)). Each segment between
+    consecutive points of a stroke is oriented upwards, its angle from the vertical is
+    atan2(dx, dy) (positive = leaning right), and it adds
+    length * exp(-angle^2 / (2 * 30deg^2)) to its 1-degree bin: only near-vertical ink
+    says where the writing leans, and weighting by length makes the estimate independent of
+    pen speed. The histogram is smoothed with (0.25, 0.5, 0.25).
+    """
+    seg = np.diff(points, axis=0)  # (N-1, 2)
+    length = _lengths(seg)
+    use = (stroke[1:] == stroke[:-1]) & (length > 0)
+    seg, length = seg[use], length[use]
+    seg = np.where(seg[:, 1:2] < 0, -seg, seg)
+    angle = np.degrees(np.arctan2(seg[:, 0], seg[:, 1]))
+    weight = length * np.exp(-0.5 * (angle / SLANT_SIGMA_DEG) ** 2)
+    bins = np.rint(angle).astype(np.int64) + SLANT_MAX_DEG
+    inside = (bins >= 0) & (bins <= 2 * SLANT_MAX_DEG)
+    hist = np.bincount(bins[inside], weights=weight[inside], minlength=2 * SLANT_MAX_DEG + 1)
+    centres = np.arange(-SLANT_MAX_DEG, SLANT_MAX_DEG + 1, dtype=float)
+    return centres, np.convolve(hist, SLANT_SMOOTHING, mode="same")
+
+
+def correct_slant(points, stroke):
+    """Shear a y-up line upright; returns (points (N, 2), slant angle in radians).
+
+    slant = the argmax of `slant_histogram` (0 if the line has no segment within 60 degrees
+    of the vertical); x <- x - tan(slant) * (y - y_ref) with y_ref the mean y, so the
+    line's centre stays put.
+    """
+    centres, hist = slant_histogram(points, stroke)
+    slant = float(np.radians(centres[np.argmax(hist)])) if hist.max() > 0 else 0.0
+    sheared = points.copy()
+    sheared[:, 0] -= np.tan(slant) * (points[:, 1] - points[:, 1].mean())
+    return sheared, slant
+
+
+# Baseline, corpus line and height normalisation.
+
+def fit_baseline_and_corpus(points, stroke):
+    """Baseline and corpus line of a y-up line: (FittedLine, FittedLine), the corpus line above.
+
+    Baseline = `fit_line_robust` through the local minima of y, corpus line = the same
+    through the local maxima (so descender bottoms and ascender tops are trimmed). With
+    fewer than 2 minima (maxima) the line is horizontal through the lowest (highest) point.
+    If the two lines are then less than 5% of the ink's height apart at the middle of the
+    line (one point, a flat or vertical stroke, a failed fit), the baseline becomes
+    horizontal through the lowest point and the corpus line lies the ink's larger extent
+    (or 1 unit, for a single point) above it.
+    """
+    minima, maxima = local_extrema(points, stroke)
+    x, y = points[:, 0], points[:, 1]
+    baseline = (fit_line_robust(x[minima], y[minima]) if minima.sum() >= 2
+                else FittedLine(float(y.min()), 0.0))
+    corpus = (fit_line_robust(x[maxima], y[maxima]) if maxima.sum() >= 2
+              else FittedLine(float(y.max()), 0.0))
+    x_mid = 0.5 * (x.min() + x.max())
+    height = float(corpus.at(x_mid) - baseline.at(x_mid))
+    if not height > max(0.05 * np.ptp(y), ZERO_LENGTH * (1.0 + np.abs(points).max())):
+        extent = max(np.ptp(x), np.ptp(y))
+        baseline = FittedLine(float(y.min()), 0.0)
+        corpus = FittedLine(float(y.min()) + (extent if extent > 0 else 1.0), 0.0)
+    return baseline, corpus
+
+
+def normalise_height(points, baseline, corpus):
+    """Scale a y-up line to corpus height 1; returns (points (N, 2), corpus height h).
+
+    h = corpus(x_mid) - baseline(x_mid) at the middle of the ink's x-range, and
+    x' = (x - x_min) / h,  y' = (y - baseline(x)) / h,
+    so the baseline becomes y = 0 everywhere and the corpus line y = 1 (exactly, if the two
+    lines are parallel). Raises ValueError unless the corpus line is above the baseline.
+    """
+    x, y = points[:, 0], points[:, 1]
+    x_mid = 0.5 * (x.min() + x.max())
+    h = float(corpus.at(x_mid) - baseline.at(x_mid))
+    if not h > 0:
+        raise ValueError(f"the corpus line must lie above the baseline (height {h})")
+    return np.column_stack([(x - x.min()) / h, (y - baseline.at(x)) / h]), h
+
+
+# Speed (before resampling).
+
+def point_speed(points, stroke, times):
+    """Pen speed at each point, (N,): |p[t+1] - p[t-1]| / (time[t+1] - time[t-1]).
+
+    Central difference within the stroke, one-sided at its ends, 0 for a single-point
+    stroke; units are those of points per second. Non-increasing times (duplicated
+    timestamps) use the line's median sampling period instead.
+    """
+    step_in, step_out, has_in, has_out = stroke_steps(points, stroke)
+    dist = _lengths(step_in + step_out)  # |p[t+1] - p[t-1]|, one-sided at stroke ends
+    dt_in, dt_out, _, _ = stroke_steps(times, stroke)
+    dt = dt_in + dt_out
+    steps = np.diff(times)
+    period = _median(steps[steps > 0]) if np.any(steps > 0) else SAMPLE_PERIOD
+    n_steps = has_in.astype(float) + has_out
+    return dist / np.where(dt > 0, dt, np.maximum(n_steps, 1.0) * period)
+
+
+# Delayed strokes and the hat feature.
+
+def remove_delayed_strokes(points, stroke):
+    """Find delayed strokes of a height-normalised line; returns (keep (N,), hat_ranges (R, 2)).
+
+    A stroke (not the first) is delayed, like an i-dot or a t-bar, if all of:
+    - it is high: more than half its points are above y = 0.75 (t-bars are often crossed
+      just under the corpus line);
+    - it goes back over written ink: the middle of its x-range lies left of the rightmost x
+      of all earlier strokes;
+    - it is small: at most 2 corpus heights wide and 1 high (longer strokes are words).
+    hat_ranges holds (x_min, x_max) of each removed stroke, for `hat_feature`.
+    """
+    x, y = points[:, 0], points[:, 1]
+    starts = np.flatnonzero(stroke_starts(stroke))
+    counts = np.diff(np.append(starts, len(points)))
+    x_min, x_max = np.minimum.reduceat(x, starts), np.maximum.reduceat(x, starts)  # (S,)
+    y_min, y_max = np.minimum.reduceat(y, starts), np.maximum.reduceat(y, starts)
+    high = np.add.reduceat((y > DELAYED_MIN_Y).astype(float), starts) / counts > 0.5
+    written_right_edge = np.concatenate(([-np.inf], np.maximum.accumulate(x_max)[:-1]))
+    delayed = (high & (0.5 * (x_min + x_max) < written_right_edge)
+               & (x_max - x_min <= DELAYED_MAX_WIDTH) & (y_max - y_min <= DELAYED_MAX_HEIGHT))
+    delayed[0] = False
+    return ~delayed[stroke], np.column_stack([x_min[delayed], x_max[delayed]])
+
+
+def hat_feature(x, hat_ranges, margin=HAT_MARGIN):
+    """(T,) 1.0 where x lies within a removed stroke's x-range widened by margin, else 0.0."""
+    lo, hi = hat_ranges[:, :1] - margin, hat_ranges[:, 1:] + margin  # (R, 1)
+    under = (x >= lo) & (x <= hi)  # (R, T): a short leading axis reduces fast
+    return under.any(axis=0).astype(np.float64)
+
+
+# The whole preprocessing.
+
+@dataclass(frozen=True)
+class Preprocessed:
+    """One normalised, resampled line (y up, corpus heights; arrays are read-only)."""
+
+    points: np.ndarray  # (T, 2) equidistant ink; baseline y = 0, corpus line y = 1
+    stroke: np.ndarray  # (T,) int stroke id 0..S-1 (delayed strokes removed and relabelled)
+    pen_up: np.ndarray  # (T,) 1.0 on the first point of each stroke
+    speed: np.ndarray  # (T,) corpus heights / s, measured before resampling, interpolated
+    hat: np.ndarray  # (T,) 1.0 where a delayed stroke was removed at this x
+    hat_ranges: np.ndarray  # (R, 2) x-ranges of the removed delayed strokes
+    baseline: FittedLine  # as used for normalisation: after skew and slant, y-up sensor units
+    corpus: FittedLine  # likewise; corpus(x) - baseline(x) at mid-line = corpus_height
+    corpus_height: float  # sensor units per output unit
+    skew: float  # radians the input line rose to the right (undone by rotation)
+    slant: float  # radians the writing leaned right of vertical (undone by shear)
+    spacing: float  # resampling step, corpus heights
+
+
+def _read_only(a):
+    a = np.ascontiguousarray(a)
+    a.flags.writeable = False
+    return a
+
+
+def preprocess(points, stroke, times=None, spacing=IAM_SPACING):
+    """Liwicki-Bunke normalisation of one IAM-OnDB line -> Preprocessed.
+
+    points (N, 2) sensor units with y DOWN (as in the XML), stroke (N,) non-decreasing ids,
+    times (N,) seconds (None = every 20 ms). Steps: flip to y up, remove duplicates and
+    noise, correct skew, correct slant, fit baseline and corpus line, normalise height,
+    measure speed, remove delayed strokes (kept as hat ranges), resample every `spacing`
+    corpus heights. A line of one point, identical points or a single vertical stroke gives
+    a short, finite result (T >= 1); an empty line raises ValueError.
+    """
+    points, stroke, times = validate_line(points, stroke, times)
+    points = flip_to_y_up(points)
+    points, stroke, times = remove_duplicates_and_noise(points, stroke, times)
+    points, skew = correct_skew(points, stroke)
+    points, slant = correct_slant(points, stroke)
+    baseline, corpus = fit_baseline_and_corpus(points, stroke)
+    points, corpus_height = normalise_height(points, baseline, corpus)
+    speed = point_speed(points, stroke, times)  # (N,) corpus heights / s
+    keep, hat_ranges = remove_delayed_strokes(points, stroke)
+    points, stroke, speed = points[keep], relabel_strokes(stroke[keep]), speed[keep]
+    new_points, new_stroke, frac = resample_strokes(points, stroke, ink_length(points, stroke), spacing)
+    new_speed = np.interp(frac, np.arange(len(speed), dtype=float), speed)
+    pen_up = stroke_starts(new_stroke).astype(np.float64)
+    return Preprocessed(
+        points=_read_only(new_points), stroke=_read_only(new_stroke),
+        pen_up=_read_only(pen_up), speed=_read_only(new_speed),
+        hat=_read_only(hat_feature(new_points[:, 0], hat_ranges)),
+        hat_ranges=_read_only(hat_ranges), baseline=baseline, corpus=corpus,
+        corpus_height=corpus_height, skew=skew, slant=slant, spacing=float(spacing))
+
+
+# ---------------------------------------------------------------------------
+# IAM-OnDB: the 25 online features
+# ---------------------------------------------------------------------------
+
+def moving_average(values, half_window):
+    """(T,) centred mean over values[t-h .. t+h], the window clipped at the sequence ends."""
+    n = len(values)
+    csum = _prefix_sums(values)
+    idx = np.arange(n)
+    lo, hi = np.maximum(idx - half_window, 0), np.minimum(idx + half_window + 1, n)
+    return (csum[hi] - csum[lo]) / (hi - lo)
+
+
+def writing_direction(points, stroke):
+    """(T, 2) cos, sin of the chord p[t+1] - p[t-1] (one-sided at stroke ends); (0, 0) if
+    the stroke has one point. The centred chord is the tangent of equidistant ink."""
+    step_in, step_out, _, _ = stroke_steps(points, stroke)
+    chord = step_in + step_out  # p[t+1] - p[t-1]
+    return _safe_divide(chord, _lengths(chord)[:, None], 0.0)
+
+
+def curvature(points, stroke):
+    """(T, 2) cos, sin of the turning angle between u = p[t] - p[t-1] and v = p[t+1] - p[t]:
+    cos = u.v / (|u||v|), sin = (u x v) / (|u||v|) (positive = turning left). (1, 0), no
+    turn, at stroke ends."""
+    u, v, _, _ = stroke_steps(points, stroke)
+    norms = _lengths(u) * _lengths(v)
+    cos = _safe_divide(u[:, 0] * v[:, 0] + u[:, 1] * v[:, 1], norms, 1.0)
+    sin = _safe_divide(u[:, 0] * v[:, 1] - u[:, 1] * v[:, 0], norms, 0.0)
+    return np.column_stack([cos, sin])
+
+
+def vicinity_features(points, stroke, half=VICINITY_HALF):
+    """(T, 5) aspect, slope cos, slope sin, curliness, linearity of each point's vicinity.
+
+    Vicinity = points t-half .. t+half of the same stroke (fewer near its ends); dx, dy =
+    its bounding-box width and height; c = chord from its first to its last point.
+        aspect    = (dy - dx) / (dy + dx)           (0 for a single point)
+        slope     = c / |c|                         ((0, 0) if |c| = 0)
+        curliness = path length / max(dx, dy)       (1 for a single point, as a straight line)
+        linearity = mean over the vicinity of the squared distance to the line through c
+                    (to c's first point when |c| = 0, a closed loop)
+    """
+    first, last = stroke_bounds(stroke)
+    idx = np.arange(len(points))
+    v_first, v_last = np.maximum(idx - half, first), np.minimum(idx + half, last)  # (T,)
+    n_valid = v_last - v_first + 1
+    # (K, T) rather than (T, K): numpy reduces over a short leading axis much faster
+    want = np.arange(-half, half + 1)[:, None] + idx[None, :]  # (K, T)
+    vic = np.minimum(np.maximum(want, v_first), v_last)  # clamped copies repeat the ends
+    x, y = np.ascontiguousarray(points[:, 0]), np.ascontiguousarray(points[:, 1])
+    rx, ry = x[vic] - x[v_first], y[vic] - y[v_first]  # (K, T) relative to the first point
+    dx, dy = rx.max(axis=0) - rx.min(axis=0), ry.max(axis=0) - ry.min(axis=0)  # (T,)
+    aspect = _safe_divide(dy - dx, dy + dx, 0.0)
+    chord = points[v_last] - points[v_first]  # (T, 2)
+    chord_len = _lengths(chord)
+    slope = _safe_divide(chord, chord_len[:, None], 0.0)
+    step = _lengths(points[1:] - points[:-1]) * (stroke[1:] == stroke[:-1])
+    ink = _prefix_sums(step)  # (T,) ink length so far, flat across pen-ups
+    curliness = _safe_divide(ink[v_last] - ink[v_first], np.maximum(dx, dy), 1.0)
+    # squared distance to the chord line = cross(r, c)^2 / |c|^2; sum first, divide once.
+    # The clamped copies repeat the first or last point, which lie on the chord (and are
+    # the first point of a closed loop), so they add 0 and only n_valid must be right.
+    cross_sq = ((rx * chord[:, 1] - ry * chord[:, 0]) ** 2).sum(axis=0)  # (T,)
+    linearity = _safe_divide(cross_sq, chord_len ** 2, 0.0) / n_valid
+    loop = np.flatnonzero(chord_len <= ZERO_LENGTH)
+    linearity[loop] = (rx[:, loop] ** 2 + ry[:, loop] ** 2).sum(axis=0) / n_valid[loop]
+    return np.column_stack([aspect, slope, curliness, linearity])
+
+
+def zone_counts(points, margin=ZONE_MARGIN, x_radius=ZONE_X_RADIUS):
+    """(T, 2) ascender, descender counts: points j with |x_j - x_t| <= x_radius and
+    y_j > 1 + margin (above the corpus line), resp. y_j < -margin (below the baseline).
+    Counts all ink of the line (pseudo-offline), via prefix sums over x-sorted points."""
+    x, y = points[:, 0], points[:, 1]
+    order = np.argsort(x, kind="stable")
+    xs = x[order]
+    lo = np.searchsorted(xs, x - x_radius, side="left")
+    hi = np.searchsorted(xs, x + x_radius, side="right")
+    counts = []
+    for in_zone in (y[order] > 1.0 + margin, y[order] < -margin):
+        csum = _prefix_sums(in_zone)
+        counts.append(csum[hi] - csum[lo])
+    return np.column_stack(counts).astype(np.float64)
+
+
+def context_map(points, cell=CONTEXT_CELL):
+    """(T, 9) the 3x3 neighbourhood, around each point's pixel, of a coarse bitmap of counts.
+
+    The bitmap counts the line's points per cell x cell pixel; pixels are aligned to x = 0
+    and to the baseline y = 0, so with cell = 0.5 pixel rows split the corpus zone in two
+    and the line y = 1 is a pixel border. A point's own pixel is the centre cell (it counts
+    the point itself); the 9 values are in reading order (top row first, left to right).
+    """
+    col = np.floor(points[:, 0] / cell).astype(np.int64)  # (T,)
+    row = np.floor(points[:, 1] / cell).astype(np.int64)
+    col -= col.min() - 1  # one empty pixel of margin on every side
+    row -= row.min() - 1
+    n_rows = int(row.max()) + 2
+    n_cols = int(col.max()) + 2
+    bitmap = np.bincount(col * n_rows + row, minlength=n_cols * n_rows)  # (n_cols * n_rows,)
+    bitmap = bitmap.reshape(n_cols, n_rows)
+    return np.column_stack([bitmap[col + dc, row + dr]
+                            for dr in (1, 0, -1) for dc in (-1, 0, 1)]).astype(np.float64)
+
+
+def features_graves25(pre):
+    """The 25 features of Liwicki and Bunke (2006) per point, (T, 25) float64.
+
+    With p[t] = (x, y) the preprocessed point, stroke-relative neighbours p[t-1], p[t+1]:
+     1 pen_up        1 on the first point of a stroke, else 0
+     2 hat           1 if a delayed stroke was removed at this x (+-0.2), else 0
+     3 speed         |p[t+1]-p[t-1]| / dt before resampling, interpolated (corpus heights/s)
+     4 x_highpass    x - mean(x[t-30 .. t+30])
+     5 y             y (baseline 0, corpus line 1)
+     6 dir_cos       (p[t+1]-p[t-1])_x / |p[t+1]-p[t-1]|
+     7 dir_sin       (p[t+1]-p[t-1])_y / |p[t+1]-p[t-1]|
+     8 curv_cos      u.v / (|u||v|),  u = p[t]-p[t-1], v = p[t+1]-p[t]
+     9 curv_sin      (u x v) / (|u||v|)
+    10 vic_aspect    (dy - dx) / (dy + dx) of the vicinity's bounding box
+    11 vic_slope_cos c_x / |c|, c = last - first vicinity point
+    12 vic_slope_sin c_y / |c|
+    13 vic_curliness vicinity path length / max(dx, dy)
+    14 vic_linearity mean squared distance of vicinity points to the line through c
+    15 ascenders     #points with y > 1.3 and |x_j - x| <= 0.5
+    16 descenders    #points with y < -0.3 and |x_j - x| <= 0.5
+    17-25 ctx_*      #points in the 3x3 pixels around p[t]'s pixel of a 0.5 x 0.5 bitmap
+    Degenerate geometry gives the defaults documented in each helper; all values are finite.
+    """
+    points, stroke = pre.points, pre.stroke
+    return np.column_stack([
+        pre.pen_up, pre.hat, pre.speed,
+        points[:, 0] - moving_average(points[:, 0], X_HIGHPASS_HALF), points[:, 1],
+        writing_direction(points, stroke),
+        curvature(points, stroke),
+        vicinity_features(points, stroke),
+        zone_counts(points),
+        context_map(points),
+    ])
+
+# ---------------------------------------------------------------------------
+# IAM-OnDB: writing the format
+# ---------------------------------------------------------------------------
+# So that synthetic cursive lines can be exported and read back through the
+# same loader, preprocessing and features as the real database.
+
+
+@dataclass(frozen=True, eq=False)
+class Form:
+    """One form to write: one writer's copy of a text, as lines of ink.
+
+    lines: [(text, points (N, 2), stroke (N,), times (N,) or None), ...] for lines 01, 02, ...
+    Points are rounded to integer sensor units (y down); a new <Stroke> starts wherever the
+    stroke id changes; times are written with two decimals, and None means a 20 ms clock.
+    """
+
+    form_id: str  # "a01-000u" (text a01-000, copy u) or "d04-081" (no letter)
+    writer: str  # General/Form@writerID in original/<..>/strokes<letter>.xml (and forms.txt)
+    lines: list
+    prompt: list | None = None  # lines of the OCR section; None: the written texts
+    marker_joins: tuple = ()  # i listed: CSR lines i and i+1 (0-based) are joined by %%%%%%%%%%%
+
+
+def _form_folder(form_id: str) -> str:
+    """'a01-000u' -> 'a01/a01-000': the copy letter is not part of the folder."""
+    parts = FORM_ID.fullmatch(form_id)
+    return os.path.join(parts["prefix"], f"{parts['prefix']}-{parts['number']}")
+
+
+def _checked_line(form_id: str, number: int, line) -> tuple[str, np.ndarray, np.ndarray, np.ndarray | None]:
+    """The line as arrays; ValueError when it would not read back as written."""
+    text, points, stroke, times = line
+    where = f"{form_id} line {number}"
+    if not text or text != text.strip(BLANKS) or LINE_BREAK.search(text) or CSR_MARKER in text:
+        raise ValueError(f"{where}: text {text!r} must be one non-empty line, without surrounding blanks or {CSR_MARKER}")
+    text.encode(IAM_ENCODING)  # UnicodeEncodeError (a ValueError) for text outside ISO-8859-1
+    points = np.asarray(points, dtype=np.float64)
+    stroke = np.asarray(stroke)
+    if points.ndim != 2 or points.shape[1] != 2 or len(points) == 0 or stroke.shape != (len(points),):
+        raise ValueError(f"{where}: need points (N, 2), N >= 1, and stroke (N,); got {points.shape}, {stroke.shape}")
+    if times is not None:
+        times = np.asarray(times, dtype=np.float64)
+        if times.shape != (len(points),):
+            raise ValueError(f"{where}: times {times.shape}, expected ({len(points)},)")
+    return text, points, stroke, times
+
+
+def _stroke_runs(stroke: np.ndarray) -> np.ndarray:
+    """(N,) ids -> (N,) 0..S-1, a new id wherever the id changes: one <Stroke> per run."""
+    return np.cumsum(np.r_[False, stroke[1:] != stroke[:-1]])
+
+
+def _stroke_set_xml(points: np.ndarray, runs: np.ndarray, times: np.ndarray) -> list[str]:
+    """<StrokeSet> lines for points (N, 2), stroke runs (N,) from _stroke_runs, times (N,)."""
+    xy = np.rint(points).astype(np.int64).tolist()
+    stamps = [f"{t:.2f}" for t in times]
+    starts = np.flatnonzero(np.diff(runs, prepend=-1)).tolist() + [len(points)]
+    out = ["  <StrokeSet>"]
+    for begin, end in zip(starts[:-1], starts[1:]):
+        out.append(f'    <Stroke colour="black" start_time="{stamps[begin]}" end_time="{stamps[end - 1]}">')
+        out += [f'      <Point x="{x}" y="{y}" time="{t}"/>' for (x, y), t in zip(xy[begin:end], stamps[begin:end])]
+        out.append("    </Stroke>")
+    out.append("  </StrokeSet>")
+    return out
+
+
+def _whiteboard_xml(corners: dict) -> list[str]:
+    out = ["  <WhiteboardDescription>", '    <SensorLocation corner="top_left"/>']
+    out += [f'    <{name} x="{x}" y="{y}"/>' for name, (x, y) in corners.items()]
+    return out + ["  </WhiteboardDescription>"]
+
+
+def _board_corners(all_points: np.ndarray) -> dict:
+    """Whiteboard corners from the ink's bounding box, as in the real files: the diagonal corner
+    is (max x, max y), the vertical one shares its y, the horizontal one its x."""
+    lo = np.floor(all_points.min(axis=0)).astype(int).tolist()
+    hi = np.ceil(all_points.max(axis=0)).astype(int).tolist()
+    return {"DiagonallyOppositeCoords": (hi[0], hi[1]), "VerticallyOppositeCoords": (lo[0], hi[1]),
+            "HorizontallyOppositeCoords": (hi[0], lo[1])}
+
+
+def _xml_bytes(body: list[str]) -> bytes:
+    lines = ['<?xml version="1.0" encoding="ISO-8859-1"?>', f"<{IAM_ROOT}>", *body, f"</{IAM_ROOT}>", ""]
+    return "\n".join(lines).encode(IAM_ENCODING, errors="xmlcharrefreplace")
+
+
+def _ascii_text(form: Form, texts: list[str]) -> str:
+    csr = "".join(text + (CSR_MARKER if i in form.marker_joins else "\n") for i, text in enumerate(texts))
+    prompt = "\n".join(form.prompt if form.prompt is not None else texts)
+    return f"OCR:\n\n{prompt}\n\nCSR:\n\n{csr}"
+
+
+def _export_file(path, data):
+    # Atomic like every output, but no fsync per file: an export is thousands of small files.
+    write_output(path, data, "export file", durable=False)
+
+
+def _write_form(out_dir: str, form: Form, write_original: bool) -> None:
+    """The lineStrokes, ascii and (if asked) original files of one form."""
+    if not FORM_ID.fullmatch(form.form_id):
+        raise ValueError(f"{form.form_id!r} is not a form id like a01-000u")
+    if not form.lines:
+        raise ValueError(f"{form.form_id}: a form needs at least one line")
+    folder = _form_folder(form.form_id)
+    clock = 1.0  # a 20 ms clock for lines without times, running on through the form
+    lines = []  # (text, points (N, 2), stroke runs (N,), times (N,))
+    for number, line in enumerate(form.lines, start=1):
+        text, points, stroke, times = _checked_line(form.form_id, number, line)
+        if times is None:
+            times = clock + SAMPLE_PERIOD * np.arange(len(points))  # (N,)
+        clock = float(times[-1]) + 1.0
+        lines.append((text, points, _stroke_runs(stroke), times))
+    corners = _board_corners(np.concatenate([points for _, points, _, _ in lines]))  # one board per form
+
+    for number, (_, points, runs, times) in enumerate(lines, start=1):
+        body = _whiteboard_xml(corners) + _stroke_set_xml(points, runs, times)
+        _export_file(os.path.join(out_dir, "lineStrokes", folder, f"{form.form_id}-{number:02d}.xml"), _xml_bytes(body))
+    texts = [text for text, *_ in lines]
+    _export_file(os.path.join(out_dir, "ascii", folder, form.form_id + ".txt"), _ascii_text(form, texts).encode(IAM_ENCODING))
+    if not write_original:
+        return
+    body = ["  <General>", f"    <Form writerID={quoteattr(form.writer)}/>", "  </General>", "  <Transcription>"]
+    body += [f'    <TextLine id="{form.form_id}-{n:02d}" text={quoteattr(t)}/>' for n, t in enumerate(texts, 1)]
+    body += ["  </Transcription>", *_whiteboard_xml(corners)]
+    offsets = np.cumsum([0] + [runs[-1] + 1 for _, _, runs, _ in lines[:-1]])  # keep the lines' strokes apart
+    body += _stroke_set_xml(np.concatenate([points for _, points, _, _ in lines]),
+                            np.concatenate([runs + o for (_, _, runs, _), o in zip(lines, offsets)]),
+                            np.concatenate([times for *_, times in lines]))
+    letter = FORM_ID.fullmatch(form.form_id)["letter"]
+    _export_file(os.path.join(out_dir, "original", folder, f"strokes{letter}.xml"), _xml_bytes(body))
+
+
+def write_iam_ondb(out_dir, forms: list[Form], splits: dict[str, list[str]], *,
+                   write_original: bool = True, write_forms_txt: bool = False) -> None:
+    """Write forms in the IAM-OnDB layout, readable by load_iam_ondb.
+
+    Writes lineStrokes/<p>/<p-nnn>/<form>-NN.xml, ascii/<p>/<p-nnn>/<form>.txt and (unless
+    write_original is False) original/<p>/<p-nnn>/strokes<letter>.xml with General/Form@writerID,
+    Transcription/TextLine and the form's ink; then the four split files from `splits`
+    (split name -> form ids; a missing name gives an empty file), and forms.txt if asked.
+    Input that would not read back as written raises ValueError.
+    """
+    out_dir = os.fspath(out_dir)
+    for form in forms:
+        _write_form(out_dir, form, write_original)
+    for split, name in IAM_SPLIT_FILES.items():
+        bad = [form_id for form_id in splits.get(split, []) if not FORM_ID.fullmatch(form_id)]
+        if bad:
+            raise ValueError(f"split {split}: {bad[0]!r} is not a form id like a01-000u")
+        entries = "".join(f" {form_id}\n" for form_id in splits.get(split, []))  # leading space as in the real files
+        _export_file(os.path.join(out_dir, name), entries.encode(IAM_ENCODING))
+    if write_forms_txt:
+        rows = "".join(f"{form.form_id} {form.writer}\n" for form in forms)
+        _export_file(os.path.join(out_dir, "forms.txt"), rows.encode(IAM_ENCODING))
+
+
+
+SENSOR_SCALE = 200  # sensor units per output unit: an x-height of about 100 units
+LINES_PER_FORM = 8
+
+
+def sensor_points(xy):
+    """Output units (y up) -> integer-valued sensor coordinates (y down), as in the real files."""
+    return np.rint(np.column_stack([500 + SENSOR_SCALE * xy[:, 0], 2000 - SENSOR_SCALE * xy[:, 1]]))
+
+
+def pen_times(xy, pen_up, start):
+    """(T,) seconds: 20 ms between samples, and between strokes 0.1 s plus 20 ms per sample
+    spacing the pen travels in the air, as a writer lifts, moves and lands."""
+    jump = np.linalg.norm(np.diff(xy, axis=0, prepend=xy[:1]), axis=1) / LINE_SAMPLE_SPACING
+    step = np.where(pen_up > 0, 0.1 + SAMPLE_PERIOD * jump, SAMPLE_PERIOD)
+    step[0] = 0.0
+    return start + np.cumsum(step)
+
+
+def export_iam_ondb(out_dir, samples_by_split, log=print):
+    """Write samples (lines task Samples with writers) in the IAM-OnDB layout.
+
+    Each writer's lines become forms of up to LINES_PER_FORM lines; split names
+    map to the IAM-OnDB-t1 split files. Returns the number of lines written.
+    """
+    forms, splits, n_lines = [], {split: [] for split in IAM_SPLIT_FILES}, 0
+    for split, samples in samples_by_split.items():
+        by_writer = {}
+        for s in samples:
+            by_writer.setdefault(s.writer, []).append(s)
+        for writer, mine in sorted(by_writer.items()):
+            for k in range(0, len(mine), LINES_PER_FORM):
+                form_id = f"{writer}-{k // LINES_PER_FORM:03d}"
+                clock, lines = 1.0, []
+                for s in mine[k:k + LINES_PER_FORM]:
+                    times = pen_times(s.xy, s.pen_up, clock)
+                    clock = float(times[-1]) + 2.0
+                    lines.append((s.text, sensor_points(s.xy), np.cumsum(s.pen_up) - 1, times))
+                forms.append(Form(form_id, writer, lines))
+                splits[split].append(form_id)
+                n_lines += len(lines)
+    write_iam_ondb(out_dir, forms, splits)
+    return n_lines
+
+
+# ---------------------------------------------------------------------------
 # Tasks
 # ---------------------------------------------------------------------------
 # A task is a small value: its alphabet, how it makes its data, its splits and
@@ -902,7 +2319,8 @@ def draw_training_lines(n, rng):
 class TaskData:
     """One run's data for a task."""
 
-    eval_sets: dict  # split name -> [Sample], in report order; the first is the one choices are made on
+    alphabet: str  # class 1 + i is alphabet[i]; 0 is the blank
+    eval_sets: dict  # split name -> [Sample], in report order
     training_samples: Callable  # (rng, parallel_map) -> [Sample] for one epoch
     epoch_size: int  # training samples per epoch
     input_shift: np.ndarray  # (D,) the network reads (traj - shift) * scale
@@ -914,21 +2332,23 @@ class TaskData:
 @dataclass(frozen=True)
 class Task:
     name: str
-    alphabet: str  # class 1 + i is alphabet[i]; 0 is the blank
+    alphabet: str | None  # class 1 + i is alphabet[i]; None: read from the data (cfg.alphabet)
     monitor: tuple  # evaluation splits scored after every epoch (all are scored at the end)
     group_by: str  # run.json keeps per-group error counts: "word" (per_word) or "writer" (per_writer)
     decoders: tuple  # decoders the final evaluation may use
     options: tuple  # command-line options that only this task takes
     defaults: dict  # RunConfig overrides: the task's headline run
     quick: dict  # further overrides for --quick
-    make_data: Callable  # (cfg, streams) -> TaskData
-
-    @property
-    def n_classes(self):
-        return 1 + len(self.alphabet)
+    make_data: Callable  # (cfg, streams, parallel_map, log) -> TaskData
+    shown: tuple = ("cer", "wer")  # metrics the epoch log lines show
 
 
-def words_data(cfg, streams):
+def n_classes(cfg):
+    """K: the blank plus the task's characters."""
+    return 1 + len(cfg.alphabet or TASKS[cfg.task].alphabet)
+
+
+def words_data(cfg, streams, parallel_map, log):
     """The seed task: renderings of the 47 words; 38 train, 9 held out entirely."""
     train_words, held_out = split_vocab(streams["split"], cfg.holdout_frac)
     eval_sets = {
@@ -938,7 +2358,8 @@ def words_data(cfg, streams):
     short, long = pick_alignment_words(train_words)
     picks = [("in_vocab", cfg.eval_repeats * train_words.index(w)) for w in (short, long)]
     scale = np.array([cfg.input_gain / SAMPLE_SPACING, cfg.input_gain / SAMPLE_SPACING, 1.0])
-    return TaskData(eval_sets, lambda rng, parallel_map: render_words(train_words, cfg.word_repeats, rng, cfg),
+    return TaskData(ALPHABET, eval_sets,
+                    lambda rng, parallel_map: render_words(train_words, cfg.word_repeats, rng, cfg),
                     len(train_words) * cfg.word_repeats, np.zeros(IN_DIM), scale, picks,
                     {"train_words": train_words, "held_out_words": held_out})
 
@@ -950,12 +2371,18 @@ def pick_alignment_words(train_words):
     return short, long
 
 
+def short_and_median(samples, split):
+    """Alignment picks: the shortest and the median line of a split."""
+    by_length = np.argsort([len(s.text) for s in samples], kind="stable")
+    return [(split, int(by_length[0])), (split, int(by_length[len(samples) // 2]))]
+
+
 def _render_training_line(args):
     text, writer_index, seed = args
     return render_writer_line(text, "train", int(writer_index), int(seed))
 
 
-def lines_data(cfg, streams):
+def lines_data(cfg, streams, parallel_map, log):
     """Cursive lines: fresh training lines by the 200 training writers every
     epoch; fixed validation and test lines by 20 and 40 other writers."""
     eval_sets = {split: line_eval_set(split, cfg.eval_lines_per_writer) for split in LINE_SPLITS}
@@ -964,25 +2391,98 @@ def lines_data(cfg, streams):
         texts, writers, seeds = draw_training_lines(cfg.lines_per_epoch, rng)
         return parallel_map(_render_training_line, list(zip(texts, writers, seeds)))
 
-    test = eval_sets["test"]
-    by_length = np.argsort([len(s.text) for s in test], kind="stable")
     scale = np.array([cfg.input_gain / LINE_SAMPLE_SPACING, cfg.input_gain / LINE_SAMPLE_SPACING, 1.0])
     info = {"writers": {split: LINE_WRITERS[split] for split in LINE_WRITERS},
             "lines": {split: len(s) for split, s in eval_sets.items()}, "data_seed": LINES_DATA_SEED,
             "train_lines_per_epoch": cfg.lines_per_epoch}
-    return TaskData(eval_sets, training_samples, cfg.lines_per_epoch, np.zeros(3), scale,
-                    [("test", int(by_length[0])), ("test", int(by_length[len(test) // 2]))], info)
+    return TaskData(LINE_ALPHABET, eval_sets, training_samples, cfg.lines_per_epoch, np.zeros(3), scale,
+                    short_and_median(eval_sets["test"], "test"), info)
 
 
-WORD_OPTIONS = ("lexicon_sizes",)
-LINE_OPTIONS = ("dictionary_sizes", "lm_weight", "word_penalty", "lm_beam", "export_iam_ondb")
+def _featurise_line(args):
+    """One IAM-OnDB line as a Sample without labels (they need the alphabet)."""
+    line, features = args
+    pre = preprocess(line.points, line.stroke, line.times)
+    traj = features_graves25(pre) if features == "graves25" else pen_trajectory(pre.points, pre.stroke)
+    return Sample(line.text, traj, [], np.asarray(pre.points), np.asarray(pre.pen_up), None, line.writer)
+
+
+IAM_EVAL_SPLITS = ("validation", "validation2", "test")
+
+
+def iam_ondb_data(cfg, streams, parallel_map, log):
+    """IAM-OnDB-t1 from cfg.data_dir: the training set every epoch, choices on
+    validation, results on the final test set.
+
+    The alphabet is every character of the training transcriptions (the
+    paper's 80 + blank); a validation or test character outside it cannot be
+    produced, so it counts as an error, and a warning says how many there are.
+    Features are standardised with training-set statistics (graves25), or
+    scaled by the input gain per resampling step (raw).
+    """
+    if not cfg.data_dir:
+        raise UserError("--task iam-ondb needs --data-dir, the IAM-OnDB folder")
+    t0 = time.perf_counter()
+    lines, summary = load_iam_ondb(cfg.data_dir, log)
+    t1 = time.perf_counter()
+    samples = {split: parallel_map(_featurise_line, [(line, cfg.features) for line in split_lines])
+               for split, split_lines in lines.items() if split_lines}
+    t2 = time.perf_counter()
+    n_lines = sum(len(s) for s in samples.values())
+    log(f"preprocessed and featurised {n_lines} lines ({cfg.features}) in {t2 - t1:.1f} s "
+        f"({n_lines / max(t2 - t1, 1e-9):.0f} lines/s; reading the files took {t1 - t0:.1f} s)")
+    alphabet = cfg.alphabet or "".join(sorted({c for s in samples["train"] for c in s.text}))
+    unknown = Counter()
+    for split_samples in samples.values():
+        for s in split_samples:
+            unknown.update(c for c in s.text if c not in alphabet)
+            s.labels = encode("".join(c for c in s.text if c in alphabet), alphabet)
+    if unknown:
+        log(f"warning: {sum(unknown.values())} characters of the evaluation lines are not in the training "
+            f"alphabet and count as errors: {', '.join(f'{c!r} x{n}' for c, n in unknown.most_common(5))}")
+    train = samples["train"]
+    if cfg.features == "graves25":
+        frames = np.concatenate([s.traj for s in train])
+        # Unit variance per feature, scaled so the 25 carry the input power of two raw channels at the gain.
+        shift = frames.mean(axis=0)
+        scale = cfg.input_gain * np.sqrt(2 / frames.shape[1]) / np.maximum(frames.std(axis=0), 1e-6)
+    else:
+        shift, scale = np.zeros(3), np.array([cfg.input_gain / IAM_SPACING, cfg.input_gain / IAM_SPACING, 1.0])
+    eval_sets = {split: samples[split] for split in IAM_EVAL_SPLITS if split in samples}
+    info = {**{k: summary[k] for k in ("lines", "forms", "writers", "skipped", "ignored")},
+            "alphabet": alphabet, "unknown_characters": dict(unknown), "features": cfg.features,
+            "read_seconds": t1 - t0, "featurise_seconds": t2 - t1}
+    return TaskData(alphabet, eval_sets, lambda rng, parallel_map: train, len(train), shift, scale,
+                    short_and_median(eval_sets["test"], "test"), info)
+
+
+def export_lines_task(cfg, out_dir, log=print):
+    """Write the lines task in the IAM-OnDB layout: cfg.lines_per_epoch training
+    lines drawn with the run's seed by the training writers, and the fixed
+    validation and test lines. Returns the number of lines written."""
+    t0 = time.perf_counter()
+    streams = make_streams(cfg.seed)
+    data = lines_data(cfg, streams, serial_map, log)
+    samples = {"train": data.training_samples(streams["data"], serial_map), **data.eval_sets}
+    n = export_iam_ondb(out_dir, samples)
+    log(f"wrote {n} lines ({', '.join(f'{split} {len(s)}' for split, s in samples.items())}) in the IAM-OnDB "
+        f"format to {out_dir} in {time.perf_counter() - t0:.1f} s")
+    return n
+
+
+LM_OPTIONS = ("dictionary_sizes", "dictionary_size", "lm_weight", "word_penalty", "lm_beam")
 
 TASKS = {
     "words": Task("words", ALPHABET, ("in_vocab", "held_out"), "word", ("greedy", "beam", "lexicon"),
-                  WORD_OPTIONS, {}, dict(hidden=32, epochs=6, batch_size=8), words_data),
+                  ("lexicon_sizes",), {}, dict(hidden=32, epochs=6, batch_size=8), words_data, ("cer", "word_acc")),
     "lines": Task("lines", LINE_ALPHABET, ("validation",), "writer", ("greedy", "beam", "lm"),
-                  LINE_OPTIONS, dict(hidden=100, batch_size=8, epochs=12, lr=5e-3, lr_final=0.1, workers=2),
+                  LM_OPTIONS + ("lines_per_epoch", "export_iam_ondb"),
+                  dict(hidden=100, batch_size=8, epochs=12, lr=5e-3, lr_final=0.1, workers=2),
                   dict(hidden=32, epochs=2, lines_per_epoch=160, eval_lines_per_writer=2), lines_data),
+    "iam-ondb": Task("iam-ondb", None, ("validation",), "writer", ("greedy", "beam", "lm"),
+                     LM_OPTIONS + ("data_dir", "features"),
+                     dict(hidden=100, batch_size=8, epochs=12, lr=5e-3, lr_final=0.1, workers=2),
+                     dict(hidden=32, epochs=2), iam_ondb_data),
 }
 
 
@@ -1663,6 +3163,30 @@ def lm_perplexity(lm, lines):
     return float(np.exp(-log_p / (len(nxt) + len(lines)))), n_oov / max(n_words, 1)
 
 
+LM_SEED = 2006  # lines drawn to estimate p_end
+
+
+@functools.lru_cache(maxsize=1)
+def line_end_probability():
+    """p_end = lines / words over 5,000 lines from the line sampler (a fixed seed):
+    the maximum-likelihood probability that a line ends after a word."""
+    rng = np.random.default_rng(LM_SEED)
+    lines = [sample_line(rng) for _ in range(5000)]
+    return len(lines) / sum(len(line.split()) for line in lines)
+
+
+@functools.lru_cache(maxsize=8)
+def language_model(size, order):
+    """The unigram (order 1) or bigram (order 2) model over the `size` most frequent English words."""
+    return LanguageModel(build_bigram_model(size), line_end_probability(), order)
+
+
+@functools.lru_cache(maxsize=4)
+def dictionary_lexicon(size, alphabet):
+    """Prefix tree of the `size` most frequent English words: the lm decoder's dictionary."""
+    return build_lexicon(english_words()[0][:size], alphabet)
+
+
 class _Histories:
     """Word histories of a line as a tree: id 0 is the empty history, and every
     other history is its parent plus one word. Each carries its language-model
@@ -1803,13 +3327,15 @@ def lm_decode(log_probs, lexicon, lm, lm_weight=1.0, word_penalty=0.0, beam=64):
     return [lexicon.words[i] for i in histories.words(line_hist[best])], float(score[best])
 
 
-def make_decoder(name, cfg, task, lexicon=None):
+def make_decoder(name, cfg, alphabet, lexicon=None, lm=None):
     """A function from a list of (T_i, K) log-prob arrays to decoded strings.
 
-    The words task's lexicon decoder defaults to the whole vocabulary,
-    held-out words included, as in the paper (test words are in the dictionary).
+    lexicon: the dictionary (default: for "lexicon", the words task's whole
+    vocabulary, held-out words included, as in the paper whose test words are
+    in the dictionary; for "lm", the cfg.dictionary_size most frequent English
+    words). lm: the language model of the "lm" decoder (default: the bigram
+    model over that dictionary; None when cfg.lm_weight is 0).
     """
-    alphabet = task.alphabet
     if name == "greedy":
         return lambda lps: [decode_labels(d, alphabet) for d in greedy_decode(*pad_log_probs(lps))]
     if name == "beam":
@@ -1817,7 +3343,12 @@ def make_decoder(name, cfg, task, lexicon=None):
     if name == "lexicon":
         lex = build_lexicon(VOCAB if lexicon is None else lexicon, alphabet)
         return lambda lps: lexicon_decode_many(lps, lex)
-    raise ValueError(f"unknown decoder {name!r}; choose from {', '.join(task.decoders)}")
+    if name == "lm":
+        lex = lexicon or dictionary_lexicon(cfg.dictionary_size, alphabet)
+        lm = lm or (language_model(cfg.dictionary_size, 2) if cfg.lm_weight > 0 else None)
+        return lambda lps: [" ".join(lm_decode(lp, lex, lm, cfg.lm_weight, cfg.word_penalty, cfg.lm_beam)[0])
+                            for lp in lps]
+    raise ValueError(f"unknown decoder {name!r}; choose from {', '.join(DECODERS)}")
 
 
 LEXICON_SEED = 20090501  # fixed: every run sees the same distractor words
@@ -2078,7 +3609,7 @@ def alignment_record(sample, split, log_probs, alphabet):
     return {
         "text": sample.text, "split": split, "writer": sample.writer,
         "xy": sample.xy.round(5).tolist(),
-        "pen_up": sample.traj[:, 2].tolist() if sample.traj.shape[1] == 3 else None,
+        "pen_up": sample.pen_up.tolist(),
         "char_of": sample.char_of.tolist() if sample.char_of is not None else None,
         "log_probs": log_probs.round(4).tolist(),
         "argmax_path": np.argmax(log_probs, axis=1).tolist(),
@@ -2104,58 +3635,147 @@ def group_errors(task, eval_sets, hyps_of):
 def final_report(params, cfg, task, data, timer):
     """The evaluation part of run.json: final metrics, per group, predictions, alignments."""
     t0 = time.perf_counter()
-    decode = make_decoder(cfg.decoder, cfg, task)
+    decode = make_decoder(cfg.decoder, cfg, data.alphabet)
     final, predictions, hyps_of, log_probs_of = {}, [], {}, {}
     for split, samples in data.eval_sets.items():
         final[split], log_probs_of[split], hyps_of[split] = evaluate(params, samples, data, decode)
         predictions += [{"text": s.text, "split": split, "writer": s.writer, "decoded": h}
                         for s, h in zip(samples, hyps_of[split])]
-    alignments = [alignment_record(data.eval_sets[split][i], split, log_probs_of[split][i], task.alphabet)
+    alignments = [alignment_record(data.eval_sets[split][i], split, log_probs_of[split][i], data.alphabet)
                   for split, i in data.alignment_picks]
     timer.add("evaluation", t0)
     return {"final": final, f"per_{task.group_by}": group_errors(task, data.eval_sets, hyps_of),
             "predictions": predictions, "alignments": alignments}
 
 
-def decoding_experiment(params, cfg, data, sizes, fixed, by_size, splits):
-    """Decode the evaluation splits with each decoder, timing it.
+def decoding_experiment(log_probs, samples, sizes, fixed, by_size, describe=None):
+    """Decode evaluation splits with each decoder, timing it.
 
-    fixed: {name: decode} for decoders that ignore the size (run once, reported
-    at every size); by_size: size -> {name: decode}. Returns rows of
-    {size, decoder, split, cer, wer, word_acc, seconds_per_seq, n}.
+    log_probs, samples: {split: [(T_i, K) arrays], [Sample]}. fixed: {name:
+    decode} for decoders that ignore the size (run once, reported at every
+    size); by_size(size) -> {name: (decode, extra dict for its rows)};
+    describe(size, refs, hyps) -> more keys for a row. Returns rows of
+    {size, decoder, split, cer, wer, word_acc, seconds_per_seq, n, ...}.
     """
-    log_probs = {split: run_model(params, data.eval_sets[split], data) for split in splits}
-
     def timed(split, decode):
         t0 = time.perf_counter()
         hyps = decode(log_probs[split])
         seconds = time.perf_counter() - t0
-        samples = data.eval_sets[split]
-        return {**rates(error_counts([s.text for s in samples], hyps)), "seconds_per_seq": seconds / len(samples),
-                "n": len(samples)}
+        refs = [s.text for s in samples[split]]
+        return hyps, {**rates(error_counts(refs, hyps)), "seconds_per_seq": seconds / len(refs), "n": len(refs)}
 
-    once = {(name, split): timed(split, decode) for name, decode in fixed.items() for split in splits}
+    once = {(name, split): timed(split, decode) for name, decode in fixed.items() for split in samples}
     rows = []
     for size in sizes:
-        found = {**{name: None for name in fixed}, **by_size(size)}
-        for name, decode in found.items():
-            for split in splits:
-                m = once[name, split] if decode is None else timed(split, decode)
-                rows.append({"size": size, "decoder": name, "split": split, **m})
+        found = {**{name: (None, {}) for name in fixed}, **by_size(size)}
+        for name, (decode, extra) in found.items():
+            for split in samples:
+                hyps, m = once[name, split] if decode is None else timed(split, decode)
+                more = describe(size, [s.text for s in samples[split]], hyps) if describe else {}
+                rows.append({"size": size, "decoder": name, "split": split, **m, **extra, **more})
     return rows
 
 
-def lexicon_experiment(params, cfg, task, data, sizes, log=print):
+def lexicon_experiment(params, cfg, data, sizes, log=print):
     """Greedy, beam and lexicon decoding of every evaluation word against
     lexicons of the given sizes: the 47 vocabulary words (held-out words
     included) plus distractor pseudo-words. Returns run.json's `decoding`."""
     t_start = time.perf_counter()
     distractors = distractor_words(max(sizes) - len(VOCAB))
+    log_probs = {split: run_model(params, samples, data) for split, samples in data.eval_sets.items()}
     rows = decoding_experiment(
-        params, cfg, data, sizes, {d: make_decoder(d, cfg, task) for d in ("greedy", "beam")},
-        lambda size: {"lexicon": make_decoder("lexicon", cfg, task, VOCAB + distractors[:size - len(VOCAB)])},
-        list(data.eval_sets))
+        log_probs, data.eval_sets, sizes, {d: make_decoder(d, cfg, data.alphabet) for d in ("greedy", "beam")},
+        lambda size: {"lexicon": (make_decoder("lexicon", cfg, data.alphabet,
+                                               VOCAB + distractors[:size - len(VOCAB)]), {})})
     decoding = {"kind": "lexicon", "sizes": list(sizes), "beam_width": cfg.beam_width, "rows": rows,
+                "seconds": time.perf_counter() - t_start}
+    log(format_decoding(decoding))
+    return decoding
+
+
+def word_error_breakdown(refs, hyps, dictionary):
+    """Where a corpus's word errors come from.
+
+    Each line's word-level edit alignment splits its word edits into: oov
+    (reference words outside the dictionary, which a closed-vocabulary decoder
+    cannot produce), similar (substitutions by a dictionary word within two
+    letters), other (the remaining substitutions), deleted and inserted; these
+    sum to the word edits. merged (a hypothesis word spelling two consecutive
+    reference words) and split (a reference word read as two consecutive
+    hypothesis words) count segmentation errors, whose edits appear above.
+    """
+    counts = dict.fromkeys(("oov", "similar", "other", "deleted", "inserted", "merged", "split"), 0)
+    for ref, hyp in zip(refs, hyps):
+        r, h = ref.split(), hyp.split()
+        counts["merged"] += sum(w in {a + b for a, b in zip(r, r[1:])} for w in h)
+        counts["split"] += sum(w in {a + b for a, b in zip(h, h[1:])} for w in r)
+        for a, b in edit_alignment(r, h):
+            if a == b:
+                continue
+            kind = ("inserted" if a is None else "oov" if a not in dictionary else "deleted" if b is None
+                    else "similar" if levenshtein(a, b) <= 2 else "other")
+            counts[kind] += 1
+    return counts
+
+
+LM_WEIGHTS = (0.5, 1.0, 1.5, 2.0, 3.0)  # the tuning grid, as in the paper's tuning on validation data
+WORD_PENALTIES = (-2.0, 0.0, 2.0, 4.0)
+TUNING_LINES = 100  # validation lines used for tuning (every other one of the 200)
+
+
+def tune_lm_decoder(cfg, log_probs, refs, lex, lm):
+    """(lm_weight, word_penalty) with the lowest WER on validation lines (ties:
+    lower CER, then the grid's order). With lm None (a uniform word prior) only
+    the word penalty is tuned."""
+    best = None
+    for weight in (LM_WEIGHTS if lm is not None else (0.0,)):
+        for penalty in WORD_PENALTIES:
+            tuned = dataclasses.replace(cfg, lm_weight=weight, word_penalty=penalty)
+            m = rates(error_counts(refs, make_decoder("lm", tuned, lex.alphabet, lex, lm)(log_probs)))
+            if best is None or (m["wer"], m["cer"]) < best[0]:
+                best = ((m["wer"], m["cer"]), weight, penalty)
+    return best[1], best[2]
+
+
+def dictionary_experiment(params, cfg, data, sizes, log=print):
+    """The paper's comparison in miniature, on the test lines: greedy; the
+    dictionary with a uniform word prior; dictionary + unigram; dictionary +
+    bigram; at each dictionary size. The LM weight and word penalty of each
+    decoder are tuned on validation lines, never on test lines. Returns
+    run.json's `decoding`."""
+    t_start = time.perf_counter()
+    log_probs = {split: run_model(params, data.eval_sets[split], data) for split in ("validation", "test")}
+    tuning = slice(None, None, max(1, len(log_probs["validation"]) // TUNING_LINES))
+    tune_lps = log_probs["validation"][tuning]
+    tune_refs = [s.text for s in data.eval_sets["validation"][tuning]]
+    test_refs = [s.text for s in data.eval_sets["test"]]
+    tuned, perplexity, oov = {}, {}, {}
+
+    def by_size(size):
+        lex = dictionary_lexicon(size, data.alphabet)
+        lms = {"dictionary": None, "unigram": language_model(size, 1), "bigram": language_model(size, 2)}
+        perplexity[size] = {name: lm_perplexity(lm, test_refs)[0] for name, lm in lms.items() if lm}
+        oov[size] = lm_perplexity(lms["unigram"], test_refs)[1]
+        decoders = {}
+        for name, lm in lms.items():
+            t0 = time.perf_counter()
+            weight, penalty = tune_lm_decoder(cfg, tune_lps, tune_refs, lex, lm)
+            tuned[size, name] = (weight, penalty)
+            log(f"dictionary {size}, {name}: lm_weight {weight}, word_penalty {penalty} "
+                f"(tuned on {len(tune_refs)} validation lines in {time.perf_counter() - t0:.0f} s)")
+            chosen = dataclasses.replace(cfg, lm_weight=weight, word_penalty=penalty)
+            decoders[name] = (make_decoder("lm", chosen, data.alphabet, lex, lm),
+                              {"lm_weight": weight, "word_penalty": penalty})
+        return decoders
+
+    def describe(size, refs, hyps):
+        words = set(dictionary_lexicon(size, data.alphabet).words)
+        return {"oov_rate": oov[size], "errors": word_error_breakdown(refs, hyps, words)}
+
+    rows = decoding_experiment({"test": log_probs["test"]}, {"test": data.eval_sets["test"]}, sizes,
+                               {"greedy": make_decoder("greedy", cfg, data.alphabet)}, by_size, describe)
+    decoding = {"kind": "dictionary", "sizes": list(sizes), "lm_beam": cfg.lm_beam, "rows": rows,
+                "perplexity": {str(k): v for k, v in perplexity.items()}, "tuning_lines": len(tune_refs),
                 "seconds": time.perf_counter() - t_start}
     log(format_decoding(decoding))
     return decoding
@@ -2204,11 +3824,11 @@ def fit(cfg, task, data, streams, timer, pool=None, log=print, progress=None, st
     alignments). Raises Diverged with the epoch and step."""
     dtype = np.dtype(cfg.dtype)
     params = {k: v.astype(dtype) for k, v in init_params(
-        streams["init"], cfg.hidden, cfg.layers, cfg.bidirectional, feature_dim(cfg), task.n_classes).items()}
+        streams["init"], cfg.hidden, cfg.layers, cfg.bidirectional, feature_dim(cfg), n_classes(cfg)).items()}
     adam = adam_init(params)
     steps_per_epoch = -(-data.epoch_size // cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
-    greedy = make_decoder("greedy", cfg, task)
+    greedy = make_decoder("greedy", cfg, data.alphabet)
     parallel_map = pool.map if pool else serial_map
     history, skipped, train_seconds = [], 0, 0.0
     status = {} if status is None else status
@@ -2247,12 +3867,12 @@ def fit(cfg, task, data, streams, timer, pool=None, log=print, progress=None, st
     return params, history, skipped
 
 
-def check_memory(cfg, task, data, training):
+def check_memory(cfg, data, training):
     """UserError, before any training, if a step would need more than MEMORY_LIMIT of the machine's memory."""
     longest = max(len(s.traj) for samples in data.eval_sets.values() for s in samples)
-    need = max(training_bytes(cfg, longest, task.n_classes) if training else 0,
+    need = max(training_bytes(cfg, longest, n_classes(cfg)) if training else 0,
                EVAL_THREADS * training_bytes(dataclasses.replace(cfg, batch_size=EVAL_BATCH), longest,
-                                             task.n_classes) // 2)
+                                             n_classes(cfg)) // 2)
     have = physical_memory()
     if have and need > MEMORY_LIMIT * have:
         raise UserError(f"this configuration would need about {need / 2**30:.1f} GiB per step, more than "
@@ -2265,11 +3885,12 @@ def feature_dim(cfg):
     return {"raw": 3, "graves25": 25}[cfg.features]
 
 
-def train_and_evaluate(cfg, params=None, verbose=True, log=print, status=None):
+def train_and_evaluate(cfg, params=None, verbose=True, log=print, status=None, experiment=None):
     """Train a model as configured (or, given `params`, only evaluate them) and report.
 
-    Returns (params, result): result is what run.json holds, less
-    schema_version and env (see run_json).
+    experiment: (params, cfg, data, log=) -> run.json's `decoding`, run on the
+    same data after the final evaluation. Returns (params, result): result is
+    what run.json holds, less schema_version and env (see run_json).
     """
     wall0 = time.perf_counter()
     task = TASKS[cfg.task]
@@ -2278,25 +3899,30 @@ def train_and_evaluate(cfg, params=None, verbose=True, log=print, status=None):
     status = {} if status is None else status
     status["where"] = "while preparing the data"
     t0 = time.perf_counter()
-    data = task.make_data(cfg, streams)
-    timer.add("data", t0)
-    check_memory(cfg, task, data, training=params is None)
     history, skipped, loaded = [], 0, params is not None
-    if params is None:
-        pool = Pool(cfg.workers) if cfg.workers > 1 else None
-        try:
+    pool = Pool(cfg.workers) if cfg.workers > 1 else None
+    try:
+        data = task.make_data(cfg, streams, pool.map if pool else serial_map, log)
+        timer.add("data", t0)
+        if task.alphabet is None:
+            cfg = dataclasses.replace(cfg, alphabet=data.alphabet)  # saved with the model
+        check_memory(cfg, data, training=params is None)
+        if params is None:
             progress = Progress(verbose and sys.stdout.isatty(), log)
             params, history, skipped = fit(cfg, task, data, streams, timer, pool,
                                            log if verbose else (lambda *a, **k: None), progress, status)
-        finally:
-            if pool:
-                pool.close()
+    finally:
+        if pool:
+            pool.close()
     status["where"] = "during the final evaluation"
     source = "loaded" if loaded else "trained" if history else "untrained"  # untrained: --epochs 0
     result = {"config": dataclasses.asdict(cfg), "model_source": source, "history": history,
               **final_report(params, cfg, task, data, timer),
               "split": data.info, "timing": timer.seconds, "skipped": skipped}
     result["wall_seconds"] = time.perf_counter() - wall0
+    if experiment:
+        status["where"] = "during the decoding experiment"
+        result["decoding"] = experiment(params, cfg, data, log=log)
     return params, result
 
 
@@ -2309,18 +3935,14 @@ def format_epoch(e, n_epochs, task):
     parts = [f"epoch {e['epoch']:3d}/{n_epochs}  loss {e['train_loss']:.4f}"]
     for split in task.monitor:
         m = e[split]
-        parts.append(f"{split.replace('_', '-')} CER {m['cer']:.4f} " +
-                     (f"acc {m['word_acc']:.3f}" if task.group_by == "word" else f"WER {m['wer']:.4f}"))
+        names = {"cer": "CER", "wer": "WER", "word_acc": "acc"}
+        parts.append(f"{split.replace('_', '-')} " + " ".join(f"{names[k]} {m[k]:.4f}" for k in task.shown))
     return "  ".join(parts) + f"  {e['seconds']:.2f}s"
 
 
 # ---------------------------------------------------------------------------
 # Files: run.json, model files, safe writing
 # ---------------------------------------------------------------------------
-
-
-class UserError(Exception):
-    """A problem with the user's input: reported as one line, exit status 2."""
 
 
 class Terminated(BaseException):
@@ -2360,7 +3982,9 @@ def output_target(path, what):
     except FileNotFoundError:
         return "file", real
     except OSError as e:
-        raise UserError(f"cannot write {what} {path!r}: {e.strerror or e}") from None
+        blocker = _file_in_the_way(os.path.dirname(real)) if isinstance(e, NotADirectoryError) else None
+        reason = f"{blocker!r} is a file, not a folder" if blocker else (e.strerror or str(e))
+        raise UserError(f"cannot write {what} {path!r}: {reason}") from None
     if stat.S_ISDIR(st.st_mode):
         raise UserError(f"cannot write {what} {path!r}: it is a folder")
     if stat.S_ISCHR(st.st_mode) or stat.S_ISFIFO(st.st_mode):
@@ -2407,15 +4031,16 @@ def check_writable(path, what):
     except (OSError, ValueError):
         limit = 255
     if len(os.fsencode(name)) > limit:
-        raise UserError(f"cannot write {what} {path!r}: the file name is longer than {limit} bytes")
+        raise UserError(f"cannot write {what} {path!r}: the file name is too long (more than {limit} bytes)")
 
 
-def write_output(path, data: bytes, what):
+def write_output(path, data: bytes, what, durable=True):
     """Write `data` to `path`: atomically for a regular file (temporary file in
     the same folder, then rename; a symlink keeps pointing at it), straight
     through for a device or FIFO. A reader never sees a half-written file, and
     an interrupted run (Ctrl-C, SIGTERM) leaves the previous file intact and
-    no temporary file behind."""
+    no temporary file behind. durable: also fsync before the rename, so the
+    new file survives a crash of the machine."""
     kind, real = output_target(path, what)
     if kind == "stream":
         with open(real, "wb") as f:
@@ -2427,8 +4052,9 @@ def write_output(path, data: bytes, what):
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         try:
             mode = stat.S_IMODE(os.stat(real).st_mode)  # an existing file keeps its permissions
         except FileNotFoundError:
@@ -2457,7 +4083,8 @@ def run_json(result):
     """Order the keys of run.json and add schema, task and environment."""
     task = TASKS[result["config"]["task"]]
     doc = {"schema_version": SCHEMA_VERSION,
-           "task": {"name": task.name, "alphabet": task.alphabet, "splits": list(result["final"]),
+           "task": {"name": task.name, "alphabet": result["config"]["alphabet"] or task.alphabet,
+                    "splits": list(result["final"]),
                     "monitor": list(task.monitor), "group_by": task.group_by},
            "config": result["config"], "env": env_info()}
     doc.update({k: v for k, v in result.items() if k != "config"})
@@ -2499,9 +4126,10 @@ def config_from_file(saved):
 def load_model(path):
     """(params, RunConfig) from a model file; UserError if missing, not a model file or inconsistent."""
     try:
-        with np.load(path, allow_pickle=False) as f:
-            if not hasattr(f, "files"):
-                raise ValueError("a bare array, not an archive")
+        loaded = np.load(path, allow_pickle=False)
+        if not hasattr(loaded, "files"):
+            raise ValueError("a single array, not an npz archive")
+        with loaded as f:
             arrays = {k: f[k] for k in f.files}
     except FileNotFoundError:
         raise UserError(f"model file {path!r} does not exist (make one with --save-model)") from None
@@ -2513,7 +4141,7 @@ def load_model(path):
     try:
         cfg = config_from_file(json.loads(str(arrays.pop("__config__"))))
         expected = init_params(np.random.default_rng(0), cfg.hidden, cfg.layers, cfg.bidirectional,
-                               feature_dim(cfg), TASKS[cfg.task].n_classes)
+                               feature_dim(cfg), n_classes(cfg))
     except KeyError:
         raise UserError(f"model file {path!r} is not a model file (it has no config)") from None
     except (TypeError, ValueError) as e:
@@ -2618,8 +4246,11 @@ def build_parser():
     def setting(flag, name=None, **kw):
         name = name or flag.lstrip("-").replace("-", "_")
         meta = CONFIG_FIELDS[name].metadata
-        p.add_argument(flag, type=_setting_type(name), default=None, help=f"{meta['help']} {_default_text(name)}",
-                       **kw)
+        low = meta["low"] if meta["low"] is not None else meta["above"]
+        bounds = f"; {'above ' if meta['above'] is not None else ''}{low:g}..{meta['high']:g}" \
+            if meta["high"] is not None else ""
+        p.add_argument(flag, type=_setting_type(name), default=None,
+                       help=f"{meta['help']}{bounds} {_default_text(name)}", **kw)
 
     setting("--task", choices=None, metavar="{" + ",".join(TASK_NAMES) + "}")
     setting("--seed")
@@ -2700,6 +4331,14 @@ def check_task_arguments(args, task):
                         f"(choose from {', '.join(task.decoders)})")
 
 
+def check_export_folder(path):
+    """An export goes into a new or empty folder, never over other files."""
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise UserError(f"--export-iam-ondb {path!r}: {'not a folder' if not os.path.isdir(path) else 'the folder is not empty'}; "
+                        "choose a new or empty folder")
+    check_folder_writable(path, f"the export into {path!r}")
+
+
 def print_summary(result, task, log=print):
     for split, m in result["final"].items():
         log(f"final {split:10s}  CER {m['cer']:.4f}  WER {m['wer']:.4f}  word acc {m['word_acc']:.3f}  "
@@ -2746,6 +4385,11 @@ def write_results(outputs, log):
 
 
 def main(argv=None):
+    with np.errstate(all="ignore"):  # non-finite numbers are checked for and reported, not warned about
+        return _main(argv)
+
+
+def _main(argv):
     args = build_parser().parse_args(argv)
     log = safe_log()
     keep_freed_memory()
@@ -2766,11 +4410,19 @@ def main(argv=None):
             task = TASKS[args.task or "words"]
             check_task_arguments(args, task)
             params, cfg = None, config_from_args(args)
-        params, result = train_and_evaluate(cfg, params, verbose=not args.quiet, log=log, status=status)
-        print_summary(result, task, log)
+        if args.export_iam_ondb:
+            check_export_folder(args.export_iam_ondb)
+            export_lines_task(cfg, args.export_iam_ondb, log)
+            return 0
+        experiment = None
         if args.lexicon_sizes:
-            data = task.make_data(cfg, make_streams(cfg.seed))
-            result["decoding"] = lexicon_experiment(params, cfg, task, data, args.lexicon_sizes, log)
+            experiment = functools.partial(lexicon_experiment, sizes=args.lexicon_sizes)
+        elif args.dictionary_sizes:
+            experiment = functools.partial(dictionary_experiment, sizes=args.dictionary_sizes)
+        params, result = train_and_evaluate(cfg, params, verbose=not args.quiet, log=log, status=status,
+                                            experiment=experiment)
+        cfg = RunConfig(**result["config"])  # iam-ondb: with the alphabet read from the data
+        print_summary(result, task, log)
         outputs = []
         if args.save_model:
             outputs.append((args.save_model, model_bytes(params, cfg), "model file"))
