@@ -1078,7 +1078,7 @@ def parse_line_strokes(data: bytes, source: str) -> LineInk:
     invalid XML, a refused entity, a wrong root, a missing or non-numeric attribute, or no points.
     """
     xs, ys, ts = [], [], []  # attribute strings; numpy converts them in one call each
-    stroke_starts = []  # index into xs of each Stroke's first point
+    first_point = []  # index into xs of each Stroke's first point
     corners, sensor = {}, []
     in_stroke = seen_root = False
 
@@ -1099,7 +1099,7 @@ def parse_line_strokes(data: bytes, source: str) -> LineInk:
                 raise _BadContent(f"<Point> without the {missing} attribute") from None
         elif name == "Stroke":
             in_stroke = True
-            stroke_starts.append(len(xs))
+            first_point.append(len(xs))
         elif name.endswith("OppositeCoords"):
             if "x" not in attrs or "y" not in attrs:
                 raise _BadContent(f"<{name}> without x and y")
@@ -1127,7 +1127,7 @@ def parse_line_strokes(data: bytes, source: str) -> LineInk:
         raise IamOnDbError(f"{source}: non-numeric coordinate or time ({err})") from None
     if not (np.isfinite(points).all() and np.isfinite(times).all()):
         raise IamOnDbError(f"{source}: non-finite coordinate or time")
-    counts = np.diff(np.append(stroke_starts, len(xs)))  # (S_all,) points per Stroke element
+    counts = np.diff(np.append(first_point, len(xs)))  # (S_all,) points per Stroke element
     counts = counts[counts > 0]
     stroke = np.repeat(np.arange(len(counts)), counts)  # (N,)
     return LineInk(points, stroke, times, corners, sensor[0] if sensor else None)
@@ -1943,7 +1943,7 @@ def preprocess(points, stroke, times=None, spacing=IAM_SPACING):
     noise, correct skew, correct slant, fit baseline and corpus line, normalise height,
     measure speed, remove delayed strokes (kept as hat ranges), resample every `spacing`
     corpus heights. A line of one point, identical points or a single vertical stroke gives
-    a short, finite result (T >= 1); an empty line raises ValueError.
+    a short, finite result (T >= 2); an empty line raises ValueError.
     """
     points, stroke, times = validate_line(points, stroke, times)
     points = flip_to_y_up(points)
@@ -2288,6 +2288,12 @@ def export_iam_ondb(out_dir, samples_by_split, log=print):
     map to the IAM-OnDB-t1 split files. Returns the number of lines written.
     """
     forms, splits, n_lines = [], {split: [] for split in IAM_SPLIT_FILES}, 0
+    split_of = {}
+    for split, samples in samples_by_split.items():
+        for s in samples:
+            if split_of.setdefault(s.writer, split) != split:  # form ids derive from writers
+                raise ValueError(f"writer {s.writer!r} has lines in {split_of[s.writer]} and {split}; "
+                                 "IAM-OnDB-t1 splits are writer-disjoint")
     for split, samples in samples_by_split.items():
         by_writer = {}
         for s in samples:
@@ -2477,7 +2483,7 @@ TASKS = {
                   ("lexicon_sizes",), {}, dict(hidden=32, epochs=6, batch_size=8), words_data, ("cer", "word_acc")),
     "lines": Task("lines", LINE_ALPHABET, ("validation",), "writer", ("greedy", "beam", "lm"),
                   LM_OPTIONS + ("lines_per_epoch", "export_iam_ondb"),
-                  dict(hidden=100, batch_size=8, epochs=12, lr=5e-3, lr_final=0.1, workers=2),
+                  dict(hidden=100, batch_size=8, epochs=16, lr=5e-3, lr_final=0.1, workers=2),
                   dict(hidden=32, epochs=2, lines_per_epoch=160, eval_lines_per_writer=2), lines_data),
     "iam-ondb": Task("iam-ondb", None, ("validation",), "writer", ("greedy", "beam", "lm"),
                      LM_OPTIONS + ("data_dir", "features"),
@@ -3107,6 +3113,7 @@ def pad_log_probs(log_probs):
 # The paper's decoder: token passing over a dictionary with a word language model.
 
 LM_START = -1  # the context of a line's first word
+EMISSION_FLOOR = 1e-4  # with pruning on, labels less probable than this at a step are not entered
 
 
 @dataclass(frozen=True)
@@ -3251,6 +3258,9 @@ def lm_decode(log_probs, lexicon, lm, lm_weight=1.0, word_penalty=0.0, beam=64):
 
     beam: the number of tokens kept after each time step, the best by score;
     None keeps every token (exact, and exponential in T: tiny problems only).
+    With a beam, a token also extends only into labels more probable than
+    EMISSION_FLOOR at that step, and a step where only the blank is (most
+    steps of a trained network) just advances the tokens: most of the speed.
     lm: a LanguageModel over lexicon.words, or None for a uniform word prior.
     Vectorised over tokens; the Python loop is over time steps. Returns
     (words, score), or ([], -inf) if no word sequence fits in T steps.
@@ -3274,7 +3284,13 @@ def lm_decode(log_probs, lexicon, lm, lm_weight=1.0, word_penalty=0.0, beam=64):
     on_label, in_blank = np.array([-np.inf]), np.array([-np.inf])  # (M,)
     nothing = 0.0  # log P(only blanks so far): no label emitted yet
     first_letters = lexicon.children[lexicon.child_start[0]:lexicon.child_start[1]]
+    floor = np.log(EMISSION_FLOOR) if beam is not None else -np.inf
     for y in lp:
+        likely = y > floor  # (K,)
+        if not likely[1:].any():  # only the blank: nothing new can start
+            on_label, in_blank = tree_step(on_label, in_blank, -np.inf, y[node_class[node]], y[BLANK])
+            nothing += y[BLANK]
+            continue
         # Candidates: every token as it is; every child of a token's node,
         # entered from it; every word end, leaving through the space to the
         # root of a longer history; and, from "nothing", the first letters and
@@ -3283,10 +3299,12 @@ def lm_decode(log_probs, lexicon, lm, lm_weight=1.0, word_penalty=0.0, beam=64):
         parent_tok = np.repeat(np.arange(len(node)), n_child)
         offset = np.arange(len(parent_tok)) - np.repeat(np.cumsum(n_child) - n_child, n_child)
         child = lexicon.children[lexicon.child_start[node[parent_tok]] + offset]
-        ends = np.flatnonzero(lexicon.word_at[node] >= 0)
+        parent_tok, child = parent_tok[likely[lexicon.label[child]]], child[likely[lexicon.label[child]]]
+        ends = np.flatnonzero((lexicon.word_at[node] >= 0) & likely[space])
         new_hist = histories.extend(hist[ends], lexicon.word_at[node[ends]])
-        c_hist = np.concatenate([hist, hist[parent_tok], new_hist, np.zeros(len(first_letters) + 1, int)])
-        c_node = np.concatenate([node, child, np.zeros(len(ends), int), first_letters, [0]])
+        starters = first_letters[likely[lexicon.label[first_letters]]]
+        c_hist = np.concatenate([hist, hist[parent_tok], new_hist, np.zeros(len(starters) + 1, int)])
+        c_node = np.concatenate([node, child, np.zeros(len(ends), int), starters, [0]])
         c_mass = np.full((len(c_node), 3), -np.inf)  # on_label, in_blank, entering
         c_mass[:len(node), 0], c_mass[:len(node), 1] = on_label, in_blank
         at = len(node)
@@ -3718,23 +3736,36 @@ def word_error_breakdown(refs, hyps, dictionary):
     return counts
 
 
-LM_WEIGHTS = (0.5, 1.0, 1.5, 2.0, 3.0)  # the tuning grid, as in the paper's tuning on validation data
-WORD_PENALTIES = (-2.0, 0.0, 2.0, 4.0)
+LM_WEIGHTS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)  # the tuning grid; the search starts at weight 1, penalty 0
+WORD_PENALTIES = (-4.0, -2.0, 0.0, 2.0, 4.0, 6.0, 8.0, 10.0)
 TUNING_LINES = 100  # validation lines used for tuning (every other one of the 200)
 
 
 def tune_lm_decoder(cfg, log_probs, refs, lex, lm):
-    """(lm_weight, word_penalty) with the lowest WER on validation lines (ties:
-    lower CER, then the grid's order). With lm None (a uniform word prior) only
-    the word penalty is tuned."""
-    best = None
-    for weight in (LM_WEIGHTS if lm is not None else (0.0,)):
-        for penalty in WORD_PENALTIES:
-            tuned = dataclasses.replace(cfg, lm_weight=weight, word_penalty=penalty)
+    """(lm_weight, word_penalty) for the lm decoder, chosen on validation lines.
+
+    A coordinate search on the grid LM_WEIGHTS x WORD_PENALTIES: from weight
+    1, penalty 0, move to the neighbour with the lowest (WER, CER) until none
+    is better. With lm None (a uniform word prior) only the penalty is tuned.
+    """
+    weights = LM_WEIGHTS if lm is not None else (0.0,)
+    cost = {}
+
+    def evaluate(i, j):
+        if (i, j) not in cost:
+            tuned = dataclasses.replace(cfg, lm_weight=weights[i], word_penalty=WORD_PENALTIES[j])
             m = rates(error_counts(refs, make_decoder("lm", tuned, lex.alphabet, lex, lm)(log_probs)))
-            if best is None or (m["wer"], m["cer"]) < best[0]:
-                best = ((m["wer"], m["cer"]), weight, penalty)
-    return best[1], best[2]
+            cost[i, j] = (m["wer"], m["cer"])
+        return cost[i, j]
+
+    here = (weights.index(1.0) if lm is not None else 0, WORD_PENALTIES.index(0.0))
+    while True:
+        around = [(here[0] + di, here[1] + dj) for di, dj in ((-1, 0), (1, 0), (0, -1), (0, 1))
+                  if 0 <= here[0] + di < len(weights) and 0 <= here[1] + dj < len(WORD_PENALTIES)]
+        best = min([here] + around, key=lambda ij: evaluate(*ij))  # ties keep the current point
+        if best == here:
+            return weights[here[0]], WORD_PENALTIES[here[1]]
+        here = best
 
 
 def dictionary_experiment(params, cfg, data, sizes, log=print):
@@ -4107,7 +4138,7 @@ def model_bytes(params, cfg):
 # Model files from before the task field existed (schema 1) are words models;
 # the fields added since take their defaults. Any other missing field is refused.
 FIELDS_ADDED_AFTER_SCHEMA_1 = ("task", "lines_per_epoch", "eval_lines_per_writer", "data_dir", "features",
-                               "workers", "dictionary_size", "lm_weight", "word_penalty", "lm_beam")
+                               "workers", "dictionary_size", "lm_weight", "word_penalty", "lm_beam", "alphabet")
 
 
 def config_from_file(saved):
