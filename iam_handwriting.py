@@ -2347,6 +2347,7 @@ class Task:
     quick: dict  # further overrides for --quick
     make_data: Callable  # (cfg, streams, parallel_map, log) -> TaskData
     shown: tuple = ("cer", "wer")  # metrics the epoch log lines show
+    bucket: int = 16  # training batches of similar length, drawn from groups of this many (0: any lengths)
 
 
 def n_classes(cfg):
@@ -2480,10 +2481,10 @@ LM_OPTIONS = ("dictionary_sizes", "dictionary_size", "lm_weight", "word_penalty"
 
 TASKS = {
     "words": Task("words", ALPHABET, ("in_vocab", "held_out"), "word", ("greedy", "beam", "lexicon"),
-                  ("lexicon_sizes",), {}, dict(hidden=32, epochs=6, batch_size=8), words_data, ("cer", "word_acc")),
+                  ("lexicon_sizes",), {}, dict(hidden=32, epochs=6, batch_size=8), words_data, ("cer", "word_acc"), 0),
     "lines": Task("lines", LINE_ALPHABET, ("validation",), "writer", ("greedy", "beam", "lm"),
                   LM_OPTIONS + ("lines_per_epoch", "export_iam_ondb"),
-                  dict(hidden=100, batch_size=8, epochs=16, lr=5e-3, lr_final=0.1, workers=2),
+                  dict(hidden=100, batch_size=8, epochs=28, lr=5e-3, lr_final=0.1, workers=2),
                   dict(hidden=32, epochs=2, lines_per_epoch=160, eval_lines_per_writer=2), lines_data),
     "iam-ondb": Task("iam-ondb", None, ("validation",), "writer", ("greedy", "beam", "lm"),
                      LM_OPTIONS + ("data_dir", "features"),
@@ -3464,11 +3465,22 @@ class Diverged(Exception):
     """Training produced a non-finite loss or gradient."""
 
 
-def make_batches(samples, batch_size, order):
-    """Consecutive chunks of `order`, each sorted by length so padding is short."""
+def make_batches(samples, batch_size, order, bucket=0, rng=None):
+    """Minibatches of sample indices, each sorted by length so padding is short.
+
+    bucket 0: consecutive chunks of `order`. bucket n: `order` is cut into
+    groups of n batches, each group sorted by length and cut into batches, and
+    the batches are shuffled with `rng`; so a batch holds sequences of similar
+    length, and a step costs its own length rather than its longest outlier.
+    """
     lengths = np.array([len(s.traj) for s in samples])
+    if bucket:
+        group = bucket * batch_size
+        order = np.concatenate([g[np.argsort(lengths[g], kind="stable")]
+                                for g in (order[i:i + group] for i in range(0, len(order), group))])
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    return [chunk[np.argsort(lengths[chunk], kind="stable")] for chunk in chunks]
+    batches = [chunk[np.argsort(lengths[chunk], kind="stable")] for chunk in chunks]
+    return [batches[i] for i in rng.permutation(len(batches))] if bucket else batches
 
 
 def ctc_feasible(lengths, targets):
@@ -3871,7 +3883,7 @@ def fit(cfg, task, data, streams, timer, pool=None, log=print, progress=None, st
         timer.add("data", t0)
         loss_sum, n_chars, done, frames = 0.0, 0, 0, 0
         s0 = time.perf_counter()
-        for step, idx in enumerate(make_batches(samples, cfg.batch_size, order), 1):
+        for step, idx in enumerate(make_batches(samples, cfg.batch_size, order, task.bucket, streams["shuffle"]), 1):
             lr = learning_rate(cfg, adam["t"], total_steps)
             try:
                 s, n, k = train_step(params, adam, [samples[i] for i in idx], lr, cfg, data, timer, pool)

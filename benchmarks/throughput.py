@@ -57,7 +57,8 @@ def time_steps(cfg, steps, warmup=2):
             streams["init"], cfg.hidden, cfg.layers, cfg.bidirectional, ih.feature_dim(cfg),
             ih.n_classes(cfg)).items()}
         adam = ih.adam_init(params)
-        batches = ih.make_batches(samples, cfg.batch_size, streams["shuffle"].permutation(len(samples)))
+        batches = ih.make_batches(samples, cfg.batch_size, streams["shuffle"].permutation(len(samples)), task.bucket,
+                                  streams["shuffle"])
         for idx in batches[:warmup]:
             ih.train_step(params, adam, [samples[i] for i in idx], cfg.lr, cfg, data, ih.Timer(), pool)
         timer, frames = ih.Timer(), 0

@@ -82,7 +82,7 @@ def trained_outputs():
     """Log-probs of every evaluation word under a trained --quick model."""
     cfg = dataclasses.replace(ih.RunConfig(seed=1), **ih.TASKS["words"].quick)
     params, _ = ih.train_and_evaluate(cfg, verbose=False)
-    data = ih.TASKS["words"].make_data(cfg, ih.make_streams(cfg.seed))
+    data = ih.TASKS["words"].make_data(cfg, ih.make_streams(cfg.seed), ih.serial_map, print)
     return [lp for samples in data.eval_sets.values() for lp in ih.run_model(params, samples, data)]
 
 

@@ -22,11 +22,11 @@ def test_training_skips_and_counts_impossible_alignments():
     from iam_handwriting import Sample, Timer, adam_init, init_params, make_streams, render_word, train_step
 
     cfg = RunConfig(hidden=4)
-    data = TASKS["words"].make_data(cfg, make_streams(0))
+    data = TASKS["words"].make_data(cfg, make_streams(0), lambda fn, items: [fn(i) for i in items], print)
     params = {k: v.astype(np.float32) for k, v in init_params(np.random.default_rng(0), hidden=4).items()}
     good = render_word("ant", np.random.default_rng(1))
     # 4 samples cannot carry 'nun' + 'nun' (6 labels): probability zero
-    short = Sample("nunnun", good.traj[:4], [6, 10, 6, 6, 10, 6], good.xy[:4], np.zeros(4, dtype=int))
+    short = Sample("nunnun", good.traj[:4], [6, 10, 6, 6, 10, 6], good.xy[:4], good.pen_up[:4], np.zeros(4, dtype=int))
     before = {k: v.copy() for k, v in params.items()}
     nll_sum, n_chars, skipped = train_step(params, adam_init(params), [good, short], cfg.lr, cfg, data, Timer())
     assert skipped == 1 and n_chars == 3 and np.isfinite(nll_sum)
