@@ -2488,7 +2488,7 @@ TASKS = {
                   ("lexicon_sizes",), {}, dict(hidden=32, epochs=6, batch_size=8), words_data, ("cer", "word_acc"), 0),
     "lines": Task("lines", LINE_ALPHABET, ("validation",), "writer", ("greedy", "beam", "lm"),
                   LM_OPTIONS + ("lines_per_epoch", "export_iam_ondb"),
-                  dict(hidden=100, batch_size=8, epochs=28, lr=5e-3, lr_final=0.1, workers=2),
+                  dict(hidden=100, batch_size=8, epochs=22, lr=5e-3, lr_final=0.1, workers=2),
                   dict(hidden=32, epochs=2, lines_per_epoch=160, eval_lines_per_writer=2), lines_data),
     "iam-ondb": Task("iam-ondb", None, ("validation",), "writer", ("greedy", "beam", "lm"),
                      LM_OPTIONS + ("data_dir", "features"),
