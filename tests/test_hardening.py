@@ -66,10 +66,10 @@ def test_fifo_is_written_through_not_replaced(tmp_path):
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
     got = []
-    reader = threading.Thread(target=lambda: got.append(open(fifo, "rb").read()))
+    reader = threading.Thread(target=lambda: got.append(open(fifo, "rb").read()), daemon=True)
     reader.start()
     ih.write_output(str(fifo), b"through the pipe", "test file")
-    reader.join(timeout=10)
+    reader.join(timeout=10)  # a daemon: if the FIFO was replaced, the blocked reader cannot hang the tests
     assert got == [b"through the pipe"]
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
 

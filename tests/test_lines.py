@@ -137,3 +137,23 @@ def test_a_short_lines_run_reads_well_below_chance():
     result = ih.train(cfg, verbose=False)
     assert result["history"][0]["validation"]["cer"] < 0.72
     assert result["final"]["test"]["cer"] < 0.72  # unseen writers too
+
+
+def test_length_buckets_cover_every_sample_once_and_group_similar_lengths():
+    rng = np.random.default_rng(0)
+    samples = [ih.Sample("a", np.zeros((int(n), 3)), [1], np.zeros((int(n), 2)), np.zeros(int(n)), None)
+               for n in rng.integers(50, 1000, size=400)]
+    order = rng.permutation(400)
+    plain = ih.make_batches(samples, 8, order)
+    bucketed = ih.make_batches(samples, 8, order, bucket=16, rng=np.random.default_rng(1))
+    for batches in (plain, bucketed):
+        assert sorted(np.concatenate(batches).tolist()) == list(range(400))
+        assert all(len(b) == 8 for b in batches)
+    lengths = np.array([len(s.traj) for s in samples])
+
+    def mean_padding(batches):
+        return np.mean([lengths[b].max() - lengths[b].mean() for b in batches])
+
+    assert mean_padding(bucketed) < mean_padding(plain) / 4
+    # the batches are shuffled, not served shortest first
+    assert not np.all(np.diff([lengths[b].max() for b in bucketed]) >= 0)
