@@ -2335,6 +2335,7 @@ class TaskData:
     epoch_size: int  # training samples per epoch
     input_shift: np.ndarray  # (D,) the network reads (traj - shift) * scale
     input_scale: np.ndarray  # (D,)
+    input_squash: float  # > 0: inputs pass through squash * tanh(x / squash) (pad_batch); 0: as they are
     alignment_picks: list  # [(split, index)]: samples whose CTC alignment run.json keeps (short, long)
     info: dict  # run.json "split": what the splits hold
 
@@ -2371,7 +2372,7 @@ def words_data(cfg, streams, parallel_map, log):
     scale = np.array([cfg.input_gain / SAMPLE_SPACING, cfg.input_gain / SAMPLE_SPACING, 1.0])
     return TaskData(ALPHABET, eval_sets,
                     lambda rng, parallel_map: render_words(train_words, cfg.word_repeats, rng, cfg),
-                    len(train_words) * cfg.word_repeats, np.zeros(IN_DIM), scale, picks,
+                    len(train_words) * cfg.word_repeats, np.zeros(IN_DIM), scale, 0.0, picks,
                     {"train_words": train_words, "held_out_words": held_out})
 
 
@@ -2380,6 +2381,9 @@ def pick_alignment_words(train_words):
     short = "ant" if "ant" in train_words else min(train_words, key=len)
     long = "actin" if "actin" in train_words else max(train_words, key=len)
     return short, long
+
+
+JUMP_SQUASH = 3.0  # lines: inputs beyond about 3 sample spacings (times the gain) are squashed, see pad_batch
 
 
 def short_and_median(samples, split):
@@ -2407,7 +2411,7 @@ def lines_data(cfg, streams, parallel_map, log):
             "lines": {split: len(s) for split, s in eval_sets.items()}, "data_seed": LINES_DATA_SEED,
             "train_lines_per_epoch": cfg.lines_per_epoch}
     return TaskData(LINE_ALPHABET, eval_sets, training_samples, cfg.lines_per_epoch, np.zeros(3), scale,
-                    short_and_median(eval_sets["test"], "test"), info)
+                    JUMP_SQUASH * cfg.input_gain, short_and_median(eval_sets["test"], "test"), info)
 
 
 def _featurise_line(args):
@@ -2464,7 +2468,7 @@ def iam_ondb_data(cfg, streams, parallel_map, log):
             "alphabet": alphabet, "unknown_characters": dict(unknown), "features": cfg.features,
             "read_seconds": t1 - t0, "featurise_seconds": t2 - t1}
     return TaskData(alphabet, eval_sets, lambda rng, parallel_map: train, len(train), shift, scale,
-                    short_and_median(eval_sets["test"], "test"), info)
+                    JUMP_SQUASH * cfg.input_gain, short_and_median(eval_sets["test"], "test"), info)
 
 
 def export_lines_task(cfg, out_dir, log=print):
@@ -2488,11 +2492,11 @@ TASKS = {
                   ("lexicon_sizes",), {}, dict(hidden=32, epochs=6, batch_size=8), words_data, ("cer", "word_acc"), 0),
     "lines": Task("lines", LINE_ALPHABET, ("validation",), "writer", ("greedy", "beam", "lm"),
                   LM_OPTIONS + ("lines_per_epoch", "export_iam_ondb"),
-                  dict(hidden=100, batch_size=8, epochs=22, lr=5e-3, lr_final=0.1, workers=2),
+                  dict(hidden=100, batch_size=8, epochs=22, lr=1e-2, lr_final=0.1, workers=2),
                   dict(hidden=32, epochs=2, lines_per_epoch=160, eval_lines_per_writer=2), lines_data),
     "iam-ondb": Task("iam-ondb", None, ("validation",), "writer", ("greedy", "beam", "lm"),
                      LM_OPTIONS + ("data_dir", "features"),
-                     dict(hidden=100, batch_size=8, epochs=12, lr=5e-3, lr_final=0.1, workers=2),
+                     dict(hidden=100, batch_size=8, epochs=12, lr=1e-2, lr_final=0.1, workers=2),
                      dict(hidden=32, epochs=2), iam_ondb_data),
 }
 
@@ -2502,17 +2506,21 @@ TASKS = {
 # ---------------------------------------------------------------------------
 
 
-def pad_batch(samples, shift, scale, dtype=np.float64):
-    """Stack trajectories into zero-padded network inputs (traj - shift) * scale.
+def pad_batch(samples, shift, scale, dtype=np.float64, squash=0.0):
+    """Stack trajectories into zero-padded network inputs x = (traj - shift) * scale,
+    then, if squash > 0, x = squash * tanh(x / squash).
 
-    Returns X (T, B, D) and lengths (B,); sequences are left-aligned.
+    The squash leaves ordinary pen steps almost as they are and bounds the
+    jumps between strokes, which in a text line are tens of sample spacings
+    long. Returns X (T, B, D) and lengths (B,); sequences are left-aligned.
     """
     lengths = np.array([len(s.traj) for s in samples])
     T, B, D = int(lengths.max()), len(samples), samples[0].traj.shape[1]
     X = np.zeros((T, B, D), dtype=dtype)
     time_idx = np.concatenate([np.arange(n) for n in lengths])
     batch_idx = np.repeat(np.arange(B), lengths)
-    X[time_idx, batch_idx] = (np.concatenate([s.traj for s in samples]) - shift) * scale
+    x = (np.concatenate([s.traj for s in samples]) - shift) * scale
+    X[time_idx, batch_idx] = squash * np.tanh(x / squash) if squash else x
     return X, lengths
 
 
@@ -3534,7 +3542,7 @@ def train_step(params, adam, samples, lr, cfg, data, timer, pool=None):
     bounds = np.linspace(0, len(samples), n_parts + 1).round().astype(int)
     parts = []
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-        X, lengths = pad_batch(samples[lo:hi], data.input_shift, data.input_scale, dtype)
+        X, lengths = pad_batch(samples[lo:hi], data.input_shift, data.input_scale, dtype, data.input_squash)
         parts.append((X, lengths, [s.labels for s in samples[lo:hi]]))
     t0 = timer.add("data", t0)
     pending = [pool.submit(part_gradients, params, *part, n_used) for part in parts[1:]] if pool else []
@@ -3610,7 +3618,8 @@ def run_model(params, samples, data):
     chunks = [order[i:i + EVAL_BATCH] for i in range(0, len(order), EVAL_BATCH)]
 
     def run_chunk(idx):
-        X, lengths = pad_batch([samples[i] for i in idx], data.input_shift, data.input_scale, params["out_W"].dtype)
+        X, lengths = pad_batch([samples[i] for i in idx], data.input_shift, data.input_scale, params["out_W"].dtype,
+                               data.input_squash)
         log_probs, _ = forward(params, X, lengths)
         return [log_probs[:n, b].astype(np.float64) for b, n in enumerate(lengths)]
 
