@@ -4258,6 +4258,19 @@ def _setting_type(name):
 MAX_LEXICON = 100_000  # distinct 3-5 letter strings over 10 letters: 111,000
 
 
+def whole_number(low, high):
+    """An argparse type: an int in low..high, or a one-line error (also for the benchmark scripts)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must lie in {low}..{high}, got {value}")
+        return value
+    return parse
+
+
 def _sizes(low, high, what):
     def parse(text):
         try:

@@ -9,7 +9,6 @@ widest beam given. Run from the repository root:
     python benchmarks/decoding.py lines.npz                              # 20,000 words, beams 16 64 1024
     python benchmarks/decoding.py lines.npz --sizes 1000 20000 --beams 64 256 --lines 100
 """
-import argparse
 import dataclasses
 import os
 import sys
@@ -23,23 +22,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import iam_handwriting as ih  # noqa: E402
 
 
-def positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def main(argv=None):
     p = ih.OneLineParser(prog="decoding.py", description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="a lines model saved with --save-model")
-    p.add_argument("--sizes", type=positive_int, nargs="+", default=[20000], help="dictionary sizes")
-    p.add_argument("--beams", type=positive_int, nargs="+", default=[16, 64, 1024],
+    p.add_argument("--sizes", type=ih.whole_number(1, ih.N_ENGLISH_WORDS), nargs="+", default=[20000],
+                   help="dictionary sizes")
+    p.add_argument("--beams", type=ih.whole_number(1, 100_000), nargs="+", default=[16, 64, 1024],
                    help="beams to time; the last is the reference for agreement")
-    p.add_argument("--lines", type=positive_int, default=200, help="validation lines to decode (at most 200)")
+    p.add_argument("--lines", type=ih.whole_number(1, 200), default=200, help="validation lines to decode")
     p.add_argument("--lm-weight", type=float, default=1.0, help="language-model weight")
     p.add_argument("--word-penalty", type=float, default=0.0, help="word insertion penalty")
     args = p.parse_args(argv)
@@ -47,8 +37,6 @@ def main(argv=None):
         params, cfg = ih.load_model(args.model)
         if cfg.task != "lines":
             raise ih.UserError(f"{args.model!r} holds a {cfg.task} model; this benchmark reads lines models")
-        if any(not 1 <= n <= ih.N_ENGLISH_WORDS for n in args.sizes):
-            raise ih.UserError(f"--sizes must lie in 1..{ih.N_ENGLISH_WORDS}")
     except ih.UserError as e:
         p.exit(2, f"decoding.py: error: {e}\n")
     ih.keep_freed_memory()

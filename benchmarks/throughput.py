@@ -21,7 +21,6 @@ what each setting is worth:
 Timings on a shared machine vary from run to run; compare settings only
 within one session of back-to-back runs.
 """
-import argparse
 import dataclasses
 import os
 import sys
@@ -73,31 +72,20 @@ def time_steps(cfg, steps, warmup=2):
     return seconds / steps, frames / steps, {k: v / steps for k, v in timer.seconds.items()}, render
 
 
-def positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def main(argv=None):
     p = ih.OneLineParser(prog="throughput.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--task", choices=("words", "lines"), default="words", help="whose data and model (default words)")
-    p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=None,
+    p.add_argument("--batch-sizes", type=ih.whole_number(1, 1024), nargs="+", default=None,
                    help="batch sizes to time (default 1 8 32 128 for words, 8 16 32 for lines)")
-    p.add_argument("--workers", type=positive_int, nargs="+", default=[1], help="processes per batch (default 1)")
-    p.add_argument("--steps", type=positive_int, default=None,
+    p.add_argument("--workers", type=ih.whole_number(1, 16), nargs="+", default=[1], help="processes per batch (default 1)")
+    p.add_argument("--steps", type=ih.whole_number(1, 10_000), default=None,
                    help="timed steps per setting (default 60 for words, 12 for lines)")
-    p.add_argument("--hidden", type=positive_int, default=None, help="LSTM cells per direction (default: the task's)")
+    p.add_argument("--hidden", type=ih.whole_number(1, 1024), default=None,
+                   help="LSTM cells per direction (default: the task's)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="training precision")
     p.add_argument("--default-malloc", action="store_true",
                    help="skip iam_handwriting.keep_freed_memory(), to measure what it is worth")
     args = p.parse_args(argv)
-    if args.hidden and args.hidden > 1024:
-        p.error(f"--hidden must be at most 1024, got {args.hidden}")
     if not args.default_malloc:
         ih.keep_freed_memory()
     lines = args.task == "lines"
