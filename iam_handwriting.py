@@ -406,7 +406,7 @@ def script_glyphs():
     try:
         from HersheyFonts import HersheyFonts
     except ImportError:
-        raise RuntimeError("the lines task needs the Hershey-Fonts package: pip install Hershey-Fonts") from None
+        raise UserError("the lines task needs the Hershey-Fonts package: pip install Hershey-Fonts") from None
     font = HersheyFonts()
     font.load_default_font("scripts")
     table = {}
@@ -689,7 +689,7 @@ def _symspell_text(name):
     try:
         return (importlib.resources.files("symspellpy") / name).read_text(encoding="utf-8")
     except (ModuleNotFoundError, FileNotFoundError, OSError) as e:
-        raise RuntimeError(f"the lines task needs symspellpy's word counts ({e}); pip install symspellpy") from None
+        raise UserError(f"the lines task needs symspellpy's word counts ({e}); pip install 'symspellpy>=6.7.1'") from None
 
 
 # Web-scale counts carry web spam: these explicit, slur and spam words would
@@ -715,6 +715,9 @@ def english_words():
         if len(parts) == 2 and re.fullmatch("[a-z]+", parts[0]) and parts[0] not in EXCLUDED_WORDS:
             words.append(parts[0])
             counts.append(int(parts[1]))
+    if len(words) != N_ENGLISH_WORDS:  # symspellpy 6.7.0 shipped an older list: other text, other numbers
+        raise UserError(f"symspellpy's {UNIGRAM_FILE} gives {len(words)} words, not the {N_ENGLISH_WORDS} "
+                        "this code was measured on; pip install 'symspellpy>=6.7.1'")
     order = np.argsort(-np.array(counts), kind="stable")
     return tuple(words[i] for i in order), np.array(counts, dtype=float)[order]
 

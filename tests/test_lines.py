@@ -118,6 +118,18 @@ def test_the_english_word_list_has_the_documented_size():
     assert np.all(np.diff(counts) <= 0) and all(re.fullmatch("[a-z]+", w) for w in words[:1000])
 
 
+def test_a_different_word_list_is_refused_not_silently_sampled(monkeypatch):
+    """symspellpy 6.7.0 ships an older list: it would give other lines and other numbers."""
+    real = ih._symspell_text(ih.UNIGRAM_FILE)
+    monkeypatch.setattr(ih, "_symspell_text", lambda name: real.rsplit("\n", 50)[0])
+    ih.english_words.cache_clear()
+    try:
+        with pytest.raises(ih.UserError, match="symspellpy>=6.7.1"):
+            ih.english_words()
+    finally:
+        ih.english_words.cache_clear()
+
+
 def test_eval_lines_per_writer_takes_a_prefix_of_each_writers_lines():
     two = ih.line_eval_set("validation", 2)
     assert len(two) == 40
