@@ -718,8 +718,14 @@ def fig_training_curves(run):
             ax_err.plot(ep, ys, ls, color=colour[s], marker="o", ms=3, label=f"{split_name(s)}, {metric.upper()}",
                         gid=f"{metric}:{s}")
             err_curves.append((ys, colour[s], metric.upper()))
-    ax_err.set_ylim(0.0, max(0.05, max(max(ys) for ys, _, _ in err_curves)) * 1.08)
-    ax_err.set_ylabel("error rate (CER: characters, WER: words)")
+    errors = [y for ys, _, _ in err_curves for y in ys]
+    if min(errors) > 0 and max(errors) > 30 * min(errors):  # late epochs would hug a linear axis's zero
+        ax_err.set_yscale("log")
+        ax_err.yaxis.set_major_formatter(plain)
+        ax_err.set_ylabel("error rate (CER: characters, WER: words; log scale)")
+    else:
+        ax_err.set_ylim(0.0, max(0.05, max(errors)) * 1.08)
+        ax_err.set_ylabel("error rate (CER: characters, WER: words)")
     ax_err.set_title("Character (solid) and word (dashed) error rate, greedy decoding")
     for ax in (ax_loss, ax_err):
         ax.set_xlim(ep[0] - 0.3, ep[-1] + 0.3)
@@ -918,8 +924,14 @@ def fig_dictionary_size(run):
     fig = new_figure(6.0 * panels, 5.0)
     axes = fig.subplots(1, panels, width_ratios=[1.5] + [1.0] * (panels - 1))
     ax_wer, ax_oov = axes[0], axes[1]
-    fit_to_data(ax_wer, decoder_curves(ax_wer, dec["rows"], lambda r: r["wer"], splits), low=0.0)
-    ax_wer.set_ylabel("word error rate (axis fitted to the data)")
+    wers = decoder_curves(ax_wer, dec["rows"], lambda r: r["wer"], splits)
+    if min(wers) > 0:  # WERs span decades across dictionary sizes: a linear axis flattens the large dictionary
+        ax_wer.set_yscale("log")
+        ax_wer.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax_wer.set_ylabel("word error rate (log scale)")
+    else:
+        fit_to_data(ax_wer, wers, low=0.0)
+        ax_wer.set_ylabel("word error rate (axis fitted to the data)")
     ax_wer.set_title(f"WER on {', '.join(split_name(s) for s in splits)} by decoder")
     ax_wer.legend(fontsize=9)
     oov = sorted({(r["size"], r["oov_rate"]) for r in dec["rows"]})

@@ -77,7 +77,7 @@ def fake_lexicon_decoding():
 
 
 def fake_dictionary_decoding():
-    """A lines `decoding` block as the run.json spec describes it (the module does not write it yet)."""
+    """A lines `decoding` block in the shape the module writes (every WER above zero)."""
     sizes, rows = [1000, 5000, 20000], []
     for n in sizes:
         oov = 0.12 / np.log10(n)
@@ -329,6 +329,7 @@ def test_dictionary_plot_points_are_the_rows_oov_rates_and_perplexities(runs):
         pts = sorted((int(n), p[lm]) for n, p in dec["perplexity"].items())
         assert np.allclose(np.column_stack(one(fig, f"perplexity:{lm}").get_data()), pts)
     assert fig.axes[0].get_xscale() == "log"
+    assert fig.axes[0].get_yscale() == "log"  # WERs above zero spanning dictionary sizes
     img = iio.imread(viz.png_bytes(fig))
     assert img[..., :3].astype(float).mean(axis=-1).std() > 10.0
 
