@@ -3929,9 +3929,11 @@ def fit(cfg, task, data, streams, timer, pool=None, log=print, progress=None, st
 def check_memory(cfg, data, training):
     """UserError, before any training, if a step would need more than MEMORY_LIMIT of the machine's memory."""
     longest = max(len(s.traj) for samples in data.eval_sets.values() for s in samples)
-    need = max(training_bytes(cfg, longest, n_classes(cfg)) if training else 0,
+    # Training text is drawn like the evaluation text; twice its longest label leaves a margin.
+    label = min(longest, 2 * max(len(s.labels) for samples in data.eval_sets.values() for s in samples))
+    need = max(training_bytes(cfg, longest, n_classes(cfg), label) if training else 0,
                EVAL_THREADS * training_bytes(dataclasses.replace(cfg, batch_size=EVAL_BATCH), longest,
-                                             n_classes(cfg)) // 2)
+                                             n_classes(cfg), label) // 2)
     have = physical_memory()
     if have and need > MEMORY_LIMIT * have:
         raise UserError(f"this configuration would need about {need / 2**30:.1f} GiB per step, more than "
@@ -4215,17 +4217,18 @@ def load_model(path):
 MEMORY_LIMIT = 0.5  # of the machine's physical memory: a run estimated to need more is refused up front
 
 
-def training_bytes(cfg, longest, n_classes):
-    """Rough peak memory of one training step with sequences of length `longest`.
+def training_bytes(cfg, longest, n_classes, longest_label):
+    """Rough peak memory of one training step with sequences of length `longest`
+    and labels of up to `longest_label` characters.
 
     Per layer and direction, the forward pass caches 11 H-wide arrays per time
     step and batch entry (gates, cell, tanh(cell), hidden), the backward pass 4
-    more; CTC holds a few float64 (T, 2B, S) arrays.
+    more; CTC holds a few float64 (T, 2B, S) arrays, S = 2 L + 1.
     """
     R, H, B, T = (2 if cfg.bidirectional else 1), cfg.hidden, cfg.batch_size, longest
     itemsize = np.dtype(cfg.dtype).itemsize
     lstm = cfg.layers * R * T * B * 15 * H * itemsize
-    ctc = 6 * T * 2 * B * (2 * T + 1) * 8 // 4  # labels are at most about T / 2 long
+    ctc = 6 * T * 2 * B * (2 * longest_label + 1) * 8
     return lstm + ctc + 4 * T * B * n_classes * 8
 
 

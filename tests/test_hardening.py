@@ -142,6 +142,20 @@ def test_trailing_slash_fails_before_training(tmp_path):
     assert "epoch" not in r.stdout
 
 
+def test_the_memory_check_counts_label_length_not_sequence_length(monkeypatch):
+    """IAM-OnDB lines are up to ~2,200 samples but ~60 characters: the CTC lattice is
+    (T, 2B, 2L + 1), and taking L ~ T / 2 refused the paper-sized run on a 24 GiB machine."""
+    from types import SimpleNamespace
+    import dataclasses
+    monkeypatch.setattr(ih, "physical_memory", lambda: 16 * 2**30)
+    line = SimpleNamespace(traj=np.zeros((2230, 25)), labels=[1] * 60)
+    data = SimpleNamespace(eval_sets={"validation": [line], "test": [line]})
+    cfg = dataclasses.replace(ih.RunConfig(), task="lines", hidden=100, batch_size=8)
+    ih.check_memory(cfg, data, training=True)  # about 5 GiB: accepted
+    with pytest.raises(ih.UserError, match="GiB"):
+        ih.check_memory(dataclasses.replace(cfg, hidden=1024), data, training=True)
+
+
 @pytest.mark.parametrize("args,message", [
     (["--hidden", "100000"], "--hidden"), (["--layers", "1000"], "--layers"),
     (["--beam-width", "100000000"], "--beam-width"), (["--lm-beam", "0"], "--lm-beam"),
