@@ -148,6 +148,29 @@ def small_lines_model():
     return params, result, ih.TASKS["lines"].make_data(cfg, ih.make_streams(cfg.seed), ih.serial_map, print)
 
 
+def test_a_step_split_over_two_processes_equals_one_process():
+    """The pool sends each process a contiguous part of the batch and sums the
+    gradients: in float64 the step must equal the one-process step to rounding."""
+    cfg = ih.RunConfig(task="lines", hidden=16, batch_size=7, eval_lines_per_writer=1)
+    data = ih.TASKS["lines"].make_data(cfg, ih.make_streams(0), ih.serial_map, lambda *a: None)
+    batch = data.eval_sets["validation"][:7]  # odd, so the parts differ in size
+    start = ih.init_params(np.random.default_rng(3), hidden=16, in_dim=3, n_classes=28)
+    results = []
+    for pool in (None, ih.Pool(2)):
+        params = {k: v.copy() for k, v in start.items()}
+        try:
+            loss = ih.train_step(params, ih.adam_init(params), batch, 1e-2, cfg, data, ih.Timer(), pool)
+        finally:
+            if pool:
+                pool.close()
+        results.append((loss, params))
+    (loss1, one), (loss2, two) = results
+    assert loss1[1:] == loss2[1:] and loss1[0] == pytest.approx(loss2[0], rel=1e-12)
+    for k in one:
+        assert not np.array_equal(one[k], start[k]), k  # the step moved it
+        np.testing.assert_allclose(two[k], one[k], rtol=1e-10, atol=1e-13, err_msg=k)
+
+
 def test_a_short_lines_run_reads_well_below_chance(small_lines_model):
     """The short run must leave the all-blank start (CER 1.0) behind. Measured:
     validation CER 0.72 and test CER 0.74 after its one epoch, in about 22 s;
