@@ -3210,6 +3210,16 @@ def dictionary_lexicon(size, alphabet):
     return build_lexicon(english_words()[0][:size], alphabet)
 
 
+def check_dictionary_alphabet(size, alphabet):
+    """UserError unless the `size`-word dictionary can be spelled in `alphabet` (an
+    iam-ondb alphabet comes from its training text and may lack letters). The
+    dictionaries are nested, so the largest one used is the one to check."""
+    missing = set("".join(english_words()[0][:size])) - set(alphabet)
+    if missing:
+        raise UserError(f"the {size}-word dictionary needs the letters {''.join(sorted(missing))!r}, which the "
+                        "training transcriptions never use, so the model cannot output them")
+
+
 class _Histories:
     """Word histories of a line as a tree: id 0 is the empty history, and every
     other history is its parent plus one word. Each carries its language-model
@@ -3946,12 +3956,14 @@ def feature_dim(cfg):
     return {"raw": 3, "graves25": 25}[cfg.features]
 
 
-def train_and_evaluate(cfg, params=None, verbose=True, log=print, status=None, experiment=None):
+def train_and_evaluate(cfg, params=None, verbose=True, log=print, status=None, experiment=None, dictionary_size=0):
     """Train a model as configured (or, given `params`, only evaluate them) and report.
 
     experiment: (params, cfg, data, log=) -> run.json's `decoding`, run on the
-    same data after the final evaluation. Returns (params, result): result is
-    what run.json holds, less schema_version and env (see run_json).
+    same data after the final evaluation. dictionary_size: the largest
+    dictionary the experiment decodes with, checked against the alphabet before
+    training. Returns (params, result): result is what run.json holds, less
+    schema_version and env (see run_json).
     """
     wall0 = time.perf_counter()
     task = TASKS[cfg.task]
@@ -3968,6 +3980,9 @@ def train_and_evaluate(cfg, params=None, verbose=True, log=print, status=None, e
         if task.alphabet is None:
             cfg = dataclasses.replace(cfg, alphabet=data.alphabet)  # saved with the model
         check_memory(cfg, data, training=params is None)
+        dictionary_size = max(dictionary_size, cfg.dictionary_size if cfg.decoder == "lm" else 0)
+        if dictionary_size:
+            check_dictionary_alphabet(dictionary_size, data.alphabet)
         if params is None:
             progress = Progress(verbose and sys.stdout.isatty(), log)
             params, history, skipped = fit(cfg, task, data, streams, timer, pool,
@@ -4495,7 +4510,7 @@ def _main(argv):
         elif args.dictionary_sizes:
             experiment = functools.partial(dictionary_experiment, sizes=args.dictionary_sizes)
         params, result = train_and_evaluate(cfg, params, verbose=not args.quiet, log=log, status=status,
-                                            experiment=experiment)
+                                            experiment=experiment, dictionary_size=max(args.dictionary_sizes or [0]))
         cfg = RunConfig(**result["config"])  # iam-ondb: with the alphabet read from the data
         print_summary(result, task, log)
         outputs = []

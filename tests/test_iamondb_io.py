@@ -7,7 +7,10 @@ back through the same loader and preprocessing as the real database.
 """
 import builtins
 import dataclasses
+import json
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -658,3 +661,40 @@ def test_preprocessed_export_is_evenly_resampled_and_gives_25_finite_features(tm
         assert np.all(np.isfinite(x25))
         np.testing.assert_array_equal(x25[:, 0], pre.pen_up)
         np.testing.assert_array_equal(x25[:, 4], pre.points[:, 1])
+
+
+# ---------------------------------------------------------------------------
+# The round trip through the command line: export the lines task, train on it
+# ---------------------------------------------------------------------------
+
+
+def run_cli(*args):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, os.path.join(root, "iam_handwriting.py"), *map(str, args)], cwd=root,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_exported_lines_train_as_iam_ondb_through_the_command_line(tmp_path):
+    """--task lines --export-iam-ondb, then --task iam-ondb --data-dir on it, graves25, at quick size."""
+    folder, out = tmp_path / "db", tmp_path / "iam.json"
+    r = run_cli("--task", "lines", "--quick", "--export-iam-ondb", folder)
+    assert r.returncode == 0 and "train 160, validation 40, test 80" in r.stdout, r.stderr
+    r = run_cli("--task", "iam-ondb", "--data-dir", folder, "--features", "graves25", "--quick", "--epochs", "1",
+                "--quiet", "--save-json", out)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    run = json.loads(out.read_text())
+    assert run["task"]["name"] == "iam-ondb" and run["config"]["features"] == "graves25"
+    assert set(run["task"]["alphabet"]) <= set(ih.LINE_ALPHABET) and " " in run["task"]["alphabet"]
+    assert len(run["history"]) == 1 and run["model_source"] == "trained"
+    assert {s: run["final"][s]["cer"] for s in ("validation", "test")}.keys() == {"validation", "test"}
+    assert all(0.0 <= run["final"][s]["cer"] <= 1.0 for s in ("validation", "test"))
+    assert len(run["per_writer"]) == 60  # 20 validation + 40 test writers, as exported
+
+
+def test_an_alphabet_that_cannot_spell_the_dictionary_is_refused_before_training(tmp_path, rendered_lines):
+    ih.export_iam_ondb(tmp_path, {"train": rendered_lines[:1], "validation": rendered_lines[1:2],
+                                  "test": rendered_lines[2:3]}, log=quiet)
+    r = run_cli("--task", "iam-ondb", "--data-dir", tmp_path, "--decoder", "lm", "--quiet")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "dictionary needs the letters" in lines[0], r.stderr
+    assert "epoch" not in r.stdout
