@@ -681,6 +681,11 @@ def label_ends(ax, ends, min_gap=0.08):
         ax.text(1.03, label_y, text, color=colour, fontsize=9, va="center", transform=ax.transAxes)
 
 
+def plain_numbers():
+    """Tick labels like 0.01 and 1 rather than 10^-2 on a log axis (a new formatter per axis)."""
+    return FuncFormatter(lambda v, _: f"{v:g}")
+
+
 def fig_training_curves(run):
     hist, task = run["history"], run["task"]
     fig = new_figure(13.0, 5.0)
@@ -704,11 +709,10 @@ def fig_training_curves(run):
     for key, label, ys, c in loss_curves:
         ax_loss.plot(ep, ys, color=c, marker="o", ms=3, label=label, gid=f"loss:{key}")
     ax_loss.set_yscale("log")
-    plain = FuncFormatter(lambda v, _: f"{v:g}")
-    ax_loss.yaxis.set_major_formatter(plain)
+    ax_loss.yaxis.set_major_formatter(plain_numbers())
     losses = [y for _, _, ys, _ in loss_curves for y in ys]
     if max(losses) < 10 * min(losses):  # less than a decade: label the minor ticks too
-        ax_loss.yaxis.set_minor_formatter(plain)
+        ax_loss.yaxis.set_minor_formatter(plain_numbers())
     ax_loss.set_ylabel("CTC loss per character (nats, log scale)")
     ax_loss.set_title("CTC loss")
     err_curves = []
@@ -721,7 +725,7 @@ def fig_training_curves(run):
     errors = [y for ys, _, _ in err_curves for y in ys]
     if min(errors) > 0 and max(errors) > 30 * min(errors):  # late epochs would hug a linear axis's zero
         ax_err.set_yscale("log")
-        ax_err.yaxis.set_major_formatter(plain)
+        ax_err.yaxis.set_major_formatter(plain_numbers())
         ax_err.set_ylabel("error rate (CER: characters, WER: words; log scale)")
     else:
         ax_err.set_ylim(0.0, max(0.05, max(errors)) * 1.08)
@@ -927,7 +931,7 @@ def fig_dictionary_size(run):
     wers = decoder_curves(ax_wer, dec["rows"], lambda r: r["wer"], splits)
     if min(wers) > 0:  # WERs span decades across dictionary sizes: a linear axis flattens the large dictionary
         ax_wer.set_yscale("log")
-        ax_wer.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax_wer.yaxis.set_major_formatter(plain_numbers())
         ax_wer.set_ylabel("word error rate (log scale)")
     else:
         fit_to_data(ax_wer, wers, low=0.0)
