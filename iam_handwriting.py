@@ -4199,6 +4199,21 @@ def config_from_file(saved):
     return check_config(RunConfig(**saved))
 
 
+def _not_a_model_reason(path, error):
+    """Why np.load refused `path`. numpy reads any file that is neither .npy nor .npz as a
+    pickle, so its "pickled data" message also covers plain text; the first byte tells."""
+    if "Object arrays" in str(error):
+        return "it holds pickled objects"
+    if "pickle" in str(error):  # "pickled data" (numpy 1.x), "pickled (object) data" (2.x)
+        try:
+            with open(path, "rb") as f:
+                is_pickle = f.read(1) == b"\x80"  # the PROTO opcode that starts pickles since protocol 2
+        except OSError:
+            is_pickle = False
+        return "it is a Python pickle" if is_pickle else "it is not an npz archive"
+    return getattr(error, "strerror", None) or error
+
+
 def load_model(path):
     """(params, RunConfig) from a model file; UserError if missing, not a model file or inconsistent."""
     try:
@@ -4212,8 +4227,7 @@ def load_model(path):
     except IsADirectoryError:
         raise UserError(f"model file {path!r} is a folder") from None
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        reason = "it holds pickled objects" if "pickle" in str(e) else (getattr(e, "strerror", None) or e)
-        raise UserError(f"model file {path!r} is not a model file ({reason})") from None
+        raise UserError(f"model file {path!r} is not a model file ({_not_a_model_reason(path, e)})") from None
     try:
         cfg = config_from_file(json.loads(str(arrays.pop("__config__"))))
         expected = init_params(np.random.default_rng(0), cfg.hidden, cfg.layers, cfg.bidirectional,

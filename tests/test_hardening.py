@@ -301,6 +301,7 @@ def test_a_model_file_from_before_tasks_loads_as_a_words_model(model_file, tmp_p
 
 @pytest.mark.parametrize("content,message", [
     (b"not a zip at all", "not a model file"), (None, "pickled objects"),
+    (b"root:x:0:0:root:/root:/bin/bash\n", "not an npz archive"), (b"\x80\x04K\x01.", "a Python pickle"),
 ])
 def test_files_that_are_not_model_files_say_so(tmp_path, content, message):
     path = tmp_path / "bad.npz"
