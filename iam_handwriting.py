@@ -144,6 +144,9 @@ class RunConfig:
                                high=1.0)
     grad_clip: float = _setting(5.0, "global-norm gradient clip", above=0.0, high=1e6)
     workers: int = _setting(1, "processes sharing each training batch (gradients summed)", low=1, high=16)
+    patience: int = _setting(0, "early stopping: keep the best validation epoch's weights and stop after this "
+                                "many epochs without a better one (0: train every epoch, keep the last)",
+                             low=0, high=100_000)
     # decoding
     decoder: str = _setting("greedy", "how the final evaluation decodes", choices=DECODERS)
     beam_width: int = _setting(16, "prefixes kept by the beam decoder", low=1, high=4096)
@@ -200,7 +203,7 @@ class Sample:
     """One handwritten sequence and its transcription."""
 
     text: str
-    traj: np.ndarray  # (T, D) float64 input features before normalisation; raw: (dx, dy, pen_up)
+    traj: np.ndarray  # (T, D) input features before normalisation (float32 for IAM-OnDB); raw: (dx, dy, pen_up)
     labels: list  # class ids of `text`
     xy: np.ndarray  # (T, 2) pen positions, y up (for figures and export)
     pen_up: np.ndarray  # (T,) 1.0 on the first sample of every stroke
@@ -2422,7 +2425,10 @@ def _featurise_line(args):
     line, features = args
     pre = preprocess(line.points, line.stroke, line.times)
     traj = features_graves25(pre) if features == "graves25" else pen_trajectory(pre.points, pre.stroke)
-    return Sample(line.text, traj, [], np.asarray(pre.points), np.asarray(pre.pen_up), None, line.writer)
+    # float32 halves the features of the 12k lines (about 1 GB instead of 2); the network reads
+    # float32 anyway, so this rounds each input once before normalisation instead of after it.
+    return Sample(line.text, traj.astype(np.float32), [], np.asarray(pre.points, np.float32),
+                  np.asarray(pre.pen_up, np.float32), None, line.writer)
 
 
 IAM_EVAL_SPLITS = ("validation", "validation2", "test")
@@ -2462,8 +2468,9 @@ def iam_ondb_data(cfg, streams, parallel_map, log):
     if cfg.features == "graves25":
         frames = np.concatenate([s.traj for s in train])
         # Unit variance per feature, scaled so the 25 carry the input power of two raw channels at the gain.
-        shift = frames.mean(axis=0)
-        scale = cfg.input_gain * np.sqrt(2 / frames.shape[1]) / np.maximum(frames.std(axis=0), 1e-6)
+        shift = frames.mean(axis=0, dtype=np.float64)
+        scale = cfg.input_gain * np.sqrt(2 / frames.shape[1]) / np.maximum(frames.std(axis=0, dtype=np.float64), 1e-6)
+        del frames
     else:
         shift, scale = np.zeros(3), np.array([cfg.input_gain / IAM_SPACING, cfg.input_gain / IAM_SPACING, 1.0])
     eval_sets = {split: samples[split] for split in IAM_EVAL_SPLITS if split in samples}
@@ -2499,8 +2506,9 @@ TASKS = {
                   dict(hidden=32, epochs=2, lines_per_epoch=160, eval_lines_per_writer=2), lines_data),
     "iam-ondb": Task("iam-ondb", None, ("validation",), "writer", ("greedy", "beam", "lm"),
                      LM_OPTIONS + ("data_dir", "features"),
-                     dict(hidden=100, batch_size=8, epochs=12, lr=1e-2, lr_final=0.1, workers=2),
-                     dict(hidden=32, epochs=2), iam_ondb_data),
+                     dict(hidden=100, batch_size=8, epochs=25, lr=1e-2, lr_final=0.1, workers=2, patience=6,
+                          features="graves25"),
+                     dict(hidden=32, epochs=2, patience=0), iam_ondb_data),
 }
 
 
@@ -3622,41 +3630,70 @@ def serial_map(fn, items):
 
 
 EVAL_BATCH = 64  # measured fastest per frame for the forward pass alone
-EVAL_THREADS = 2  # numpy releases the GIL in ufuncs and BLAS; batches are independent
+EVAL_FRAMES = 32_768  # padded frames per evaluation chunk: at H = 100 about 11 kB each (caches, logits)
+EVAL_THREADS = 2  # numpy releases the GIL in ufuncs and BLAS; chunks are independent
 
 
-def run_model(params, samples, data):
-    """Log-probabilities for every sample: a list of (T_i, K) float64 arrays."""
-    order = np.argsort([len(s.traj) for s in samples], kind="stable")
-    chunks = [order[i:i + EVAL_BATCH] for i in range(0, len(order), EVAL_BATCH)]
+def eval_chunks(lengths):
+    """Index chunks of a length-sorted order, each at most EVAL_BATCH sequences
+    and EVAL_FRAMES padded frames (one sequence at least), so that an
+    evaluation's memory is bounded by its longest line, not its number of lines."""
+    order = np.argsort(lengths, kind="stable")
+    sorted_lengths = np.asarray(lengths)[order]
+    chunks, start = [], 0
+    while start < len(order):
+        width = np.arange(1, min(EVAL_BATCH, len(order) - start) + 1)
+        fits = width * sorted_lengths[start:start + len(width)] <= EVAL_FRAMES  # non-increasing: lengths sorted
+        n = max(1, int(fits.sum()))
+        chunks.append(order[start:start + n])
+        start += n
+    return chunks
 
+
+def model_outputs(params, samples, data):
+    """Yield (indices, [(T_i, K) float64 log-probs]) chunk by chunk (eval_chunks),
+    EVAL_THREADS chunks at a time, so that only those chunks' outputs are held."""
     def run_chunk(idx):
         X, lengths = pad_batch([samples[i] for i in idx], data.input_shift, data.input_scale, params["out_W"].dtype,
                                data.input_squash)
         log_probs, _ = forward(params, X, lengths)
         return [log_probs[:n, b].astype(np.float64) for b, n in enumerate(lengths)]
 
-    out = [None] * len(samples)
+    chunks = eval_chunks([len(s.traj) for s in samples])
     with ThreadPoolExecutor(EVAL_THREADS) as threads:
-        for idx, lps in zip(chunks, threads.map(run_chunk, chunks)):
-            for i, lp in zip(idx, lps):
-                out[i] = lp
+        for first in range(0, len(chunks), EVAL_THREADS):
+            group = chunks[first:first + EVAL_THREADS]
+            yield from zip(group, threads.map(run_chunk, group))
+
+
+def run_model(params, samples, data):
+    """Log-probabilities for every sample: a list of (T_i, K) float64 arrays.
+    For small sets; evaluate() and the experiments go chunk by chunk."""
+    out = [None] * len(samples)
+    for idx, lps in model_outputs(params, samples, data):
+        for i, lp in zip(idx, lps):
+            out[i] = lp
     return out
 
 
-def evaluate(params, samples, data, decode):
-    """Loss, CER, WER and word accuracy of one evaluation set.
+def evaluate(params, samples, data, decode, keep=()):
+    """Loss, CER, WER and word accuracy of one evaluation set, chunk by chunk.
 
     `decode` (from make_decoder) maps a list of (T_i, K) log-prob arrays to
-    strings. Returns (metrics, per-sample log-probs, decoded strings).
+    strings. Returns (metrics, decoded strings, {i: (T_i, K) log-probs} for
+    the sample indices in `keep`).
     """
-    log_probs = run_model(params, samples, data)
-    nll = -ctc_log_likelihood(*pad_log_probs(log_probs), [s.labels for s in samples])
-    hyps = decode(log_probs)
+    nll, hyps, kept, keep = np.zeros(len(samples)), [None] * len(samples), {}, set(keep)
+    for idx, lps in model_outputs(params, samples, data):
+        nll[idx] = -ctc_log_likelihood(*pad_log_probs(lps), [samples[i].labels for i in idx])
+        for i, lp, h in zip(idx, lps, decode(lps)):
+            hyps[i] = h
+            if i in keep:
+                kept[i] = lp
     finite = np.isfinite(nll)
     n_chars = sum(len(s.labels) for s, f in zip(samples, finite) if f)
     metrics = rates(error_counts([s.text for s in samples], hyps))
-    return {**metrics, "loss": float(nll[finite].sum() / max(n_chars, 1))}, log_probs, hyps
+    return {**metrics, "loss": float(nll[finite].sum() / max(n_chars, 1))}, hyps, kept
 
 
 def alignment_record(sample, split, log_probs, alphabet):
@@ -3694,7 +3731,8 @@ def final_report(params, cfg, task, data, timer):
     decode = make_decoder(cfg.decoder, cfg, data.alphabet)
     final, predictions, hyps_of, log_probs_of = {}, [], {}, {}
     for split, samples in data.eval_sets.items():
-        final[split], log_probs_of[split], hyps_of[split] = evaluate(params, samples, data, decode)
+        picks = [i for pick_split, i in data.alignment_picks if pick_split == split]
+        final[split], hyps_of[split], log_probs_of[split] = evaluate(params, samples, data, decode, picks)
         predictions += [{"text": s.text, "split": split, "writer": s.writer, "decoded": h}
                         for s, h in zip(samples, hyps_of[split])]
     alignments = [alignment_record(data.eval_sets[split][i], split, log_probs_of[split][i], data.alphabet)
@@ -3886,22 +3924,63 @@ class Progress:
             self.log("\r" + " " * 100 + "\r", end="")
 
 
-def fit(cfg, task, data, streams, timer, pool=None, log=print, progress=None, status=None):
+@dataclass
+class TrainingState:
+    """Where training stands after an epoch: everything fit() needs to carry on
+    exactly as if it had not stopped (checkpoint files hold one)."""
+
+    epoch: int  # epochs done
+    params: dict
+    adam: dict  # adam_init's layout
+    streams: dict  # stream name -> bit generator state (the data and shuffle streams move each epoch)
+    history: list
+    skipped: int
+    best_epoch: int  # the epoch whose weights are kept (0: none yet)
+    best_params: dict | None  # those weights, when cfg.patience keeps the best epoch; else None
+    train_seconds: float
+
+    def stopped(self, cfg):
+        """True once every epoch ran, or validation has not improved for cfg.patience epochs."""
+        return self.epoch >= cfg.epochs or bool(cfg.patience and self.epoch - self.best_epoch >= cfg.patience)
+
+    def final_params(self):
+        return self.best_params if self.best_params is not None else self.params
+
+
+def better(entry, best, split):
+    """Early stopping's test: a lower (CER, loss) on the monitored split than the best so far."""
+    return best is None or (entry[split]["cer"], entry[split]["loss"]) < (best[split]["cer"], best[split]["loss"])
+
+
+def fit(cfg, task, data, streams, timer, pool=None, log=print, progress=None, status=None, state=None,
+        checkpoint=None):
     """The training loop: one epoch of training samples at a time, minibatch
     Adam, and an evaluation of the task's monitored splits after each epoch.
-    Returns (params, history, number of sequences skipped for impossible
-    alignments). Raises Diverged with the epoch and step."""
+
+    state: a TrainingState to continue from (a resumed run); checkpoint(state)
+    is called after every epoch. With cfg.patience, the weights of the epoch
+    with the best (CER, loss) on the first monitored split are kept, and
+    training stops after cfg.patience epochs without a better one (the paper's
+    early stopping). Returns the final TrainingState. Raises Diverged with the
+    epoch and step.
+    """
     dtype = np.dtype(cfg.dtype)
-    params = {k: v.astype(dtype) for k, v in init_params(
-        streams["init"], cfg.hidden, cfg.layers, cfg.bidirectional, feature_dim(cfg), n_classes(cfg)).items()}
-    adam = adam_init(params)
+    if state is None:
+        params = {k: v.astype(dtype) for k, v in init_params(
+            streams["init"], cfg.hidden, cfg.layers, cfg.bidirectional, feature_dim(cfg), n_classes(cfg)).items()}
+        state = TrainingState(0, params, adam_init(params), {}, [], 0, 0, None, 0.0)
+    else:
+        for name, bit_state in state.streams.items():
+            streams[name].bit_generator.state = bit_state
+    params, adam = state.params, state.adam
     steps_per_epoch = -(-data.epoch_size // cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     greedy = make_decoder("greedy", cfg, data.alphabet)
     parallel_map = pool.map if pool else serial_map
-    history, skipped, train_seconds = [], 0, 0.0
     status = {} if status is None else status
-    for epoch in range(1, cfg.epochs + 1):
+    watched = task.monitor[0]
+    while not state.stopped(cfg):
+        epoch = state.epoch + 1
         status["where"] = f"at epoch {epoch} of {cfg.epochs}"
         e0 = t0 = time.perf_counter()
         samples = data.training_samples(streams["data"], parallel_map)
@@ -3915,14 +3994,14 @@ def fit(cfg, task, data, streams, timer, pool=None, log=print, progress=None, st
                 s, n, k = train_step(params, adam, [samples[i] for i in idx], lr, cfg, data, timer, pool)
             except Diverged as e:
                 raise Diverged(f"training diverged at epoch {epoch}, step {step}: {e}") from None
-            loss_sum, n_chars, skipped = loss_sum + s, n_chars + n, skipped + k
+            loss_sum, n_chars, state.skipped = loss_sum + s, n_chars + n, state.skipped + k
             done, frames = done + len(idx), frames + sum(len(samples[i].traj) for i in idx)
             if progress:
                 elapsed = time.perf_counter() - s0
-                per_step = (train_seconds + elapsed) / (adam["t"] or 1)
+                per_step = (state.train_seconds + elapsed) / (adam["t"] or 1)
                 progress.update(epoch, cfg.epochs, done, len(samples), frames, elapsed, total_steps - adam["t"],
                                 per_step)
-        train_seconds += time.perf_counter() - s0
+        state.train_seconds += time.perf_counter() - s0
         if progress:
             progress.clear()
         t0 = time.perf_counter()
@@ -3931,24 +4010,86 @@ def fit(cfg, task, data, streams, timer, pool=None, log=print, progress=None, st
             entry[split] = evaluate(params, data.eval_sets[split], data, greedy)[0]
         timer.add("evaluation", t0)
         entry["seconds"] = time.perf_counter() - e0
-        history.append(entry)
-        log(format_epoch(entry, cfg.epochs, task))
-    return params, history, skipped
+        improved = better(entry, state.history[state.best_epoch - 1] if state.best_epoch else None, watched)
+        if cfg.patience and improved:
+            state.best_params = {k: v.copy() for k, v in params.items()}
+        if improved or not cfg.patience:
+            state.best_epoch = epoch
+        state.epoch = epoch
+        state.history.append(entry)
+        state.streams = {name: g.bit_generator.state for name, g in streams.items()}
+        log(format_epoch(entry, cfg.epochs, task) + ("  best" if cfg.patience and improved else ""))
+        if checkpoint:
+            status["where"] = f"while writing the checkpoint after epoch {epoch}"
+            checkpoint(state)
+    if cfg.patience and state.history:
+        log(f"kept the weights of epoch {state.best_epoch} (best validation CER "
+            f"{state.history[state.best_epoch - 1][watched]['cer']:.4f})"
+            + (f"; stopped after {cfg.patience} epochs without improvement" if state.epoch < cfg.epochs else ""))
+    return state
 
 
-def check_memory(cfg, data, training):
-    """UserError, before any training, if a step would need more than MEMORY_LIMIT of the machine's memory."""
-    longest = max(len(s.traj) for samples in data.eval_sets.values() for s in samples)
+BASE_BYTES = 160 * 2**20  # the interpreter with numpy, matplotlib's absence and this module, measured at startup
+
+
+def sample_bytes(sample):
+    return sample.traj.nbytes + sample.xy.nbytes + sample.pen_up.nbytes
+
+
+def eval_chunk_bytes(cfg, frames, n_classes, longest_label):
+    """Rough peak memory of one evaluation chunk of `frames` padded frames (model_outputs
+    and evaluate): the forward caches, the logits and their float64 copies, the CTC lattice."""
+    R = 2 if cfg.bidirectional else 1
+    itemsize = np.dtype(cfg.dtype).itemsize
+    lstm = cfg.layers * R * frames * 15 * cfg.hidden * itemsize
+    logits = frames * n_classes * (3 * itemsize + 3 * 8)
+    ctc = 3 * frames * (2 * longest_label + 3) * 8
+    return lstm + logits + ctc
+
+
+def memory_estimate(cfg, data, training):
+    """Predicted peak resident memory of this process, in bytes, by part:
+    base (interpreter and module), data (every split's samples, and an epoch of
+    training samples), work (the larger of a training step and EVAL_THREADS
+    evaluation chunks)."""
+    evals = [s for samples in data.eval_sets.values() for s in samples]
+    held = sum(sample_bytes(s) for s in evals)
+    held += int(data.epoch_size * held / max(len(evals), 1))  # training lines are drawn like evaluation lines
+    longest = max(len(s.traj) for s in evals)
     # Training text is drawn like the evaluation text; twice its longest label leaves a margin.
-    label = min(longest, 2 * max(len(s.labels) for samples in data.eval_sets.values() for s in samples))
-    need = max(training_bytes(cfg, longest, n_classes(cfg), label) if training else 0,
-               EVAL_THREADS * training_bytes(dataclasses.replace(cfg, batch_size=EVAL_BATCH), longest,
-                                             n_classes(cfg), label) // 2)
+    label = min(longest, 2 * max(len(s.labels) for s in evals))
+    K = n_classes(cfg)
+    part = dataclasses.replace(cfg, batch_size=-(-cfg.batch_size // cfg.workers))  # this process's share
+    step = training_bytes(part, longest, K, label) if training else 0
+    chunk_frames = max(min(EVAL_FRAMES, EVAL_BATCH * longest), longest)
+    work = max(step, EVAL_THREADS * eval_chunk_bytes(cfg, chunk_frames, K, label))
+    return {"base": BASE_BYTES, "data": held, "work": work, "total": BASE_BYTES + held + work}
+
+
+def check_memory(cfg, data, training, log=None):
+    """The run's memory_estimate; UserError, before any training, if it exceeds
+    MEMORY_LIMIT of the machine's memory, naming the part that is too large."""
+    need = memory_estimate(cfg, data, training)
     have = physical_memory()
-    if have and need > MEMORY_LIMIT * have:
-        raise UserError(f"this configuration would need about {need / 2**30:.1f} GiB per step, more than "
-                        f"{MEMORY_LIMIT:.0%} of this machine's {have / 2**30:.1f} GiB; use a smaller --hidden, "
-                        "--layers or --batch-size")
+    if log:
+        log(f"memory: about {need['total'] / 2**30:.2f} GiB predicted (data {need['data'] / 2**30:.2f}, "
+            f"largest step {need['work'] / 2**30:.2f})")
+    if have and need["total"] > MEMORY_LIMIT * have:
+        remedy = ("use a smaller --hidden, --layers or --batch-size" if need["work"] >= need["data"]
+                  else "the data itself is too large; use fewer lines")
+        raise UserError(f"this configuration would need about {need['total'] / 2**30:.1f} GiB, more than "
+                        f"{MEMORY_LIMIT:.0%} of this machine's {have / 2**30:.1f} GiB; {remedy}")
+    return need
+
+
+def peak_rss():
+    """This process's peak resident memory so far, in bytes (None where unknown)."""
+    try:
+        import resource
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    except (ImportError, OSError):
+        return None
+    return kib if sys.platform == "darwin" else kib * 1024  # macOS reports bytes, Linux KiB
 
 
 def feature_dim(cfg):
@@ -3956,14 +4097,18 @@ def feature_dim(cfg):
     return {"raw": 3, "graves25": 25}[cfg.features]
 
 
-def train_and_evaluate(cfg, params=None, verbose=True, log=print, status=None, experiment=None, dictionary_size=0):
+def train_and_evaluate(cfg, params=None, verbose=True, log=print, status=None, experiment=None, dictionary_size=0,
+                       checkpoint_to=None, resume=False):
     """Train a model as configured (or, given `params`, only evaluate them) and report.
 
     experiment: (params, cfg, data, log=) -> run.json's `decoding`, run on the
     same data after the final evaluation. dictionary_size: the largest
     dictionary the experiment decodes with, checked against the alphabet before
-    training. Returns (params, result): result is what run.json holds, less
-    schema_version and env (see run_json).
+    training. checkpoint_to: a path that receives a checkpoint after every
+    epoch; resume: continue from the checkpoint there (same config), to the
+    same result as a run that was never interrupted. Returns (params,
+    result): result is what run.json holds, less schema_version and env (see
+    run_json).
     """
     wall0 = time.perf_counter()
     task = TASKS[cfg.task]
@@ -3979,26 +4124,36 @@ def train_and_evaluate(cfg, params=None, verbose=True, log=print, status=None, e
         timer.add("data", t0)
         if task.alphabet is None:
             cfg = dataclasses.replace(cfg, alphabet=data.alphabet)  # saved with the model
-        check_memory(cfg, data, training=params is None)
+        memory = check_memory(cfg, data, training=params is None, log=log if verbose else None)
         dictionary_size = max(dictionary_size, cfg.dictionary_size if cfg.decoder == "lm" else 0)
         if dictionary_size:
             check_dictionary_alphabet(dictionary_size, data.alphabet)
+        state = None
         if params is None:
             progress = Progress(verbose and sys.stdout.isatty(), log)
-            params, history, skipped = fit(cfg, task, data, streams, timer, pool,
-                                           log if verbose else (lambda *a, **k: None), progress, status)
+            if resume:
+                state = load_checkpoint(checkpoint_to, cfg)
+                log(f"resuming from {checkpoint_to} after epoch {state.epoch}")
+            save = (lambda st: write_output(checkpoint_to, checkpoint_bytes(st, cfg, data), "checkpoint")) \
+                if checkpoint_to else None
+            state = fit(cfg, task, data, streams, timer, pool, log if verbose else (lambda *a, **k: None),
+                        progress, status, state, save)
+            params, history, skipped = state.final_params(), state.history, state.skipped
     finally:
         if pool:
             pool.close()
     status["where"] = "during the final evaluation"
     source = "loaded" if loaded else "trained" if history else "untrained"  # untrained: --epochs 0
     result = {"config": dataclasses.asdict(cfg), "model_source": source, "history": history,
+              "best_epoch": state.best_epoch if state else None,
               **final_report(params, cfg, task, data, timer),
               "split": data.info, "timing": timer.seconds, "skipped": skipped}
     result["wall_seconds"] = time.perf_counter() - wall0
     if experiment:
         status["where"] = "during the decoding experiment"
         result["decoding"] = experiment(params, cfg, data, log=log)
+    result["input"] = input_normalisation(data)
+    result["memory"] = {"predicted_bytes": memory["total"], "peak_rss_bytes": peak_rss()}
     return params, result
 
 
@@ -4171,19 +4326,91 @@ def json_bytes(doc):
     return (json.dumps(doc, indent=1, allow_nan=False) + "\n").encode()
 
 
-def model_bytes(params, cfg):
-    """npz of the parameter arrays plus the config as a JSON string."""
+def input_normalisation(data):
+    """What the network's input layer was fitted to: {shift, scale, squash} as JSON-ready
+    lists, saved with the model so that it can read ink without its training set."""
+    return {"shift": np.asarray(data.input_shift, float).tolist(),
+            "scale": np.asarray(data.input_scale, float).tolist(), "squash": float(data.input_squash)}
+
+
+def model_bytes(params, cfg, normalisation=None):
+    """npz of the parameter arrays plus the config (and the input normalisation) as JSON strings."""
     if not all(np.isfinite(v).all() for v in params.values()):
         raise ValueError("refusing to save weights that are not finite")
     buf = io.BytesIO()
-    np.savez(buf, __config__=np.array(json.dumps(dataclasses.asdict(cfg))), **params)
+    extra = {"__input__": np.array(json.dumps(normalisation))} if normalisation else {}
+    np.savez(buf, __config__=np.array(json.dumps(dataclasses.asdict(cfg))), **extra, **params)
     return buf.getvalue()
+
+
+def checkpoint_path(model_path):
+    """Where a run that saves its model to `model_path` keeps its checkpoint."""
+    return model_path + ".checkpoint"
+
+
+# Settings that only the final decoding reads: a resumed run may change them.
+DECODING_FIELDS = ("decoder", "beam_width", "dictionary_size", "lm_weight", "word_penalty", "lm_beam")
+
+
+def checkpoint_bytes(state, cfg, data):
+    """npz of a TrainingState: the weights, Adam's moments, the kept best weights, and the
+    rest (config, epoch, random streams, history) as one JSON string."""
+    arrays = {f"params/{k}": v for k, v in state.params.items()}
+    arrays.update({f"adam_{m}/{k}": v for m in ("m", "v") for k, v in state.adam[m].items()})
+    if state.best_params is not None:
+        arrays.update({f"best/{k}": v for k, v in state.best_params.items()})
+    meta = {"config": dataclasses.asdict(cfg), "epoch": state.epoch, "adam_t": state.adam["t"],
+            "streams": state.streams, "history": state.history, "skipped": state.skipped,
+            "best_epoch": state.best_epoch, "train_seconds": state.train_seconds,
+            "input": input_normalisation(data)}
+    buf = io.BytesIO()
+    np.savez(buf, __checkpoint__=np.array(json.dumps(meta)), **arrays)
+    return buf.getvalue()
+
+
+def load_checkpoint(path, cfg):
+    """The TrainingState in checkpoint `path`; UserError if it is missing, unreadable,
+    or was made with other training settings than cfg."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+        meta = json.loads(str(arrays.pop("__checkpoint__")))
+        saved = config_from_file(meta["config"])
+        groups = {g: {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(g + "/")}
+                  for g in ("params", "adam_m", "adam_v", "best")}
+        state = TrainingState(int(meta["epoch"]), groups["params"],
+                              {"t": int(meta["adam_t"]), "m": groups["adam_m"], "v": groups["adam_v"]},
+                              dict(meta["streams"]), list(meta["history"]), int(meta["skipped"]),
+                              int(meta["best_epoch"]), groups["best"] or None, float(meta["train_seconds"]))
+    except FileNotFoundError:
+        raise UserError(f"no checkpoint {path!r} to resume from (a run with --save-model writes one "
+                        "after every epoch)") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile, EOFError) as e:
+        raise UserError(f"checkpoint {path!r} is not a usable checkpoint ({_not_a_model_reason(path, e)})") from None
+    differ = [n for n in CONFIG_FIELDS if n not in DECODING_FIELDS + ("alphabet",)
+              and getattr(saved, n) != getattr(cfg, n)]
+    if cfg.alphabet and saved.alphabet != cfg.alphabet:
+        differ.append("alphabet")
+    if differ:
+        raise UserError(f"checkpoint {path!r} was made with other settings ({', '.join(f'{n} {getattr(saved, n)!r}' for n in differ)}); "
+                        "resume with the command that started the run")
+    expected = {k: v.shape for k, v in init_params(np.random.default_rng(0), cfg.hidden, cfg.layers,
+                                                   cfg.bidirectional, feature_dim(cfg), n_classes(cfg)).items()}
+    dtype = np.dtype(cfg.dtype)
+    for group in (state.params, state.adam["m"], state.adam["v"]) + ((state.best_params,) if state.best_params else ()):
+        if {k: v.shape for k, v in group.items()} != expected or \
+                not all(v.dtype == dtype and np.isfinite(v).all() for v in group.values()):
+            raise UserError(f"checkpoint {path!r} does not hold the arrays its config describes")
+    if not 0 <= state.best_epoch <= state.epoch == len(state.history) <= cfg.epochs:
+        raise UserError(f"checkpoint {path!r} is inconsistent (epoch {state.epoch}, {len(state.history)} "
+                        f"epochs of history, best epoch {state.best_epoch})")
+    return state
 
 
 # Model files from before the task field existed (schema 1) are words models;
 # the fields added since take their defaults. Any other missing field is refused.
 FIELDS_ADDED_AFTER_SCHEMA_1 = ("task", "lines_per_epoch", "eval_lines_per_writer", "data_dir", "features",
-                               "workers", "dictionary_size", "lm_weight", "word_penalty", "lm_beam", "alphabet")
+                               "workers", "dictionary_size", "lm_weight", "word_penalty", "lm_beam", "alphabet", "patience")
 
 
 def config_from_file(saved):
@@ -4229,6 +4456,7 @@ def load_model(path):
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         raise UserError(f"model file {path!r} is not a model file ({_not_a_model_reason(path, e)})") from None
     try:
+        arrays.pop("__input__", None)  # the input normalisation; a task's own data recomputes it
         cfg = config_from_file(json.loads(str(arrays.pop("__config__"))))
         expected = init_params(np.random.default_rng(0), cfg.hidden, cfg.layers, cfg.bidirectional,
                                feature_dim(cfg), n_classes(cfg))
@@ -4327,11 +4555,11 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 # Flags that set a RunConfig field of the same name.
-CONFIG_FLAGS = ("task", "seed", "epochs", "hidden", "layers", "batch_size", "lr", "workers", "lines_per_epoch",
+CONFIG_FLAGS = ("task", "seed", "epochs", "hidden", "layers", "batch_size", "lr", "workers", "patience", "lines_per_epoch",
                 "data_dir", "features", "decoder", "beam_width", "lm_weight", "word_penalty", "lm_beam",
                 "dictionary_size")
 TRAINING_FLAGS = ("seed", "hidden", "layers", "unidirectional", "epochs", "batch_size", "lr", "quick", "workers",
-                  "lines_per_epoch")
+                  "patience", "lines_per_epoch", "resume")
 # Flags only some tasks take (a Task's `options` names the ones it takes).
 TASK_FLAGS = ("lexicon_sizes", "dictionary_sizes", "lm_weight", "word_penalty", "lm_beam", "dictionary_size",
               "export_iam_ondb", "data_dir", "features", "lines_per_epoch")
@@ -4368,6 +4596,7 @@ def build_parser():
     setting("--batch-size")
     setting("--lr")
     setting("--workers")
+    setting("--patience")
     setting("--lines-per-epoch")
     setting("--data-dir", metavar="DIR")
     setting("--features", metavar="{" + ",".join(FEATURE_SETS) + "}")
@@ -4390,6 +4619,9 @@ def build_parser():
     p.add_argument("--save-json", metavar="PATH", help="write the run summary (run.json) here")
     p.add_argument("--save-model", metavar="PATH", help="write the trained parameters and config (npz) here")
     p.add_argument("--load-model", metavar="PATH", help="evaluate this saved model instead of training")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from the checkpoint that --save-model PATH keeps in "
+                        "PATH.checkpoint after every epoch (give the command that started the run)")
     p.add_argument("--quiet", action="store_true", help="no per-epoch log lines")
     return p
 
@@ -4412,6 +4644,8 @@ def check_arguments(args):
         if given:
             raise UserError(f"{', '.join(given)} cannot be combined with --load-model "
                             "(the model file holds its config)")
+    if args.resume and not args.save_model:
+        raise UserError("--resume needs --save-model PATH: the checkpoint is PATH.checkpoint")
     paths = {"--load-model": args.load_model, "--save-json": args.save_json, "--save-model": args.save_model}
     given = {flag: os.path.realpath(p) for flag, p in paths.items() if p}
     for i, (a, pa) in enumerate(given.items()):
@@ -4462,6 +4696,12 @@ def safe_log():
             except OSError:
                 pass
     return log
+
+
+def kept_checkpoint(args):
+    """'; ... kept' when an interrupted or diverged run leaves a checkpoint to resume from."""
+    path = checkpoint_path(args.save_model) if args.save_model and not args.load_model else None
+    return f"; the checkpoint {path} is kept (add --resume to continue)" if path and os.path.isfile(path) else ""
 
 
 def _raise_terminated(signum, frame):
@@ -4523,26 +4763,35 @@ def _main(argv):
             experiment = functools.partial(lexicon_experiment, sizes=args.lexicon_sizes)
         elif args.dictionary_sizes:
             experiment = functools.partial(dictionary_experiment, sizes=args.dictionary_sizes)
+        checkpoint = None
+        if args.save_model and params is None and output_target(args.save_model, "model file")[0] == "file":
+            checkpoint = checkpoint_path(args.save_model)
+            check_writable(checkpoint, "checkpoint")
         params, result = train_and_evaluate(cfg, params, verbose=not args.quiet, log=log, status=status,
-                                            experiment=experiment, dictionary_size=max(args.dictionary_sizes or [0]))
+                                            experiment=experiment, dictionary_size=max(args.dictionary_sizes or [0]),
+                                            checkpoint_to=checkpoint, resume=args.resume)
         cfg = RunConfig(**result["config"])  # iam-ondb: with the alphabet read from the data
         print_summary(result, task, log)
         outputs = []
         if args.save_model:
-            outputs.append((args.save_model, model_bytes(params, cfg), "model file"))
+            outputs.append((args.save_model, model_bytes(params, cfg, result["input"]), "model file"))
         if args.save_json:
             outputs.append((args.save_json, json_bytes(run_json(result)), "run summary"))
         status["where"] = "while writing results"
-        for path in write_results(outputs, log):
+        written = write_results(outputs, log)
+        for path in written:
             log(f"wrote {path}")
+        if checkpoint and args.save_model in written and os.path.exists(checkpoint):
+            os.unlink(checkpoint)  # the model file now holds what the checkpoint was kept for
     except UserError as e:
         print(f"iam_handwriting.py: error: {e}", file=sys.stderr)
         return 2
     except Diverged as e:
-        print(f"iam_handwriting.py: error: {e}; nothing written", file=sys.stderr)
+        print(f"iam_handwriting.py: error: {e}; nothing written{kept_checkpoint(args)}", file=sys.stderr)
         return 3
     except (KeyboardInterrupt, Terminated) as e:
-        print(f"iam_handwriting.py: interrupted {status['where']}; nothing written", file=sys.stderr)
+        print(f"iam_handwriting.py: interrupted {status['where']}; nothing written{kept_checkpoint(args)}",
+              file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     finally:
         if previous_term is not None:
