@@ -143,6 +143,8 @@ class RunConfig:
     lr_final: float = _setting(0.1, "the step size decays linearly to lr * lr_final by the last step", low=0.0,
                                high=1.0)
     grad_clip: float = _setting(5.0, "global-norm gradient clip", above=0.0, high=1e6)
+    weight_noise: float = _setting(0.0, "std of Gaussian noise added to every weight for each step's gradient "
+                                        "(Graves 2011; the update applies to the noise-free weights)", low=0.0, high=1.0)
     workers: int = _setting(1, "processes sharing each training batch (gradients summed)", low=1, high=16)
     patience: int = _setting(0, "early stopping: keep the best validation epoch's weights and stop after this "
                                 "many epochs without a better one (0: train every epoch, keep the last)",
@@ -2344,6 +2346,7 @@ class TaskData:
     input_squash: float  # > 0: inputs pass through squash * tanh(x / squash) (pad_batch); 0: as they are
     alignment_picks: list  # [(split, index)]: samples whose CTC alignment run.json keeps (short, long)
     info: dict  # run.json "split": what the splits hold
+    training_held: bool = False  # True: training_samples returns samples already in memory (not drawn per epoch)
 
 
 @dataclass(frozen=True)
@@ -2432,6 +2435,20 @@ def _featurise_line(args):
 
 
 IAM_EVAL_SPLITS = ("validation", "validation2", "test")
+FEATURISE_BATCH = 500  # lines featurised per parallel_map call
+
+
+def feature_moments(trajs, group=FEATURISE_BATCH):
+    """Mean and standard deviation (D,) of the frames of (T_i, D) arrays, in float64,
+    a group of arrays at a time so that no copy of all frames is made. Shifted by the
+    first group's mean, so that E[x^2] - E[x]^2 does not cancel."""
+    pivot = np.concatenate(trajs[:group]).mean(axis=0, dtype=np.float64)
+    n, total, squares = 0, 0.0, 0.0
+    for i in range(0, len(trajs), group):
+        frames = np.concatenate(trajs[i:i + group]).astype(np.float64) - pivot
+        n, total, squares = n + len(frames), total + frames.sum(axis=0), squares + (frames * frames).sum(axis=0)
+    mean = total / n
+    return pivot + mean, np.sqrt(np.maximum(squares / n - mean * mean, 0.0))
 
 
 def iam_ondb_data(cfg, streams, parallel_map, log):
@@ -2449,8 +2466,11 @@ def iam_ondb_data(cfg, streams, parallel_map, log):
     t0 = time.perf_counter()
     lines, summary = load_iam_ondb(cfg.data_dir, log)
     t1 = time.perf_counter()
-    samples = {split: parallel_map(_featurise_line, [(line, cfg.features) for line in split_lines])
-               for split, split_lines in lines.items() if split_lines}
+    # A few hundred lines at a time, so that the workers' pickled results stay small next to the features.
+    samples = {split: [s for i in range(0, len(split_lines), FEATURISE_BATCH) for s in parallel_map(
+        _featurise_line, [(line, cfg.features) for line in split_lines[i:i + FEATURISE_BATCH]])]
+        for split, split_lines in lines.items() if split_lines}
+    del lines
     t2 = time.perf_counter()
     n_lines = sum(len(s) for s in samples.values())
     log(f"preprocessed and featurised {n_lines} lines ({cfg.features}) in {t2 - t1:.1f} s "
@@ -2466,11 +2486,9 @@ def iam_ondb_data(cfg, streams, parallel_map, log):
             f"alphabet and count as errors: {', '.join(f'{c!r} x{n}' for c, n in unknown.most_common(5))}")
     train = samples["train"]
     if cfg.features == "graves25":
-        frames = np.concatenate([s.traj for s in train])
         # Unit variance per feature, scaled so the 25 carry the input power of two raw channels at the gain.
-        shift = frames.mean(axis=0, dtype=np.float64)
-        scale = cfg.input_gain * np.sqrt(2 / frames.shape[1]) / np.maximum(frames.std(axis=0, dtype=np.float64), 1e-6)
-        del frames
+        shift, std = feature_moments([s.traj for s in train])
+        scale = cfg.input_gain * np.sqrt(2 / len(shift)) / np.maximum(std, 1e-6)
     else:
         shift, scale = np.zeros(3), np.array([cfg.input_gain / IAM_SPACING, cfg.input_gain / IAM_SPACING, 1.0])
     eval_sets = {split: samples[split] for split in IAM_EVAL_SPLITS if split in samples}
@@ -2478,7 +2496,7 @@ def iam_ondb_data(cfg, streams, parallel_map, log):
             "alphabet": alphabet, "unknown_characters": dict(unknown), "features": cfg.features,
             "read_seconds": t1 - t0, "featurise_seconds": t2 - t1}
     return TaskData(alphabet, eval_sets, lambda rng, parallel_map: train, len(train), shift, scale,
-                    JUMP_SQUASH * cfg.input_gain, short_and_median(eval_sets["test"], "test"), info)
+                    JUMP_SQUASH * cfg.input_gain, short_and_median(eval_sets["test"], "test"), info, training_held=True)
 
 
 def export_lines_task(cfg, out_dir, log=print):
@@ -2936,23 +2954,40 @@ def cer(pred, target):
     return levenshtein(target, pred) / max(len(target), 1)
 
 
-def error_counts(refs, hyps):
-    """Edit counts over a corpus: characters, character edits, words, word edits.
+def plain_words(text):
+    """The words of `text` case-folded, with every character that is neither a letter nor a
+    digit removed, and words left empty dropped: `"Mr. Brown," he said.` -> mr brown he said."""
+    words = ("".join(c for c in w if c.isalnum()).casefold() for w in text.split())
+    return [w for w in words if w]
 
-    Word edits are the Levenshtein distance between the word sequences
-    (substitutions, deletions, insertions), as for the paper's word accuracy.
+
+def error_counts(refs, hyps):
+    """Edit counts over a corpus: characters, character edits, words, word edits, and
+    the words and word edits of plain_words.
+
+    Words are the transcription's space-separated tokens, case and punctuation
+    kept (`said,` is one word); word edits are the Levenshtein distance between
+    the word sequences (substitutions, deletions, insertions), as for the
+    paper's word accuracy. The plain counts ignore case and punctuation, as
+    some papers do.
     """
     return {"chars": sum(len(r) for r in refs), "edits": sum(levenshtein(r, h) for r, h in zip(refs, hyps)),
             "words": sum(len(r.split()) for r in refs),
-            "word_edits": sum(levenshtein(r.split(), h.split()) for r, h in zip(refs, hyps))}
+            "word_edits": sum(levenshtein(r.split(), h.split()) for r, h in zip(refs, hyps)),
+            "plain_words": sum(len(plain_words(r)) for r in refs),
+            "plain_word_edits": sum(levenshtein(plain_words(r), plain_words(h)) for r, h in zip(refs, hyps))}
 
 
 def rates(counts):
     """CER = edits / characters, WER = word edits / words and word accuracy = 1 - WER
-    (the paper's measure; for single words it is the share read exactly)."""
+    (the paper's measure; for single words it is the share read exactly); wer_plain
+    likewise over plain_words (when counted)."""
     words = max(counts["words"], 1)
-    return {"cer": counts["edits"] / max(counts["chars"], 1), "wer": counts["word_edits"] / words,
-            "word_acc": (counts["words"] - counts["word_edits"]) / words}
+    out = {"cer": counts["edits"] / max(counts["chars"], 1), "wer": counts["word_edits"] / words,
+           "word_acc": (counts["words"] - counts["word_edits"]) / words}
+    if "plain_words" in counts:
+        out["wer_plain"] = counts["plain_word_edits"] / max(counts["plain_words"], 1)
+    return out
 
 
 def beam_search_decode(log_probs, beam_width=16):
@@ -3473,7 +3508,7 @@ def adam_step(params, grads, state, lr, beta1=0.9, beta2=0.999, eps=1e-8):
 # Training and evaluation
 # ---------------------------------------------------------------------------
 
-STREAMS = ("split", "data", "init", "shuffle", "eval")
+STREAMS = ("split", "data", "init", "shuffle", "eval", "noise")  # appended: spawned children keep their seeds
 
 
 def make_streams(seed):
@@ -3541,12 +3576,14 @@ def part_gradients(params, X, lengths, targets, n_used, timer=None):
     return grads, float(nll[usable].sum()), sum(len(y) for y, u in zip(targets, usable) if u)
 
 
-def train_step(params, adam, samples, lr, cfg, data, timer, pool=None):
+def train_step(params, adam, samples, lr, cfg, data, timer, pool=None, noise_rng=None):
     """Forward, CTC, backward, clip and Adam on one minibatch.
 
     With a pool, the length-sorted batch is cut into one contiguous part per
     process and the parts' gradients are summed (equal to one process up to
-    float rounding). Sequences whose labels cannot fit their length are
+    float rounding). With cfg.weight_noise, the gradient is taken at the
+    weights plus Gaussian noise drawn from noise_rng, and applied to the
+    weights without it. Sequences whose labels cannot fit their length are
     skipped. Returns (summed nll of the usable sequences, their label count,
     number skipped). Raises Diverged on a non-finite loss or gradient, before
     the parameters are touched.
@@ -3566,8 +3603,11 @@ def train_step(params, adam, samples, lr, cfg, data, timer, pool=None):
         X, lengths = pad_batch(samples[lo:hi], data.input_shift, data.input_scale, dtype, data.input_squash)
         parts.append((X, lengths, [s.labels for s in samples[lo:hi]]))
     t0 = timer.add("data", t0)
-    pending = [pool.submit(part_gradients, params, *part, n_used) for part in parts[1:]] if pool else []
-    grads, nll_sum, n_chars = part_gradients(params, *parts[0], n_used, timer)
+    at = params
+    if cfg.weight_noise:
+        at = {k: v + noise_rng.normal(0.0, cfg.weight_noise, v.shape).astype(v.dtype) for k, v in params.items()}
+    pending = [pool.submit(part_gradients, at, *part, n_used) for part in parts[1:]] if pool else []
+    grads, nll_sum, n_chars = part_gradients(at, *parts[0], n_used, timer)
     t0 = time.perf_counter()
     for other in pending:
         g, s, n = other.get()
@@ -3676,23 +3716,31 @@ def run_model(params, samples, data):
     return out
 
 
-def evaluate(params, samples, data, decode, keep=()):
+def evaluate(params, samples, data, decode, keep=(), also=None):
     """Loss, CER, WER and word accuracy of one evaluation set, chunk by chunk.
 
     `decode` (from make_decoder) maps a list of (T_i, K) log-prob arrays to
-    strings. Returns (metrics, decoded strings, {i: (T_i, K) log-probs} for
-    the sample indices in `keep`).
+    strings. also: {name: decode} for more decoders, whose rates go under
+    metrics[name] (the greedy reading beside the lm decoder's). Returns
+    (metrics, decoded strings, {i: (T_i, K) log-probs} for the sample indices
+    in `keep`).
     """
-    nll, hyps, kept, keep = np.zeros(len(samples)), [None] * len(samples), {}, set(keep)
+    n, also = len(samples), also or {}
+    nll, hyps, kept, keep = np.zeros(n), [None] * n, {}, set(keep)
+    more = {name: [None] * n for name in also}
     for idx, lps in model_outputs(params, samples, data):
         nll[idx] = -ctc_log_likelihood(*pad_log_probs(lps), [samples[i].labels for i in idx])
         for i, lp, h in zip(idx, lps, decode(lps)):
             hyps[i] = h
             if i in keep:
                 kept[i] = lp
+        for name, other in also.items():
+            for i, h in zip(idx, other(lps)):
+                more[name][i] = h
     finite = np.isfinite(nll)
     n_chars = sum(len(s.labels) for s, f in zip(samples, finite) if f)
-    metrics = rates(error_counts([s.text for s in samples], hyps))
+    refs = [s.text for s in samples]
+    metrics = {**rates(error_counts(refs, hyps)), **{name: rates(error_counts(refs, h)) for name, h in more.items()}}
     return {**metrics, "loss": float(nll[finite].sum() / max(n_chars, 1))}, hyps, kept
 
 
@@ -3717,8 +3765,7 @@ def group_errors(task, eval_sets, hyps_of):
     for split, samples in eval_sets.items():
         for s, h in zip(samples, hyps_of[split]):
             name = s.text if task.group_by == "word" else s.writer
-            entry = groups.setdefault(name, {"split": split, "n": 0, "chars": 0, "edits": 0, "words": 0,
-                                             "word_edits": 0})
+            entry = groups.setdefault(name, {"split": split, "n": 0, **dict.fromkeys(error_counts([], []), 0)})
             entry["n"] += 1
             for k, v in error_counts([s.text], [h]).items():
                 entry[k] += v
@@ -3732,7 +3779,8 @@ def final_report(params, cfg, task, data, timer):
     final, predictions, hyps_of, log_probs_of = {}, [], {}, {}
     for split, samples in data.eval_sets.items():
         picks = [i for pick_split, i in data.alignment_picks if pick_split == split]
-        final[split], hyps_of[split], log_probs_of[split] = evaluate(params, samples, data, decode, picks)
+        also = {"greedy": make_decoder("greedy", cfg, data.alphabet)} if cfg.decoder != "greedy" else None
+        final[split], hyps_of[split], log_probs_of[split] = evaluate(params, samples, data, decode, picks, also)
         predictions += [{"text": s.text, "split": split, "writer": s.writer, "decoded": h}
                         for s, h in zip(samples, hyps_of[split])]
     alignments = [alignment_record(data.eval_sets[split][i], split, log_probs_of[split][i], data.alphabet)
@@ -3991,7 +4039,8 @@ def fit(cfg, task, data, streams, timer, pool=None, log=print, progress=None, st
         for step, idx in enumerate(make_batches(samples, cfg.batch_size, order, task.bucket, streams["shuffle"]), 1):
             lr = learning_rate(cfg, adam["t"], total_steps)
             try:
-                s, n, k = train_step(params, adam, [samples[i] for i in idx], lr, cfg, data, timer, pool)
+                s, n, k = train_step(params, adam, [samples[i] for i in idx], lr, cfg, data, timer, pool,
+                                     streams["noise"])
             except Diverged as e:
                 raise Diverged(f"training diverged at epoch {epoch}, step {step}: {e}") from None
             loss_sum, n_chars, state.skipped = loss_sum + s, n_chars + n, state.skipped + k
@@ -4029,57 +4078,82 @@ def fit(cfg, task, data, streams, timer, pool=None, log=print, progress=None, st
     return state
 
 
-BASE_BYTES = 160 * 2**20  # the interpreter with numpy, matplotlib's absence and this module, measured at startup
+BASE_BYTES = 64 * 2**20  # the interpreter, numpy and this module, where the resident size cannot be read
 
 
 def sample_bytes(sample):
     return sample.traj.nbytes + sample.xy.nbytes + sample.pen_up.nbytes
 
 
-def eval_chunk_bytes(cfg, frames, n_classes, longest_label):
-    """Rough peak memory of one evaluation chunk of `frames` padded frames (model_outputs
-    and evaluate): the forward caches, the logits and their float64 copies, the CTC lattice."""
+def forward_chunk_bytes(cfg, frames, in_dim, n_classes):
+    """Rough peak memory of one evaluation forward pass over `frames` padded frames
+    (model_outputs): per layer and direction 11 H-wide caches, the layer inputs
+    and outputs, the logits and their float64 copies."""
     R = 2 if cfg.bidirectional else 1
     itemsize = np.dtype(cfg.dtype).itemsize
-    lstm = cfg.layers * R * frames * 15 * cfg.hidden * itemsize
-    logits = frames * n_classes * (3 * itemsize + 3 * 8)
-    ctc = 3 * frames * (2 * longest_label + 3) * 8
-    return lstm + logits + ctc
+    lstm = cfg.layers * R * frames * 11 * cfg.hidden * itemsize
+    layer_io = 2 * frames * (R * in_dim + 2 * R * cfg.hidden) * itemsize
+    return lstm + layer_io + frames * n_classes * (3 * itemsize + 8)
 
 
-def memory_estimate(cfg, data, training):
+def ctc_chunk_bytes(frames, n_classes, longest_label):
+    """Rough peak memory of ctc_log_likelihood on a chunk of `frames` padded frames:
+    the padded float64 log-probs, the emissions and the forward lattice."""
+    return frames * (2 * n_classes + 2 * (2 * longest_label + 3)) * 8
+
+
+def memory_estimate(cfg, data, training, resident=None):
     """Predicted peak resident memory of this process, in bytes, by part:
-    base (interpreter and module), data (every split's samples, and an epoch of
-    training samples), work (the larger of a training step and EVAL_THREADS
-    evaluation chunks)."""
+    held (what the process holds now: `resident` bytes as measured, else
+    BASE_BYTES and the samples of every split), fresh (an epoch of training
+    samples, for tasks that draw them each epoch), work (the larger of a
+    training step and an evaluation: EVAL_THREADS forward chunks and one CTC
+    chunk), and their total."""
     evals = [s for samples in data.eval_sets.values() for s in samples]
-    held = sum(sample_bytes(s) for s in evals)
-    held += int(data.epoch_size * held / max(len(evals), 1))  # training lines are drawn like evaluation lines
+    per_sample = sum(sample_bytes(s) for s in evals) / max(len(evals), 1)  # training lines are drawn like these
+    if resident is None:
+        resident = BASE_BYTES + int(per_sample * (len(evals) + (data.epoch_size if data.training_held else 0)))
+    fresh = 0 if data.training_held or not training else int(per_sample * data.epoch_size)
     longest = max(len(s.traj) for s in evals)
+    eval_label = max(len(s.labels) for s in evals)
     # Training text is drawn like the evaluation text; twice its longest label leaves a margin.
-    label = min(longest, 2 * max(len(s.labels) for s in evals))
-    K = n_classes(cfg)
+    train_label = min(longest, 2 * eval_label)
+    K, D = n_classes(cfg), evals[0].traj.shape[1]
     part = dataclasses.replace(cfg, batch_size=-(-cfg.batch_size // cfg.workers))  # this process's share
-    step = training_bytes(part, longest, K, label) if training else 0
-    chunk_frames = max(min(EVAL_FRAMES, EVAL_BATCH * longest), longest)
-    work = max(step, EVAL_THREADS * eval_chunk_bytes(cfg, chunk_frames, K, label))
-    return {"base": BASE_BYTES, "data": held, "work": work, "total": BASE_BYTES + held + work}
+    step = training_bytes(part, longest, K, train_label) if training else 0
+    frames = max(min(EVAL_FRAMES, EVAL_BATCH * longest), longest)
+    evaluation = EVAL_THREADS * forward_chunk_bytes(cfg, frames, D, K) + ctc_chunk_bytes(frames, K, eval_label)
+    work = max(step, evaluation)
+    return {"held": resident, "fresh": fresh, "work": work, "total": resident + fresh + work}
 
 
 def check_memory(cfg, data, training, log=None):
-    """The run's memory_estimate; UserError, before any training, if it exceeds
-    MEMORY_LIMIT of the machine's memory, naming the part that is too large."""
-    need = memory_estimate(cfg, data, training)
+    """The run's memory_estimate from what the process holds now; UserError, before
+    any training, if it exceeds MEMORY_LIMIT of the machine's memory, naming the
+    part that is too large."""
+    need = memory_estimate(cfg, data, training, resident_bytes())
+    # Reading and featurising may already have peaked higher (IAM-OnDB); that peak is measured, not predicted.
+    need["total"] = max(need["total"], peak_rss() or 0)
     have = physical_memory()
     if log:
-        log(f"memory: about {need['total'] / 2**30:.2f} GiB predicted (data {need['data'] / 2**30:.2f}, "
-            f"largest step {need['work'] / 2**30:.2f})")
-    if have and need["total"] > MEMORY_LIMIT * have:
-        remedy = ("use a smaller --hidden, --layers or --batch-size" if need["work"] >= need["data"]
-                  else "the data itself is too large; use fewer lines")
+        log(f"memory: about {need['total'] / 2**30:.2f} GiB predicted (held now {need['held'] / 2**30:.2f}, "
+            f"training data drawn per epoch {need['fresh'] / 2**30:.2f}, largest step {need['work'] / 2**30:.2f})")
+    if have and need["held"] + need["fresh"] + need["work"] > MEMORY_LIMIT * have:
+        remedy = ("use a smaller --hidden, --layers or --batch-size" if need["work"] >= max(need["fresh"], need["held"])
+                  else "the training data drawn per epoch is too large; use fewer --lines-per-epoch"
+                  if need["fresh"] >= need["held"] else "the data itself is too large")
         raise UserError(f"this configuration would need about {need['total'] / 2**30:.1f} GiB, more than "
                         f"{MEMORY_LIMIT:.0%} of this machine's {have / 2**30:.1f} GiB; {remedy}")
     return need
+
+
+def resident_bytes():
+    """This process's resident memory now, in bytes (Linux /proc), else None."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
 
 
 def peak_rss():
@@ -4098,7 +4172,7 @@ def feature_dim(cfg):
 
 
 def train_and_evaluate(cfg, params=None, verbose=True, log=print, status=None, experiment=None, dictionary_size=0,
-                       checkpoint_to=None, resume=False):
+                       checkpoint_to=None, resume=False, normalisation=None):
     """Train a model as configured (or, given `params`, only evaluate them) and report.
 
     experiment: (params, cfg, data, log=) -> run.json's `decoding`, run on the
@@ -4108,7 +4182,8 @@ def train_and_evaluate(cfg, params=None, verbose=True, log=print, status=None, e
     epoch; resume: continue from the checkpoint there (same config), to the
     same result as a run that was never interrupted. Returns (params,
     result): result is what run.json holds, less schema_version and env (see
-    run_json).
+    run_json). normalisation: {shift, scale, squash} to use instead of the
+    statistics of the task's training data (a loaded model's, load_normalisation).
     """
     wall0 = time.perf_counter()
     task = TASKS[cfg.task]
@@ -4124,6 +4199,8 @@ def train_and_evaluate(cfg, params=None, verbose=True, log=print, status=None, e
         timer.add("data", t0)
         if task.alphabet is None:
             cfg = dataclasses.replace(cfg, alphabet=data.alphabet)  # saved with the model
+        if normalisation:
+            data.input_shift, data.input_scale, data.input_squash = (normalisation[k] for k in ("shift", "scale", "squash"))
         memory = check_memory(cfg, data, training=params is None, log=log if verbose else None)
         dictionary_size = max(dictionary_size, cfg.dictionary_size if cfg.decoder == "lm" else 0)
         if dictionary_size:
@@ -4410,7 +4487,8 @@ def load_checkpoint(path, cfg):
 # Model files from before the task field existed (schema 1) are words models;
 # the fields added since take their defaults. Any other missing field is refused.
 FIELDS_ADDED_AFTER_SCHEMA_1 = ("task", "lines_per_epoch", "eval_lines_per_writer", "data_dir", "features",
-                               "workers", "dictionary_size", "lm_weight", "word_penalty", "lm_beam", "alphabet", "patience")
+                               "workers", "dictionary_size", "lm_weight", "word_penalty", "lm_beam", "alphabet", "patience",
+                               "weight_noise")
 
 
 def config_from_file(saved):
@@ -4456,7 +4534,7 @@ def load_model(path):
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         raise UserError(f"model file {path!r} is not a model file ({_not_a_model_reason(path, e)})") from None
     try:
-        arrays.pop("__input__", None)  # the input normalisation; a task's own data recomputes it
+        arrays.pop("__input__", None)  # the input normalisation: load_normalisation
         cfg = config_from_file(json.loads(str(arrays.pop("__config__"))))
         expected = init_params(np.random.default_rng(0), cfg.hidden, cfg.layers, cfg.bidirectional,
                                feature_dim(cfg), n_classes(cfg))
@@ -4469,6 +4547,27 @@ def load_model(path):
     if not all(v.dtype.kind == "f" and np.isfinite(v).all() for v in arrays.values()):
         raise UserError(f"model file {path!r} holds weights that are not finite floating-point numbers")
     return {k: v.astype(cfg.dtype) for k, v in arrays.items()}, cfg
+
+
+def load_normalisation(path, cfg):
+    """The input normalisation {shift, scale, squash} saved with the model in `path`
+    (input_normalisation), or None for files from before it was saved; UserError if
+    it does not fit cfg's features. Call after load_model has validated the file."""
+    with np.load(path, allow_pickle=False) as f:
+        if "__input__" not in f.files:
+            return None
+        text = str(f["__input__"])
+    try:
+        norm = json.loads(text)
+        shift, scale = (np.array(norm[k], dtype=float) for k in ("shift", "scale"))
+        squash = float(norm["squash"])
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"model file {path!r} has an unreadable input normalisation") from None
+    D = feature_dim(cfg)
+    if shift.shape != (D,) or scale.shape != (D,) or not (np.isfinite(shift).all() and np.isfinite(scale).all()
+                                                           and (scale > 0).all() and 0 <= squash < math.inf):
+        raise UserError(f"model file {path!r} has an input normalisation that does not fit its {D} input features")
+    return {"shift": shift, "scale": scale, "squash": squash}
 
 
 MEMORY_LIMIT = 0.5  # of the machine's physical memory: a run estimated to need more is refused up front
@@ -4555,11 +4654,12 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 # Flags that set a RunConfig field of the same name.
-CONFIG_FLAGS = ("task", "seed", "epochs", "hidden", "layers", "batch_size", "lr", "workers", "patience", "lines_per_epoch",
+CONFIG_FLAGS = ("task", "seed", "epochs", "hidden", "layers", "batch_size", "lr", "workers", "patience", "weight_noise",
+                "lines_per_epoch",
                 "data_dir", "features", "decoder", "beam_width", "lm_weight", "word_penalty", "lm_beam",
                 "dictionary_size")
 TRAINING_FLAGS = ("seed", "hidden", "layers", "unidirectional", "epochs", "batch_size", "lr", "quick", "workers",
-                  "patience", "lines_per_epoch", "resume")
+                  "patience", "weight_noise", "lines_per_epoch", "resume")
 # Flags only some tasks take (a Task's `options` names the ones it takes).
 TASK_FLAGS = ("lexicon_sizes", "dictionary_sizes", "lm_weight", "word_penalty", "lm_beam", "dictionary_size",
               "export_iam_ondb", "data_dir", "features", "lines_per_epoch")
@@ -4597,6 +4697,7 @@ def build_parser():
     setting("--lr")
     setting("--workers")
     setting("--patience")
+    setting("--weight-noise")
     setting("--lines-per-epoch")
     setting("--data-dir", metavar="DIR")
     setting("--features", metavar="{" + ",".join(FEATURE_SETS) + "}")
@@ -4679,8 +4780,9 @@ def check_export_folder(path):
 
 def print_summary(result, task, log=print):
     for split, m in result["final"].items():
+        greedy = f"  (greedy CER {m['greedy']['cer']:.4f} WER {m['greedy']['wer']:.4f})" if "greedy" in m else ""
         log(f"final {split:10s}  CER {m['cer']:.4f}  WER {m['wer']:.4f}  word acc {m['word_acc']:.3f}  "
-            f"loss/char {m['loss']:.4f}")
+            f"loss/char {m['loss']:.4f}{greedy}")
     log(f"wall {result['wall_seconds']:.2f}s  skipped (impossible alignments) {result['skipped']}")
 
 
@@ -4743,6 +4845,7 @@ def _main(argv):
         check_arguments(args)
         if args.load_model:
             params, cfg = load_model(args.load_model)
+            normalisation = load_normalisation(args.load_model, cfg)
             task = TASKS[cfg.task]
             if args.task and args.task != cfg.task:
                 raise UserError(f"the model file holds a {cfg.task} model, not {args.task}")
@@ -4753,7 +4856,7 @@ def _main(argv):
         else:
             task = TASKS[args.task or "words"]
             check_task_arguments(args, task)
-            params, cfg = None, config_from_args(args)
+            params, cfg, normalisation = None, config_from_args(args), None
         if args.export_iam_ondb:
             check_export_folder(args.export_iam_ondb)
             export_lines_task(cfg, args.export_iam_ondb, log)
@@ -4769,7 +4872,7 @@ def _main(argv):
             check_writable(checkpoint, "checkpoint")
         params, result = train_and_evaluate(cfg, params, verbose=not args.quiet, log=log, status=status,
                                             experiment=experiment, dictionary_size=max(args.dictionary_sizes or [0]),
-                                            checkpoint_to=checkpoint, resume=args.resume)
+                                            checkpoint_to=checkpoint, resume=args.resume, normalisation=normalisation)
         cfg = RunConfig(**result["config"])  # iam-ondb: with the alphabet read from the data
         print_summary(result, task, log)
         outputs = []
