@@ -231,6 +231,15 @@ def sparse_log_probs(rng, T, K, below_floor=0.0):
     return log_softmax(z)
 
 
+def path_log_probs(path, rng, p=0.85):
+    """(T, K) log-probs of a network confident of one label per step ("" the blank), with noise:
+    ["a", "", "a", "d"] reads "aad", which no reading of words alone spells without a space."""
+    ids = [0 if c == "" else 1 + EN_ALPHA.index(c) for c in path]
+    lp = np.log(np.full((len(path), len(EN_ALPHA) + 1), (1 - p) / len(EN_ALPHA)))
+    lp[np.arange(len(path)), ids] = np.log(p)
+    return log_softmax(lp + rng.normal(0, 0.3, size=lp.shape))
+
+
 def test_the_reading_lexicon_holds_each_spelling_the_alphabet_can_write_with_its_case_cost():
     lex = english_lexicon("chars")
     entries = {(w, int(k)): (int(i), c) for w, k, i, c in zip(lex.words, lex.kind, lex.lm_id, lex.cost)}
@@ -252,8 +261,9 @@ def test_unpruned_decoding_of_cased_glued_and_spelled_tokens_is_the_brute_force_
     rng = np.random.default_rng(100 + seed)
     lex = english_lexicon(oov)
     lm = english_lm(rng, order) if order else None
-    for T in (2, 3, 4):
-        lp = sparse_log_probs(rng, T, len(EN_ALPHA) + 1)
+    confident = [path_log_probs(path, rng) for path in (["a", "", "a", "d"], ["d", "'", "d", ","], ["A", "1", "", "1"],
+                                                        ["'", "d", "'", "d"])]
+    for lp in [sparse_log_probs(rng, T, len(EN_ALPHA) + 1) for T in (2, 3, 4)] + confident:
         expected = brute_force_readings(lp, lex, lm, lm_weight, word_penalty, oov_penalty)
         words, score, glued = ih.lm_decode(lp, lex, lm, lm_weight, word_penalty, None, oov_penalty)
         assert (words, glued) == (expected[0], expected[2])
@@ -300,3 +310,18 @@ def test_once_the_beam_is_full_the_leading_space_is_held_to_the_floor_like_every
     words, score, _ = ih.lm_decode(np.log(p), lex, None, 0.0, 0.0, beam=1)
     assert words == ["a"]
     assert score == pytest.approx(np.log(p[0, 0] * (p[1, 1] * (p[2, 0] + p[2, 1]) + p[1, 0] * p[2, 1])), abs=1e-12)
+
+
+def test_a_clitic_never_glues_to_a_clitic_even_through_a_punctuation_prefix():
+    """Entries "'" (punctuation) and "'d" (clitic). After "'d", the subtree of "'"
+    may be entered glued (for the punctuation), but completing "'d" there would
+    glue a clitic to a clitic: a network writing "'d'd" gets a valid reading
+    (here the labels of one "'d" only, cheaper than a space), never "'d" glued to "'d"."""
+    rng = np.random.default_rng(9)
+    lex = ih.build_lexicon(["'", "'d"], EN_ALPHA, kind=[ih.PUNCT, ih.CLITIC])
+    lp = path_log_probs(["'", "d", "'", "d"], rng)
+    expected = brute_force_readings(lp, lex, None, 0.0, 0.0, 0.0)
+    words, score, glued = ih.lm_decode(lp, lex, None, 0.0, 0.0, beam=None)
+    assert (words, glued) == (expected[0], expected[2])
+    assert True not in glued
+    assert score == pytest.approx(expected[1], rel=1e-10)
