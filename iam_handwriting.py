@@ -3618,7 +3618,7 @@ def read_arpa(path):
     for n in (1, 2):
         if n in declared and listed[n] != declared[n]:
             raise UserError(f"--lm {path!r}: the header declares {declared[n]} {n}-grams, the file lists {listed[n]}")
-    if "</s>" not in grams[1]:
+    if ("</s>",) not in grams[1]:
         raise UserError(f"--lm {path!r} has no </s> unigram, so a line cannot end")
     return ArpaModel(grams[1], {k: p for k, (p, _) in grams.get(2, {}).items()},
                      tuple(n for n in sorted(declared) if n > 2))

@@ -1,0 +1,187 @@
+"""Real English for the lm decoder: tokens, case, the real-English LM, ARPA and word-list files."""
+import os
+
+import numpy as np
+import pytest
+
+import iam_handwriting as ih
+
+# Lines in the style of IAM-OnDB's transcriptions (written here, not taken from the database).
+LINES = [
+    'A MOVE to stop Mr . Gaitskell', '"I don\'t know," she said, "but it\'s there."', "the man's hat - and Mr. Foot's",
+    "(1) 15 years ago ... he 's gone", "U.S. troops; well-known 'Twas ...." , "Dr. O'Neill asked: why?!",
+    "we 're here , they'll go", '"" # etc, (2). 7.', "It's 1953 - Labour's 're-think'", "I'm   spaced  out",
+    "x", "'s", "'", "...", "Ma'am I'd you'VE SHE'S", "end.)",
+]
+
+
+@pytest.mark.parametrize("text", LINES)
+def test_splitting_and_gluing_gives_back_the_transcription(text):
+    pieces = ih.split_line(text)
+    assert ih.glue_pieces(pieces) == " ".join(text.split())
+    for token, group in zip(text.split(), _groups(pieces)):
+        assert "".join(group) == token and all(group)
+
+
+def _groups(pieces):
+    groups = []
+    for piece, glued in pieces:
+        if glued:
+            groups[-1].append(piece)
+        else:
+            groups.append([piece])
+    return groups
+
+
+def test_round_trip_on_many_random_lines_of_words_punctuation_and_clitics():
+    rng = np.random.default_rng(0)
+    parts = ["the", "Mr", "I", "1953", "don't", "'s", "'re", "well-known", "U.S", "A", "MOVE", "x"]
+    punct = list(".,;:!?\"'()-#")
+    for _ in range(2000):
+        tokens = []
+        for _ in range(rng.integers(1, 9)):
+            core = str(rng.choice(parts)) if rng.random() < 0.9 else ""
+            tok = "".join(rng.choice(punct, rng.integers(0, 3))) + core + "".join(rng.choice(punct, rng.integers(0, 3)))
+            tokens.append(tok or ".")
+        text = " ".join(tokens)
+        assert ih.glue_pieces(ih.split_line(text)) == text
+
+
+@pytest.mark.parametrize("token,pieces", [
+    ("said,", ["said", ","]), ('"I', ['"', "I"]), ("man's", ["man", "'s"]), ("(2).", ["(", "2", ")", "."]),
+    ("'s", ["'s"]), ("don't", ["don't"]), ("Mr.", ["Mr", "."]), ("-", ["-"]), ("they'll", ["they", "'ll"]),
+    ("SHE'S", ["SHE", "'S"]), ("U.S.", ["U.S", "."]), ("'Twas", ["'", "Twas"]), ('it\'s."', ["it", "'s", ".", '"']),
+])
+def test_punctuation_and_clitics_are_split_off(token, pieces):
+    assert ih.split_token(token) == pieces
+
+
+def test_piece_kinds_and_lm_words():
+    assert [ih.piece_kind(p) for p in ("said", ",", "'s", "'S", "1953", "don't", "...")] == \
+        [ih.WORD, ih.PUNCT, ih.CLITIC, ih.CLITIC, ih.WORD, ih.WORD, ih.PUNCT]
+    assert ih.lm_words('"I said, Mr. Foot\'s') == ['"', "i", "said", ",", "mr", ".", "foot", "'s"]
+
+
+def test_case_probabilities_count_words_of_two_letters_or_more():
+    logp = ih.case_log_probs(["The cat SAT on the mat", "I a McDonald"])  # lower 4, capital 1, upper 1; I, a, McDonald not
+    np.testing.assert_allclose(np.exp([logp[c] for c in ih.CASES]), np.array([5, 2, 2]) / 9)
+
+
+TRAIN = ["The cat sat on the mat .", '"I said , the cat \'s hat"', "A DOG sat .", "the cat sat ."]
+VALID = ["the dog sat on the hat .", "the cat .", "a house by the water"]  # house, by, water: symspellpy only
+
+
+def test_the_real_english_lm_normalises_and_mixes_both_sources():
+    counts = ih.english_counts(tuple(TRAIN), tuple(VALID))
+    assert {",", ".", '"', "'s"} <= set(counts.words)  # punctuation comes from the transcriptions
+    assert 0 < counts.lam < 1 and counts.prob.sum() == pytest.approx(1.0)
+    words = counts.words[:300]
+    lm = ih.english_language_model(tuple(TRAIN), tuple(VALID), words, 2)
+    V = len(words)
+    for prev in (ih.LM_START, 0, words.index(","), V - 1):
+        total = np.exp(ih.lm_log_prob(lm, np.full(V, prev), np.arange(V))).sum()
+        total += 0.0 if prev == ih.LM_START else lm.p_end
+        assert total == pytest.approx(1.0, abs=1e-9)
+    # a pair the transcriptions hold twice is more probable than the word after any other
+    cat, sat = words.index("cat"), words.index("sat")
+    assert ih.lm_log_prob(lm, [cat], [sat])[0] > np.log((1 - lm.p_end) * lm.bigram.unigram[sat]) + 1
+
+
+ARPA = """\\data\\
+ngram 1=5
+ngram 2=4
+
+\\1-grams:
+-1.0000\t<s>\t-0.3010
+-0.6990\tthe\t-0.2218
+-0.5229\tcat
+-1.2000\t<unk>
+-0.8239\t</s>
+
+\\2-grams:
+-0.3010\t<s> the
+-0.1761\tthe cat
+-0.2000\tcat </s>
+-0.5000\tThe </s>
+
+\\end\\
+"""
+
+
+def write(tmp_path, name, data):
+    path = tmp_path / name
+    (path.write_bytes if isinstance(data, bytes) else path.write_text)(data)
+    return str(path)
+
+
+def test_an_arpa_file_gives_its_own_probabilities_with_back_off(tmp_path):
+    path = write(tmp_path, "lm.arpa", ARPA)
+    ih.read_arpa.cache_clear()
+    assert ih.arpa_vocabulary(ih.read_arpa(path)) == ("cat", "the")
+    words = ("the", "cat", "dog")  # dog is not in the file: <unk>
+    lm = ih.arpa_language_model(path, words, 2)
+    lp = lambda prev, nxt: float(ih.lm_log_prob(lm, [prev], [nxt])[0]) / np.log(10)  # noqa: E731
+    assert lp(ih.LM_START, 0) == pytest.approx(-0.3010)  # listed <s> the
+    assert lp(ih.LM_START, 1) == pytest.approx(-0.3010 - 0.5229)  # bo(<s>) + p(cat)
+    assert lp(0, 1) == pytest.approx(-0.1761)
+    assert lp(0, 2) == pytest.approx(-0.2218 - 1.2)  # bo(the) + p(<unk>)
+    assert lp(1, 0) == pytest.approx(-0.6990)  # cat has no back-off weight: 0
+    end = lambda prev: float(ih.lm_end_log_prob(lm, [prev])[0]) / np.log(10)  # noqa: E731
+    assert end(1) == pytest.approx(-0.2) and end(0) == pytest.approx(-0.5)  # "The </s>" is read lower-cased
+    assert end(2) == pytest.approx(-0.8239)
+    unigram = ih.arpa_language_model(path, words, 1)
+    assert float(ih.lm_log_prob(unigram, [0], [1])[0]) / np.log(10) == pytest.approx(-0.5229)
+
+
+def test_a_word_list_is_one_word_per_line_in_order(tmp_path):
+    path = write(tmp_path, "words.txt", "the\nCat\n\n  dog \nthe\n,\n")
+    ih.read_word_list.cache_clear()
+    assert ih.read_word_list(path) == ("the", "cat", "dog", ",")
+
+
+def _fifo(tmp_path):
+    path = tmp_path / "fifo"
+    os.mkfifo(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda t: write(t, "a", "ngram 1=1\n"), "does not start with \\\\data\\\\"),
+    (lambda t: write(t, "a", ARPA.replace("ngram 1=5", "ngram 1=6")), "declares 6 1-grams, the file lists 5"),
+    (lambda t: write(t, "a", ARPA.replace("-0.5229", "abc")), "line 8: 'abc' is not a number"),
+    (lambda t: write(t, "a", ARPA.replace("-0.5229", "nan")), "not a finite log10 value"),
+    (lambda t: write(t, "a", ARPA.replace("-0.5229", "0.5")), "not a finite log10 value"),
+    (lambda t: write(t, "a", ARPA.replace("-0.1761\tthe cat", "-0.1761\tthe")), "expected log10p, 2 words"),
+    (lambda t: write(t, "a", ARPA.replace("\\end\\\n", "")), "no \\\\end\\\\"),
+    (lambda t: write(t, "a", ARPA.replace("-0.8239\t</s>\n", "").replace("ngram 1=5", "ngram 1=4")), "no </s>"),
+    (lambda t: write(t, "a", ARPA.replace("ngram 2=4", "ngram 2=x")), "expected 'ngram N=count'"),
+    (lambda t: write(t, "a", ARPA.replace("ngram 1=5", "ngram 1=999999999")), "n-grams; at most"),
+    (lambda t: write(t, "a", b"\\data\\\n\x00\x01\x02"), "binary data"),
+    (lambda t: write(t, "a", b"\\data\\\n\xff\xfe"), "not UTF-8"),
+    (lambda t: str(t / "missing.arpa"), "No such file"),
+    (_fifo, "not a regular file"),
+    (lambda t: str(t), "not a regular file"),
+])
+def test_malformed_arpa_files_give_one_clear_line(tmp_path, make, message):
+    ih.read_arpa.cache_clear()
+    with pytest.raises(ih.UserError, match=message) as e:
+        ih.read_arpa(make(tmp_path))
+    assert "\n" not in str(e.value) and "--lm" in str(e.value)
+
+
+def test_an_arpa_file_over_the_size_bound_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(ih, "MAX_LM_FILE_BYTES", 100)
+    ih.read_arpa.cache_clear()
+    with pytest.raises(ih.UserError, match="at most"):
+        ih.read_arpa(write(tmp_path, "a", ARPA))
+
+
+@pytest.mark.parametrize("data,message", [
+    ("the cat\n", "more than one word"), ("", "holds no words"), ("\n\n", "holds no words"),
+    (b"the\x00\n", "binary data"), ("a" * 101 + "\n", "not a word"), ("ok\n\x07bell\n", "not a word"),
+])
+def test_malformed_word_lists_give_one_clear_line(tmp_path, data, message):
+    ih.read_word_list.cache_clear()
+    with pytest.raises(ih.UserError, match=message) as e:
+        ih.read_word_list(write(tmp_path, "w", data))
+    assert "\n" not in str(e.value) and "--dictionary" in str(e.value)
