@@ -163,9 +163,9 @@ class RunConfig:
                                 "per character (chars) or per token (token)", choices=OOV_MODES)
     oov_penalty: float = _setting(0.0, "lm decoder: added per spelled out-of-dictionary token", low=-100.0,
                                   high=100.0)
-    lm_file: str = _setting("", "lm decoder: an ARPA n-gram file (unigrams and bigrams are used); empty: built in")
+    lm_file: str = _setting("", "lm decoder: an ARPA n-gram file (unigrams and bigrams are used); not given: built in")
     dictionary_file: str = _setting("", "lm decoder: a word list, one word per line, most frequent first; "
-                                        "empty: built in")
+                                        "not given: built in")
 
 
 CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
@@ -2357,6 +2357,7 @@ class TaskData:
     input_squash: float  # > 0: inputs pass through squash * tanh(x / squash) (pad_batch); 0: as they are
     alignment_picks: list  # [(split, index)]: samples whose CTC alignment run.json keeps (short, long)
     info: dict  # run.json "split": what the splits hold
+    lm_texts: dict = field(default_factory=dict)  # {"train", "validation": transcriptions} for the real-English LM
 
 
 @dataclass(frozen=True)
@@ -2490,8 +2491,10 @@ def iam_ondb_data(cfg, streams, parallel_map, log):
     info = {**{k: summary[k] for k in ("lines", "forms", "writers", "skipped", "ignored")},
             "alphabet": alphabet, "unknown_characters": dict(unknown), "features": cfg.features,
             "read_seconds": t1 - t0, "featurise_seconds": t2 - t1}
+    lm_texts = {"train": tuple(s.text for s in train),
+                "validation": tuple(s.text for s in eval_sets.get("validation", []))}  # never the test lines
     return TaskData(alphabet, eval_sets, lambda rng, parallel_map: train, len(train), shift, scale,
-                    JUMP_SQUASH * cfg.input_gain, short_and_median(eval_sets["test"], "test"), info)
+                    JUMP_SQUASH * cfg.input_gain, short_and_median(eval_sets["test"], "test"), info, lm_texts)
 
 
 def export_lines_task(cfg, out_dir, log=print):
@@ -2508,7 +2511,8 @@ def export_lines_task(cfg, out_dir, log=print):
     return n
 
 
-LM_OPTIONS = ("dictionary_sizes", "dictionary_size", "lm_weight", "word_penalty", "lm_beam")
+LM_OPTIONS = ("dictionary_sizes", "dictionary_size", "lm_weight", "word_penalty", "lm_beam", "lm_file",
+              "dictionary_file", "oov", "oov_penalty", "experiment_split")
 
 TASKS = {
     "words": Task("words", ALPHABET, ("in_vocab", "held_out"), "word", ("greedy", "beam", "lexicon"),
@@ -3966,6 +3970,46 @@ def lm_decode(log_probs, lexicon, lm, lm_weight=1.0, word_penalty=0.0, beam=64, 
     return [lexicon.words[c >> 1] for c in codes], float(score[best]), [bool(c & 1) for c in codes]
 
 
+# Decoding time, estimated before any work: lm_decode costs about a fixed
+# overhead per time step plus a cost per token per step. Measured on this
+# machine (2026-12, under load, so rough): 0.8-1.4 us per token-step at beams
+# 256-1024, about 0.2 ms per step of overhead; issue 14 measured 3.3 s per
+# lines-task line at beam 10,000. The bound refuses only what would take days.
+LM_STEP_SECONDS = 2e-4
+LM_TOKEN_STEP_SECONDS = 1.5e-6
+TUNING_DECODES = 20  # grid points a coordinate search typically scores (tune_lm_decoder)
+LM_TIME_LIMIT = 48 * 3600.0  # seconds of lm decoding a run may be estimated to need
+LM_TIME_WARNING = 3600.0
+
+
+def lm_decoding_seconds(cfg, data, n_sizes):
+    """Estimated seconds of lm decoding in a run: the final evaluation if it uses
+    the lm decoder, and the dictionary experiment at n_sizes sizes (0: none),
+    from the evaluation lines' lengths and cfg.lm_beam."""
+    lengths = {split: [len(s.traj) for s in samples] for split, samples in data.eval_sets.items()}
+    per_line = {split: float(np.mean(n)) * (LM_STEP_SECONDS + cfg.lm_beam * LM_TOKEN_STEP_SECONDS) if n else 0.0
+                for split, n in lengths.items()}
+    seconds = sum(per_line[s] * len(n) for s, n in lengths.items()) if cfg.decoder == "lm" else 0.0
+    if n_sizes:
+        decoders = 3 * n_sizes + len(OOV_MODES)  # dictionary, unigram, bigram per size; the OOV comparison
+        tuning = min(TUNING_LINES, len(lengths.get("validation", [])) // 2)  # and as many check lines
+        seconds += per_line.get("validation", 0.0) * tuning * (TUNING_DECODES * decoders + len(OOV_MODES))
+        seconds += per_line.get("test", 0.0) * len(lengths.get("test", [])) * 3 * n_sizes
+    return seconds
+
+
+def check_lm_decoding_time(cfg, data, n_sizes, log=None):
+    """UserError if the run's lm decoding is estimated to take longer than LM_TIME_LIMIT; a log line beyond an hour."""
+    seconds = lm_decoding_seconds(cfg, data, n_sizes)
+    if seconds > LM_TIME_LIMIT:
+        raise UserError(f"--lm-beam {cfg.lm_beam}: the lm decoding would take about {seconds / 3600:.0f} hours "
+                        f"(estimated from {LM_TOKEN_STEP_SECONDS * 1e6:.1f} us per token and time step); the bound "
+                        f"is {LM_TIME_LIMIT / 3600:.0f} hours; use a smaller --lm-beam")
+    if seconds > LM_TIME_WARNING and log:
+        log(f"note: the lm decoding is estimated to take about {seconds / 3600:.1f} hours at --lm-beam {cfg.lm_beam}")
+    return seconds
+
+
 def make_decoder(name, cfg, alphabet, lexicon=None, lm=None, texts=None):
     """A function from a list of (T_i, K) log-prob arrays to decoded strings.
 
@@ -4325,7 +4369,7 @@ def group_errors(task, eval_sets, hyps_of):
 def final_report(params, cfg, task, data, timer):
     """The evaluation part of run.json: final metrics, per group, predictions, alignments."""
     t0 = time.perf_counter()
-    decode = make_decoder(cfg.decoder, cfg, data.alphabet)
+    decode = make_decoder(cfg.decoder, cfg, data.alphabet, texts=data.lm_texts or None)
     final, predictions, hyps_of, log_probs_of = {}, [], {}, {}
     for split, samples in data.eval_sets.items():
         picks = [i for pick_split, i in data.alignment_picks if pick_split == split]
@@ -4339,31 +4383,38 @@ def final_report(params, cfg, task, data, timer):
             "predictions": predictions, "alignments": alignments}
 
 
-def decoding_experiment(log_probs, samples, sizes, fixed, by_size, describe=None):
-    """Decode evaluation splits with each decoder, timing it.
+def decoding_experiment(outputs, samples, sizes, fixed, by_size, describe=None):
+    """Decode evaluation splits with each decoder, timing it, chunk by chunk.
 
-    log_probs, samples: {split: [(T_i, K) arrays], [Sample]}. fixed: {name:
-    decode} for decoders that ignore the size (run once, reported at every
-    size); by_size(size) -> {name: (decode, extra dict for its rows)};
-    describe(size, refs, hyps) -> more keys for a row. Returns rows of
-    {size, decoder, split, cer, wer, word_acc, seconds_per_seq, n, ...}.
+    outputs(split) -> (indices, [(T_i, K) arrays]) chunks (model_outputs), so
+    that only one chunk's log-probs are held while every decoder reads it.
+    samples: {split: [Sample]}. fixed: {name: decode} for decoders that ignore
+    the size (run once, reported at every size); by_size(size) -> {name:
+    (decode, extra dict for its rows)}; describe(size, refs, hyps) -> more keys
+    for a row. Returns rows of {size, decoder, split, cer, wer, word_acc,
+    seconds_per_seq, n, ...}.
     """
-    def timed(split, decode):
-        t0 = time.perf_counter()
-        hyps = decode(log_probs[split])
-        seconds = time.perf_counter() - t0
-        refs = [s.text for s in samples[split]]
-        return hyps, {**rates(error_counts(refs, hyps)), "seconds_per_seq": seconds / len(refs), "n": len(refs)}
-
-    once = {(name, split): timed(split, decode) for name, decode in fixed.items() for split in samples}
-    rows = []
+    decoders = {(None, name): (decode, {}) for name, decode in fixed.items()}
     for size in sizes:
-        found = {**{name: (None, {}) for name in fixed}, **by_size(size)}
-        for name, (decode, extra) in found.items():
-            for split in samples:
-                hyps, m = once[name, split] if decode is None else timed(split, decode)
-                more = describe(size, [s.text for s in samples[split]], hyps) if describe else {}
-                rows.append({"size": size, "decoder": name, "split": split, **m, **extra, **more})
+        decoders.update({(size, name): found for name, found in by_size(size).items()})
+    rows = []
+    for split, split_samples in samples.items():
+        hyps = {key: [None] * len(split_samples) for key in decoders}
+        seconds = dict.fromkeys(decoders, 0.0)
+        for idx, lps in outputs(split):
+            for key, (decode, _) in decoders.items():
+                t0 = time.perf_counter()
+                for i, h in zip(idx, decode(lps)):
+                    hyps[key][i] = h
+                seconds[key] += time.perf_counter() - t0
+        refs = [s.text for s in split_samples]
+        scores = {key: {**rates(error_counts(refs, hyps[key])), "seconds_per_seq": seconds[key] / len(refs),
+                        "n": len(refs)} for key in decoders}
+        for size in sizes:
+            for (at, name), (_, extra) in decoders.items():
+                if at is None or at == size:
+                    more = describe(size, refs, hyps[at, name]) if describe else {}
+                    rows.append({"size": size, "decoder": name, "split": split, **scores[at, name], **extra, **more})
     return rows
 
 
@@ -4373,9 +4424,9 @@ def lexicon_experiment(params, cfg, data, sizes, log=print):
     included) plus distractor pseudo-words. Returns run.json's `decoding`."""
     t_start = time.perf_counter()
     distractors = distractor_words(max(sizes) - len(VOCAB))
-    log_probs = {split: run_model(params, samples, data) for split, samples in data.eval_sets.items()}
     rows = decoding_experiment(
-        log_probs, data.eval_sets, sizes, {d: make_decoder(d, cfg, data.alphabet) for d in ("greedy", "beam")},
+        lambda split: model_outputs(params, data.eval_sets[split], data), data.eval_sets, sizes,
+        {d: make_decoder(d, cfg, data.alphabet) for d in ("greedy", "beam")},
         lambda size: {"lexicon": (make_decoder("lexicon", cfg, data.alphabet,
                                                VOCAB + distractors[:size - len(VOCAB)]), {})})
     decoding = {"kind": "lexicon", "sizes": list(sizes), "beam_width": cfg.beam_width, "rows": rows,
@@ -4411,78 +4462,134 @@ def word_error_breakdown(refs, hyps, dictionary):
 
 LM_WEIGHTS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)  # the tuning grid; the search starts at weight 1, penalty 0
 WORD_PENALTIES = (-4.0, -2.0, 0.0, 2.0, 4.0, 6.0, 8.0, 10.0)
-TUNING_LINES = 100  # validation lines used for tuning (every other one of the 200)
+OOV_PENALTIES = (-8.0, -4.0, -2.0, 0.0, 2.0, 4.0, 8.0)  # per spelled token, when the dictionary spells (cfg.oov)
+TUNING_LINES = 100  # validation lines used for tuning (every k-th); the lines after them check the OOV modes
 
 
 def tune_lm_decoder(cfg, log_probs, refs, lex, lm):
-    """(lm_weight, word_penalty) for the lm decoder, chosen on validation lines.
+    """(lm_weight, word_penalty, oov_penalty) for the lm decoder, chosen on validation lines.
 
-    A coordinate search on the grid LM_WEIGHTS x WORD_PENALTIES: from weight
-    1, penalty 0, move to the neighbour with the lowest (WER, CER) until none
-    is better. With lm None (a uniform word prior) only the penalty is tuned.
+    A coordinate search on the grid LM_WEIGHTS x WORD_PENALTIES (x OOV_PENALTIES
+    if the lexicon spells out-of-dictionary tokens): from weight 1, penalties 0,
+    move to the neighbour with the lowest (WER, CER) until none is better.
+    With lm None (a uniform word prior) the weight is not tuned.
     """
-    weights = LM_WEIGHTS if lm is not None else (0.0,)
+    grids = (LM_WEIGHTS if lm is not None else (0.0,), WORD_PENALTIES,
+             OOV_PENALTIES if (lex.kind == SPELLED).any() else (0.0,))
     cost = {}
 
-    def evaluate(i, j):
-        if (i, j) not in cost:
-            tuned = dataclasses.replace(cfg, lm_weight=weights[i], word_penalty=WORD_PENALTIES[j])
+    def evaluate(point):
+        if point not in cost:
+            w, p, o = (grid[i] for grid, i in zip(grids, point))
+            tuned = dataclasses.replace(cfg, lm_weight=w, word_penalty=p, oov_penalty=o)
             m = rates(error_counts(refs, make_decoder("lm", tuned, lex.alphabet, lex, lm)(log_probs)))
-            cost[i, j] = (m["wer"], m["cer"])
-        return cost[i, j]
+            cost[point] = (m["wer"], m["cer"])
+        return cost[point]
 
-    here = (weights.index(1.0) if lm is not None else 0, WORD_PENALTIES.index(0.0))
+    here = tuple(grid.index(1.0 if i == 0 and lm is not None else 0.0) for i, grid in enumerate(grids))
     while True:
-        around = [(here[0] + di, here[1] + dj) for di, dj in ((-1, 0), (1, 0), (0, -1), (0, 1))
-                  if 0 <= here[0] + di < len(weights) and 0 <= here[1] + dj < len(WORD_PENALTIES)]
-        best = min([here] + around, key=lambda ij: evaluate(*ij))  # ties keep the current point
+        around = [here[:d] + (here[d] + step,) + here[d + 1:] for d in range(3) for step in (-1, 1)
+                  if 0 <= here[d] + step < len(grids[d])]
+        best = min([here] + around, key=evaluate)  # ties keep the current point
         if best == here:
-            return weights[here[0]], WORD_PENALTIES[here[1]]
+            return tuple(grid[i] for grid, i in zip(grids, here))
         here = best
 
 
-def dictionary_experiment(params, cfg, data, sizes, log=print):
-    """The paper's comparison in miniature, on the test lines: greedy; the
-    dictionary with a uniform word prior; dictionary + unigram; dictionary +
-    bigram; at each dictionary size. The LM weight and word penalty of each
-    decoder are tuned on validation lines, never on test lines. Returns
-    run.json's `decoding`."""
+def in_dictionary_tokens(refs, words):
+    """The reference tokens (as written) every piece of which, lower-cased, is an LM word in `words`."""
+    return {tok for ref in refs for tok in ref.split() if all(p.lower() in words for p in split_token(tok))}
+
+
+def dictionary_experiment(params, cfg, data, sizes, log=print, split="test"):
+    """The paper's comparison, on the test lines (or, with split "validation",
+    on the validation lines not used for tuning): greedy; the dictionary with a
+    uniform word prior; dictionary + unigram; dictionary + bigram; at each
+    dictionary size. The LM weight and penalties of each decoder are tuned on
+    every k-th validation line (TUNING_LINES of them), never on test lines.
+
+    Out-of-dictionary tokens: at the largest size, the bigram decoder is tuned
+    with each OOV mode (none, chars, token) and scored on the validation lines
+    right after the tuning lines; the best (lowest WER, then CER) is used for
+    every size and decoder. Log-probs are computed chunk by chunk
+    (model_outputs), so memory does not grow with the number of lines.
+    Returns run.json's `decoding`."""
     t_start = time.perf_counter()
-    log_probs = {split: run_model(params, data.eval_sets[split], data) for split in ("validation", "test")}
-    tuning = slice(None, None, max(1, len(log_probs["validation"]) // TUNING_LINES))
-    tune_lps = log_probs["validation"][tuning]
-    tune_refs = [s.text for s in data.eval_sets["validation"][tuning]]
-    test_refs = [s.text for s in data.eval_sets["test"]]
-    tuned, perplexity, oov = {}, {}, {}
+    texts = data.lm_texts or None
+    validation = data.eval_sets["validation"]
+    step = max(2, len(validation) // TUNING_LINES)  # at least 2: the check lines are others
+    tune_samples, check_samples = validation[::step], validation[1::step]
+    tune_lps, check_lps = run_model(params, tune_samples, data), run_model(params, check_samples, data)
+    tune_refs, check_refs = [s.text for s in tune_samples], [s.text for s in check_samples]
+    tuned_on = set(range(0, len(validation), step))
+    report = {"test": data.eval_sets["test"]} if split == "test" else \
+        {"validation": [s for i, s in enumerate(validation) if i not in tuned_on]}
+    report_refs = [s.text for s in report[split]]
+    tokenise = lm_words if (texts or cfg.lm_file or cfg.dictionary_file) else str.split
+
+    largest = max(sizes)
+    oov_modes = {}
+    if texts or cfg.oov != "none":  # the real-English task, or a run that asked for spelling
+        lm = decoder_language_model(cfg, texts, largest, 2)
+        for mode in OOV_MODES:
+            mode_cfg = dataclasses.replace(cfg, oov=mode)
+            lex = decoder_lexicon(mode_cfg, data.alphabet, texts, largest)
+            t0 = time.perf_counter()
+            weight, penalty, oov_penalty = tune_lm_decoder(mode_cfg, tune_lps, tune_refs, lex, lm)
+            chosen = dataclasses.replace(mode_cfg, lm_weight=weight, word_penalty=penalty, oov_penalty=oov_penalty)
+            m = rates(error_counts(check_refs, make_decoder("lm", chosen, data.alphabet, lex, lm)(check_lps)))
+            oov_modes[mode] = {"wer": m["wer"], "cer": m["cer"], "lm_weight": weight, "word_penalty": penalty,
+                               "oov_penalty": oov_penalty, "seconds": time.perf_counter() - t0}
+            log(f"oov {mode}: validation WER {m['wer']:.4f} CER {m['cer']:.4f} on {len(check_refs)} lines "
+                f"(tuned on {len(tune_refs)} others: lm_weight {weight}, word_penalty {penalty}, "
+                f"oov_penalty {oov_penalty})")
+        oov = min(OOV_MODES, key=lambda mode: (oov_modes[mode]["wer"], oov_modes[mode]["cer"]))
+        log(f"oov: {oov} reads the validation lines best; used for every decoder below")
+    else:
+        oov = cfg.oov
+    cfg = dataclasses.replace(cfg, oov=oov)
+    tuned, perplexity, oov_rate = {}, {}, {}
 
     def by_size(size):
-        lex = dictionary_lexicon(size, data.alphabet)
-        lms = {"dictionary": None, "unigram": language_model(size, 1), "bigram": language_model(size, 2)}
-        perplexity[size] = {name: lm_perplexity(lm, test_refs)[0] for name, lm in lms.items() if lm}
-        oov[size] = lm_perplexity(lms["unigram"], test_refs)[1]
+        lex = decoder_lexicon(cfg, data.alphabet, texts, size)
+        lms = {"dictionary": None, "unigram": decoder_language_model(cfg, texts, size, 1),
+               "bigram": decoder_language_model(cfg, texts, size, 2)}
+        perplexity[size] = {name: lm_perplexity(lm, report_refs, tokenise)[0] for name, lm in lms.items() if lm}
+        oov_rate[size] = lm_perplexity(lms["unigram"], report_refs, tokenise)[1]
         decoders = {}
         for name, lm in lms.items():
             t0 = time.perf_counter()
-            weight, penalty = tune_lm_decoder(cfg, tune_lps, tune_refs, lex, lm)
-            tuned[size, name] = (weight, penalty)
-            log(f"dictionary {size}, {name}: lm_weight {weight}, word_penalty {penalty} "
+            weight, penalty, oov_penalty = tune_lm_decoder(cfg, tune_lps, tune_refs, lex, lm)
+            tuned[size, name] = (weight, penalty, oov_penalty)
+            log(f"dictionary {size}, {name}: lm_weight {weight}, word_penalty {penalty}, oov_penalty {oov_penalty} "
                 f"(tuned on {len(tune_refs)} validation lines in {time.perf_counter() - t0:.0f} s)")
-            chosen = dataclasses.replace(cfg, lm_weight=weight, word_penalty=penalty)
+            chosen = dataclasses.replace(cfg, lm_weight=weight, word_penalty=penalty, oov_penalty=oov_penalty)
             decoders[name] = (make_decoder("lm", chosen, data.alphabet, lex, lm),
-                              {"lm_weight": weight, "word_penalty": penalty})
+                              {"lm_weight": weight, "word_penalty": penalty, "oov_penalty": oov_penalty})
         return decoders
 
     def describe(size, refs, hyps):
-        words = set(dictionary_lexicon(size, data.alphabet).words)
-        return {"oov_rate": oov[size], "errors": word_error_breakdown(refs, hyps, words)}
+        words = set(ranked_lm_words(cfg, texts)[:size])
+        dictionary = in_dictionary_tokens(refs, words) if tokenise is lm_words else words
+        return {"oov_rate": oov_rate[size], "errors": word_error_breakdown(refs, hyps, dictionary)}
 
-    rows = decoding_experiment({"test": log_probs["test"]}, {"test": data.eval_sets["test"]}, sizes,
+    rows = decoding_experiment(lambda s: model_outputs(params, report[s], data), report, sizes,
                                {"greedy": make_decoder("greedy", cfg, data.alphabet)}, by_size, describe)
     decoding = {"kind": "dictionary", "sizes": list(sizes), "lm_beam": cfg.lm_beam, "rows": rows,
                 "perplexity": {str(k): v for k, v in perplexity.items()}, "tuning_lines": len(tune_refs),
-                "seconds": time.perf_counter() - t_start}
+                "oov": oov, "oov_modes": oov_modes, "oov_check_lines": len(check_refs) if oov_modes else 0,
+                "dictionary_source": dictionary_source(cfg, texts), "seconds": time.perf_counter() - t_start}
     log(format_decoding(decoding))
     return decoding
+
+
+def dictionary_source(cfg, texts):
+    """What the lm decoder's dictionary and LM come from, for run.json."""
+    return {"dictionary": cfg.dictionary_file or ("ARPA vocabulary" if cfg.lm_file else "built in"),
+            "lm": cfg.lm_file or ("symspellpy counts + training transcriptions (mixture fitted on validation)"
+                                  if texts else "symspellpy counts"),
+            "tokens": "pieces (split_token), lower-cased, case as log P(case)" if (texts or cfg.lm_file or
+                                                                                 cfg.dictionary_file) else "words"}
 
 
 def format_decoding(decoding):
@@ -4725,6 +4832,8 @@ def train_and_evaluate(cfg, params=None, verbose=True, log=print, status=None, e
         dictionary_size = max(dictionary_size, cfg.dictionary_size if cfg.decoder == "lm" else 0)
         if dictionary_size:
             check_dictionary_alphabet(dictionary_size, data.alphabet)
+        check_lm_decoding_time(cfg, data, len(getattr(experiment, "keywords", {}).get("sizes", ())) if dictionary_size
+                               else 0, log if verbose else None)
         state = None
         if params is None:
             progress = Progress(verbose and sys.stdout.isatty(), log)
@@ -4946,7 +5055,8 @@ def checkpoint_path(model_path):
 
 
 # Settings that only the final decoding reads: a resumed run may change them.
-DECODING_FIELDS = ("decoder", "beam_width", "dictionary_size", "lm_weight", "word_penalty", "lm_beam")
+DECODING_FIELDS = ("decoder", "beam_width", "dictionary_size", "lm_weight", "word_penalty", "lm_beam", "oov",
+                   "oov_penalty", "lm_file", "dictionary_file")
 
 
 def checkpoint_bytes(state, cfg, data):
@@ -5007,7 +5117,8 @@ def load_checkpoint(path, cfg):
 # Model files from before the task field existed (schema 1) are words models;
 # the fields added since take their defaults. Any other missing field is refused.
 FIELDS_ADDED_AFTER_SCHEMA_1 = ("task", "lines_per_epoch", "eval_lines_per_writer", "data_dir", "features",
-                               "workers", "dictionary_size", "lm_weight", "word_penalty", "lm_beam", "alphabet", "patience")
+                               "workers", "dictionary_size", "lm_weight", "word_penalty", "lm_beam", "alphabet", "patience",
+                               "oov", "oov_penalty", "lm_file", "dictionary_file")
 
 
 def config_from_file(saved):
@@ -5154,12 +5265,13 @@ class OneLineParser(argparse.ArgumentParser):
 # Flags that set a RunConfig field of the same name.
 CONFIG_FLAGS = ("task", "seed", "epochs", "hidden", "layers", "batch_size", "lr", "workers", "patience", "lines_per_epoch",
                 "data_dir", "features", "decoder", "beam_width", "lm_weight", "word_penalty", "lm_beam",
-                "dictionary_size")
+                "dictionary_size", "lm_file", "dictionary_file", "oov", "oov_penalty")
 TRAINING_FLAGS = ("seed", "hidden", "layers", "unidirectional", "epochs", "batch_size", "lr", "quick", "workers",
                   "patience", "lines_per_epoch", "resume")
 # Flags only some tasks take (a Task's `options` names the ones it takes).
 TASK_FLAGS = ("lexicon_sizes", "dictionary_sizes", "lm_weight", "word_penalty", "lm_beam", "dictionary_size",
-              "export_iam_ondb", "data_dir", "features", "lines_per_epoch")
+              "export_iam_ondb", "data_dir", "features", "lines_per_epoch", "lm_file", "dictionary_file", "oov",
+              "oov_penalty", "experiment_split")
 
 
 def _default_text(name):
@@ -5211,6 +5323,13 @@ def build_parser():
     setting("--lm-weight")
     setting("--word-penalty")
     setting("--lm-beam")
+    setting("--lm", "lm_file", metavar="FILE", dest="lm_file")
+    setting("--dictionary", "dictionary_file", metavar="FILE", dest="dictionary_file")
+    setting("--oov", metavar="{" + ",".join(OOV_MODES) + "}")
+    setting("--oov-penalty")
+    p.add_argument("--experiment-split", choices=("test", "validation"), default=None,
+                   help="--dictionary-sizes: report on the test lines (default), or on the validation lines not "
+                        "used for tuning (choosing a recipe without touching the test lines)")
     p.add_argument("--export-iam-ondb", metavar="DIR", default=None,
                    help="lines: write the synthetic lines in the IAM-OnDB layout and format into DIR, then stop")
     p.add_argument("--save-json", metavar="PATH", help="write the run summary (run.json) here")
@@ -5264,6 +5383,19 @@ def check_task_arguments(args, task):
     if args.decoder is not None and args.decoder not in task.decoders:
         raise UserError(f"--decoder {args.decoder} is not available for the {task.name} task "
                         f"(choose from {', '.join(task.decoders)})")
+
+
+def check_lm_files(cfg):
+    """Read --lm and --dictionary before any work, so a bad file is one line up front (they are cached)."""
+    if cfg.lm_file:
+        arpa = read_arpa(cfg.lm_file)
+        if not arpa_vocabulary(arpa):
+            raise UserError(f"--lm {cfg.lm_file!r} lists no words besides <s>, </s> and <unk>")
+    if cfg.dictionary_file:
+        read_word_list(cfg.dictionary_file)
+    if cfg.dictionary_file and not cfg.lm_file and cfg.task != "iam-ondb" and cfg.lm_weight > 0:
+        raise UserError("--dictionary without --lm needs transcriptions to estimate the LM from (the iam-ondb "
+                        "task), or --lm-weight 0")
 
 
 def check_export_folder(path):
@@ -5346,11 +5478,16 @@ def _main(argv):
             check_task_arguments(args, task)
             cfg = check_config(dataclasses.replace(cfg, **{
                 n: getattr(args, n) for n in ("decoder", "beam_width", "lm_weight", "word_penalty", "lm_beam",
-                                              "dictionary_size") if getattr(args, n) is not None}))
+                                              "dictionary_size", "lm_file", "dictionary_file", "oov", "oov_penalty")
+                if getattr(args, n) is not None}))
         else:
             task = TASKS[args.task or "words"]
             check_task_arguments(args, task)
             params, cfg = None, config_from_args(args)
+        for flag, path in (("--lm", args.lm_file), ("--dictionary", args.dictionary_file)):
+            if path == "":
+                raise UserError(f"{flag} '': the path is empty")
+        check_lm_files(cfg)
         if args.export_iam_ondb:
             check_export_folder(args.export_iam_ondb)
             export_lines_task(cfg, args.export_iam_ondb, log)
@@ -5359,7 +5496,8 @@ def _main(argv):
         if args.lexicon_sizes:
             experiment = functools.partial(lexicon_experiment, sizes=args.lexicon_sizes)
         elif args.dictionary_sizes:
-            experiment = functools.partial(dictionary_experiment, sizes=args.dictionary_sizes)
+            experiment = functools.partial(dictionary_experiment, sizes=args.dictionary_sizes,
+                                           split=args.experiment_split or "test")
         checkpoint = None
         if args.save_model and params is None and output_target(args.save_model, "model file")[0] == "file":
             checkpoint = checkpoint_path(args.save_model)

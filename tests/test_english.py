@@ -1,5 +1,10 @@
 """Real English for the lm decoder: tokens, case, the real-English LM, ARPA and word-list files."""
+import dataclasses
 import os
+import re
+import subprocess
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -185,3 +190,47 @@ def test_malformed_word_lists_give_one_clear_line(tmp_path, data, message):
     with pytest.raises(ih.UserError, match=message) as e:
         ih.read_word_list(write(tmp_path, "w", data))
     assert "\n" not in str(e.value) and "--dictionary" in str(e.value)
+
+
+def run_cli(*args):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, os.path.join(root, "iam_handwriting.py"), *map(str, args)], cwd=root,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("flag,make,message", [
+    ("--lm", lambda t: write(t, "a", "\\data\\\nngram 1=1\n\n\\1-grams:\n-1\tthe\n"), "no \\\\end\\\\"),
+    ("--lm", lambda t: write(t, "a", b"\x7fELF\x00\x00"), "binary data"),
+    ("--lm", lambda t: str(t / "missing"), "No such file"),
+    ("--lm", _fifo, "not a regular file"),
+    ("--lm", lambda t: "", "the path is empty"),
+    ("--dictionary", lambda t: write(t, "w", "two words\n"), "more than one word"),
+    ("--dictionary", _fifo, "not a regular file"),
+])
+def test_bad_lm_and_dictionary_files_exit_2_with_one_line_before_any_work(tmp_path, flag, make, message):
+    r = run_cli("--task", "lines", "--quick", "--decoder", "lm", flag, make(tmp_path))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and re.search(message, lines[0]), r.stderr
+    assert "Traceback" not in r.stderr and "epoch" not in r.stdout
+
+
+def test_an_lm_beam_whose_decoding_would_take_days_is_refused_with_its_estimate():
+    line = ih.Sample("a b", np.zeros((700, 3)), [1], np.zeros((700, 2)), np.zeros(700), None)
+    data = types.SimpleNamespace(eval_sets={"validation": [line] * 1438, "test": [line] * 3859})
+    cfg = ih.RunConfig(task="iam-ondb", decoder="lm", lm_beam=64)
+    assert ih.check_lm_decoding_time(cfg, data, 2) < ih.LM_TIME_LIMIT  # the shipped beam passes
+    with pytest.raises(ih.UserError, match=r"--lm-beam 1000000: the lm decoding would take about \d+ hours") as e:
+        ih.check_lm_decoding_time(dataclasses.replace(cfg, lm_beam=10**6), data, 2)
+    assert "\n" not in str(e.value)
+    # the estimate grows with the beam, the lines and the experiment's sizes
+    seconds = [ih.lm_decoding_seconds(dataclasses.replace(cfg, lm_beam=b), data, n) for b, n in ((64, 0), (640, 0), (64, 3))]
+    assert seconds[0] < seconds[1] and seconds[0] < seconds[2]
+
+
+@pytest.mark.skipif(not os.environ.get("IAM_ONDB_DIR"), reason="set IAM_ONDB_DIR to the IAM-OnDB folder to run")
+def test_every_real_transcription_splits_and_glues_back():
+    """Opt-in, on the real database (never in CI): the tokenisation round trip on every line."""
+    lines, _ = ih.load_iam_ondb(os.environ["IAM_ONDB_DIR"], log=lambda *a: None)
+    texts = [line.text for split in lines.values() for line in split]
+    assert len(texts) > 10_000
+    assert all(ih.glue_pieces(ih.split_line(t)) == " ".join(t.split()) for t in texts)
