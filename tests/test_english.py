@@ -234,3 +234,26 @@ def test_every_real_transcription_splits_and_glues_back():
     texts = [line.text for split in lines.values() for line in split]
     assert len(texts) > 10_000
     assert all(ih.glue_pieces(ih.split_line(t)) == " ".join(t.split()) for t in texts)
+
+
+def confident(text, alphabet, rng, p=0.9, frames=3):
+    """(T, K) log-probs of a network sure of `text`: each character for one frame, then blanks."""
+    K = len(alphabet) + 1
+    path = [c for ch in ih.encode(text, alphabet) for c in [ch] + [0] * (frames - 1)]
+    lp = np.log(np.full((len(path) + 2, K), (1 - p) / (K - 1)))
+    lp[np.arange(len(path)) + 1, path] = np.log(p)
+    lp[[0, -1], 0] = np.log(p)
+    z = lp + rng.normal(0, 0.2, size=lp.shape)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def test_the_real_english_decoder_reads_back_capitals_punctuation_and_a_spelled_number():
+    rng = np.random.default_rng(1)
+    text = '"The cat sat," said Mr. FOOT in 1953.'
+    alphabet = "".join(sorted(set(text + "".join(TRAIN) + "0123456789 ")))
+    texts = {"train": tuple(TRAIN), "validation": tuple(VALID)}
+    cfg = ih.RunConfig(task="iam-ondb", decoder="lm", dictionary_size=2000, oov="chars", lm_beam=64)
+    decode = ih.make_decoder("lm", cfg, alphabet, texts=texts)
+    assert decode([confident(text, alphabet, rng)]) == [text]
+    without = ih.make_decoder("lm", dataclasses.replace(cfg, oov="none"), alphabet, texts=texts)
+    assert "1953" not in without([confident(text, alphabet, rng)])[0]  # no digit string is in the dictionary
