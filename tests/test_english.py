@@ -1,5 +1,6 @@
 """Real English for the lm decoder: tokens, case, the real-English LM, ARPA and word-list files."""
 import dataclasses
+import json
 import os
 import re
 import subprocess
@@ -257,3 +258,44 @@ def test_the_real_english_decoder_reads_back_capitals_punctuation_and_a_spelled_
     assert decode([confident(text, alphabet, rng)]) == [text]
     without = ih.make_decoder("lm", dataclasses.replace(cfg, oov="none"), alphabet, texts=texts)
     assert "1953" not in without([confident(text, alphabet, rng)])[0]  # no digit string is in the dictionary
+
+
+def test_the_dictionary_experiment_decodes_chunk_by_chunk_and_reports_oov_modes_oov_rates_and_perplexity(monkeypatch):
+    """A tiny untrained network on real-English lines: every row, the OOV comparison on
+    validation, perplexity and OOV rate per size, and a block the figure script accepts."""
+    import visualize_iam_handwriting as viz
+    rng = np.random.default_rng(0)
+    alphabet = "".join(sorted(set("".join(TRAIN + VALID) + "019 ")))
+    params = ih.init_params(rng, hidden=4, in_dim=3, n_classes=len(alphabet) + 1)
+
+    def sample(text):
+        T = 2 * len(text) + 2
+        return ih.Sample(text, rng.normal(size=(T, 3)).astype(np.float32), ih.encode(text, alphabet), np.zeros((T, 2)),
+                         np.zeros(T), None, "w1")
+    validation = [sample(t) for t in VALID + ["the cat 19 .", "a dog ."]]
+    test = [sample(t) for t in ("the dog 's hat .", "A cat 10 sat", "on the mat")]
+    data = ih.TaskData(alphabet, {"validation": validation, "test": test}, None, 0, np.zeros(3), np.ones(3), 0.0, [],
+                       {}, {"train": tuple(TRAIN), "validation": tuple(VALID)})
+    chunks = []
+    real_outputs = ih.model_outputs
+
+    def outputs(params, samples, data):
+        for idx, lps in real_outputs(params, samples, data):
+            chunks.append(len(idx))
+            yield idx, lps
+    monkeypatch.setattr(ih, "model_outputs", outputs)
+    monkeypatch.setattr(ih, "EVAL_BATCH", 1)  # one line a chunk
+    dec = ih.dictionary_experiment(params, ih.RunConfig(task="iam-ondb", lm_beam=4), data, [30, 80],
+                                   log=lambda *a: None)
+    assert chunks == [1] * (3 + 2 + len(test))  # tuning, check and test lines, one chunk at a time
+    assert {(r["size"], r["decoder"]) for r in dec["rows"]} == {(s, d) for s in (30, 80)
+                                                                for d in ("greedy", "dictionary", "unigram", "bigram")}
+    assert all(r["split"] == "test" and r["n"] == 3 and 0 <= r["oov_rate"] <= 1 for r in dec["rows"])
+    assert set(dec["oov_modes"]) == set(ih.OOV_MODES) and dec["oov"] in ih.OOV_MODES
+    assert dec["oov_check_lines"] == 2 and dec["tuning_lines"] == 3  # every other validation line each
+    assert set(dec["perplexity"]) == {"30", "80"} and all(p >= 1 for v in dec["perplexity"].values() for p in v.values())
+    oov = {r["size"]: r["oov_rate"] for r in dec["rows"]}
+    assert oov[80] <= oov[30]
+    task = {"name": "iam-ondb", "alphabet": alphabet, "splits": ["validation", "test"], "monitor": ["validation"]}
+    checked = viz.check_decoding(viz.Field(json.loads(json.dumps(dec)), "decoding"), task)
+    assert len(checked["rows"]) == 8 and set(checked["perplexity"]) == {30, 80}
