@@ -22,7 +22,9 @@ Three tasks share one model, one CTC, one set of decoders and one training loop:
 What is scaled down: the synthetic data, the network (one BLSTM layer by
 default), the optimiser (Adam on minibatches). Decoding: greedy best path,
 prefix beam search, a single-word dictionary decoder, and the paper's token
-passing over a dictionary with a word bigram language model.
+passing over a dictionary with a word bigram language model (for real English:
+punctuation and clitics split off, case variants, spelled out-of-dictionary
+tokens; --lm and --dictionary read ARPA files and word lists).
 
 Everything below is hand-written numpy: the LSTM forward pass and
 back-propagation through time, the log-space CTC forward-backward, the
@@ -39,6 +41,7 @@ Usage:
     python iam_handwriting.py --task lines --load-model m.npz --decoder lm --dictionary-sizes 1000,5000,20000
     python iam_handwriting.py --task lines --export-iam-ondb DIR   # synthetic lines in the IAM-OnDB format
     python iam_handwriting.py --task iam-ondb --data-dir DIR --features graves25 --save-json iam.json
+    python iam_handwriting.py --load-model iam.npz --data-dir DIR --decoder lm --oov chars --dictionary-sizes 5000,20000
     python iam_handwriting.py --help                               # every flag
 """
 from __future__ import annotations
@@ -5268,6 +5271,7 @@ CONFIG_FLAGS = ("task", "seed", "epochs", "hidden", "layers", "batch_size", "lr"
                 "dictionary_size", "lm_file", "dictionary_file", "oov", "oov_penalty")
 TRAINING_FLAGS = ("seed", "hidden", "layers", "unidirectional", "epochs", "batch_size", "lr", "quick", "workers",
                   "patience", "lines_per_epoch", "resume")
+FLAG_NAMES = {"lm_file": "--lm", "dictionary_file": "--dictionary"}  # flags not spelled like their field
 # Flags only some tasks take (a Task's `options` names the ones it takes).
 TASK_FLAGS = ("lexicon_sizes", "dictionary_sizes", "lm_weight", "word_penalty", "lm_beam", "dictionary_size",
               "export_iam_ondb", "data_dir", "features", "lines_per_epoch", "lm_file", "dictionary_file", "oov",
@@ -5378,7 +5382,7 @@ def check_task_arguments(args, task):
     for name in TASK_FLAGS:
         if getattr(args, name) not in (None, False) and name not in task.options:
             takers = [t.name for t in TASKS.values() if name in t.options]
-            raise UserError(f"--{name.replace('_', '-')} is for the {' and '.join(takers)} task"
+            raise UserError(f"{FLAG_NAMES.get(name, '--' + name.replace('_', '-'))} is for the {' and '.join(takers)} task"
                             f"{'s' if len(takers) > 1 else ''}, not {task.name}")
     if args.decoder is not None and args.decoder not in task.decoders:
         raise UserError(f"--decoder {args.decoder} is not available for the {task.name} task "
