@@ -3990,14 +3990,18 @@ def lm_decoding_seconds(cfg, data, n_sizes):
     the lm decoder, and the dictionary experiment at n_sizes sizes (0: none),
     from the evaluation lines' lengths and cfg.lm_beam."""
     lengths = {split: [len(s.traj) for s in samples] for split, samples in data.eval_sets.items()}
-    per_line = {split: float(np.mean(n)) * (LM_STEP_SECONDS + cfg.lm_beam * LM_TOKEN_STEP_SECONDS) if n else 0.0
-                for split, n in lengths.items()}
-    seconds = sum(per_line[s] * len(n) for s, n in lengths.items()) if cfg.decoder == "lm" else 0.0
+
+    def per_line(split, beam=cfg.lm_beam):
+        n = lengths.get(split)
+        return float(np.mean(n)) * (LM_STEP_SECONDS + beam * LM_TOKEN_STEP_SECONDS) if n else 0.0
+
+    seconds = sum(per_line(s) * len(n) for s, n in lengths.items()) if cfg.decoder == "lm" else 0.0
     if n_sizes:
         decoders = 3 * n_sizes + len(OOV_MODES)  # dictionary, unigram, bigram per size; the OOV comparison
         tuning = min(TUNING_LINES, len(lengths.get("validation", [])) // 2)  # and as many check lines
-        seconds += per_line.get("validation", 0.0) * tuning * (TUNING_DECODES * decoders + len(OOV_MODES))
-        seconds += per_line.get("test", 0.0) * len(lengths.get("test", [])) * 3 * n_sizes
+        seconds += per_line("validation") * tuning * (TUNING_DECODES * decoders + len(OOV_MODES) + 1)
+        seconds += per_line("validation", BEAM_CHECK_FACTOR * cfg.lm_beam) * tuning  # wider_beam_check
+        seconds += per_line("test") * len(lengths.get("test", [])) * 3 * n_sizes
     return seconds
 
 
@@ -4551,6 +4555,9 @@ def dictionary_experiment(params, cfg, data, sizes, log=print, split="test"):
     else:
         oov = cfg.oov
     cfg = dataclasses.replace(cfg, oov=oov)
+    known = oov_modes.get(oov)  # the OOV comparison tuned this decoder already
+    beam_check = wider_beam_check(cfg, data.alphabet, texts, largest, check_lps, tune_lps, tune_refs, log,
+                                  known and (known["lm_weight"], known["word_penalty"], known["oov_penalty"]))
     tuned, perplexity, oov_rate = {}, {}, {}
 
     def by_size(size):
@@ -4581,9 +4588,29 @@ def dictionary_experiment(params, cfg, data, sizes, log=print, split="test"):
     decoding = {"kind": "dictionary", "sizes": list(sizes), "lm_beam": cfg.lm_beam, "rows": rows,
                 "perplexity": {str(k): v for k, v in perplexity.items()}, "tuning_lines": len(tune_refs),
                 "oov": oov, "oov_modes": oov_modes, "oov_check_lines": len(check_refs) if oov_modes else 0,
+                "beam_check": beam_check,
                 "dictionary_source": dictionary_source(cfg, texts), "seconds": time.perf_counter() - t_start}
     log(format_decoding(decoding))
     return decoding
+
+
+BEAM_CHECK_FACTOR = 16  # the pruning check: how much wider the second beam is
+
+
+def wider_beam_check(cfg, alphabet, texts, size, check_lps, tune_lps, tune_refs, log, weights=None):
+    """How many validation check lines the bigram decoder (tuned, at `size`) reads
+    differently with a BEAM_CHECK_FACTOR times wider beam: pruning that loses the
+    objective's best reading shows here. weights: (lm_weight, word_penalty,
+    oov_penalty) if already tuned. Returns {beam, wider, lines, changed}."""
+    lex, lm = decoder_lexicon(cfg, alphabet, texts, size), decoder_language_model(cfg, texts, size, 2)
+    weight, penalty, oov_penalty = weights or tune_lm_decoder(cfg, tune_lps, tune_refs, lex, lm)
+    tuned = dataclasses.replace(cfg, lm_weight=weight, word_penalty=penalty, oov_penalty=oov_penalty)
+    wide = dataclasses.replace(tuned, lm_beam=min(cfg.lm_beam * BEAM_CHECK_FACTOR, CONFIG_FIELDS["lm_beam"].metadata["high"]))
+    shipped, wider = (make_decoder("lm", c, alphabet, lex, lm)(check_lps) for c in (tuned, wide))
+    changed = sum(a != b for a, b in zip(shipped, wider))
+    log(f"beam check: --lm-beam {wide.lm_beam} changes {changed} of {len(check_lps)} validation lines read at "
+        f"{cfg.lm_beam} (dictionary {size}, bigram)")
+    return {"beam": cfg.lm_beam, "wider": wide.lm_beam, "lines": len(check_lps), "changed": changed}
 
 
 def dictionary_source(cfg, texts):

@@ -293,6 +293,7 @@ def test_the_dictionary_experiment_decodes_chunk_by_chunk_and_reports_oov_modes_
     assert all(r["split"] == "test" and r["n"] == 3 and 0 <= r["oov_rate"] <= 1 for r in dec["rows"])
     assert set(dec["oov_modes"]) == set(ih.OOV_MODES) and dec["oov"] in ih.OOV_MODES
     assert dec["oov_check_lines"] == 2 and dec["tuning_lines"] == 3  # every other validation line each
+    assert dec["beam_check"] == {"beam": 4, "wider": 64, "lines": 2, "changed": dec["beam_check"]["changed"]}
     assert set(dec["perplexity"]) == {"30", "80"} and all(p >= 1 for v in dec["perplexity"].values() for p in v.values())
     oov = {r["size"]: r["oov_rate"] for r in dec["rows"]}
     assert oov[80] <= oov[30]
