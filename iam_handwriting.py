@@ -4605,7 +4605,8 @@ def wider_beam_check(cfg, alphabet, texts, size, check_lps, tune_lps, tune_refs,
     lex, lm = decoder_lexicon(cfg, alphabet, texts, size), decoder_language_model(cfg, texts, size, 2)
     weight, penalty, oov_penalty = weights or tune_lm_decoder(cfg, tune_lps, tune_refs, lex, lm)
     tuned = dataclasses.replace(cfg, lm_weight=weight, word_penalty=penalty, oov_penalty=oov_penalty)
-    wide = dataclasses.replace(tuned, lm_beam=min(cfg.lm_beam * BEAM_CHECK_FACTOR, CONFIG_FIELDS["lm_beam"].metadata["high"]))
+    widest = CONFIG_FIELDS["lm_beam"].metadata["high"]
+    wide = dataclasses.replace(tuned, lm_beam=min(cfg.lm_beam * BEAM_CHECK_FACTOR, widest))
     shipped, wider = (make_decoder("lm", c, alphabet, lex, lm)(check_lps) for c in (tuned, wide))
     changed = sum(a != b for a, b in zip(shipped, wider))
     log(f"beam check: --lm-beam {wide.lm_beam} changes {changed} of {len(check_lps)} validation lines read at "
