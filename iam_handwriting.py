@@ -1213,10 +1213,29 @@ def parse_forms_txt(text: str) -> dict[str, str]:
     return writers
 
 
+MAX_FILE_BYTES = 16 * 2**20  # any one file of the database; the largest real line file is about 105 kB
+
+
+def _open_without_waiting(path, flags):
+    # A FIFO would block open() until some writer appears; non-blocking, it opens and is refused below.
+    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
+
+
 def _read_bytes(path: str) -> bytes:
+    """The bytes of a regular file of at most MAX_FILE_BYTES; IamOnDbError naming the file for
+    anything else (a FIFO, a device such as /dev/zero, a symlink to either, an oversized file)."""
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        with open(path, "rb", opener=_open_without_waiting) as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) \
+                    else "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+                raise IamOnDbError(f"cannot read {path}: it is {kind}, not a regular file")
+            data = f.read(MAX_FILE_BYTES + 1)
+            if len(data) > MAX_FILE_BYTES:
+                raise IamOnDbError(f"cannot read {path}: larger than {MAX_FILE_BYTES:,} bytes, the most a file of "
+                                   "the database may hold")
+            return data
     except PermissionError:
         raise IamOnDbError(f"cannot read {path}: permission denied") from None
     except OSError as err:
