@@ -1019,6 +1019,13 @@ class IamOnDbError(UserError):
         super().__init__(" ".join(str(message).split()))  # one line, whatever was interpolated
 
 
+class IamOnDbBoundError(IamOnDbError):
+    """A file beyond the bounds below: refused outright, never skipped as merely invalid."""
+
+
+MAX_LINE_STROKES = 5_000  # per line file; real lines have at most about 100
+
+
 # Safe XML: expat with entities refused.
 # The files come from a download, so they are untrusted: a DTD entity could expand
 # exponentially (billion laughs) or pull in a local file. No real IAM-OnDB file needs a DTD,
@@ -1139,6 +1146,8 @@ def parse_line_strokes(data: bytes, source: str) -> LineInk:
         raise IamOnDbError(f"{source}: non-finite coordinate or time")
     counts = np.diff(np.append(first_point, len(xs)))  # (S_all,) points per Stroke element
     counts = counts[counts > 0]
+    if len(counts) > MAX_LINE_STROKES:  # noise removal compares strokes pairwise
+        raise IamOnDbBoundError(f"{source}: {len(counts):,} strokes, more than the {MAX_LINE_STROKES:,} a line may have")
     stroke = np.repeat(np.arange(len(counts)), counts)  # (N,)
     return LineInk(points, stroke, times, corners, sensor[0] if sensor else None)
 
@@ -1413,6 +1422,8 @@ def _load_form(data_dir, form_id, folder, numbered, split, forms_txt, tally) -> 
         raw = _read_bytes(path)
         try:
             ink = parse_line_strokes(raw, path)
+        except IamOnDbBoundError:
+            raise
         except IamOnDbError:
             tally.skip("invalid line files", path, 1)
             continue
@@ -1522,6 +1533,7 @@ ZERO_LENGTH = 1e-9  # shorter than this (corpus heights) counts as no movement
 SPIKE_FACTOR = 10.0  # a step this many times the median step is a tracker glitch, not a hand
 SPECK_MAX_POINTS = 2  # strokes this short may be noise ...
 SPECK_ISOLATION = 1.0  # ... if farther than this many line heights from any other ink
+SPECK_CHUNK = 2**18  # (candidate, stroke) pairs compared at once: about 8 MB
 
 MAX_SKEW = np.radians(45.0)  # beyond this the "line" is not a line; clip the estimate
 ROBUST_TRIM = 2.0  # extrema beyond this many robust sigmas from the fit are ascenders etc.
@@ -1674,7 +1686,8 @@ def _isolated_specks(points, stroke):
     "Far" = more than SPECK_ISOLATION line heights from the bounding box of every other
     stroke, the line height being the 5-95 percentile spread of y (about two corpus
     heights), so i-dots (well under one line height from their stem) stay. Boxes instead of
-    points keep this O(specks x strokes).
+    points keep this O(specks x strokes) in time; the comparison runs in chunks of SPECK_CHUNK
+    pairs, so memory stays bounded.
     """
     mask = np.zeros(len(points), dtype=bool)
     counts = np.bincount(stroke)
@@ -1689,11 +1702,14 @@ def _isolated_specks(points, stroke):
     box_min = np.minimum.reduceat(points, starts, axis=0)  # (S, 2)
     box_max = np.maximum.reduceat(points, starts, axis=0)
     cand = np.flatnonzero(small)  # (M,)
-    p = points[cand, None, :]  # (M, 1, 2)
-    outside = np.maximum(np.maximum(box_min[None] - p, p - box_max[None]), 0.0)  # (M, S, 2)
-    dist = np.hypot(outside[..., 0], outside[..., 1])  # (M, S)
-    dist[np.arange(len(cand)), stroke[cand]] = np.inf
-    mask[cand[dist.min(axis=1) > SPECK_ISOLATION * (hi - lo)]] = True
+    per_chunk = max(1, SPECK_CHUNK // len(starts))  # candidates per (chunk, S, 2) block: memory stays bounded
+    for at in range(0, len(cand), per_chunk):
+        c = cand[at:at + per_chunk]  # (C,)
+        p = points[c, None, :]  # (C, 1, 2)
+        outside = np.maximum(np.maximum(box_min[None] - p, p - box_max[None]), 0.0)  # (C, S, 2)
+        dist = np.hypot(outside[..., 0], outside[..., 1])  # (C, S)
+        dist[np.arange(len(c)), stroke[c]] = np.inf
+        mask[c[dist.min(axis=1) > SPECK_ISOLATION * (hi - lo)]] = True
     return mask
 
 

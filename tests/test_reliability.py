@@ -93,3 +93,47 @@ def test_an_oversized_file_is_refused_naming_it_without_reading_it_all(tmp_path,
         f.write(REFERENCE_LINE.encode().replace(b"<StrokeSet>", b"<StrokeSet>" + b" " * 200))
     outcome = load_in_thread(root)
     assert isinstance(outcome, IamOnDbError) and LINE in str(outcome) and "bytes" in str(outcome), outcome
+
+
+def line_file(strokes):
+    """A lineStrokes document: strokes = [[(x, y), ...], ...], 20 ms between points."""
+    body, t = [], 100.0
+    for points in strokes:
+        body.append('    <Stroke colour="black">')
+        for x, y in points:
+            body.append(f'      <Point x="{x}" y="{y}" time="{t:.2f}"/>')
+            t += 0.02
+        body.append("    </Stroke>")
+    return ('<?xml version="1.0" encoding="ISO-8859-1"?>\n<WhiteboardCaptureSession>\n  <StrokeSet>\n'
+            + "\n".join(body) + "\n  </StrokeSet>\n</WhiteboardCaptureSession>\n")
+
+
+def test_a_line_of_many_one_point_strokes_is_refused_before_noise_removal(tmp_path):
+    # 15,000 one-point strokes (1.2 MB): the pairwise speck test once asked for 3.6 GB here.
+    root = write_reference_db(tmp_path)
+    rng = np.random.default_rng(0)
+    write_text(os.path.join(root, LINE), line_file([[tuple(p)] for p in rng.integers(0, 5000, (15_000, 2))]))
+    line = one_error_line(run_fx(root))
+    assert LINE in line and "15,000 strokes" in line and "5,000" in line
+
+
+def test_isolated_specks_in_chunks_equal_the_point_by_point_definition(monkeypatch):
+    rng = np.random.default_rng(1)
+    points = rng.uniform(0, 10, (300, 2)) * [20, 1]  # (N, 2) ink in a band 10 high
+    stroke = np.unique(np.sort(rng.integers(0, 120, 300)), return_inverse=True)[1]  # (N,) many 1-2 point strokes
+    small = np.flatnonzero(np.bincount(stroke) <= ih.SPECK_MAX_POINTS)
+    points[np.isin(stroke, small[::12])] += [0, 40]  # a few small strokes lifted well above the band
+    starts = np.flatnonzero(ih.stroke_starts(stroke))
+    lo, hi = np.percentile(points[:, 1], [5, 95], method="lower")
+    expected = np.zeros(len(points), bool)
+    for i in range(len(points)):
+        if np.sum(stroke == stroke[i]) > ih.SPECK_MAX_POINTS:
+            continue
+        others = [s for s in range(len(starts)) if s != stroke[i]]
+        gaps = [np.hypot(*np.maximum(np.maximum(points[stroke == s].min(0) - points[i],
+                                                points[i] - points[stroke == s].max(0)), 0)) for s in others]
+        expected[i] = min(gaps) > ih.SPECK_ISOLATION * (hi - lo)
+    assert expected.any() and not expected.all()
+    whole = ih._isolated_specks(points, stroke)
+    monkeypatch.setattr(ih, "SPECK_CHUNK", 7)  # a chunk of one candidate at a time
+    assert (ih._isolated_specks(points, stroke) == expected).all() and (whole == expected).all()
