@@ -248,9 +248,7 @@ def resample_strokes(values, stroke, key, step):
     """
     starts = stroke_starts(stroke)
     first = np.flatnonzero(starts)  # (S,)
-    last = np.append(first[1:], len(stroke)) - 1
-    span = key[last] - key[first]
-    n = np.maximum(2, np.round(span / step).astype(int) + 1)  # (S,)
+    span, n = resampled_counts(stroke, key, step)
     new_stroke = np.repeat(np.arange(len(first)), n)
     k = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
     pos = k * np.repeat(span / (n - 1), n)
@@ -262,6 +260,15 @@ def resample_strokes(values, stroke, key, step):
     query = pos + offset[new_stroke]
     new_values = np.column_stack([np.interp(query, axis, v) for v in np.asarray(values, float).T])
     return new_values, new_stroke, np.interp(query, axis, np.arange(len(axis), dtype=float))
+
+
+def resampled_counts(stroke, key, step):
+    """(span (S,), n (S,)): the key span of each stroke and the points resample_strokes gives it,
+    so that a caller can bound the size of a resampling before doing it."""
+    first = np.flatnonzero(stroke_starts(stroke))  # (S,)
+    last = np.append(first[1:], len(stroke)) - 1
+    span = key[last] - key[first]
+    return span, np.maximum(2, np.round(span / step).astype(np.int64) + 1)
 
 
 def pen_trajectory(xy, stroke):
@@ -1024,6 +1031,8 @@ class IamOnDbBoundError(IamOnDbError):
 
 
 MAX_LINE_STROKES = 5_000  # per line file; real lines have at most about 100
+MAX_COORDINATE = 1e7  # |x|, |y| in sensor units; real whiteboards span about 7,000 x 1,500
+MAX_TIME = 1e12  # |time| in seconds; real files count from about 1.5e7
 
 
 # Safe XML: expat with entities refused.
@@ -1144,6 +1153,10 @@ def parse_line_strokes(data: bytes, source: str) -> LineInk:
         raise IamOnDbError(f"{source}: non-numeric coordinate or time ({err})") from None
     if not (np.isfinite(points).all() and np.isfinite(times).all()):
         raise IamOnDbError(f"{source}: non-finite coordinate or time")
+    if np.abs(points).max() > MAX_COORDINATE or np.abs(times).max() > MAX_TIME:
+        # finite, but differences of such values overflow and the features become NaN
+        raise IamOnDbBoundError(f"{source}: a coordinate beyond +-{MAX_COORDINATE:g} sensor units or a time beyond "
+                                f"+-{MAX_TIME:g} s (largest {np.abs(points).max():g}, {np.abs(times).max():g})")
     counts = np.diff(np.append(first_point, len(xs)))  # (S_all,) points per Stroke element
     counts = counts[counts > 0]
     if len(counts) > MAX_LINE_STROKES:  # noise removal compares strokes pairwise
@@ -1357,6 +1370,7 @@ class InkLine:
     points: np.ndarray  # (N, 2) float64 x, y sensor units, y down
     stroke: np.ndarray  # (N,) int64 pen-down segment, 0..S-1
     times: np.ndarray  # (N,) float64 seconds
+    path: str = ""  # the lineStrokes file it was read from, for messages
 
 
 @dataclass
@@ -1428,7 +1442,7 @@ def _load_form(data_dir, form_id, folder, numbered, split, forms_txt, tally) -> 
             tally.skip("invalid line files", path, 1)
             continue
         lines.append(InkLine(f"{form_id}-{number:02d}", form_id, writer, split, texts[number - 1],
-                          ink.points, ink.stroke, ink.times))
+                          ink.points, ink.stroke, ink.times, path))
     return lines
 
 
@@ -1528,6 +1542,7 @@ def format_summary(summary: dict) -> str:
 #   3x3 pixels of 0.5 corpus heights aligned to the baseline.
 
 IAM_SPACING = 0.15  # resampling step in corpus heights: ~20 points per letter (docstring)
+MAX_LINE_SAMPLES = 20_000  # per line after resampling: about 1,000 letters; real lines have a few thousand at most
 ZERO_LENGTH = 1e-9  # shorter than this (corpus heights) counts as no movement
 
 SPIKE_FACTOR = 10.0  # a step this many times the median step is a tracker glitch, not a hand
@@ -1988,7 +2003,8 @@ def preprocess(points, stroke, times=None, spacing=IAM_SPACING):
     noise, correct skew, correct slant, fit baseline and corpus line, normalise height,
     measure speed, remove delayed strokes (kept as hat ranges), resample every `spacing`
     corpus heights. A line of one point, identical points or a single vertical stroke gives
-    a short, finite result (T >= 2); an empty line raises ValueError.
+    a short, finite result (T >= 2); an empty line, or one that would resample to more than
+    MAX_LINE_SAMPLES points, raises ValueError.
     """
     points, stroke, times = validate_line(points, stroke, times)
     points = flip_to_y_up(points)
@@ -2000,7 +2016,12 @@ def preprocess(points, stroke, times=None, spacing=IAM_SPACING):
     speed = point_speed(points, stroke, times)  # (N,) corpus heights / s
     keep, hat_ranges = remove_delayed_strokes(points, stroke)
     points, stroke, speed = points[keep], relabel_strokes(stroke[keep]), speed[keep]
-    new_points, new_stroke, frac = resample_strokes(points, stroke, ink_length(points, stroke), spacing)
+    ink = ink_length(points, stroke)  # (N,)
+    span, n = resampled_counts(stroke, ink, spacing)
+    if not n.sum() <= MAX_LINE_SAMPLES:
+        raise ValueError(f"the line would resample to {n.sum():,} samples, more than {MAX_LINE_SAMPLES:,}: its ink is "
+                         f"{span.sum():.3g} corpus heights long (corpus height {corpus_height:.3g} sensor units)")
+    new_points, new_stroke, frac = resample_strokes(points, stroke, ink, spacing)
     new_speed = np.interp(frac, np.arange(len(speed), dtype=float), speed)
     pen_up = stroke_starts(new_stroke).astype(np.float64)
     return Preprocessed(
@@ -2458,11 +2479,19 @@ def lines_data(cfg, streams, parallel_map, log):
 def _featurise_line(args):
     """One IAM-OnDB line as a Sample without labels (they need the alphabet)."""
     line, features = args
-    pre = preprocess(line.points, line.stroke, line.times)
+    where = line.path or line.line_id
+    try:
+        pre = preprocess(line.points, line.stroke, line.times)
+    except ValueError as e:
+        raise IamOnDbBoundError(f"{where}: {e}") from None
     traj = features_graves25(pre) if features == "graves25" else pen_trajectory(pre.points, pre.stroke)
     # float32 halves the features of the 12k lines (about 1 GB instead of 2); the network reads
     # float32 anyway, so this rounds each input once before normalisation instead of after it.
-    return Sample(line.text, traj.astype(np.float32), [], np.asarray(pre.points, np.float32),
+    with np.errstate(over="ignore"):  # an overflow becomes inf, refused next
+        traj = traj.astype(np.float32)
+    if not np.isfinite(traj).all():  # a backstop: the reader's bounds should make this impossible
+        raise IamOnDbBoundError(f"{where}: its {features} features are not finite")
+    return Sample(line.text, traj, [], np.asarray(pre.points, np.float32),
                   np.asarray(pre.pen_up, np.float32), None, line.writer)
 
 

@@ -5,7 +5,9 @@ IAM-OnDB folders here are the small hand-written fixtures of test_iamondb_io.py 
 changed; runs that could exhaust memory before their fix run in a subprocess with a capped
 address space, so a regression fails the test instead of the machine.
 """
+import dataclasses
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -137,3 +139,36 @@ def test_isolated_specks_in_chunks_equal_the_point_by_point_definition(monkeypat
     whole = ih._isolated_specks(points, stroke)
     monkeypatch.setattr(ih, "SPECK_CHUNK", 7)  # a chunk of one candidate at a time
     assert (ih._isolated_specks(points, stroke) == expected).all() and (whole == expected).all()
+
+
+# ---------------------------------------------------------------------------
+# Lines: bounded samples and coordinates, refused naming the file
+# ---------------------------------------------------------------------------
+
+ZIGZAG_AND_FAR_POINT = [[(x, x % 2) for x in range(20)] + [(100_000, 0)]]  # about 666,700 samples resampled
+TEST_LINE = "lineStrokes/f07/f07-088/f07-088b-01.xml"  # the reference folder's test-split line
+
+
+@pytest.mark.parametrize("relative", [LINE, TEST_LINE])
+def test_a_small_line_that_would_resample_to_too_many_samples_is_refused_naming_it(tmp_path, relative):
+    root = write_reference_db(tmp_path)
+    write_text(os.path.join(root, relative), line_file(ZIGZAG_AND_FAR_POINT))
+    line = one_error_line(run_fx(root, "--features", "raw"))
+    assert relative in line and re.search(r"resample to 666,\d{3} samples", line) and f"{ih.MAX_LINE_SAMPLES:,}" in line
+
+
+@pytest.mark.parametrize("relative,features", [(LINE, "graves25"), (LINE, "raw"), (TEST_LINE, "raw")])
+def test_finite_but_huge_coordinates_are_refused_naming_the_file(tmp_path, relative, features):
+    root = write_reference_db(tmp_path)
+    write_text(os.path.join(root, relative), line_file([[(1000, 1000), (1010, 1020), (-1e308, 1e308)]]))
+    line = one_error_line(run_fx(root, "--features", features))
+    assert relative in line and "coordinate beyond" in line
+
+
+def test_a_line_whose_features_are_not_finite_is_refused_naming_it(monkeypatch):
+    line = ih.InkLine("a01-000u-01", "a01-000u", "w", "train", "a", np.array([[0.0, 0.0], [1.0, 1.0]]),
+                      np.array([0, 0]), np.array([0.0, 0.02]), "lineStrokes/x.xml")
+    assert np.isfinite(ih._featurise_line((line, "raw")).traj).all()
+    monkeypatch.setattr(ih, "pen_trajectory", lambda xy, stroke: np.full((len(xy), 3), 1e39))  # inf in float32
+    with pytest.raises(IamOnDbError, match=r"lineStrokes/x.xml: its raw features are not finite"):
+        ih._featurise_line((line, "raw"))
