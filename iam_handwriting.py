@@ -1211,6 +1211,11 @@ def parse_ascii(text: str, source: str) -> list[str]:
     return [line.strip(BLANKS) for line in lines[heads[0] + 1:] if line.strip(BLANKS)]
 
 
+def _quoted_prefix(text: str, limit: int = 40) -> str:
+    """repr of text, cut to its first `limit` characters: a bad entry may be a whole file."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text):,} characters)"
+
+
 def parse_split_file(text: str, source: str) -> list[str]:
     """Form ids of a split file, in file order without repeats (entries have a leading space)."""
     form_ids = []
@@ -1219,7 +1224,7 @@ def parse_split_file(text: str, source: str) -> list[str]:
         if not entry:
             continue
         if not FORM_ID.fullmatch(entry):  # also keeps "../" out of the paths built from it
-            raise IamOnDbError(f"{source} line {number}: {entry!r} is not a form id like a01-000u")
+            raise IamOnDbError(f"{source} line {number}: {_quoted_prefix(entry)} is not a form id like a01-000u")
         if entry not in form_ids:
             form_ids.append(entry)
     return form_ids
@@ -1339,9 +1344,11 @@ def read_split_files(data_dir: str) -> dict[str, list[str]]:
     return splits
 
 
-def find_line_files(strokes_root: str) -> tuple[dict[str, tuple[str, dict[int, str]]], list[str]]:
-    """form id -> (folder relative to lineStrokes/, {line number: path}); and unrecognised files."""
-    forms, unrecognised = {}, []
+def find_line_files(strokes_root: str) -> tuple[dict[str, tuple[str, dict[int, str]]], list[str], dict[str, list]]:
+    """form id -> (folder relative to lineStrokes/, {line number: path}); unrecognised files; and
+    form id -> ["<path> and <name>", ...] for every further file of a line number it already has
+    (a01-000u-01.xml and a01-000u-001.xml)."""
+    forms, unrecognised, twice = {}, [], {}
     for dirpath, dirnames, filenames in os.walk(strokes_root, onerror=_raise_unreadable_folder):
         dirnames.sort()
         folder = os.path.relpath(dirpath, strokes_root)
@@ -1351,8 +1358,10 @@ def find_line_files(strokes_root: str) -> tuple[dict[str, tuple[str, dict[int, s
             if entry is None or entry[0] != folder:  # not a line file, or a form in two folders
                 unrecognised.append(os.path.join(dirpath, name))
                 continue
+            if int(match["number"]) in entry[1]:  # which of the two is the line cannot be told
+                twice.setdefault(match["form"], []).append(f"{entry[1][int(match['number'])]} and {name}")
             entry[1][int(match["number"])] = os.path.join(dirpath, name)
-    return forms, unrecognised
+    return forms, unrecognised, twice
 
 
 # Loading.
@@ -1463,7 +1472,7 @@ def load_iam_ondb(data_dir, log=print) -> tuple[dict[str, list[InkLine]], dict]:
     split_of = {form_id: split for split, ids in form_ids_by_split.items() for form_id in ids}
     forms_txt_path = os.path.join(data_dir, "forms.txt")
     forms_txt = parse_forms_txt(_read_bytes(forms_txt_path).decode(IAM_ENCODING)) if os.path.isfile(forms_txt_path) else {}
-    line_files, unrecognised = find_line_files(os.path.join(data_dir, "lineStrokes"))
+    line_files, unrecognised, twice = find_line_files(os.path.join(data_dir, "lineStrokes"))
 
     tally = _Tally()
     for path in unrecognised:
@@ -1476,6 +1485,9 @@ def load_iam_ondb(data_dir, log=print) -> tuple[dict[str, list[InkLine]], dict]:
             tally.ignored["lines of forms in no split file"] += len(numbered)
             continue
         split = split_of[form_id]
+        if form_id in twice:
+            tally.skip("forms with two files for one line number", twice[form_id][0], len(numbered) + len(twice[form_id]))
+            continue
         lines_by_split[split] += _load_form(data_dir, form_id, folder, numbered, split, forms_txt, tally)
     for form_id in sorted(set(split_of) - set(line_files)):
         tally.skip("split forms without line files", form_id, 0)

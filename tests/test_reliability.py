@@ -21,7 +21,7 @@ import pytest
 
 import iam_handwriting as ih
 from iam_handwriting import IamOnDbError
-from test_iamondb_io import REFERENCE_LINE, quiet, write_reference_db, write_text
+from test_iamondb_io import REFERENCE_LINE, one_line_ascii, quiet, write_reference_db, write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 LINE = "lineStrokes/a01/a01-000/a01-000u-02.xml"  # a training line of the reference folder
@@ -172,3 +172,26 @@ def test_a_line_whose_features_are_not_finite_is_refused_naming_it(monkeypatch):
     monkeypatch.setattr(ih, "pen_trajectory", lambda xy, stroke: np.full((len(xy), 3), 1e39))  # inf in float32
     with pytest.raises(IamOnDbError, match=r"lineStrokes/x.xml: its raw features are not finite"):
         ih._featurise_line((line, "raw"))
+
+
+def test_two_files_for_one_line_skip_their_form_and_are_counted(tmp_path):
+    root = write_reference_db(tmp_path)
+    write_text(os.path.join(root, "lineStrokes/a01/a01-000/a01-000u-001.xml"), REFERENCE_LINE)
+    write_text(os.path.join(root, "lineStrokes/a02/a02-000/a02-000u-01.xml"), REFERENCE_LINE)  # train keeps a line
+    write_text(os.path.join(root, "ascii/a02/a02-000/a02-000u.txt"), one_line_ascii("kept"))
+    write_text(os.path.join(root, "trainset.txt"), " a01-000u\n a02-000u\n")
+    lines_by_split, summary = ih.load_iam_ondb(root, log=quiet)
+    assert summary["skipped"] == {"forms with two files for one line number": 1}
+    assert summary["lines_lost"] == 4  # the form's three line files and the second file for line 1
+    example = summary["examples"]["forms with two files for one line number"][0]
+    assert "a01-000u-001.xml" in example and "a01-000u-01.xml" in example
+    assert not any(l.form_id == "a01-000u" for lines in lines_by_split.values() for l in lines)
+
+
+def test_a_huge_bad_split_entry_is_quoted_by_a_short_prefix(tmp_path):
+    root = write_reference_db(tmp_path)
+    write_text(os.path.join(root, "trainset.txt"), " a01-000u\n" + "x" * 200_000 + "\n")
+    with pytest.raises(IamOnDbError) as caught:
+        ih.load_iam_ondb(root, log=quiet)
+    message = str(caught.value)
+    assert len(message) < 300 and "trainset.txt line 2" in message and "200,000 characters" in message, message[:400]
