@@ -53,6 +53,7 @@ import io
 import json
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
 import platform
 import re
@@ -3660,13 +3661,101 @@ def train_step(params, adam, samples, lr, cfg, data, timer, pool=None):
     return nll_sum, n_chars, len(usable) - n_used
 
 
-def _ignore_interrupts():
-    # Ctrl-C reaches every process of the group; only the main process reports it.
+class WorkerLost(Exception):
+    """A worker process died (the OOM killer, a signal): its share of the work is lost."""
+
+
+def _start_worker():
+    # A forked worker inherits the main process's handlers, and SIGTERM's raises Terminated: on
+    # pool.terminate() that printed a traceback from the worker. A worker dies quietly on SIGTERM
+    # and ignores Ctrl-C, which reaches every process of the group; only the main process reports.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked while Pool forked it
 
 
 def _apply_to_chunk(fn, chunk):
     return [fn(item) for item in chunk]
+
+
+def _worker_loop(conn):
+    """A worker process: run (sequence number, fn, args) jobs from `conn` until it closes, and
+    send back (sequence number, ok, result or exception)."""
+    _start_worker()
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return
+        seq, fn, args = job
+        try:
+            reply = (seq, True, fn(*args))
+        except Exception as e:  # noqa: BLE001 - raised again in the main process
+            reply = (seq, False, e)
+        try:
+            conn.send(reply)
+        except (EOFError, OSError):
+            return
+        except Exception as e:  # noqa: BLE001 - an exception that cannot be pickled
+            conn.send((seq, False, RuntimeError(f"{type(e).__name__} in a worker: {e}")))
+
+
+POOL_POLL_SECONDS = 0.25  # a waiting main process looks at signals and dead workers this often
+
+
+class _Worker:
+    """One worker process and its own pipe: no lock is shared with the other workers, so a killed
+    worker cannot leave one held (multiprocessing.Pool then hangs, in get() and in terminate())."""
+
+    def __init__(self, context):
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_worker_loop, args=(child,), daemon=True)
+        self.process.start()
+        child.close()
+        self.queued, self.results, self.busy = [], {}, False
+
+    def send_next(self):
+        """Send the next queued job, only to an idle worker: both ends never block sending at once."""
+        if self.queued and not self.busy:
+            self.conn.send(self.queued.pop(0))
+            self.busy = True
+
+    def lost(self):
+        code = self.process.exitcode
+        how = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0
+               and -code in signal.valid_signals() else f"exit status {code}")
+        return WorkerLost(f"worker process {self.process.pid} died ({how}; out of memory?)")
+
+    def wait_for(self, seq):
+        while seq not in self.results:
+            ready = multiprocessing.connection.wait([self.conn, self.process.sentinel], POOL_POLL_SECONDS)
+            if self.conn in ready:
+                try:
+                    done, ok, value = self.conn.recv()
+                except (EOFError, OSError):
+                    self.process.join(1.0)
+                    raise self.lost() from None
+                self.results[done] = (ok, value)
+                self.busy = False
+                self.send_next()
+            elif ready:  # the sentinel alone: the process ended with nothing left to read
+                self.process.join(1.0)
+                raise self.lost()
+        ok, value = self.results.pop(seq)
+        if not ok:
+            raise value
+        return value
+
+
+class _Pending:
+    """A submitted job; get() waits for its result (signals are handled while it waits)."""
+
+    def __init__(self, worker, seq):
+        self.worker, self.seq = worker, seq
+
+    def get(self):
+        return self.worker.wait_for(self.seq)
 
 
 class Pool:
@@ -3674,18 +3763,40 @@ class Pool:
 
     Workers are forked after the data is built, so they start with the same
     module state (glyph tables, word statistics). Jobs are module-level
-    functions of their arguments; results come back in submission order, so
-    what a run computes does not depend on timing.
+    functions of their arguments, dealt to the workers in turn; results come
+    back in submission order, so what a run computes does not depend on
+    timing. A worker that dies raises WorkerLost in the waiting process.
     """
 
     def __init__(self, processes):
         self.processes = processes
         methods = multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-        self.pool = context.Pool(processes - 1, initializer=_ignore_interrupts)
+        # SIGTERM stays blocked from fork until a worker has reset the handler it inherits
+        # (_start_worker); a signal meanwhile waits for this process's unblocking below.
+        masking = hasattr(signal, "pthread_sigmask")
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}) if masking else None
+        self.workers = []
+        try:
+            for _ in range(processes - 1):
+                self.workers.append(_Worker(context))
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            if masking:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        self.jobs = 0
 
     def submit(self, fn, *args):
-        return self.pool.apply_async(fn, args)
+        worker = self.workers[self.jobs % len(self.workers)]
+        worker.queued.append((self.jobs, fn, args))
+        self.jobs += 1
+        try:
+            worker.send_next()
+        except (EOFError, OSError):
+            raise worker.lost() from None
+        return _Pending(worker, self.jobs - 1)
 
     def map(self, fn, items):
         """[fn(item) for item in items], the items split evenly over the processes."""
@@ -3697,8 +3808,16 @@ class Pool:
         return out
 
     def close(self):
-        self.pool.terminate()
-        self.pool.join()
+        """Stop every worker, even in the middle of a job (they die quietly on SIGTERM)."""
+        for w in self.workers:
+            if w.process.is_alive():
+                w.process.terminate()
+        for w in self.workers:
+            w.process.join(5.0)
+            if w.process.is_alive():
+                w.process.kill()
+                w.process.join()
+            w.conn.close()
 
 
 def serial_map(fn, items):
@@ -4865,6 +4984,10 @@ def _main(argv):
     except Diverged as e:
         print(f"iam_handwriting.py: error: {e}; nothing written{kept_checkpoint(args)}", file=sys.stderr)
         return 3
+    except WorkerLost as e:
+        print(f"iam_handwriting.py: error: {e} {status['where']}; nothing written{kept_checkpoint(args)}",
+              file=sys.stderr)
+        return 4
     except (KeyboardInterrupt, Terminated) as e:
         print(f"iam_handwriting.py: interrupted {status['where']}; nothing written{kept_checkpoint(args)}",
               file=sys.stderr)

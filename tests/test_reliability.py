@@ -195,3 +195,89 @@ def test_a_huge_bad_split_entry_is_quoted_by_a_short_prefix(tmp_path):
         ih.load_iam_ondb(root, log=quiet)
     message = str(caught.value)
     assert len(message) < 300 and "trainset.txt line 2" in message and "200,000 characters" in message, message[:400]
+
+
+# ---------------------------------------------------------------------------
+# Worker processes: a lost worker ends the run, workers end quietly
+# ---------------------------------------------------------------------------
+
+
+def _term_handler(sig):
+    return signal.getsignal(sig)
+
+
+def test_workers_reset_the_handlers_they_inherit():
+    previous = signal.signal(signal.SIGTERM, ih._raise_terminated)
+    try:
+        pool = ih.Pool(2)
+        try:
+            assert pool.submit(_term_handler, signal.SIGTERM).get() == signal.SIG_DFL
+            assert pool.submit(_term_handler, signal.SIGINT).get() == signal.SIG_IGN
+        finally:
+            pool.close()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_killed_worker_raises_worker_lost_instead_of_waiting_forever():
+    pool = ih.Pool(2)
+    try:
+        job = pool.submit(time.sleep, 60)
+        os.kill(pool.workers[0].process.pid, signal.SIGKILL)
+        t0 = time.perf_counter()
+        with pytest.raises(ih.WorkerLost, match=r"worker process \d+ died \(killed by SIGKILL"):
+            job.get()
+        assert time.perf_counter() - t0 < 10
+    finally:
+        pool.close()
+
+
+def children(pid):
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if entry.isdigit() and int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            pass
+    return found
+
+
+def start_lines_run(tmp_path):
+    """A lines run with one worker; returns (process, worker pid) once its first epoch is checkpointed."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "iam_handwriting.py"), "--task", "lines", "--quick",
+                             "--epochs", "40", "--workers", "2", "--save-model", tmp_path / "m.npz"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (tmp_path / "m.npz.checkpoint").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else "slow"
+        time.sleep(0.2)
+    workers = children(proc.pid)
+    assert len(workers) == 1, workers
+    return proc, workers[0]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the worker through /proc")
+def test_a_run_whose_worker_is_killed_ends_in_one_line_and_keeps_its_checkpoint(tmp_path):
+    proc, worker = start_lines_run(tmp_path)
+    os.kill(worker, signal.SIGKILL)  # as the OOM killer would
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    lines = err.strip().splitlines()
+    assert proc.returncode == 4 and len(lines) == 1 and "Traceback" not in err, (proc.returncode, err)
+    assert f"worker process {worker} died (killed by SIGKILL" in lines[0] and "at epoch" in lines[0]
+    assert "m.npz.checkpoint is kept" in lines[0] and (tmp_path / "m.npz.checkpoint").exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the worker through /proc")
+def test_sigterm_with_workers_is_one_line_without_a_worker_traceback(tmp_path):
+    proc, _ = start_lines_run(tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
