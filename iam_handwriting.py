@@ -4569,7 +4569,7 @@ def load_checkpoint(path, cfg):
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
-        meta = json.loads(str(arrays.pop("__checkpoint__")))
+        meta = _load_json(str(arrays.pop("__checkpoint__")))
         saved = config_from_file(meta["config"])
         groups = {g: {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(g + "/")}
                   for g in ("params", "adam_m", "adam_v", "best")}
@@ -4618,7 +4618,25 @@ def config_from_file(saved):
     missing = sorted(set(CONFIG_FIELDS) - set(saved) - set(FIELDS_ADDED_AFTER_SCHEMA_1))
     if missing:
         raise ValueError(f"missing config keys: {', '.join(missing)}")
-    return check_config(RunConfig(**saved))
+    cfg = check_config(RunConfig(**saved))
+    problem = task_config_error(cfg)
+    if problem:
+        raise ValueError(problem)
+    return cfg
+
+
+def task_config_error(cfg):
+    """Why a valid config does not fit its own task (a hand-edited model file), or None."""
+    task = TASKS[cfg.task]
+    if task.alphabet is not None and cfg.alphabet not in ("", task.alphabet):
+        return f"alphabet {cfg.alphabet[:40]!r} is not the {task.name} task's, whose alphabet is fixed"
+    if task.alphabet is None and not cfg.alphabet:
+        return f"a {task.name} model needs the alphabet it was trained on"
+    if len(set(cfg.alphabet)) != len(cfg.alphabet):
+        return "alphabet repeats a character"
+    if "features" not in task.options and cfg.features != "raw":
+        return f"features {cfg.features!r}: the {task.name} task reads raw pen moves only"
+    return None
 
 
 def _not_a_model_reason(path, error):
@@ -4636,32 +4654,104 @@ def _not_a_model_reason(path, error):
     return getattr(error, "strerror", None) or error
 
 
+class _NoDraws:
+    """An rng for init_params that returns read-only zeros without allocating them: the shapes alone."""
+
+    def uniform(self, low, high, size):
+        return np.broadcast_to(np.float64(0.0), size)
+
+
+def parameter_shapes(cfg):
+    """name -> shape of the parameters a config describes, without allocating them."""
+    return {k: v.shape for k, v in init_params(_NoDraws(), cfg.hidden, cfg.layers, cfg.bidirectional,
+                                               feature_dim(cfg), n_classes(cfg)).items()}
+
+
+MAX_JSON_MEMBER_BYTES = 2**20  # __config__ and __input__ of a model file: a few kB in a real one
+
+
+def _member_header(z, info):
+    """(shape, dtype) of an .npy member of an open ZipFile, from its header alone."""
+    with z.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f"member {info.filename} has npy format version {version}")
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+    return shape, dtype
+
+
+def _read_member(z, info):
+    with z.open(info) as f:
+        return np.lib.format.read_array(f, allow_pickle=False)
+
+
+def _json_member(z, info, path):
+    """The JSON string held by a 0-d unicode member, read only if its declared size is small."""
+    if info.file_size > MAX_JSON_MEMBER_BYTES:
+        raise UserError(f"model file {path!r} is not a model file ({info.filename} declares "
+                        f"{info.file_size:,} bytes; a config is a few kB)")
+    shape, dtype = _member_header(z, info)
+    if shape != () or dtype.kind != "U":
+        raise ValueError(f"{info.filename} is not a string")
+    return str(_read_member(z, info))
+
+
+def _load_json(text):
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("it is nested too deeply") from None
+
+
+def _read_model_archive(path):
+    """(arrays, RunConfig) of a model npz. Each member's size and header are checked against the
+    shapes the config describes before the member is read, so a zip bomb, or a member that
+    declares 10^12 floats, is refused without inflating it."""
+    with zipfile.ZipFile(path) as z:
+        members = {(i.filename[:-4] if i.filename.endswith(".npy") else i.filename): i for i in z.infolist()}
+        if "__config__" not in members:
+            raise KeyError("__config__")
+        text = _json_member(z, members.pop("__config__"), path)
+        members.pop("__input__", None)  # the input normalisation; a task's own data recomputes it
+        try:
+            cfg = config_from_file(_load_json(text))
+            expected = parameter_shapes(cfg)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"model file {path!r} has an invalid config: {e}") from None
+        if set(members) != set(expected):
+            raise UserError(f"model file {path!r} does not hold the parameters its config describes")
+        arrays = {}
+        for name, info in members.items():
+            shape, dtype = _member_header(z, info)
+            if dtype.hasobject:
+                raise ValueError("Object arrays cannot be loaded")  # reported as 'holds pickled objects'
+            if shape != expected[name] or info.file_size > math.prod(shape) * dtype.itemsize + 2**16:  # + header
+                raise UserError(f"model file {path!r} does not hold the parameters its config describes")
+            if dtype.kind != "f":
+                raise UserError(f"model file {path!r} holds weights that are not finite floating-point numbers")
+            arrays[name] = _read_member(z, info)
+    return arrays, cfg
+
+
 def load_model(path):
     """(params, RunConfig) from a model file; UserError if missing, not a model file or inconsistent."""
     try:
-        loaded = np.load(path, allow_pickle=False)
-        if not hasattr(loaded, "files"):
-            raise ValueError("a single array, not an npz archive")
-        with loaded as f:
-            arrays = {k: f[k] for k in f.files}
+        if zipfile.is_zipfile(path):
+            arrays, cfg = _read_model_archive(path)
+        else:
+            loaded = np.load(path, allow_pickle=False)  # to say what the file is instead
+            raise ValueError("a single array, not an npz archive" if not hasattr(loaded, "files")
+                             else "not an npz archive")
     except FileNotFoundError:
         raise UserError(f"model file {path!r} does not exist (make one with --save-model)") from None
     except IsADirectoryError:
         raise UserError(f"model file {path!r} is a folder") from None
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise UserError(f"model file {path!r} is not a model file ({_not_a_model_reason(path, e)})") from None
-    try:
-        arrays.pop("__input__", None)  # the input normalisation; a task's own data recomputes it
-        cfg = config_from_file(json.loads(str(arrays.pop("__config__"))))
-        expected = init_params(np.random.default_rng(0), cfg.hidden, cfg.layers, cfg.bidirectional,
-                               feature_dim(cfg), n_classes(cfg))
     except KeyError:
         raise UserError(f"model file {path!r} is not a model file (it has no config)") from None
-    except (TypeError, ValueError) as e:
-        raise UserError(f"model file {path!r} has an invalid config: {e}") from None
-    if {k: v.shape for k, v in arrays.items()} != {k: v.shape for k, v in expected.items()}:
-        raise UserError(f"model file {path!r} does not hold the parameters its config describes")
-    if not all(v.dtype.kind == "f" and np.isfinite(v).all() for v in arrays.values()):
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise UserError(f"model file {path!r} is not a model file ({_not_a_model_reason(path, e)})") from None
+    if not all(np.isfinite(v).all() for v in arrays.values()):
         raise UserError(f"model file {path!r} holds weights that are not finite floating-point numbers")
     return {k: v.astype(cfg.dtype) for k, v in arrays.items()}, cfg
 

@@ -281,3 +281,89 @@ def test_sigterm_with_workers_is_one_line_without_a_worker_traceback(tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 143 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+# ---------------------------------------------------------------------------
+# Model files: sizes checked before reading, fields checked against the task
+# ---------------------------------------------------------------------------
+
+WORDS_CFG = {**ih.dataclasses.asdict(ih.RunConfig(hidden=4)), "epochs": 1}
+
+
+def model_archive(path, cfg=WORDS_CFG, members=None, compress=True):
+    """A model npz written member by member, so members can lie about their size."""
+    import io
+    import json
+    import zipfile
+    if members is None:
+        members = ih.init_params(np.random.default_rng(0), 4, in_dim=3, n_classes=ih.N_CLASSES)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED) as z:
+        buf = io.BytesIO()
+        np.lib.format.write_array(buf, np.array(cfg if isinstance(cfg, str) else json.dumps(cfg)))
+        z.writestr("__config__.npy", buf.getvalue())
+        for name, value in members.items():
+            if isinstance(value, bytes):
+                z.writestr(name + ".npy", value)
+            else:
+                buf = io.BytesIO()
+                np.lib.format.write_array(buf, value)
+                z.writestr(name + ".npy", buf.getvalue())
+    return path
+
+
+def test_a_well_formed_archive_loads(tmp_path):
+    params, cfg = ih.load_model(str(model_archive(tmp_path / "m.npz")))
+    assert cfg.hidden == 4 and set(params) == set(ih.parameter_shapes(cfg))
+
+
+def test_a_zip_bomb_member_is_refused_before_it_is_inflated(tmp_path):
+    # out_W declares the right shape, then 400 MB of zeros: 400 kB on disk.
+    header = io_header((4 * 2, ih.N_CLASSES))
+    bomb = model_archive(tmp_path / "bomb.npz", members={
+        **ih.init_params(np.random.default_rng(0), 4, in_dim=3, n_classes=ih.N_CLASSES),
+        "out_W": header + bytes(400 * 2**20)})
+    assert bomb.stat().st_size < 2**20
+    r = cli("--load-model", bomb, capped=True, timeout=60)
+    assert "does not hold the parameters its config describes" in one_error_line(r)
+
+
+def io_header(shape, dtype="<f8"):
+    import io
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def test_a_member_declaring_a_trillion_floats_is_refused(tmp_path):
+    path = model_archive(tmp_path / "big.npz", members={
+        **ih.init_params(np.random.default_rng(0), 4, in_dim=3, n_classes=ih.N_CLASSES),
+        "out_W": io_header((10**6, 10**6))})
+    assert "does not hold the parameters" in one_error_line(cli("--load-model", path, capped=True, timeout=60))
+
+
+def test_a_deeply_nested_config_is_refused_in_one_line(tmp_path):
+    path = model_archive(tmp_path / "deep.npz", cfg="[" * 100_000 + "]" * 100_000)
+    line = one_error_line(cli("--load-model", path, capped=True, timeout=60))
+    assert "invalid config" in line and "nested too deeply" in line
+
+
+def test_an_oversized_config_member_is_refused_without_reading_it(tmp_path):
+    path = model_archive(tmp_path / "cfg.npz", cfg={**WORDS_CFG, "data_dir": "x" * (3 * 2**20)})
+    assert "a config is a few kB" in one_error_line(cli("--load-model", path, capped=True, timeout=60))
+
+
+@pytest.mark.parametrize("task,changes,message", [
+    ("lines", {"alphabet": "ab"}, "alphabet 'ab' is not the lines task's"),
+    ("lines", {"features": "graves25"}, "the lines task reads raw pen moves only"),
+    ("words", {"alphabet": "colitnmaeux"}, "is not the words task's"),
+    ("iam-ondb", {"alphabet": ""}, "needs the alphabet it was trained on"),
+    ("iam-ondb", {"alphabet": "abca"}, "alphabet repeats a character"),
+])
+def test_config_fields_that_do_not_fit_the_task_are_refused(tmp_path, task, changes, message):
+    cfg = {**WORDS_CFG, "task": task, "alphabet": "abc" if task == "iam-ondb" else "", **changes}
+    probe = ih.RunConfig(**cfg)
+    features = 25 if probe.features == "graves25" else 3  # shapes that match, so only the field is wrong
+    k = 1 + len(probe.alphabet or (ih.TASKS[task].alphabet or ""))
+    members = ih.init_params(np.random.default_rng(0), 4, in_dim=features, n_classes=max(k, 2))
+    line = one_error_line(cli("--load-model", model_archive(tmp_path / "m.npz", cfg, members)))
+    assert "invalid config" in line and message in line
