@@ -4833,7 +4833,12 @@ def _sizes(low, high, what):
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr and exit status 2."""
+    """argparse, but a usage error is one line on stderr and exit status 2, and a negative
+    number in scientific notation (--word-penalty -1e1) is a value, not an unknown option."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -4922,12 +4927,29 @@ def config_from_args(args):
     return check_config(RunConfig(**overrides))
 
 
+def flag_given(value):
+    """Whether a flag was given: 0, 0.0 and "" are values, unlike None (not given) and False (a switch left off)."""
+    return value is not None and value is not False
+
+
+PATH_FLAGS = ("load_model", "save_json", "save_model", "export_iam_ondb", "data_dir")
+EXPORT_FLAGS = ("task", "seed", "lines_per_epoch", "quick", "quiet", "export_iam_ondb")  # what an export reads
+
+
 def check_arguments(args):
     """One line for flag combinations and output paths that cannot work, before any work."""
-    if args.load_model:
-        given = [f"--{n.replace('_', '-')}" for n in TRAINING_FLAGS if getattr(args, n) not in (None, False)]
-        if given:
-            raise UserError(f"{', '.join(given)} cannot be combined with --load-model "
+    for name in PATH_FLAGS:
+        if getattr(args, name) == "":
+            raise UserError(f"--{name.replace('_', '-')} needs a path, got an empty one")
+    if flag_given(args.export_iam_ondb):
+        ignored = [f"--{n.replace('_', '-')}" for n in vars(args) if n not in EXPORT_FLAGS and flag_given(getattr(args, n))]
+        if ignored:
+            raise UserError(f"{', '.join(ignored)} cannot be combined with --export-iam-ondb (the export writes the "
+                            "lines and stops; it takes only --task lines, --seed, --lines-per-epoch and --quick)")
+    if flag_given(args.load_model):
+        given_flags = [f"--{n.replace('_', '-')}" for n in TRAINING_FLAGS if flag_given(getattr(args, n))]
+        if given_flags:
+            raise UserError(f"{', '.join(given_flags)} cannot be combined with --load-model "
                             "(the model file holds its config)")
     if args.resume and not args.save_model:
         raise UserError("--resume needs --save-model PATH: the checkpoint is PATH.checkpoint")
@@ -4945,7 +4967,7 @@ def check_arguments(args):
 def check_task_arguments(args, task):
     """One line for flags the task does not take."""
     for name in TASK_FLAGS:
-        if getattr(args, name) not in (None, False) and name not in task.options:
+        if flag_given(getattr(args, name)) and name not in task.options:
             takers = [t.name for t in TASKS.values() if name in t.options]
             raise UserError(f"--{name.replace('_', '-')} is for the {' and '.join(takers)} task"
                             f"{'s' if len(takers) > 1 else ''}, not {task.name}")
@@ -5032,9 +5054,12 @@ def _main(argv):
             if args.task and args.task != cfg.task:
                 raise UserError(f"the model file holds a {cfg.task} model, not {args.task}")
             check_task_arguments(args, task)
+            if flag_given(args.features) and args.features != cfg.features:
+                raise UserError(f"--features {args.features} contradicts the model file, which reads {cfg.features}")
+            # --data-dir: the data may have moved since training (or was given relative to another folder)
             cfg = check_config(dataclasses.replace(cfg, **{
                 n: getattr(args, n) for n in ("decoder", "beam_width", "lm_weight", "word_penalty", "lm_beam",
-                                              "dictionary_size") if getattr(args, n) is not None}))
+                                              "dictionary_size", "data_dir") if flag_given(getattr(args, n))}))
         else:
             task = TASKS[args.task or "words"]
             check_task_arguments(args, task)

@@ -367,3 +367,85 @@ def test_config_fields_that_do_not_fit_the_task_are_refused(tmp_path, task, chan
     members = ih.init_params(np.random.default_rng(0), 4, in_dim=features, n_classes=max(k, 2))
     line = one_error_line(cli("--load-model", model_archive(tmp_path / "m.npz", cfg, members)))
     assert "invalid config" in line and message in line
+
+
+# ---------------------------------------------------------------------------
+# Flags: nothing given is ignored, nothing falsy counts as not given
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flag", ["--save-model", "--save-json", "--load-model", "--export-iam-ondb", "--data-dir"])
+def test_an_empty_path_is_a_bad_value(flag):
+    task = {"--export-iam-ondb": "lines", "--data-dir": "iam-ondb"}.get(flag, "words")
+    line = one_error_line(cli("--task", task, flag, "", "--quick", "--epochs", "0"))
+    assert f"{flag} needs a path, got an empty one" in line
+
+
+@pytest.mark.parametrize("args,named", [
+    (["--save-json", "x.json", "--save-model", "y.npz"], "--save-json, --save-model"),
+    (["--epochs", "3"], "--epochs"), (["--hidden", "8"], "--hidden"), (["--decoder", "beam"], "--decoder"),
+    (["--workers", "2"], "--workers"),
+])
+def test_flags_an_export_would_ignore_are_refused(tmp_path, args, named):
+    line = one_error_line(cli("--task", "lines", "--quick", "--export-iam-ondb", tmp_path / "db", *args))
+    assert named in line and "cannot be combined with --export-iam-ondb" in line
+    assert not (tmp_path / "db").exists() and not (ROOT / "x.json").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--lm-weight", "0"], "--lm-weight is for the lines and iam-ondb tasks"),
+    (["--word-penalty", "0"], "--word-penalty is for the lines and iam-ondb tasks"),
+    (["--lm-beam", "1"], "--lm-beam is for"),
+])
+def test_a_zero_valued_task_flag_counts_as_given(args, message):
+    assert message in one_error_line(cli("--quick", "--epochs", "0", *args))
+
+
+@pytest.fixture(scope="module")
+def words_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("words") / "m.npz"
+    r = cli("--quick", "--epochs", "0", "--quiet", "--save-model", path)
+    assert r.returncode == 0, r.stderr
+    return path
+
+
+@pytest.mark.parametrize("flag,value", [("--epochs", "0"), ("--seed", "0"), ("--patience", "0")])
+def test_a_zero_valued_training_flag_is_refused_with_load_model(words_model, flag, value):
+    line = one_error_line(cli("--load-model", words_model, flag, value))
+    assert f"{flag} cannot be combined with --load-model" in line
+
+
+def test_a_negative_number_in_scientific_notation_parses(tmp_path):
+    args = build = ih.build_parser().parse_args(["--task", "lines", "--word-penalty", "-1e1", "--lm-weight", "1e-1"])
+    assert build.word_penalty == -10.0 and args.lm_weight == 0.1
+    line = one_error_line(cli("--task", "lines", "--word-penalty", "-1e3"))
+    assert "--word-penalty" in line and "must lie in -100.0..100.0, got -1000.0" in line
+
+
+@pytest.fixture(scope="module")
+def iam_model(tmp_path_factory):
+    """An untrained iam-ondb model of the reference folder, and the folder moved elsewhere after."""
+    base = tmp_path_factory.mktemp("iam")
+    root = write_reference_db(base / "db")
+    r = cli("--task", "iam-ondb", "--data-dir", root, "--quick", "--epochs", "0", "--quiet", "--save-model",
+            base / "m.npz")
+    assert r.returncode == 0, r.stderr
+    os.rename(root, base / "moved")
+    return base / "m.npz", base / "moved"
+
+
+def test_load_model_reads_the_given_data_dir(iam_model, tmp_path):
+    model, moved = iam_model
+    assert "not found" in one_error_line(cli("--load-model", model, "--quiet"))  # the stored folder is gone
+    r = cli("--load-model", model, "--data-dir", moved, "--quiet", "--save-json", tmp_path / "r.json")
+    assert r.returncode == 0, r.stderr
+    import json
+    assert json.loads((tmp_path / "r.json").read_text())["config"]["data_dir"] == str(moved)
+
+
+def test_load_model_refuses_features_that_contradict_it(iam_model):
+    model, moved = iam_model
+    line = one_error_line(cli("--load-model", model, "--data-dir", moved, "--features", "raw"))
+    assert "--features raw contradicts the model file, which reads graves25" in line
+    r = cli("--load-model", model, "--data-dir", moved, "--features", "graves25", "--quiet")
+    assert r.returncode == 0, r.stderr
