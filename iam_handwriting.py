@@ -57,6 +57,7 @@ import multiprocessing.connection
 import os
 import platform
 import re
+import shutil
 import signal
 import stat
 import string
@@ -2566,7 +2567,24 @@ def export_lines_task(cfg, out_dir, log=print):
     streams = make_streams(cfg.seed)
     data = lines_data(cfg, streams, serial_map, log)
     samples = {"train": data.training_samples(streams["data"], serial_map), **data.eval_sets}
-    n = export_iam_ondb(out_dir, samples)
+    # Into a temporary sibling, renamed into place at the end: a whole export or none, even after a
+    # full disk or Ctrl-C (out_dir is new or empty: check_export_folder).
+    target = os.path.abspath(out_dir)
+    existed = os.path.isdir(target)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}.tmp-")
+    try:
+        n = export_iam_ondb(tmp, samples)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's folder is private
+        os.replace(tmp, target)  # replaces an empty folder
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not existed and os.path.isdir(target) and not os.listdir(target):
+            os.rmdir(target)  # made by the writability check
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write the export into {out_dir!r}: {e.strerror or e}; nothing written") from None
+        raise
     log(f"wrote {n} lines ({', '.join(f'{split} {len(s)}' for split, s in samples.items())}) in the IAM-OnDB "
         f"format to {out_dir} in {time.perf_counter() - t0:.1f} s")
     return n
@@ -4402,6 +4420,12 @@ def output_target(path, what):
     """
     if not path or path.endswith(("/", os.sep)):
         raise UserError(f"cannot write {what} {path!r}: the name ends in a folder separator; give a file name")
+    try:  # /dev/stdout on a pipe resolves to "pipe:[N]", which no path names: open it by the given name
+        given = os.stat(path)
+        if stat.S_ISCHR(given.st_mode) or stat.S_ISFIFO(given.st_mode):
+            return "stream", path
+    except OSError:
+        pass
     real = os.path.realpath(path)
     try:
         st = os.stat(real)
@@ -4409,7 +4433,7 @@ def output_target(path, what):
         return "file", real
     except OSError as e:
         blocker = _file_in_the_way(os.path.dirname(real)) if isinstance(e, NotADirectoryError) else None
-        reason = f"{blocker!r} is a file, not a folder" if blocker else (e.strerror or str(e))
+        reason = _in_the_way(blocker) if blocker else (e.strerror or str(e))
         raise UserError(f"cannot write {what} {path!r}: {reason}") from None
     if stat.S_ISDIR(st.st_mode):
         raise UserError(f"cannot write {what} {path!r}: it is a folder")
@@ -4430,6 +4454,13 @@ def _file_in_the_way(folder):
     return p if os.path.lexists(p) and not os.path.isdir(p) else None
 
 
+def _in_the_way(blocker):
+    """Why `blocker` (from _file_in_the_way) is not a folder."""
+    if os.path.islink(blocker) and not os.path.exists(blocker):
+        return f"{blocker!r} is a dangling symbolic link (to {os.readlink(blocker)!r}), not a folder"
+    return f"{blocker!r} is a file, not a folder"
+
+
 def check_folder_writable(folder, what):
     """Create `folder` if needed and prove a file can be written in it; UserError if not."""
     try:
@@ -4439,7 +4470,7 @@ def check_folder_writable(folder, what):
         os.unlink(tmp)
     except OSError as e:
         blocker = _file_in_the_way(folder)
-        reason = f"{blocker!r} is a file, not a folder" if blocker else (e.strerror or str(e))
+        reason = _in_the_way(blocker) if blocker else (e.strerror or str(e))
         raise UserError(f"cannot write {what}: {reason}") from None
 
 
@@ -4977,11 +5008,13 @@ def check_task_arguments(args, task):
 
 
 def check_export_folder(path):
-    """An export goes into a new or empty folder, never over other files."""
-    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
-        raise UserError(f"--export-iam-ondb {path!r}: {'not a folder' if not os.path.isdir(path) else 'the folder is not empty'}; "
-                        "choose a new or empty folder")
-    check_folder_writable(path, f"the export into {path!r}")
+    """An export goes into a new or empty folder, never over other files. A new folder is not
+    made here: the export appears whole, renamed from a temporary sibling (export_lines_task)."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise UserError(f"--export-iam-ondb {path!r}: {_in_the_way(os.path.abspath(path))}; choose a new or empty folder")
+    if os.path.isdir(path) and os.listdir(path):
+        raise UserError(f"--export-iam-ondb {path!r}: the folder is not empty; choose a new or empty folder")
+    check_folder_writable(os.path.dirname(os.path.abspath(path)), f"the export into {path!r}")
 
 
 def print_summary(result, task, log=print):
@@ -5016,13 +5049,13 @@ def _raise_terminated(signum, frame):
 
 
 def write_results(outputs, log):
-    """Write (path, bytes, what) outputs; on failure, keep a copy in the temporary
-    folder and raise one UserError that says where it went."""
-    written = []
+    """Write (path, bytes, what) outputs, each on its own: one that fails is kept in the
+    temporary folder and the others are still written. Returns the paths written; raises one
+    UserError, after trying them all, that says what failed and where each copy went."""
+    written, failed = [], []
     for path, data, what in outputs:
         try:
             write_output(path, data, what)
-            written.append(path)
         except OSError as e:
             try:
                 fd, rescue = tempfile.mkstemp(prefix="iam_handwriting-", suffix=os.path.splitext(path)[1] or ".out")
@@ -5031,7 +5064,12 @@ def write_results(outputs, log):
                 kept = f"; a copy was saved to {rescue}"
             except OSError:
                 kept = "; no copy could be saved elsewhere either"
-            raise UserError(f"cannot write {what} {path!r}: {e.strerror or e}{kept}") from None
+            failed.append(f"cannot write {what} {path!r}: {e.strerror or e}{kept}")
+            continue
+        written.append(path)
+        log(f"wrote {path}")
+    if failed:
+        raise UserError("; ".join(failed + [f"wrote {p}" for p in written]))
     return written
 
 
@@ -5089,8 +5127,6 @@ def _main(argv):
             outputs.append((args.save_json, json_bytes(run_json(result)), "run summary"))
         status["where"] = "while writing results"
         written = write_results(outputs, log)
-        for path in written:
-            log(f"wrote {path}")
         if checkpoint and args.save_model in written and os.path.exists(checkpoint):
             os.unlink(checkpoint)  # the model file now holds what the checkpoint was kept for
     except UserError as e:

@@ -449,3 +449,80 @@ def test_load_model_refuses_features_that_contradict_it(iam_model):
     assert "--features raw contradicts the model file, which reads graves25" in line
     r = cli("--load-model", model, "--data-dir", moved, "--features", "graves25", "--quiet")
     assert r.returncode == 0, r.stderr
+
+
+# ---------------------------------------------------------------------------
+# Outputs: each succeeds or is rescued on its own; an export is whole or absent
+# ---------------------------------------------------------------------------
+
+
+def test_a_failed_model_write_does_not_lose_the_run_summary(tmp_path, monkeypatch):
+    real_write = ih.write_output
+
+    def disk_full(path, data, what, durable=True):
+        if what == "model file":
+            raise OSError(28, "No space left on device")
+        return real_write(path, data, what, durable)
+
+    monkeypatch.setattr(ih, "write_output", disk_full)
+    logged = []
+    outputs = [(str(tmp_path / "m.npz"), b"model", "model file"), (str(tmp_path / "r.json"), b"{}", "run summary")]
+    with pytest.raises(ih.UserError) as caught:
+        ih.write_results(outputs, logged.append)
+    message = str(caught.value)
+    assert (tmp_path / "r.json").read_bytes() == b"{}" and logged == [f"wrote {tmp_path / 'r.json'}"]
+    assert "cannot write model file" in message and f"wrote {tmp_path / 'r.json'}" in message
+    rescued = message.split("a copy was saved to ")[1].split(";")[0]
+    assert open(rescued, "rb").read() == b"model"
+    os.unlink(rescued)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="a pipe named through /proc")
+def test_a_pipe_named_through_proc_or_dev_stdout_is_written_straight_to(tmp_path):
+    read, write = os.pipe()
+    try:
+        assert ih.output_target(f"/proc/self/fd/{write}", "run summary") == ("stream", f"/proc/self/fd/{write}")
+    finally:
+        os.close(read)
+        os.close(write)
+    r = cli("--quick", "--epochs", "0", "--quiet", "--save-json", "/dev/stdout")  # stdout is a pipe here
+    assert r.returncode == 0, r.stderr
+    import json
+    doc, _ = json.JSONDecoder().raw_decode(r.stdout[r.stdout.index("{"):])
+    assert doc["schema_version"] == ih.SCHEMA_VERSION
+
+
+def test_a_dangling_symlink_as_export_folder_is_called_that(tmp_path):
+    link = tmp_path / "db"
+    link.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ih.UserError, match="dangling symbolic link"):
+        ih.check_export_folder(str(link))
+
+
+EXPORT_CFG = ih.RunConfig(task="lines", lines_per_epoch=4, eval_lines_per_writer=1)
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_an_export_that_fails_midway_leaves_nothing_and_can_be_run_again(tmp_path, monkeypatch, failure):
+    real_write, calls = ih.write_output, []
+
+    def fails_at_file_50(path, data, what, durable=True):
+        calls.append(path)
+        if len(calls) == 50:
+            raise failure
+        return real_write(path, data, what, durable)
+
+    out = tmp_path / "db"
+    ih.check_export_folder(str(out))
+    monkeypatch.setattr(ih, "write_output", fails_at_file_50)
+    with pytest.raises(ih.UserError if isinstance(failure, OSError) else KeyboardInterrupt) as caught:
+        ih.export_lines_task(EXPORT_CFG, str(out), log=quiet)
+    if isinstance(failure, OSError):
+        assert "No space left on device; nothing written" in str(caught.value)
+    assert os.listdir(tmp_path) == [], os.listdir(tmp_path)  # no partial export, no temporary folder
+    monkeypatch.setattr(ih, "write_output", real_write)
+    ih.check_export_folder(str(out))  # a re-run is not refused
+    assert ih.export_lines_task(EXPORT_CFG, str(out), log=quiet) == 64
+    lines_by_split, _ = ih.load_iam_ondb(out, log=quiet)
+    assert sum(map(len, lines_by_split.values())) == 64
+    assert [p for p in os.listdir(tmp_path)] == ["db"]
