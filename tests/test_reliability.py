@@ -526,3 +526,19 @@ def test_an_export_that_fails_midway_leaves_nothing_and_can_be_run_again(tmp_pat
     lines_by_split, _ = ih.load_iam_ondb(out, log=quiet)
     assert sum(map(len, lines_by_split.values())) == 64
     assert [p for p in os.listdir(tmp_path)] == ["db"]
+
+
+# ---------------------------------------------------------------------------
+# Memory: an epoch of training lines is counted
+# ---------------------------------------------------------------------------
+
+
+def test_a_million_training_lines_per_epoch_are_refused_before_training(monkeypatch):
+    monkeypatch.setattr(ih, "physical_memory", lambda: int(23.5 * 2**30))  # the audit's machine
+    cfg = ih.RunConfig(task="lines", hidden=32, eval_lines_per_writer=1, lines_per_epoch=1_000_000)
+    data = ih.TASKS["lines"].make_data(cfg, ih.make_streams(0), ih.serial_map, quiet)
+    with pytest.raises(ih.UserError, match=r"the data itself is too large; use fewer lines"):
+        ih.check_memory(cfg, data, training=True)
+    fine = ih.dataclasses.replace(cfg, lines_per_epoch=1200)
+    need = ih.check_memory(fine, ih.dataclasses.replace(data, epoch_size=1200), training=True)
+    assert need["data"] < 2**30
