@@ -542,3 +542,106 @@ def test_a_million_training_lines_per_epoch_are_refused_before_training(monkeypa
     fine = ih.dataclasses.replace(cfg, lines_per_epoch=1200)
     need = ih.check_memory(fine, ih.dataclasses.replace(data, epoch_size=1200), training=True)
     assert need["data"] < 2**30
+
+
+# ---------------------------------------------------------------------------
+# The figure scripts: values the checks accept are drawn; the rest are refused in one line
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def words_run(tmp_path_factory):
+    import json
+    from test_figures import fake_lexicon_decoding
+    path = tmp_path_factory.mktemp("words_run") / "run.json"
+    r = cli("--quick", "--epochs", "1", "--quiet", "--save-json", path)
+    assert r.returncode == 0, r.stderr
+    return {**json.loads(path.read_text()), "decoding": fake_lexicon_decoding()}
+
+
+def changed(doc, tmp_path, change):
+    import copy
+    import json
+    doc = copy.deepcopy(doc)
+    change(doc)
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def set_in(keys, value):
+    def change(doc):
+        target = doc
+        for k in keys[:-1]:
+            target = target[k]
+        target[keys[-1]] = value
+    return change
+
+
+@pytest.mark.parametrize("keys,value,named", [  # ids: the values themselves are unreadable as test ids
+    (("alignments", 0, "xy", 0, 0), 1e308, "alignments[0].xy holds 1e+308"),
+    (("alignments", 1, "xy", 3, 1), -1e308, "alignments[1].xy holds -1e+308"),
+    (("config", "hidden"), 10**400, "config.hidden is an integer of 401 digits"),
+    (("history", 0, "epoch"), 10**300, "history[0].epoch is 1e+300"),
+    (("decoding", "rows", 0, "size"), 1e300, "decoding.rows[0].size is 1e+300"),
+    (("final", "in_vocab", "cer"), 1e308, "final.in_vocab.cer is 1e+308"),
+], ids=["xy", "xy_negative", "hidden", "epoch", "size", "cer"])
+@pytest.mark.parametrize("script", ["visualize_iam_handwriting.py", "make_iam_handwriting_gif.py"])
+def test_finite_extremes_in_run_json_are_refused_in_one_line(words_run, tmp_path, keys, value, named, script):
+    path = changed(words_run, tmp_path, set_in(keys, value))
+    r = subprocess.run([sys.executable, str(ROOT / script), path, "--out", tmp_path / "out"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    line = one_error_line(r)
+    assert named in line and "beyond the +-1e+12" in line
+
+
+def test_zero_losses_are_drawn_on_a_linear_axis(words_run, tmp_path):
+    import visualize_iam_handwriting as viz
+
+    def zero_losses(doc):
+        for e in doc["history"]:
+            e["train_loss"] = 0.0
+            for split in doc["task"]["monitor"]:
+                e[split]["loss"] = 0.0
+    run = viz.load_run(changed(words_run, tmp_path, zero_losses))
+    fig = viz.fig_training_curves(run)
+    ax_loss = fig.axes[0]
+    assert ax_loss.get_yscale() == "linear" and ax_loss.get_ylim()[0] == 0.0
+
+
+def test_four_splits_with_a_decoding_block_are_drawn(words_run, tmp_path):
+    import visualize_iam_handwriting as viz
+
+    def four_splits(doc):
+        doc["task"]["splits"] += ["extra_a", "extra_b"]
+        for split in ("extra_a", "extra_b"):
+            doc["final"][split] = doc["final"]["in_vocab"]
+            doc["decoding"]["rows"] += [{**r, "split": split} for r in doc["decoding"]["rows"] if r["split"] == "in_vocab"]
+    run = viz.load_run(changed(words_run, tmp_path, four_splits))
+    fig = viz.fig_lexicon_size(run)
+    plotted = {line.get_gid() for line in fig.axes[0].get_lines()}
+    assert {"lexicon:extra_a", "lexicon:extra_b", "lexicon:in_vocab"} <= plotted
+
+
+def test_a_twenty_thousand_character_prediction_is_left_out_of_the_confusions(words_run, tmp_path):
+    def long_prediction(doc):
+        doc["predictions"][0].update(text="a" * 20_000, decoded="c" * 20_000)
+    path = changed(words_run, tmp_path, long_prediction)
+    r = subprocess.run([sys.executable, str(ROOT / "visualize_iam_handwriting.py"), path, "--out", tmp_path / "v"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=_cap_memory)
+    assert r.returncode == 0 and r.stderr == "", r.stderr[-2000:]
+    import visualize_iam_handwriting as viz
+    fig = viz.fig_confusion(viz.load_run(path))
+    assert "1 too long to align left out" in fig.axes[0].get_title()
+
+
+def test_a_one_sample_alignment_makes_a_one_frame_gif(words_run, tmp_path):
+    def one_sample(doc):
+        a = doc["alignments"][1]
+        for key in ("xy", "pen_up", "argmax_path", "log_probs"):
+            a[key] = a[key][:1]
+        a["char_of"] = None if a["char_of"] is None else [0]
+    path = changed(words_run, tmp_path, one_sample)
+    r = subprocess.run([sys.executable, str(ROOT / "make_iam_handwriting_gif.py"), path, "--out", tmp_path / "a.gif"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "(1 frames" in r.stdout, r.stderr[-2000:]
