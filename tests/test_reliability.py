@@ -645,3 +645,14 @@ def test_a_one_sample_alignment_makes_a_one_frame_gif(words_run, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "make_iam_handwriting_gif.py"), path, "--out", tmp_path / "a.gif"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "(1 frames" in r.stdout, r.stderr[-2000:]
+
+
+def test_a_perplexity_of_1e308_is_refused_naming_its_key():
+    import visualize_iam_handwriting as viz
+    from test_figures import fake_dictionary_decoding
+    dec = fake_dictionary_decoding()
+    dec["perplexity"]["1000"]["bigram"] = 1e308
+    task = {"name": "lines", "splits": ["validation", "test"]}
+    assert viz.check_decoding(viz.Field(fake_dictionary_decoding(), "decoding"), task)["kind"] == "dictionary"
+    with pytest.raises(viz.Malformed, match=r"decoding.perplexity.1000.bigram is 1e\+308, beyond"):
+        viz.check_decoding(viz.Field(dec, "decoding"), task)
