@@ -56,9 +56,11 @@ import io
 import json
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
 import platform
 import re
+import shutil
 import signal
 import stat
 import string
@@ -261,9 +263,7 @@ def resample_strokes(values, stroke, key, step):
     """
     starts = stroke_starts(stroke)
     first = np.flatnonzero(starts)  # (S,)
-    last = np.append(first[1:], len(stroke)) - 1
-    span = key[last] - key[first]
-    n = np.maximum(2, np.round(span / step).astype(int) + 1)  # (S,)
+    span, n = resampled_counts(stroke, key, step)
     new_stroke = np.repeat(np.arange(len(first)), n)
     k = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
     pos = k * np.repeat(span / (n - 1), n)
@@ -275,6 +275,15 @@ def resample_strokes(values, stroke, key, step):
     query = pos + offset[new_stroke]
     new_values = np.column_stack([np.interp(query, axis, v) for v in np.asarray(values, float).T])
     return new_values, new_stroke, np.interp(query, axis, np.arange(len(axis), dtype=float))
+
+
+def resampled_counts(stroke, key, step):
+    """(span (S,), n (S,)): the key span of each stroke and the points resample_strokes gives it,
+    so that a caller can bound the size of a resampling before doing it."""
+    first = np.flatnonzero(stroke_starts(stroke))  # (S,)
+    last = np.append(first[1:], len(stroke)) - 1
+    span = key[last] - key[first]
+    return span, np.maximum(2, np.round(span / step).astype(np.int64) + 1)
 
 
 def pen_trajectory(xy, stroke):
@@ -1037,6 +1046,15 @@ class IamOnDbError(UserError):
         super().__init__(" ".join(str(message).split()))  # one line, whatever was interpolated
 
 
+class IamOnDbBoundError(IamOnDbError):
+    """A file beyond the bounds below: refused outright, never skipped as merely invalid."""
+
+
+MAX_LINE_STROKES = 5_000  # per line file; real lines have at most about 100
+MAX_COORDINATE = 1e7  # |x|, |y| in sensor units; real whiteboards span about 7,000 x 1,500
+MAX_TIME = 1e12  # |time| in seconds; real files count from about 1.5e7
+
+
 # Safe XML: expat with entities refused.
 # The files come from a download, so they are untrusted: a DTD entity could expand
 # exponentially (billion laughs) or pull in a local file. No real IAM-OnDB file needs a DTD,
@@ -1155,8 +1173,14 @@ def parse_line_strokes(data: bytes, source: str) -> LineInk:
         raise IamOnDbError(f"{source}: non-numeric coordinate or time ({err})") from None
     if not (np.isfinite(points).all() and np.isfinite(times).all()):
         raise IamOnDbError(f"{source}: non-finite coordinate or time")
+    if np.abs(points).max() > MAX_COORDINATE or np.abs(times).max() > MAX_TIME:
+        # finite, but differences of such values overflow and the features become NaN
+        raise IamOnDbBoundError(f"{source}: a coordinate beyond +-{MAX_COORDINATE:g} sensor units or a time beyond "
+                                f"+-{MAX_TIME:g} s (largest {np.abs(points).max():g}, {np.abs(times).max():g})")
     counts = np.diff(np.append(first_point, len(xs)))  # (S_all,) points per Stroke element
     counts = counts[counts > 0]
+    if len(counts) > MAX_LINE_STROKES:  # noise removal compares strokes pairwise
+        raise IamOnDbBoundError(f"{source}: {len(counts):,} strokes, more than the {MAX_LINE_STROKES:,} a line may have")
     stroke = np.repeat(np.arange(len(counts)), counts)  # (N,)
     return LineInk(points, stroke, times, corners, sensor[0] if sensor else None)
 
@@ -1207,6 +1231,11 @@ def parse_ascii(text: str, source: str) -> list[str]:
     return [line.strip(BLANKS) for line in lines[heads[0] + 1:] if line.strip(BLANKS)]
 
 
+def _quoted_prefix(text: str, limit: int = 40) -> str:
+    """repr of text, cut to its first `limit` characters: a bad entry may be a whole file."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text):,} characters)"
+
+
 def parse_split_file(text: str, source: str) -> list[str]:
     """Form ids of a split file, in file order without repeats (entries have a leading space)."""
     form_ids = []
@@ -1215,7 +1244,7 @@ def parse_split_file(text: str, source: str) -> list[str]:
         if not entry:
             continue
         if not FORM_ID.fullmatch(entry):  # also keeps "../" out of the paths built from it
-            raise IamOnDbError(f"{source} line {number}: {entry!r} is not a form id like a01-000u")
+            raise IamOnDbError(f"{source} line {number}: {_quoted_prefix(entry)} is not a form id like a01-000u")
         if entry not in form_ids:
             form_ids.append(entry)
     return form_ids
@@ -1231,10 +1260,29 @@ def parse_forms_txt(text: str) -> dict[str, str]:
     return writers
 
 
+MAX_FILE_BYTES = 16 * 2**20  # any one file of the database; the largest real line file is about 105 kB
+
+
+def _open_without_waiting(path, flags):
+    # A FIFO would block open() until some writer appears; non-blocking, it opens and is refused below.
+    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
+
+
 def _read_bytes(path: str) -> bytes:
+    """The bytes of a regular file of at most MAX_FILE_BYTES; IamOnDbError naming the file for
+    anything else (a FIFO, a device such as /dev/zero, a symlink to either, an oversized file)."""
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        with open(path, "rb", opener=_open_without_waiting) as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) \
+                    else "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+                raise IamOnDbError(f"cannot read {path}: it is {kind}, not a regular file")
+            data = f.read(MAX_FILE_BYTES + 1)
+            if len(data) > MAX_FILE_BYTES:
+                raise IamOnDbError(f"cannot read {path}: larger than {MAX_FILE_BYTES:,} bytes, the most a file of "
+                                   "the database may hold")
+            return data
     except PermissionError:
         raise IamOnDbError(f"cannot read {path}: permission denied") from None
     except OSError as err:
@@ -1316,9 +1364,11 @@ def read_split_files(data_dir: str) -> dict[str, list[str]]:
     return splits
 
 
-def find_line_files(strokes_root: str) -> tuple[dict[str, tuple[str, dict[int, str]]], list[str]]:
-    """form id -> (folder relative to lineStrokes/, {line number: path}); and unrecognised files."""
-    forms, unrecognised = {}, []
+def find_line_files(strokes_root: str) -> tuple[dict[str, tuple[str, dict[int, str]]], list[str], dict[str, list]]:
+    """form id -> (folder relative to lineStrokes/, {line number: path}); unrecognised files; and
+    form id -> ["<path> and <name>", ...] for every further file of a line number it already has
+    (a01-000u-01.xml and a01-000u-001.xml)."""
+    forms, unrecognised, twice = {}, [], {}
     for dirpath, dirnames, filenames in os.walk(strokes_root, onerror=_raise_unreadable_folder):
         dirnames.sort()
         folder = os.path.relpath(dirpath, strokes_root)
@@ -1328,8 +1378,10 @@ def find_line_files(strokes_root: str) -> tuple[dict[str, tuple[str, dict[int, s
             if entry is None or entry[0] != folder:  # not a line file, or a form in two folders
                 unrecognised.append(os.path.join(dirpath, name))
                 continue
+            if int(match["number"]) in entry[1]:  # which of the two is the line cannot be told
+                twice.setdefault(match["form"], []).append(f"{entry[1][int(match['number'])]} and {name}")
             entry[1][int(match["number"])] = os.path.join(dirpath, name)
-    return forms, unrecognised
+    return forms, unrecognised, twice
 
 
 # Loading.
@@ -1347,6 +1399,7 @@ class InkLine:
     points: np.ndarray  # (N, 2) float64 x, y sensor units, y down
     stroke: np.ndarray  # (N,) int64 pen-down segment, 0..S-1
     times: np.ndarray  # (N,) float64 seconds
+    path: str = ""  # the lineStrokes file it was read from, for messages
 
 
 @dataclass
@@ -1412,11 +1465,13 @@ def _load_form(data_dir, form_id, folder, numbered, split, forms_txt, tally) -> 
         raw = _read_bytes(path)
         try:
             ink = parse_line_strokes(raw, path)
+        except IamOnDbBoundError:
+            raise
         except IamOnDbError:
             tally.skip("invalid line files", path, 1)
             continue
         lines.append(InkLine(f"{form_id}-{number:02d}", form_id, writer, split, texts[number - 1],
-                          ink.points, ink.stroke, ink.times))
+                          ink.points, ink.stroke, ink.times, path))
     return lines
 
 
@@ -1437,7 +1492,7 @@ def load_iam_ondb(data_dir, log=print) -> tuple[dict[str, list[InkLine]], dict]:
     split_of = {form_id: split for split, ids in form_ids_by_split.items() for form_id in ids}
     forms_txt_path = os.path.join(data_dir, "forms.txt")
     forms_txt = parse_forms_txt(_read_bytes(forms_txt_path).decode(IAM_ENCODING)) if os.path.isfile(forms_txt_path) else {}
-    line_files, unrecognised = find_line_files(os.path.join(data_dir, "lineStrokes"))
+    line_files, unrecognised, twice = find_line_files(os.path.join(data_dir, "lineStrokes"))
 
     tally = _Tally()
     for path in unrecognised:
@@ -1450,6 +1505,9 @@ def load_iam_ondb(data_dir, log=print) -> tuple[dict[str, list[InkLine]], dict]:
             tally.ignored["lines of forms in no split file"] += len(numbered)
             continue
         split = split_of[form_id]
+        if form_id in twice:
+            tally.skip("forms with two files for one line number", twice[form_id][0], len(numbered) + len(twice[form_id]))
+            continue
         lines_by_split[split] += _load_form(data_dir, form_id, folder, numbered, split, forms_txt, tally)
     for form_id in sorted(set(split_of) - set(line_files)):
         tally.skip("split forms without line files", form_id, 0)
@@ -1516,11 +1574,13 @@ def format_summary(summary: dict) -> str:
 #   3x3 pixels of 0.5 corpus heights aligned to the baseline.
 
 IAM_SPACING = 0.15  # resampling step in corpus heights: ~20 points per letter (docstring)
+MAX_LINE_SAMPLES = 20_000  # per line after resampling: about 1,000 letters; real lines have a few thousand at most
 ZERO_LENGTH = 1e-9  # shorter than this (corpus heights) counts as no movement
 
 SPIKE_FACTOR = 10.0  # a step this many times the median step is a tracker glitch, not a hand
 SPECK_MAX_POINTS = 2  # strokes this short may be noise ...
 SPECK_ISOLATION = 1.0  # ... if farther than this many line heights from any other ink
+SPECK_CHUNK = 2**18  # (candidate, stroke) pairs compared at once: about 8 MB
 
 MAX_SKEW = np.radians(45.0)  # beyond this the "line" is not a line; clip the estimate
 ROBUST_TRIM = 2.0  # extrema beyond this many robust sigmas from the fit are ascenders etc.
@@ -1673,7 +1733,8 @@ def _isolated_specks(points, stroke):
     "Far" = more than SPECK_ISOLATION line heights from the bounding box of every other
     stroke, the line height being the 5-95 percentile spread of y (about two corpus
     heights), so i-dots (well under one line height from their stem) stay. Boxes instead of
-    points keep this O(specks x strokes).
+    points keep this O(specks x strokes) in time; the comparison runs in chunks of SPECK_CHUNK
+    pairs, so memory stays bounded.
     """
     mask = np.zeros(len(points), dtype=bool)
     counts = np.bincount(stroke)
@@ -1688,11 +1749,14 @@ def _isolated_specks(points, stroke):
     box_min = np.minimum.reduceat(points, starts, axis=0)  # (S, 2)
     box_max = np.maximum.reduceat(points, starts, axis=0)
     cand = np.flatnonzero(small)  # (M,)
-    p = points[cand, None, :]  # (M, 1, 2)
-    outside = np.maximum(np.maximum(box_min[None] - p, p - box_max[None]), 0.0)  # (M, S, 2)
-    dist = np.hypot(outside[..., 0], outside[..., 1])  # (M, S)
-    dist[np.arange(len(cand)), stroke[cand]] = np.inf
-    mask[cand[dist.min(axis=1) > SPECK_ISOLATION * (hi - lo)]] = True
+    per_chunk = max(1, SPECK_CHUNK // len(starts))  # candidates per (chunk, S, 2) block: memory stays bounded
+    for at in range(0, len(cand), per_chunk):
+        c = cand[at:at + per_chunk]  # (C,)
+        p = points[c, None, :]  # (C, 1, 2)
+        outside = np.maximum(np.maximum(box_min[None] - p, p - box_max[None]), 0.0)  # (C, S, 2)
+        dist = np.hypot(outside[..., 0], outside[..., 1])  # (C, S)
+        dist[np.arange(len(c)), stroke[c]] = np.inf
+        mask[c[dist.min(axis=1) > SPECK_ISOLATION * (hi - lo)]] = True
     return mask
 
 
@@ -1971,7 +2035,8 @@ def preprocess(points, stroke, times=None, spacing=IAM_SPACING):
     noise, correct skew, correct slant, fit baseline and corpus line, normalise height,
     measure speed, remove delayed strokes (kept as hat ranges), resample every `spacing`
     corpus heights. A line of one point, identical points or a single vertical stroke gives
-    a short, finite result (T >= 2); an empty line raises ValueError.
+    a short, finite result (T >= 2); an empty line, or one that would resample to more than
+    MAX_LINE_SAMPLES points, raises ValueError.
     """
     points, stroke, times = validate_line(points, stroke, times)
     points = flip_to_y_up(points)
@@ -1983,7 +2048,12 @@ def preprocess(points, stroke, times=None, spacing=IAM_SPACING):
     speed = point_speed(points, stroke, times)  # (N,) corpus heights / s
     keep, hat_ranges = remove_delayed_strokes(points, stroke)
     points, stroke, speed = points[keep], relabel_strokes(stroke[keep]), speed[keep]
-    new_points, new_stroke, frac = resample_strokes(points, stroke, ink_length(points, stroke), spacing)
+    ink = ink_length(points, stroke)  # (N,)
+    span, n = resampled_counts(stroke, ink, spacing)
+    if not n.sum() <= MAX_LINE_SAMPLES:
+        raise ValueError(f"the line would resample to {n.sum():,} samples, more than {MAX_LINE_SAMPLES:,}: its ink is "
+                         f"{span.sum():.3g} corpus heights long (corpus height {corpus_height:.3g} sensor units)")
+    new_points, new_stroke, frac = resample_strokes(points, stroke, ink, spacing)
     new_speed = np.interp(frac, np.arange(len(speed), dtype=float), speed)
     pen_up = stroke_starts(new_stroke).astype(np.float64)
     return Preprocessed(
@@ -2443,11 +2513,19 @@ def lines_data(cfg, streams, parallel_map, log):
 def _featurise_line(args):
     """One IAM-OnDB line as a Sample without labels (they need the alphabet)."""
     line, features = args
-    pre = preprocess(line.points, line.stroke, line.times)
+    where = line.path or line.line_id
+    try:
+        pre = preprocess(line.points, line.stroke, line.times)
+    except ValueError as e:
+        raise IamOnDbBoundError(f"{where}: {e}") from None
     traj = features_graves25(pre) if features == "graves25" else pen_trajectory(pre.points, pre.stroke)
     # float32 halves the features of the 12k lines (about 1 GB instead of 2); the network reads
     # float32 anyway, so this rounds each input once before normalisation instead of after it.
-    return Sample(line.text, traj.astype(np.float32), [], np.asarray(pre.points, np.float32),
+    with np.errstate(over="ignore"):  # an overflow becomes inf, refused next
+        traj = traj.astype(np.float32)
+    if not np.isfinite(traj).all():  # a backstop: the reader's bounds should make this impossible
+        raise IamOnDbBoundError(f"{where}: its {features} features are not finite")
+    return Sample(line.text, traj, [], np.asarray(pre.points, np.float32),
                   np.asarray(pre.pen_up, np.float32), None, line.writer)
 
 
@@ -2527,7 +2605,24 @@ def export_lines_task(cfg, out_dir, log=print):
     streams = make_streams(cfg.seed)
     data = lines_data(cfg, streams, serial_map, log)
     samples = {"train": data.training_samples(streams["data"], serial_map), **data.eval_sets}
-    n = export_iam_ondb(out_dir, samples)
+    # Into a temporary sibling, renamed into place at the end: a whole export or none, even after a
+    # full disk or Ctrl-C (out_dir is new or empty: check_export_folder).
+    target = os.path.abspath(out_dir)
+    existed = os.path.isdir(target)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}.tmp-")
+    try:
+        n = export_iam_ondb(tmp, samples)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's folder is private
+        os.replace(tmp, target)  # replaces an empty folder
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not existed and os.path.isdir(target) and not os.listdir(target):
+            os.rmdir(target)  # made by the writability check
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write the export into {out_dir!r}: {e.strerror or e}; nothing written") from None
+        raise
     log(f"wrote {n} lines ({', '.join(f'{split} {len(s)}' for split, s in samples.items())}) in the IAM-OnDB "
         f"format to {out_dir} in {time.perf_counter() - t0:.1f} s")
     return n
@@ -4273,13 +4368,101 @@ def train_step(params, adam, samples, lr, cfg, data, timer, pool=None, noise_rng
     return nll_sum, n_chars, len(usable) - n_used
 
 
-def _ignore_interrupts():
-    # Ctrl-C reaches every process of the group; only the main process reports it.
+class WorkerLost(Exception):
+    """A worker process died (the OOM killer, a signal): its share of the work is lost."""
+
+
+def _start_worker():
+    # A forked worker inherits the main process's handlers, and SIGTERM's raises Terminated: on
+    # pool.terminate() that printed a traceback from the worker. A worker dies quietly on SIGTERM
+    # and ignores Ctrl-C, which reaches every process of the group; only the main process reports.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked while Pool forked it
 
 
 def _apply_to_chunk(fn, chunk):
     return [fn(item) for item in chunk]
+
+
+def _worker_loop(conn):
+    """A worker process: run (sequence number, fn, args) jobs from `conn` until it closes, and
+    send back (sequence number, ok, result or exception)."""
+    _start_worker()
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return
+        seq, fn, args = job
+        try:
+            reply = (seq, True, fn(*args))
+        except Exception as e:  # noqa: BLE001 - raised again in the main process
+            reply = (seq, False, e)
+        try:
+            conn.send(reply)
+        except (EOFError, OSError):
+            return
+        except Exception as e:  # noqa: BLE001 - an exception that cannot be pickled
+            conn.send((seq, False, RuntimeError(f"{type(e).__name__} in a worker: {e}")))
+
+
+POOL_POLL_SECONDS = 0.25  # a waiting main process looks at signals and dead workers this often
+
+
+class _Worker:
+    """One worker process and its own pipe: no lock is shared with the other workers, so a killed
+    worker cannot leave one held (multiprocessing.Pool then hangs, in get() and in terminate())."""
+
+    def __init__(self, context):
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_worker_loop, args=(child,), daemon=True)
+        self.process.start()
+        child.close()
+        self.queued, self.results, self.busy = [], {}, False
+
+    def send_next(self):
+        """Send the next queued job, only to an idle worker: both ends never block sending at once."""
+        if self.queued and not self.busy:
+            self.conn.send(self.queued.pop(0))
+            self.busy = True
+
+    def lost(self):
+        code = self.process.exitcode
+        how = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0
+               and -code in signal.valid_signals() else f"exit status {code}")
+        return WorkerLost(f"worker process {self.process.pid} died ({how}; out of memory?)")
+
+    def wait_for(self, seq):
+        while seq not in self.results:
+            ready = multiprocessing.connection.wait([self.conn, self.process.sentinel], POOL_POLL_SECONDS)
+            if self.conn in ready:
+                try:
+                    done, ok, value = self.conn.recv()
+                except (EOFError, OSError):
+                    self.process.join(1.0)
+                    raise self.lost() from None
+                self.results[done] = (ok, value)
+                self.busy = False
+                self.send_next()
+            elif ready:  # the sentinel alone: the process ended with nothing left to read
+                self.process.join(1.0)
+                raise self.lost()
+        ok, value = self.results.pop(seq)
+        if not ok:
+            raise value
+        return value
+
+
+class _Pending:
+    """A submitted job; get() waits for its result (signals are handled while it waits)."""
+
+    def __init__(self, worker, seq):
+        self.worker, self.seq = worker, seq
+
+    def get(self):
+        return self.worker.wait_for(self.seq)
 
 
 class Pool:
@@ -4287,18 +4470,40 @@ class Pool:
 
     Workers are forked after the data is built, so they start with the same
     module state (glyph tables, word statistics). Jobs are module-level
-    functions of their arguments; results come back in submission order, so
-    what a run computes does not depend on timing.
+    functions of their arguments, dealt to the workers in turn; results come
+    back in submission order, so what a run computes does not depend on
+    timing. A worker that dies raises WorkerLost in the waiting process.
     """
 
     def __init__(self, processes):
         self.processes = processes
         methods = multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-        self.pool = context.Pool(processes - 1, initializer=_ignore_interrupts)
+        # SIGTERM stays blocked from fork until a worker has reset the handler it inherits
+        # (_start_worker); a signal meanwhile waits for this process's unblocking below.
+        masking = hasattr(signal, "pthread_sigmask")
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}) if masking else None
+        self.workers = []
+        try:
+            for _ in range(processes - 1):
+                self.workers.append(_Worker(context))
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            if masking:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        self.jobs = 0
 
     def submit(self, fn, *args):
-        return self.pool.apply_async(fn, args)
+        worker = self.workers[self.jobs % len(self.workers)]
+        worker.queued.append((self.jobs, fn, args))
+        self.jobs += 1
+        try:
+            worker.send_next()
+        except (EOFError, OSError):
+            raise worker.lost() from None
+        return _Pending(worker, self.jobs - 1)
 
     def map(self, fn, items):
         """[fn(item) for item in items], the items split evenly over the processes."""
@@ -4310,8 +4515,16 @@ class Pool:
         return out
 
     def close(self):
-        self.pool.terminate()
-        self.pool.join()
+        """Stop every worker, even in the middle of a job (they die quietly on SIGTERM)."""
+        for w in self.workers:
+            if w.process.is_alive():
+                w.process.terminate()
+        for w in self.workers:
+            w.process.join(5.0)
+            if w.process.is_alive():
+                w.process.kill()
+                w.process.join()
+            w.conn.close()
 
 
 def serial_map(fn, items):
@@ -5022,6 +5235,12 @@ def output_target(path, what):
     """
     if not path or path.endswith(("/", os.sep)):
         raise UserError(f"cannot write {what} {path!r}: the name ends in a folder separator; give a file name")
+    try:  # /dev/stdout on a pipe resolves to "pipe:[N]", which no path names: open it by the given name
+        given = os.stat(path)
+        if stat.S_ISCHR(given.st_mode) or stat.S_ISFIFO(given.st_mode):
+            return "stream", path
+    except OSError:
+        pass
     real = os.path.realpath(path)
     try:
         st = os.stat(real)
@@ -5029,7 +5248,7 @@ def output_target(path, what):
         return "file", real
     except OSError as e:
         blocker = _file_in_the_way(os.path.dirname(real)) if isinstance(e, NotADirectoryError) else None
-        reason = f"{blocker!r} is a file, not a folder" if blocker else (e.strerror or str(e))
+        reason = _in_the_way(blocker) if blocker else (e.strerror or str(e))
         raise UserError(f"cannot write {what} {path!r}: {reason}") from None
     if stat.S_ISDIR(st.st_mode):
         raise UserError(f"cannot write {what} {path!r}: it is a folder")
@@ -5050,6 +5269,13 @@ def _file_in_the_way(folder):
     return p if os.path.lexists(p) and not os.path.isdir(p) else None
 
 
+def _in_the_way(blocker):
+    """Why `blocker` (from _file_in_the_way) is not a folder."""
+    if os.path.islink(blocker) and not os.path.exists(blocker):
+        return f"{blocker!r} is a dangling symbolic link (to {os.readlink(blocker)!r}), not a folder"
+    return f"{blocker!r} is a file, not a folder"
+
+
 def check_folder_writable(folder, what):
     """Create `folder` if needed and prove a file can be written in it; UserError if not."""
     try:
@@ -5059,7 +5285,7 @@ def check_folder_writable(folder, what):
         os.unlink(tmp)
     except OSError as e:
         blocker = _file_in_the_way(folder)
-        reason = f"{blocker!r} is a file, not a folder" if blocker else (e.strerror or str(e))
+        reason = _in_the_way(blocker) if blocker else (e.strerror or str(e))
         raise UserError(f"cannot write {what}: {reason}") from None
 
 
@@ -5190,7 +5416,7 @@ def load_checkpoint(path, cfg):
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
-        meta = json.loads(str(arrays.pop("__checkpoint__")))
+        meta = _load_json(str(arrays.pop("__checkpoint__")))
         saved = config_from_file(meta["config"])
         groups = {g: {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(g + "/")}
                   for g in ("params", "adam_m", "adam_v", "best")}
@@ -5240,7 +5466,25 @@ def config_from_file(saved):
     missing = sorted(set(CONFIG_FIELDS) - set(saved) - set(FIELDS_ADDED_AFTER_SCHEMA_1))
     if missing:
         raise ValueError(f"missing config keys: {', '.join(missing)}")
-    return check_config(RunConfig(**saved))
+    cfg = check_config(RunConfig(**saved))
+    problem = task_config_error(cfg)
+    if problem:
+        raise ValueError(problem)
+    return cfg
+
+
+def task_config_error(cfg):
+    """Why a valid config does not fit its own task (a hand-edited model file), or None."""
+    task = TASKS[cfg.task]
+    if task.alphabet is not None and cfg.alphabet not in ("", task.alphabet):
+        return f"alphabet {cfg.alphabet[:40]!r} is not the {task.name} task's, whose alphabet is fixed"
+    if task.alphabet is None and not cfg.alphabet:
+        return f"a {task.name} model needs the alphabet it was trained on"
+    if len(set(cfg.alphabet)) != len(cfg.alphabet):
+        return "alphabet repeats a character"
+    if "features" not in task.options and cfg.features != "raw":
+        return f"features {cfg.features!r}: the {task.name} task reads raw pen moves only"
+    return None
 
 
 def _not_a_model_reason(path, error):
@@ -5258,32 +5502,104 @@ def _not_a_model_reason(path, error):
     return getattr(error, "strerror", None) or error
 
 
+class _NoDraws:
+    """An rng for init_params that returns read-only zeros without allocating them: the shapes alone."""
+
+    def uniform(self, low, high, size):
+        return np.broadcast_to(np.float64(0.0), size)
+
+
+def parameter_shapes(cfg):
+    """name -> shape of the parameters a config describes, without allocating them."""
+    return {k: v.shape for k, v in init_params(_NoDraws(), cfg.hidden, cfg.layers, cfg.bidirectional,
+                                               feature_dim(cfg), n_classes(cfg)).items()}
+
+
+MAX_JSON_MEMBER_BYTES = 2**20  # __config__ and __input__ of a model file: a few kB in a real one
+
+
+def _member_header(z, info):
+    """(shape, dtype) of an .npy member of an open ZipFile, from its header alone."""
+    with z.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f"member {info.filename} has npy format version {version}")
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+    return shape, dtype
+
+
+def _read_member(z, info):
+    with z.open(info) as f:
+        return np.lib.format.read_array(f, allow_pickle=False)
+
+
+def _json_member(z, info, path):
+    """The JSON string held by a 0-d unicode member, read only if its declared size is small."""
+    if info.file_size > MAX_JSON_MEMBER_BYTES:
+        raise UserError(f"model file {path!r} is not a model file ({info.filename} declares "
+                        f"{info.file_size:,} bytes; a config is a few kB)")
+    shape, dtype = _member_header(z, info)
+    if shape != () or dtype.kind != "U":
+        raise ValueError(f"{info.filename} is not a string")
+    return str(_read_member(z, info))
+
+
+def _load_json(text):
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("it is nested too deeply") from None
+
+
+def _read_model_archive(path):
+    """(arrays, RunConfig) of a model npz. Each member's size and header are checked against the
+    shapes the config describes before the member is read, so a zip bomb, or a member that
+    declares 10^12 floats, is refused without inflating it."""
+    with zipfile.ZipFile(path) as z:
+        members = {(i.filename[:-4] if i.filename.endswith(".npy") else i.filename): i for i in z.infolist()}
+        if "__config__" not in members:
+            raise KeyError("__config__")
+        text = _json_member(z, members.pop("__config__"), path)
+        members.pop("__input__", None)  # the input normalisation: load_normalisation
+        try:
+            cfg = config_from_file(_load_json(text))
+            expected = parameter_shapes(cfg)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"model file {path!r} has an invalid config: {e}") from None
+        if set(members) != set(expected):
+            raise UserError(f"model file {path!r} does not hold the parameters its config describes")
+        arrays = {}
+        for name, info in members.items():
+            shape, dtype = _member_header(z, info)
+            if dtype.hasobject:
+                raise ValueError("Object arrays cannot be loaded")  # reported as 'holds pickled objects'
+            if shape != expected[name] or info.file_size > math.prod(shape) * dtype.itemsize + 2**16:  # + header
+                raise UserError(f"model file {path!r} does not hold the parameters its config describes")
+            if dtype.kind != "f":
+                raise UserError(f"model file {path!r} holds weights that are not finite floating-point numbers")
+            arrays[name] = _read_member(z, info)
+    return arrays, cfg
+
+
 def load_model(path):
     """(params, RunConfig) from a model file; UserError if missing, not a model file or inconsistent."""
     try:
-        loaded = np.load(path, allow_pickle=False)
-        if not hasattr(loaded, "files"):
-            raise ValueError("a single array, not an npz archive")
-        with loaded as f:
-            arrays = {k: f[k] for k in f.files}
+        if zipfile.is_zipfile(path):
+            arrays, cfg = _read_model_archive(path)
+        else:
+            loaded = np.load(path, allow_pickle=False)  # to say what the file is instead
+            raise ValueError("a single array, not an npz archive" if not hasattr(loaded, "files")
+                             else "not an npz archive")
     except FileNotFoundError:
         raise UserError(f"model file {path!r} does not exist (make one with --save-model)") from None
     except IsADirectoryError:
         raise UserError(f"model file {path!r} is a folder") from None
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise UserError(f"model file {path!r} is not a model file ({_not_a_model_reason(path, e)})") from None
-    try:
-        arrays.pop("__input__", None)  # the input normalisation: load_normalisation
-        cfg = config_from_file(json.loads(str(arrays.pop("__config__"))))
-        expected = init_params(np.random.default_rng(0), cfg.hidden, cfg.layers, cfg.bidirectional,
-                               feature_dim(cfg), n_classes(cfg))
     except KeyError:
         raise UserError(f"model file {path!r} is not a model file (it has no config)") from None
-    except (TypeError, ValueError) as e:
-        raise UserError(f"model file {path!r} has an invalid config: {e}") from None
-    if {k: v.shape for k, v in arrays.items()} != {k: v.shape for k, v in expected.items()}:
-        raise UserError(f"model file {path!r} does not hold the parameters its config describes")
-    if not all(v.dtype.kind == "f" and np.isfinite(v).all() for v in arrays.values()):
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise UserError(f"model file {path!r} is not a model file ({_not_a_model_reason(path, e)})") from None
+    if not all(np.isfinite(v).all() for v in arrays.values()):
         raise UserError(f"model file {path!r} holds weights that are not finite floating-point numbers")
     return {k: v.astype(cfg.dtype) for k, v in arrays.items()}, cfg
 
@@ -5292,15 +5608,15 @@ def load_normalisation(path, cfg):
     """The input normalisation {shift, scale, squash} saved with the model in `path`
     (input_normalisation), or None for files from before it was saved; UserError if
     it does not fit cfg's features. Call after load_model has validated the file."""
-    with np.load(path, allow_pickle=False) as f:
-        if "__input__" not in f.files:
-            return None
-        text = str(f["__input__"])
     try:
-        norm = json.loads(text)
+        with zipfile.ZipFile(path) as z:
+            info = next((i for i in z.infolist() if i.filename in ("__input__", "__input__.npy")), None)
+            if info is None:
+                return None
+            norm = _load_json(_json_member(z, info, path))  # bounded in size, like the config
         shift, scale = (np.array(norm[k], dtype=float) for k in ("shift", "scale"))
         squash = float(norm["squash"])
-    except (ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError):
         raise UserError(f"model file {path!r} has an unreadable input normalisation") from None
     D = feature_dim(cfg)
     if shift.shape != (D,) or scale.shape != (D,) or not (np.isfinite(shift).all() and np.isfinite(scale).all()
@@ -5386,7 +5702,12 @@ def _sizes(low, high, what):
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr and exit status 2."""
+    """argparse, but a usage error is one line on stderr and exit status 2, and a negative
+    number in scientific notation (--word-penalty -1e1) is a value, not an unknown option."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -5486,12 +5807,29 @@ def config_from_args(args):
     return check_config(RunConfig(**overrides))
 
 
+def flag_given(value):
+    """Whether a flag was given: 0, 0.0 and "" are values, unlike None (not given) and False (a switch left off)."""
+    return value is not None and value is not False
+
+
+PATH_FLAGS = ("load_model", "save_json", "save_model", "export_iam_ondb", "data_dir")
+EXPORT_FLAGS = ("task", "seed", "lines_per_epoch", "quick", "quiet", "export_iam_ondb")  # what an export reads
+
+
 def check_arguments(args):
     """One line for flag combinations and output paths that cannot work, before any work."""
-    if args.load_model:
-        given = [f"--{n.replace('_', '-')}" for n in TRAINING_FLAGS if getattr(args, n) not in (None, False)]
-        if given:
-            raise UserError(f"{', '.join(given)} cannot be combined with --load-model "
+    for name in PATH_FLAGS:
+        if getattr(args, name) == "":
+            raise UserError(f"--{name.replace('_', '-')} needs a path, got an empty one")
+    if flag_given(args.export_iam_ondb):
+        ignored = [f"--{n.replace('_', '-')}" for n in vars(args) if n not in EXPORT_FLAGS and flag_given(getattr(args, n))]
+        if ignored:
+            raise UserError(f"{', '.join(ignored)} cannot be combined with --export-iam-ondb (the export writes the "
+                            "lines and stops; it takes only --task lines, --seed, --lines-per-epoch and --quick)")
+    if flag_given(args.load_model):
+        given_flags = [f"--{n.replace('_', '-')}" for n in TRAINING_FLAGS if flag_given(getattr(args, n))]
+        if given_flags:
+            raise UserError(f"{', '.join(given_flags)} cannot be combined with --load-model "
                             "(the model file holds its config)")
     if args.resume and not args.save_model:
         raise UserError("--resume needs --save-model PATH: the checkpoint is PATH.checkpoint")
@@ -5509,7 +5847,7 @@ def check_arguments(args):
 def check_task_arguments(args, task):
     """One line for flags the task does not take."""
     for name in TASK_FLAGS:
-        if getattr(args, name) not in (None, False) and name not in task.options:
+        if flag_given(getattr(args, name)) and name not in task.options:
             takers = [t.name for t in TASKS.values() if name in t.options]
             raise UserError(f"{FLAG_NAMES.get(name, '--' + name.replace('_', '-'))} is for the {' and '.join(takers)} task"
                             f"{'s' if len(takers) > 1 else ''}, not {task.name}")
@@ -5532,11 +5870,13 @@ def check_lm_files(cfg):
 
 
 def check_export_folder(path):
-    """An export goes into a new or empty folder, never over other files."""
-    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
-        raise UserError(f"--export-iam-ondb {path!r}: {'not a folder' if not os.path.isdir(path) else 'the folder is not empty'}; "
-                        "choose a new or empty folder")
-    check_folder_writable(path, f"the export into {path!r}")
+    """An export goes into a new or empty folder, never over other files. A new folder is not
+    made here: the export appears whole, renamed from a temporary sibling (export_lines_task)."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise UserError(f"--export-iam-ondb {path!r}: {_in_the_way(os.path.abspath(path))}; choose a new or empty folder")
+    if os.path.isdir(path) and os.listdir(path):
+        raise UserError(f"--export-iam-ondb {path!r}: the folder is not empty; choose a new or empty folder")
+    check_folder_writable(os.path.dirname(os.path.abspath(path)), f"the export into {path!r}")
 
 
 def print_summary(result, task, log=print):
@@ -5572,13 +5912,13 @@ def _raise_terminated(signum, frame):
 
 
 def write_results(outputs, log):
-    """Write (path, bytes, what) outputs; on failure, keep a copy in the temporary
-    folder and raise one UserError that says where it went."""
-    written = []
+    """Write (path, bytes, what) outputs, each on its own: one that fails is kept in the
+    temporary folder and the others are still written. Returns the paths written; raises one
+    UserError, after trying them all, that says what failed and where each copy went."""
+    written, failed = [], []
     for path, data, what in outputs:
         try:
             write_output(path, data, what)
-            written.append(path)
         except OSError as e:
             try:
                 fd, rescue = tempfile.mkstemp(prefix="iam_handwriting-", suffix=os.path.splitext(path)[1] or ".out")
@@ -5587,7 +5927,12 @@ def write_results(outputs, log):
                 kept = f"; a copy was saved to {rescue}"
             except OSError:
                 kept = "; no copy could be saved elsewhere either"
-            raise UserError(f"cannot write {what} {path!r}: {e.strerror or e}{kept}") from None
+            failed.append(f"cannot write {what} {path!r}: {e.strerror or e}{kept}")
+            continue
+        written.append(path)
+        log(f"wrote {path}")
+    if failed:
+        raise UserError("; ".join(failed + [f"wrote {p}" for p in written]))
     return written
 
 
@@ -5611,10 +5956,13 @@ def _main(argv):
             if args.task and args.task != cfg.task:
                 raise UserError(f"the model file holds a {cfg.task} model, not {args.task}")
             check_task_arguments(args, task)
+            if flag_given(args.features) and args.features != cfg.features:
+                raise UserError(f"--features {args.features} contradicts the model file, which reads {cfg.features}")
+            # --data-dir: the data may have moved since training (or was given relative to another folder)
             cfg = check_config(dataclasses.replace(cfg, **{
                 n: getattr(args, n) for n in ("decoder", "beam_width", "lm_weight", "word_penalty", "lm_beam",
-                                              "dictionary_size", "lm_file", "dictionary_file", "oov", "oov_penalty")
-                if getattr(args, n) is not None}))
+                                              "dictionary_size", "lm_file", "dictionary_file", "oov", "oov_penalty",
+                                              "data_dir") if flag_given(getattr(args, n))}))
         else:
             task = TASKS[args.task or "words"]
             check_task_arguments(args, task)
@@ -5649,8 +5997,6 @@ def _main(argv):
             outputs.append((args.save_json, json_bytes(run_json(result)), "run summary"))
         status["where"] = "while writing results"
         written = write_results(outputs, log)
-        for path in written:
-            log(f"wrote {path}")
         if checkpoint and args.save_model in written and os.path.exists(checkpoint):
             os.unlink(checkpoint)  # the model file now holds what the checkpoint was kept for
     except UserError as e:
@@ -5659,6 +6005,10 @@ def _main(argv):
     except Diverged as e:
         print(f"iam_handwriting.py: error: {e}; nothing written{kept_checkpoint(args)}", file=sys.stderr)
         return 3
+    except WorkerLost as e:
+        print(f"iam_handwriting.py: error: {e} {status['where']}; nothing written{kept_checkpoint(args)}",
+              file=sys.stderr)
+        return 4
     except (KeyboardInterrupt, Terminated) as e:
         print(f"iam_handwriting.py: interrupted {status['where']}; nothing written{kept_checkpoint(args)}",
               file=sys.stderr)

@@ -142,7 +142,9 @@ def render_frames(run, steps=None):
 def encode_gif(frames, frame_ms):
     """GIF bytes that loop forever; the last frame holds for HOLD_MS."""
     durations = [frame_ms] * (len(frames) - 1) + [HOLD_MS]
-    return iio.imwrite("<bytes>", np.stack(frames), extension=".gif", duration=durations, loop=0)
+    # one frame (a one-sample alignment): Pillow takes a single frame's duration as a number only
+    return iio.imwrite("<bytes>", np.stack(frames), extension=".gif",
+                       duration=durations if len(frames) > 1 else HOLD_MS, loop=0)
 
 
 def make_gif(run):

@@ -58,6 +58,7 @@ EMPTY = "\u2205"  # the empty side of an insertion or deletion in the confusion 
 SPACE = "\u2423"  # how a space is shown as a class or a character
 CHAR_COLOURS = colormaps["tab10"].colors  # character i of a text gets colour i % 10
 SPLIT_COLOURS = ("tab:orange", "tab:green", "tab:red", "tab:purple")  # task.splits in order
+SPLIT_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))  # (line, marker) per split in decoding figures
 SPLIT_NAMES = {"in_vocab": "in-vocab words", "held_out": "held-out words (never trained on)",
                "validation": "validation writers", "validation2": "second validation set", "test": "test writers"}
 NOUN = {"words": "word"}  # what one sample of a task is called; anything else: "line"
@@ -71,6 +72,9 @@ MODEL_SOURCES = ("trained", "untrained", "loaded")
 # ---------------------------------------------------------------------------
 
 REQUIRED_KEYS = ("task", "config", "model_source", "history", "final", "predictions", "alignments", "split")
+
+
+MAX_MAGNITUDE = 1e12  # no value of run.json is larger: finite extremes (1e308) would collapse or overflow a plot
 
 
 class Malformed(Exception):
@@ -118,8 +122,11 @@ class Field:
         v = self.value
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             self.fail(f"is {v!r}, expected a number")
-        if not math.isfinite(v):
+        if isinstance(v, float) and not math.isfinite(v):
             self.fail(f"is {v}, expected a finite number")
+        if abs(v) > MAX_MAGNITUDE:  # compared before float(): an int of 400 digits has no float
+            shown = f"{v:.3g}" if isinstance(v, float) or abs(v) < 1e300 else f"an integer of {len(str(abs(v)))} digits"
+            self.fail(f"is {shown}, beyond the +-{MAX_MAGNITUDE:g} any value of run.json may have")
         if (low is not None and v < low) or (high is not None and v > high):
             self.fail(f"is {v}, expected a number in {low if low is not None else '-inf'}.."
                       f"{high if high is not None else 'inf'}")
@@ -161,6 +168,10 @@ class Field:
         bad = np.flatnonzero(~np.isfinite(a).ravel())
         if len(bad):
             self.fail(f"holds {a.ravel()[bad[0]]} at flat index {bad[0]}, expected finite numbers")
+        huge = np.flatnonzero(np.abs(a).ravel() > MAX_MAGNITUDE)
+        if len(huge):
+            self.fail(f"holds {a.ravel()[huge[0]]:.3g} at flat index {huge[0]}, beyond the +-{MAX_MAGNITUDE:g} any "
+                      "value of run.json may have")
         if integer and not np.array_equal(a, np.round(a)):
             self.fail("holds a number that is not whole, expected class or character indices")
         outside = np.flatnonzero((a < (-np.inf if low is None else low)) | (a > (np.inf if high is None else high)))
@@ -708,12 +719,16 @@ def fig_training_curves(run):
     loss_curves += [(s, f"{split_name(s)}", [e[s]["loss"] for e in hist], colour[s]) for s in task["monitor"]]
     for key, label, ys, c in loss_curves:
         ax_loss.plot(ep, ys, color=c, marker="o", ms=3, label=label, gid=f"loss:{key}")
-    ax_loss.set_yscale("log")
-    ax_loss.yaxis.set_major_formatter(plain_numbers())
     losses = [y for _, _, ys, _ in loss_curves for y in ys]
-    if max(losses) < 10 * min(losses):  # less than a decade: label the minor ticks too
-        ax_loss.yaxis.set_minor_formatter(plain_numbers())
-    ax_loss.set_ylabel("CTC loss per character (nats, log scale)")
+    if min(losses) > 0:
+        ax_loss.set_yscale("log")
+        ax_loss.yaxis.set_major_formatter(plain_numbers())
+        if max(losses) < 10 * min(losses):  # less than a decade: label the minor ticks too
+            ax_loss.yaxis.set_minor_formatter(plain_numbers())
+        ax_loss.set_ylabel("CTC loss per character (nats, log scale)")
+    else:  # a loss of 0 has no place on a log axis
+        ax_loss.set_ylim(0.0, max(max(losses), 1e-3) * 1.08)
+        ax_loss.set_ylabel("CTC loss per character (nats)")
     ax_loss.set_title("CTC loss")
     err_curves = []
     for s in task["monitor"]:
@@ -797,6 +812,14 @@ def fig_ctc_alignment(run, index):
     return fig
 
 
+MAX_ALIGNMENT_CELLS = 4_000_000  # edit-table cells per pair: ih.edit_alignment's pure-Python table, ~1 s
+
+
+def alignable(ref, hyp):
+    """Whether a pair is small enough to align (a 20,000-character decode would need ~12 GB)."""
+    return (len(ref) + 1) * (len(hyp) + 1) <= MAX_ALIGNMENT_CELLS
+
+
 def confusion_counts(pairs, alphabet):
     """Character confusion counts from (reference, hypothesis) string pairs.
 
@@ -804,9 +827,9 @@ def confusion_counts(pairs, alphabet):
     (matrix, labels): matrix[i, j] counts reference character labels[i]
     decoded as labels[j]; the last label is EMPTY, so the last column counts
     deletions and the last row insertions. Characters outside `alphabet` get
-    labels of their own before EMPTY.
+    labels of their own before EMPTY. Pairs too long to align (`alignable`) are left out.
     """
-    aligned = [p for ref, hyp in pairs for p in ih.edit_alignment(ref, hyp)]
+    aligned = [p for ref, hyp in pairs if alignable(ref, hyp) for p in ih.edit_alignment(ref, hyp)]
     extra = sorted({c for p in aligned for c in p if c is not None and c not in alphabet})
     labels = list(alphabet) + extra + [EMPTY]
     index = {c: i for i, c in enumerate(labels[:-1])}
@@ -849,9 +872,11 @@ def fig_confusion(run):
         ax.set_yticks(range(n), names + [f"{EMPTY} ins"], family="monospace", fontsize=small + 1)
         ax.set_xlabel("decoded character   (last column: deleted, nothing decoded)")
         ax.set_ylabel("true character   (last row: inserted, not in the text)")
-        n_chars = sum(len(t) for t, _ in preds)
+        counted = [(t, d) for t, d in preds if alignable(t, d)]
+        n_chars = sum(len(t) for t, _ in counted)
         edits = int(m.sum() - np.trace(m[:-1, :-1]))
-        ax.set_title(f"{split_name(split)}: {len(preds)} predictions, {n_chars} true characters,\n"
+        left_out = (f"; {len(preds) - len(counted)} too long to align left out" if len(counted) < len(preds) else "")
+        ax.set_title(f"{split_name(split)}: {len(counted)} predictions, {n_chars} true characters{left_out},\n"
                      f"{edits} edits (CER {edits / max(n_chars, 1):.3f})", fontsize=11)
         fig.colorbar(im, ax=ax, shrink=0.7, pad=0.02, fraction=0.04, label="count (log colour scale)")
     space = f", {SPACE} = space" if " " in alphabet else ""
@@ -872,7 +897,7 @@ def decoder_curves(ax, rows, value, splits):
     decoders = sorted({r["decoder"] for r in rows},
                       key=lambda d: (DECODER_ORDER.index(d) if d in DECODER_ORDER else len(DECODER_ORDER), d))
     colours = {d: colormaps["tab10"](i) for i, d in enumerate(decoders)}
-    styles = dict(zip(splits, (("-", "o"), ("--", "s"), (":", "^"))))
+    styles = {s: SPLIT_STYLES[i % len(SPLIT_STYLES)] for i, s in enumerate(splits)}
     ys = []
     for d in decoders:
         for split in splits:
@@ -906,14 +931,15 @@ def fig_lexicon_size(run):
     fig = new_figure(13.0, 5.0)
     ax_acc, ax_time = fig.subplots(1, 2)
     fit_to_data(ax_acc, decoder_curves(ax_acc, dec["rows"], lambda r: r["word_acc"], splits), high=1.0)
-    decoder_curves(ax_time, dec["rows"], lambda r: 1e3 * r["seconds_per_seq"], splits)
+    times = decoder_curves(ax_time, dec["rows"], lambda r: 1e3 * r["seconds_per_seq"], splits)
     for ax in (ax_acc, ax_time):
         ax.set_xlabel("lexicon size (words the decoder may choose from, log scale)")
     ax_acc.set_ylabel("word accuracy (axis fitted to the data)")
     ax_acc.set_title("Word accuracy")
     ax_acc.legend(fontsize=9)
-    ax_time.set_yscale("log")
-    ax_time.set_ylabel("decoding time per word (ms, log scale)")
+    if min(times) > 0:
+        ax_time.set_yscale("log")
+    ax_time.set_ylabel(f"decoding time per word (ms{', log scale' if min(times) > 0 else ''})")
     ax_time.set_title("Decoding cost")
     beam = f" (beam width {dec['beam_width']})" if "beam_width" in dec else ""
     fig.suptitle(f"Decoders against lexicon size{beam}; solid = {split_name(splits[0])}"
