@@ -4573,11 +4573,13 @@ MAX_LINE_POINTS = 20_000  # pen samples in one text line after page grouping
 MAX_LINE_FRAMES = 20_000  # resampled points (network steps) of one line, ~10x a long IAM-OnDB line
 MAX_COORDINATE = 1e9  # |x|, |y|, |t| beyond this are refused: no device reports them, and squares overflow
 MAX_BODY_BYTES = 2**20  # POST /read
+DRAIN_BYTES = 4 * 2**20  # a larger body is refused with 413 unread (the connection closes); a smaller one is read and dropped
 SERVE_HOST = "127.0.0.1"
 SERVE_PORT = 8009
 SERVE_TIMEOUT = 30.0  # seconds a client may take to send its request
 CORE_STROKE = 0.3  # page grouping: strokes at least this share of the tall strokes' height make lines ...
 NEAR_STROKES = 3  # ... a line's last this many tall strokes give its current band ...
+APART = 0.5  # ... and a stroke this many band heights above or below it is on another line
 LINE_OVERLAP = 0.5  # ... and lines whose bands overlap by this share of the narrower are one
 BELOW_PENALTY = 2.0  # small marks (dots, bars) belong to the line below them more often than above
 TIME_UNITS = {"s": 1.0, "sec": 1.0, "ms": 1e-3, "us": 1e-6, "\u00b5s": 1e-6, "min": 60.0}
@@ -4822,6 +4824,20 @@ def _time_factor(units, t, source):
     return 1e-3 if len(steps) and _median(steps) >= 0.5 else 1.0
 
 
+def inkml_bytes(points, stroke, times=None):
+    """W3C InkML of pen samples: one <trace> per stroke, channels X and Y (y down) and, with
+    times, T in seconds. For converting ink, and for the tests."""
+    channels = [("X", ""), ("Y", "")] + ([("T", ' units="s"')] if times is not None else [])
+    values = np.column_stack([points] + ([times] if times is not None else []))  # (N, 2 or 3)
+    body = ['<?xml version="1.0" encoding="UTF-8"?>', '<ink xmlns="http://www.w3.org/2003/InkML">',
+            "  <traceFormat>"] + [f'    <channel name="{n}" type="decimal"{u}/>' for n, u in channels] + \
+           ["  </traceFormat>"]
+    for k in range(int(stroke.max()) + 1 if len(stroke) else 0):
+        body.append("  <trace>" + ", ".join(" ".join(repr(float(v)) for v in row) for row in values[stroke == k])
+                    + "</trace>")
+    return ("\n".join(body + ["</ink>"]) + "\n").encode()
+
+
 class _Root(Exception):
     """Stops the parse at the root element: its name says the format."""
 
@@ -4894,9 +4910,10 @@ def group_lines(points, stroke):
     """Text lines of a page, top to bottom: a list of stroke-id arrays, each in writing order.
 
     Tall strokes (at least CORE_STROKE of the 90th-percentile stroke height) make lines. In
-    writing order, a tall stroke starts a new line when it returns left of where the previous
-    tall stroke began and its vertical centre lies outside the band (median top to median
-    bottom) of the current line's last NEAR_STROKES tall strokes: a carriage return. Lines
+    writing order, a tall stroke starts a new line on a carriage return: its centre lies left
+    of where the previous tall stroke began and outside the band (median top to median bottom)
+    of the current line's last NEAR_STROKES tall strokes, or left of the previous stroke's
+    centre and APART band heights clear of that band (after a line of one stroke). Lines
     whose bands overlap by LINE_OVERLAP of the narrower are then merged (ink added to a line
     later). Every other stroke (dots, bars, commas) joins the line of the tall stroke nearest
     to its box, distances below a stroke counting double. points (N, 2) y down, stroke (N,)
@@ -4914,7 +4931,10 @@ def group_lines(points, stroke):
     for s in core[1:]:
         recent = members[-1][-NEAR_STROKES:]
         band_lo, band_hi = np.median(lo[recent, 1]), np.median(hi[recent, 1])
-        if cx[s] < lo[members[-1][-1], 0] and not band_lo <= cy[s] <= band_hi:
+        prev = members[-1][-1]
+        outside = not band_lo <= cy[s] <= band_hi
+        apart = max(lo[s, 1] - band_hi, band_lo - hi[s, 1]) > APART * (band_hi - band_lo)
+        if (cx[s] < lo[prev, 0] and outside) or (cx[s] < cx[prev] and apart):
             members.append([])
         members[-1].append(s)
     members = [np.array(m) for m in members]
@@ -5071,7 +5091,8 @@ def read_line(reader, ink, strokes, decoders):
             "box": [round(v, 3) for v in _box(ink, source[f0:f1 + 1])],
         })
     index = np.flatnonzero(np.isin(ink.stroke, strokes))
-    return {"text": readings[decoders[0]], **readings,
+    extra = {name: readings[name] for name in readings if name not in ("greedy", "lm")}
+    return {"text": readings[decoders[0]], "greedy": readings["greedy"], "lm": readings.get("lm"), **extra,
             "seconds": round(time.perf_counter() - t0, 4), "frames": len(traj), "strokes": strokes.tolist(),
             "box": [round(v, 3) for v in _box(ink, index)], "chars": chars}
 
@@ -5214,7 +5235,16 @@ class PadHandler(http.server.BaseHTTPRequestHandler):
         if length < 0:
             return self._error(400, "negative Content-Length")
         if length > MAX_BODY_BYTES:
-            return self._error(413, f"request body of {length} bytes; at most {MAX_BODY_BYTES} are read")
+            if length <= DRAIN_BYTES:  # read and dropped, so that the client sees the answer, not a reset
+                try:
+                    while length > 0:
+                        chunk = self.rfile.read(min(length, 2**16))
+                        if not chunk:
+                            break
+                        length -= len(chunk)
+                except OSError:
+                    pass
+            return self._error(413, f"request body over {MAX_BODY_BYTES} bytes; at most {MAX_BODY_BYTES} are read")
         try:
             body = self.rfile.read(length)
         except OSError:
@@ -5229,7 +5259,7 @@ class PadHandler(http.server.BaseHTTPRequestHandler):
         except Exception as e:  # a bug must not stop the pad; say what it was in one line
             self.server.log(f"iam_handwriting.py: error reading a request: {type(e).__name__}: {e}")
             return self._error(500, f"{type(e).__name__}: {e}")
-        self._send(status, json_bytes(result))
+        self._send(status, (json.dumps(result, allow_nan=False, separators=(",", ":")) + "\n").encode())
 
     def log_message(self, format, *args):
         pass  # no line per stroke; errors are logged by do_POST
@@ -5393,7 +5423,7 @@ def build_parser():
                    help="read handwriting: W3C InkML, IAM-OnDB lineStrokes XML or JSON strokes [[[x, y(, t)], ...], "
                         "...] ('-': stdin); prints one line of text per line of ink, lines found by their "
                         "vertical extent. Uses --load-model, else the shipped IAM-OnDB model "
-                        f"{os.path.relpath(DEFAULT_MODEL, os.path.dirname(DEFAULT_MODEL) + '/..')}; "
+                        f"{os.path.join(os.path.basename(MODEL_DIR), os.path.basename(DEFAULT_MODEL))}; "
                         f"--decoder {'|'.join(READ_DECODERS)}")
     p.add_argument("--json", action="store_true",
                    help="with --read: one JSON document per file: per line the text, the greedy and LM readings, "
@@ -5521,7 +5551,7 @@ def _main(argv):
     previous_term = signal.signal(signal.SIGTERM, _raise_terminated) if sys.platform != "win32" else None
     status = {"where": "before training"}
     try:
-        if args.read or args.serve is not None:
+        if args.read or args.serve is not None or args.json or args.y_up:
             check_read_arguments(args)
             status["where"] = "while reading"
             return serve(args, log) if args.serve is not None else read_files(args, log)
