@@ -5265,23 +5265,29 @@ class PadHandler(http.server.BaseHTTPRequestHandler):
         pass  # no line per stroke; errors are logged by do_POST
 
 
-def serve(args, log=print):
-    """--serve [PORT]: the pen pad on http://127.0.0.1:PORT/ until Ctrl-C (PORT 0: any free port)."""
-    reader = make_reader(args)
+def start_pad(reader, port, log=print):
+    """A PadServer on 127.0.0.1:port (not yet serving), its LM reading built first so that the
+    first request does not wait for it; without one if the alphabet cannot spell the dictionary."""
     try:
         with open(PAD_PAGE, "rb") as f:
             page = f.read()
     except OSError as e:
         raise UserError(f"cannot read the pen pad's page {PAD_PAGE}: {e.strerror or e}") from None
     try:
-        server = PadServer(args.serve, reader, page, log)
+        server = PadServer(port, reader, page, log)
     except OSError as e:
-        raise UserError(f"cannot serve on {SERVE_HOST}:{args.serve}: {e.strerror or e}") from None
+        raise UserError(f"cannot serve on {SERVE_HOST}:{port}: {e.strerror or e}") from None
     try:
-        reader.decode("lm", np.zeros((1, n_classes(reader.cfg))))  # builds the dictionary and LM before serving
+        reader.decode("lm", np.zeros((1, n_classes(reader.cfg))))  # builds the dictionary and the LM
         server.lm = True
     except UserError as e:
         log(f"no LM reading: {e}")
+    return server
+
+
+def serve(args, log=print):
+    """--serve [PORT]: the pen pad on http://127.0.0.1:PORT/ until Ctrl-C (PORT 0: any free port)."""
+    server = start_pad(make_reader(args), args.serve, log)
     log(f"pen pad at http://{SERVE_HOST}:{server.server_port}/ (Ctrl-C stops it)")
     try:
         server.serve_forever(poll_interval=0.2)
