@@ -341,6 +341,27 @@ def test_character_spans_are_greedy_decodings_runs_and_partition_the_steps():
             assert all(np.all(np.argmax(lp[a:b + 1], axis=1) == c) for c, (a, b) in zip(labels, spike))
 
 
+def test_each_preprocessed_point_knows_the_input_point_it_lies_at(fixture_db):
+    for line in fixture_db[1]:
+        pre = ih.preprocess(line.points, line.stroke, line.times)
+        src = pre.source  # (T,) fractional index into line.points
+        starts = ih.stroke_starts(pre.stroke)
+        assert np.all(src[starts] == np.round(src[starts]))  # a stroke starts on an input point
+        for k in range(pre.stroke.max() + 1):
+            mine = src[pre.stroke == k]
+            assert np.all(np.diff(mine) >= 0)  # in writing order
+            assert len(set(line.stroke[np.floor(mine).astype(int)])) == 1  # within one input stroke
+        # Flip, rotation, shear, scaling and the baseline (a straight line) make the normalisation
+        # affine, and an affine map keeps ratios along a segment: so the preprocessed points are
+        # one affine map of the input ink interpolated at `source`.
+        lo, frac = np.floor(src).astype(int), src - np.floor(src)
+        hi = np.minimum(lo + 1, len(line.points) - 1)
+        at = line.points[lo] + frac[:, None] * (line.points[hi] - line.points[lo])  # (T, 2)
+        design = np.column_stack([at, np.ones(len(at))])  # (T, 3)
+        fit, *_ = np.linalg.lstsq(design, pre.points, rcond=None)
+        np.testing.assert_allclose(design @ fit, pre.points, atol=1e-6)
+
+
 def test_json_output_has_both_readings_times_and_ink_spans(fixture_db, tiny_model, tmp_path):
     folder, lines = fixture_db
     line = lines[1]
