@@ -39,6 +39,8 @@ Usage:
     python iam_handwriting.py --task lines --load-model m.npz --decoder lm --dictionary-sizes 1000,5000,20000
     python iam_handwriting.py --task lines --export-iam-ondb DIR   # synthetic lines in the IAM-OnDB format
     python iam_handwriting.py --task iam-ondb --data-dir DIR --features graves25 --save-json iam.json
+    python iam_handwriting.py --read line.inkml page.json --json   # read ink with the shipped IAM-OnDB model
+    python iam_handwriting.py --serve                              # pen pad at http://127.0.0.1:8009/
     python iam_handwriting.py --help                               # every flag
 """
 from __future__ import annotations
