@@ -4573,6 +4573,8 @@ MAX_INK_POINTS = 100_000  # pen samples per input: an IAM-OnDB line has hundreds
 MAX_INK_STROKES = 5_000
 MAX_LINE_POINTS = 20_000  # pen samples in one text line after page grouping
 MAX_LINE_FRAMES = 20_000  # resampled points (network steps) of one line, ~10x a long IAM-OnDB line
+MAX_INK_FRAMES = 50_000  # ... and of all lines of an input
+MAX_PAGE_LINES = 200  # text lines of a page
 MAX_COORDINATE = 1e9  # |x|, |y|, |t| beyond this are refused: no device reports them, and squares overflow
 MAX_BODY_BYTES = 2**20  # POST /read
 DRAIN_BYTES = 4 * 2**20  # a larger body is refused with 413 unread (the connection closes); a smaller one is read and dropped
@@ -4939,21 +4941,19 @@ def group_lines(points, stroke):
         if (cx[s] < lo[prev, 0] and outside) or (cx[s] < cx[prev] and apart):
             members.append([])
         members[-1].append(s)
+    if len(members) > MAX_PAGE_LINES:
+        raise ValueError(f"more than {MAX_PAGE_LINES} text lines")
     members = [np.array(m) for m in members]
     # Lines whose vertical bands (median top to median bottom) overlap are one line.
-    merged = True
-    while merged and len(members) > 1:
-        merged = False
+    while len(members) > 1:
         bands = np.array([[np.median(lo[m, 1]), np.median(hi[m, 1])] for m in members])  # (L, 2)
-        for a in range(len(members)):
-            for b in range(a + 1, len(members)):
-                overlap = min(bands[a, 1], bands[b, 1]) - max(bands[a, 0], bands[b, 0])
-                if overlap >= LINE_OVERLAP * min(bands[a, 1] - bands[a, 0], bands[b, 1] - bands[b, 0]):
-                    members[a] = np.concatenate([members[a], members.pop(b)])
-                    merged = True
-                    break
-            if merged:
-                break
+        overlap = np.minimum(bands[:, None, 1], bands[None, :, 1]) - np.maximum(bands[:, None, 0], bands[None, :, 0])
+        width = bands[:, 1] - bands[:, 0]  # (L,)
+        joined = np.triu(overlap >= LINE_OVERLAP * np.minimum(width[:, None], width[None, :]), k=1)  # (L, L)
+        if not joined.any():
+            break
+        a, b = np.argwhere(joined)[0]  # the first pair in order, as a scan would find it
+        members[a] = np.concatenate([members[a], members.pop(b)])
     for k, m in enumerate(members):
         line_of[m] = k
     core_lo, core_hi = lo[core], hi[core]  # (C, 2)
@@ -5071,10 +5071,10 @@ def _box(ink, index):
     return [float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1])]
 
 
-def read_line(reader, ink, strokes, decoders):
-    """Readings of one text line and the ink span of each greedy output character, as JSON."""
-    t0 = time.perf_counter()
-    traj, source = line_input(ink, strokes, reader.mean_speed(), reader.cfg.features)
+def read_line(reader, ink, strokes, traj, source, decoders, seconds=0.0):
+    """Readings of one text line (its line_input) and the ink span of each greedy output
+    character, as JSON; seconds: time already spent on the line (its preprocessing)."""
+    t0 = time.perf_counter() - seconds
     log_probs = line_log_probs(reader, traj)
     labels, spike, span = character_spans(log_probs)
     readings = {"greedy": decode_labels(labels.tolist(), reader.cfg.alphabet)}
@@ -5103,7 +5103,20 @@ def read_ink(reader, ink, decoders=("greedy",)):
     """Every text line of `ink`, top to bottom: the --read --json document of one input.
     decoders[0] gives each line's "text"; "greedy" is always there."""
     t0 = time.perf_counter()
-    lines = [read_line(reader, ink, strokes, decoders) for strokes in group_lines(ink.points, ink.stroke)]
+    try:
+        groups = group_lines(ink.points, ink.stroke)
+    except ValueError as e:
+        raise InkError(f"{ink.source}: {e}") from None
+    inputs, frames = [], 0
+    for strokes in groups:  # all lines preprocessed first: the whole input's network steps are bounded
+        t1 = time.perf_counter()
+        traj, source = line_input(ink, strokes, reader.mean_speed(), reader.cfg.features)
+        frames += len(traj)
+        if frames > MAX_INK_FRAMES:
+            raise InkError(f"{ink.source}: more than {MAX_INK_FRAMES} network steps of ink (about 50 text lines)")
+        inputs.append((strokes, traj, source, time.perf_counter() - t1))
+    lines = [read_line(reader, ink, strokes, traj, source, decoders, seconds)
+             for strokes, traj, source, seconds in inputs]
     return {"source": ink.source, "format": ink.format, "points": len(ink.points),
             "strokes": int(ink.stroke[-1]) + 1, "times": ink.times is not None, "lines": lines,
             "seconds": round(time.perf_counter() - t0, 4)}

@@ -199,6 +199,18 @@ def test_a_million_points_and_a_line_too_long_to_resample_are_refused_quickly(re
     assert time.perf_counter() - t0 < 5.0
 
 
+def test_too_many_lines_and_too_much_ink_in_all_are_refused(fixture_db, reader):
+    bars = [np.array([[1000.0 - 3 * k, 10.0 * k], [1000.0 - 3 * k, 10.0 * k + 5]]) for k in range(300)]  # a staircase
+    with pytest.raises(ih.UserError, match="more than 200 text lines"):
+        ih.read_ink(reader, ih.checked_ink("stairs", "json", bars))
+    line = fixture_db[1][0]
+    strokes, _ = page_of([line] * 150, order=range(150))  # 150 lines of ~370 steps
+    t0 = time.perf_counter()
+    with pytest.raises(ih.UserError, match="more than 50000 network steps"):
+        ih.read_ink(reader, ih.checked_ink("long page", "json", strokes))
+    assert time.perf_counter() - t0 < 30.0
+
+
 def test_hostile_files_through_the_command_line_exit_2_with_one_line(tiny_model, tmp_path):
     model = tiny_model[0]
     for name in ("NaN in JSON", "entities", "too many points"):
