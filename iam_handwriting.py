@@ -4568,8 +4568,8 @@ MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
 DEFAULT_MODEL = os.path.join(MODEL_DIR, "iam_ondb.npz")  # --read and --serve read with it unless --load-model
 PAD_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "iam_handwriting_pad.html")
 READ_DECODERS = ("greedy", "beam", "lm")
-MAX_INK_BYTES = 4 * 2**20  # a file or stdin; a lineStrokes line is ~50 kB, a page of InkML a few hundred
-MAX_INK_POINTS = 100_000  # pen samples per input: an IAM-OnDB line has hundreds to a few thousand
+MAX_INK_BYTES = 4 * 2**20  # a file or stdin; a lineStrokes file of ~570 samples is ~30 kB
+MAX_INK_POINTS = 100_000  # pen samples per input: 300 IAM-OnDB validation lines have a median 584, at most 1,224
 MAX_INK_STROKES = 5_000
 MAX_LINE_POINTS = 20_000  # pen samples in one text line after page grouping
 MAX_LINE_FRAMES = 20_000  # resampled points (network steps) of one line, ~10x a long IAM-OnDB line
@@ -4691,8 +4691,9 @@ def _inkml_number(text):
     return sign * int(body[1:], 16) if body.startswith("#") else sign * float(body)
 
 
-def parse_inkml_trace(text, n_channels, source):
-    """(n, n_channels) explicit values of one <trace>'s text (differences undone)."""
+def parse_inkml_trace(text, n_channels, needed, source):
+    """(n, n_channels) explicit values of one <trace>'s text (differences undone) in the
+    channels `needed` (indices; X, Y and T); the other channels may hold anything, read as 0."""
     rows = [p.split() for p in text.split(",")]
     if rows and not rows[-1]:
         rows.pop()  # a trailing comma
@@ -4720,6 +4721,8 @@ def parse_inkml_trace(text, n_channels, source):
             raise InkError(f"{source}: a <trace> point has {len(values)} values; its trace format has "
                            f"{n_channels} channels")
         for c, (q, v) in enumerate(values[:n_channels]):
+            if c not in needed:
+                continue
             order[c] = order[c] if q is None else q
             if isinstance(v, str):
                 if v != "*" or i == 0:
@@ -4805,7 +4808,8 @@ def parse_inkml(data: bytes, source: str) -> Ink:
         names = [c[0] for c in fmt]
         if "X" not in names or "Y" not in names:
             raise InkError(f"{source}: a <trace> whose trace format has no X and Y channels")
-        values = parse_inkml_trace(body, len(fmt), source)  # (n, channels)
+        needed = {names.index(c) for c in ("X", "Y", "T") if c in names}
+        values = parse_inkml_trace(body, len(fmt), needed, source)  # (n, channels)
         if not len(values):
             continue
         sign = np.array([-1.0 if fmt[names.index(c)][2] == "-ve" else 1.0 for c in "XY"])  # y down

@@ -112,7 +112,7 @@ INKML = """<?xml version="1.0" encoding="UTF-8"?>
     <inkml:trace type="penUp">50 50 1050 0, 60 60 1060 0</inkml:trace>
   </inkml:traceGroup>
   <inkml:trace contextRef="#yx">5 20 2000 1, '1 '1 '20 '0, "1 "0 "0 "0, 2 3 4 0</inkml:trace>
-  <inkml:trace contextRef="#yx">#A #1F 3000 0, *  '1 '20 0</inkml:trace>
+  <inkml:trace contextRef="#yx">#A #1F 3000 T, *  '1 '20 F</inkml:trace>
 </inkml:ink>
 """
 
@@ -124,7 +124,7 @@ def test_inkml_channel_order_differences_hex_groups_and_pen_up_traces():
     # trace 2: explicit, then first differences, then second differences (sticky per channel)
     #   y: 5, 6, 6+1+1=8, then "2" keeps the second-difference order: vel 2+2=4 -> 12
     #   x: 20, 21, 21+1+0=22, then 22+1+3=26;  t: 2000, 2020, 2040, 2060+4=2064 ms
-    # trace 3: hexadecimal #A = 10, #1F = 31; "*" repeats the previous y, x grows by 1
+    # trace 3: hexadecimal #A = 10, #1F = 31; "*" repeats the previous y, x grows by 1; F (ignored) is T/F
     np.testing.assert_array_equal(ink.stroke, [0, 0, 0, 1, 1, 1, 1, 2, 2])
     np.testing.assert_allclose(ink.points, [[10, 0], [11, 1], [13, 3], [20, 5], [21, 6], [22, 8], [26, 12],
                                             [31, 10], [32, 10]])
