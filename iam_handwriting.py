@@ -22,7 +22,9 @@ Three tasks share one model, one CTC, one set of decoders and one training loop:
 What is scaled down: the synthetic data, the network (one BLSTM layer by
 default), the optimiser (Adam on minibatches). Decoding: greedy best path,
 prefix beam search, a single-word dictionary decoder, and the paper's token
-passing over a dictionary with a word bigram language model.
+passing over a dictionary with a word bigram language model (for real English:
+punctuation and clitics split off, case variants, spelled out-of-dictionary
+tokens; --lm and --dictionary read ARPA files and word lists).
 
 Everything below is hand-written numpy: the LSTM forward pass and
 back-propagation through time, the log-space CTC forward-backward, the
@@ -39,6 +41,7 @@ Usage:
     python iam_handwriting.py --task lines --load-model m.npz --decoder lm --dictionary-sizes 1000,5000,20000
     python iam_handwriting.py --task lines --export-iam-ondb DIR   # synthetic lines in the IAM-OnDB format
     python iam_handwriting.py --task iam-ondb --data-dir DIR --features graves25 --save-json iam.json
+    python iam_handwriting.py --load-model iam.npz --data-dir DIR --decoder lm --oov chars --dictionary-sizes 5000,20000
     python iam_handwriting.py --read line.inkml page.json --json   # read ink with the shipped IAM-OnDB model
     python iam_handwriting.py --serve                              # pen pad at http://127.0.0.1:8009/
     python iam_handwriting.py --help                               # every flag
@@ -94,6 +97,7 @@ SCHEMA_VERSION = 2  # run.json: 2 added the task, WER and the lines task's keys
 TASK_NAMES = ("words", "lines", "iam-ondb")
 DECODERS = ("greedy", "beam", "lexicon", "lm")
 FEATURE_SETS = ("raw", "graves25")
+OOV_MODES = ("none", "chars", "token")  # how the lm decoder reads out-of-dictionary tokens (see reading_lexicon)
 N_ENGLISH_WORDS = 82_680  # words over a-z in symspellpy's counts, less the excluded ones (a test checks it)
 
 
@@ -147,6 +151,8 @@ class RunConfig:
     lr_final: float = _setting(0.1, "the step size decays linearly to lr * lr_final by the last step", low=0.0,
                                high=1.0)
     grad_clip: float = _setting(5.0, "global-norm gradient clip", above=0.0, high=1e6)
+    weight_noise: float = _setting(0.0, "std of Gaussian noise added to every weight for each step's gradient "
+                                        "(Graves 2011; the update applies to the noise-free weights)", low=0.0, high=1.0)
     workers: int = _setting(1, "processes sharing each training batch (gradients summed)", low=1, high=16)
     patience: int = _setting(0, "early stopping: keep the best validation epoch's weights and stop after this "
                                 "many epochs without a better one (0: train every epoch, keep the last)",
@@ -162,6 +168,13 @@ class RunConfig:
                                    low=-100.0, high=100.0)
     lm_beam: int = _setting(64, "tokens (history, tree node) kept per time step by the lm decoder", low=1,
                             high=1_000_000)
+    oov: str = _setting("none", "lm decoder: out-of-dictionary tokens are not read (none), or spelled with a cost "
+                                "per character (chars) or per token (token)", choices=OOV_MODES)
+    oov_penalty: float = _setting(0.0, "lm decoder: added per spelled out-of-dictionary token", low=-100.0,
+                                  high=100.0)
+    lm_file: str = _setting("", "lm decoder: an ARPA n-gram file (unigrams and bigrams are used); not given: built in")
+    dictionary_file: str = _setting("", "lm decoder: a word list, one word per line, most frequent first; "
+                                        "not given: built in")
 
 
 CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
@@ -765,14 +778,9 @@ class BigramModel:
     discount: float  # D
 
 
-def build_bigram_model(vocabulary_size=None):
-    """The bigram model over the `vocabulary_size` most frequent words (all if None)."""
-    words, counts = english_words()
-    V = len(words) if vocabulary_size is None else min(vocabulary_size, len(words))
-    first, second, pair_counts = english_pairs()
-    unit = pair_counts.min()
-    keep = (first < V) & (second < V)
-    v, w, c = first[keep], second[keep], pair_counts[keep] / unit
+def discounted_pairs(v, w, c, V):
+    """Absolute discounting of pair counts c (P,) of word ids v, w < V (BigramModel's
+    formula): returns (sorted keys v * V + w, their discounted part, backoff (V,), D)."""
     n1, n2 = np.count_nonzero(c < 2), np.count_nonzero((c >= 2) & (c < 3))
     D = n1 / (n1 + 2 * n2) if n1 + n2 else 0.5
     c_v = np.bincount(v, weights=c, minlength=V)  # (V,)
@@ -780,8 +788,18 @@ def build_bigram_model(vocabulary_size=None):
     backoff = np.where(n_v > 0, D * n_v / np.maximum(c_v, 1e-300), 1.0)
     key = v.astype(np.int64) * V + w
     order = np.argsort(key)
-    return BigramModel(words[:V], counts[:V] / counts[:V].sum(), key[order],
-                       (np.maximum(c - D, 0.0) / c_v[v])[order], backoff, D)
+    return key[order], (np.maximum(c - D, 0.0) / np.maximum(c_v[v], 1e-300))[order], backoff, D
+
+
+def build_bigram_model(vocabulary_size=None):
+    """The bigram model over the `vocabulary_size` most frequent words (all if None)."""
+    words, counts = english_words()
+    V = len(words) if vocabulary_size is None else min(vocabulary_size, len(words))
+    first, second, pair_counts = english_pairs()
+    unit = pair_counts.min()
+    keep = (first < V) & (second < V)
+    key, prob, backoff, D = discounted_pairs(first[keep], second[keep], pair_counts[keep] / unit, V)
+    return BigramModel(words[:V], counts[:V] / counts[:V].sum(), key, prob, backoff, D)
 
 
 def bigram_prob(model, prev, nxt):
@@ -2359,6 +2377,8 @@ class TaskData:
     input_squash: float  # > 0: inputs pass through squash * tanh(x / squash) (pad_batch); 0: as they are
     alignment_picks: list  # [(split, index)]: samples whose CTC alignment run.json keeps (short, long)
     info: dict  # run.json "split": what the splits hold
+    training_held: bool = False  # True: training_samples returns samples already in memory (not drawn per epoch)
+    lm_texts: dict = field(default_factory=dict)  # {"train", "validation": transcriptions} for the real-English LM
 
 
 @dataclass(frozen=True)
@@ -2452,6 +2472,20 @@ def _featurise_line(args):
 
 
 IAM_EVAL_SPLITS = ("validation", "validation2", "test")
+FEATURISE_BATCH = 500  # lines featurised per parallel_map call
+
+
+def feature_moments(trajs, group=FEATURISE_BATCH):
+    """Mean and standard deviation (D,) of the frames of (T_i, D) arrays, in float64,
+    a group of arrays at a time so that no copy of all frames is made. Shifted by the
+    first group's mean, so that E[x^2] - E[x]^2 does not cancel."""
+    pivot = np.concatenate(trajs[:group]).mean(axis=0, dtype=np.float64)
+    n, total, squares = 0, 0.0, 0.0
+    for i in range(0, len(trajs), group):
+        frames = np.concatenate(trajs[i:i + group]).astype(np.float64) - pivot
+        n, total, squares = n + len(frames), total + frames.sum(axis=0), squares + (frames * frames).sum(axis=0)
+    mean = total / n
+    return pivot + mean, np.sqrt(np.maximum(squares / n - mean * mean, 0.0))
 
 
 def iam_ondb_data(cfg, streams, parallel_map, log):
@@ -2469,8 +2503,11 @@ def iam_ondb_data(cfg, streams, parallel_map, log):
     t0 = time.perf_counter()
     lines, summary = load_iam_ondb(cfg.data_dir, log)
     t1 = time.perf_counter()
-    samples = {split: parallel_map(_featurise_line, [(line, cfg.features) for line in split_lines])
-               for split, split_lines in lines.items() if split_lines}
+    # A few hundred lines at a time, so that the workers' pickled results stay small next to the features.
+    samples = {split: [s for i in range(0, len(split_lines), FEATURISE_BATCH) for s in parallel_map(
+        _featurise_line, [(line, cfg.features) for line in split_lines[i:i + FEATURISE_BATCH]])]
+        for split, split_lines in lines.items() if split_lines}
+    del lines
     t2 = time.perf_counter()
     n_lines = sum(len(s) for s in samples.values())
     log(f"preprocessed and featurised {n_lines} lines ({cfg.features}) in {t2 - t1:.1f} s "
@@ -2486,19 +2523,20 @@ def iam_ondb_data(cfg, streams, parallel_map, log):
             f"alphabet and count as errors: {', '.join(f'{c!r} x{n}' for c, n in unknown.most_common(5))}")
     train = samples["train"]
     if cfg.features == "graves25":
-        frames = np.concatenate([s.traj for s in train])
         # Unit variance per feature, scaled so the 25 carry the input power of two raw channels at the gain.
-        shift = frames.mean(axis=0, dtype=np.float64)
-        scale = cfg.input_gain * np.sqrt(2 / frames.shape[1]) / np.maximum(frames.std(axis=0, dtype=np.float64), 1e-6)
-        del frames
+        shift, std = feature_moments([s.traj for s in train])
+        scale = cfg.input_gain * np.sqrt(2 / len(shift)) / np.maximum(std, 1e-6)
     else:
         shift, scale = np.zeros(3), np.array([cfg.input_gain / IAM_SPACING, cfg.input_gain / IAM_SPACING, 1.0])
     eval_sets = {split: samples[split] for split in IAM_EVAL_SPLITS if split in samples}
     info = {**{k: summary[k] for k in ("lines", "forms", "writers", "skipped", "ignored")},
             "alphabet": alphabet, "unknown_characters": dict(unknown), "features": cfg.features,
             "read_seconds": t1 - t0, "featurise_seconds": t2 - t1}
+    lm_texts = {"train": tuple(s.text for s in train),
+                "validation": tuple(s.text for s in eval_sets.get("validation", []))}  # never the test lines
     return TaskData(alphabet, eval_sets, lambda rng, parallel_map: train, len(train), shift, scale,
-                    JUMP_SQUASH * cfg.input_gain, short_and_median(eval_sets["test"], "test"), info)
+                    JUMP_SQUASH * cfg.input_gain, short_and_median(eval_sets["test"], "test"), info,
+                    training_held=True, lm_texts=lm_texts)
 
 
 def export_lines_task(cfg, out_dir, log=print):
@@ -2515,7 +2553,8 @@ def export_lines_task(cfg, out_dir, log=print):
     return n
 
 
-LM_OPTIONS = ("dictionary_sizes", "dictionary_size", "lm_weight", "word_penalty", "lm_beam")
+LM_OPTIONS = ("dictionary_sizes", "dictionary_size", "lm_weight", "word_penalty", "lm_beam", "lm_file",
+              "dictionary_file", "oov", "oov_penalty", "experiment_split")
 
 TASKS = {
     "words": Task("words", ALPHABET, ("in_vocab", "held_out"), "word", ("greedy", "beam", "lexicon"),
@@ -2956,23 +2995,40 @@ def cer(pred, target):
     return levenshtein(target, pred) / max(len(target), 1)
 
 
-def error_counts(refs, hyps):
-    """Edit counts over a corpus: characters, character edits, words, word edits.
+def plain_words(text):
+    """The words of `text` case-folded, with every character that is neither a letter nor a
+    digit removed, and words left empty dropped: `"Mr. Brown," he said.` -> mr brown he said."""
+    words = ("".join(c for c in w if c.isalnum()).casefold() for w in text.split())
+    return [w for w in words if w]
 
-    Word edits are the Levenshtein distance between the word sequences
-    (substitutions, deletions, insertions), as for the paper's word accuracy.
+
+def error_counts(refs, hyps):
+    """Edit counts over a corpus: characters, character edits, words, word edits, and
+    the words and word edits of plain_words.
+
+    Words are the transcription's space-separated tokens, case and punctuation
+    kept (`said,` is one word); word edits are the Levenshtein distance between
+    the word sequences (substitutions, deletions, insertions), as for the
+    paper's word accuracy. The plain counts ignore case and punctuation, as
+    some papers do.
     """
     return {"chars": sum(len(r) for r in refs), "edits": sum(levenshtein(r, h) for r, h in zip(refs, hyps)),
             "words": sum(len(r.split()) for r in refs),
-            "word_edits": sum(levenshtein(r.split(), h.split()) for r, h in zip(refs, hyps))}
+            "word_edits": sum(levenshtein(r.split(), h.split()) for r, h in zip(refs, hyps)),
+            "plain_words": sum(len(plain_words(r)) for r in refs),
+            "plain_word_edits": sum(levenshtein(plain_words(r), plain_words(h)) for r, h in zip(refs, hyps))}
 
 
 def rates(counts):
     """CER = edits / characters, WER = word edits / words and word accuracy = 1 - WER
-    (the paper's measure; for single words it is the share read exactly)."""
+    (the paper's measure; for single words it is the share read exactly); wer_plain
+    likewise over plain_words (when counted)."""
     words = max(counts["words"], 1)
-    return {"cer": counts["edits"] / max(counts["chars"], 1), "wer": counts["word_edits"] / words,
-            "word_acc": (counts["words"] - counts["word_edits"]) / words}
+    out = {"cer": counts["edits"] / max(counts["chars"], 1), "wer": counts["word_edits"] / words,
+           "word_acc": (counts["words"] - counts["word_edits"]) / words}
+    if "plain_words" in counts:
+        out["wer_plain"] = counts["plain_word_edits"] / max(counts["plain_words"], 1)
+    return out
 
 
 def beam_search_decode(log_probs, beam_width=16):
@@ -3024,47 +3080,78 @@ def beam_search_decode(log_probs, beam_width=16):
     return list(prefixes[best]), float(total[best])
 
 
+# Kinds of dictionary entries. How two entries may follow each other without a
+# space (GLUES) is decided by their kinds; see split_token for where they come from.
+WORD, CLITIC, PUNCT, SPELLED = range(4)
+KIND_NAMES = ("word", "clitic", "punctuation", "spelled")
+GLUES = np.zeros((4, 4), bool)  # GLUES[a, b]: entry b may follow entry a with no space between
+GLUES[:, PUNCT] = GLUES[PUNCT, :] = True  # punctuation attaches to anything: 'said,'  '"I'  '(2).'
+GLUES[[WORD, SPELLED], CLITIC] = True  # a clitic attaches to the word before it: "man's"
+GLUES[SPELLED, SPELLED] = True  # a spelled out-of-dictionary token goes on, one character at a time
+
+
 @dataclass(frozen=True)
 class Lexicon:
-    """Dictionary words as a prefix tree; node 0 is the empty prefix (the root)."""
+    """Dictionary entries as a prefix tree; node 0 is the empty prefix (the root).
 
-    words: tuple  # the W words, in the order scores are reported
+    Spelled entries (single characters of out-of-dictionary tokens, kind
+    SPELLED) have a subtree of their own under the root, so an entry "a" and
+    the spelled character "a" are different nodes."""
+
+    words: tuple  # the W entries (their spelling), in the order scores are reported
     alphabet: str  # the task's characters: class 1 + i is alphabet[i]
     label: np.ndarray  # (N,) class id of each node's last letter (BLANK at the root)
     parent: np.ndarray  # (N,) node of the prefix one letter shorter (the root is its own parent)
     skip: np.ndarray  # (N,) True where the letter differs from its parent's, so no blank is needed between
-    end: np.ndarray  # (W,) node at which each word ends
-    word_at: np.ndarray  # (N,) the word ending at each node, -1 for none
+    end: np.ndarray  # (W,) node at which each entry ends
+    word_at: np.ndarray  # (N,) the entry ending at each node, -1 for none
     child_start: np.ndarray  # (N + 1,) the children of node n are children[child_start[n]:child_start[n + 1]]
     children: np.ndarray  # (N - 1,) every node but the root, grouped by parent
+    kind: np.ndarray  # (W,) WORD, CLITIC, PUNCT or SPELLED
+    lm_id: np.ndarray  # (W,) the language-model word each entry is read as (-1 for spelled characters)
+    cost: np.ndarray  # (W,) log-probability of the spelling given the LM word (its case; a spelled character)
+    glue_to: np.ndarray  # (N, 4) for a child of the root: True if its subtree holds an entry that may follow
+    #                     an entry of that kind with no space (GLUES); False elsewhere
 
 
-def build_lexicon(words, alphabet=ALPHABET):
-    """Prefix tree of `words`; ValueError for an empty lexicon, an empty or repeated word, or a foreign letter."""
+def build_lexicon(words, alphabet=ALPHABET, kind=None, lm_id=None, cost=None):
+    """Prefix tree of `words`; ValueError for an empty lexicon, an empty or repeated word, or a foreign letter.
+
+    kind, lm_id, cost (W,): how the lm decoder reads each entry (default: each
+    a WORD, its own LM word, at no cost)."""
     words = tuple(words)
     if not words:
         raise ValueError("the lexicon is empty")
-    node_of, label, parent = {"": 0}, [BLANK], [0]
-    for w in words:
+    W = len(words)
+    kind = np.full(W, WORD) if kind is None else np.asarray(kind)
+    node_of, label, parent = {(False, ""): 0}, [BLANK], [0]
+    for w, k in zip(words, kind):
         if not w:
             raise ValueError("the lexicon holds an empty word")
-        ids = encode(w, alphabet)
+        ids, tree = encode(w, alphabet), bool(k == SPELLED)  # spelled characters: a subtree of their own
         for n in range(1, len(w) + 1):
-            if w[:n] not in node_of:
-                node_of[w[:n]] = len(label)
+            if (tree, w[:n]) not in node_of:
+                node_of[tree, w[:n]] = len(label)
                 label.append(ids[n - 1])
-                parent.append(node_of[w[:n - 1]])
-    if len(set(words)) < len(words):
-        raise ValueError(f"the lexicon holds {next(w for w in words if words.count(w) > 1)!r} more than once")
+                parent.append(node_of[tree if n > 1 else False, w[:n - 1]])
+    keys = [(bool(k == SPELLED), w) for k, w in zip(kind, words)]
+    if len(set(keys)) < W:
+        raise ValueError(f"the lexicon holds {next(w for (s, w) in keys if keys.count((s, w)) > 1)!r} more than once")
     label, parent = np.array(label), np.array(parent)
     skip = label != label[parent]
     skip[0] = False
-    end = np.array([node_of[w] for w in words])
+    end = np.array([node_of[k] for k in keys])
     word_at = np.full(len(label), -1)
-    word_at[end] = np.arange(len(words))
+    word_at[end] = np.arange(W)
     children = np.argsort(parent[1:], kind="stable") + 1
     child_start = np.searchsorted(parent[children], np.arange(len(label) + 1))
-    return Lexicon(words, alphabet, label, parent, skip, end, word_at, child_start, children)
+    first = np.array([node_of[s, w[:1]] for s, w in keys])  # (W,) the root child each entry starts with
+    glue_to = np.zeros((len(label), 4), bool)
+    for a in range(4):
+        glue_to[first[GLUES[a, kind]], a] = True
+    return Lexicon(words, alphabet, label, parent, skip, end, word_at, child_start, children, kind,
+                   np.arange(W) if lm_id is None else np.asarray(lm_id),
+                   np.zeros(W) if cost is None else np.asarray(cost, dtype=float), glue_to)
 
 
 # The CTC recursion on a prefix tree, shared by the single-word lexicon decoder
@@ -3172,11 +3259,17 @@ class LanguageModel:
     Lines start anywhere in a text, so the first word follows the word
     frequencies (as the line sampler draws it). For every context the
     probabilities sum to one over the dictionary, plus </s> after a word.
+
+    A model read from an ARPA file has its own start and end rows instead:
+    P(w | <s>) = first[w], P(</s> | v) = end[v], and P(w | v) = P_bigram(w | v)
+    unscaled (order 2); order 1 uses P(w) and p_end for every context.
     """
 
     bigram: BigramModel  # over the dictionary, in the lexicon's word order
     p_end: float
     order: int  # 1: unigram, 2: bigram
+    first: np.ndarray | None = None  # (V,) P(w | <s>), or None for the word frequencies
+    end: np.ndarray | None = None  # (V,) P(</s> | v), or None for p_end (with P(w | v) scaled by 1 - p_end)
 
 
 def lm_log_prob(lm, prev, nxt):
@@ -3185,23 +3278,35 @@ def lm_log_prob(lm, prev, nxt):
     start = prev == LM_START
     p = lm.bigram.unigram[nxt]
     if lm.order == 2:
-        p = np.where(start, p, bigram_prob(lm.bigram, np.where(start, 0, prev), nxt))
-    return np.log(np.where(start, p, (1 - lm.p_end) * p))
+        at_start = p if lm.first is None else lm.first[nxt]
+        p = np.where(start, at_start, bigram_prob(lm.bigram, np.where(start, 0, prev), nxt))
+    scale = 1 - lm.p_end if lm.end is None else 1.0
+    with np.errstate(divide="ignore"):
+        return np.log(np.where(start, p, scale * p))
 
 
-def lm_perplexity(lm, lines):
+def lm_end_log_prob(lm, prev):
+    """log P(</s> | prev) for a word-id array; prev may be LM_START."""
+    prev = np.asarray(prev)
+    if lm.end is None or lm.order == 1:
+        return np.full(prev.shape, np.log(lm.p_end))
+    with np.errstate(divide="ignore"):
+        return np.log(np.where(prev == LM_START, lm.p_end, lm.end[np.maximum(prev, 0)]))
+
+
+def lm_perplexity(lm, lines, tokenise=str.split):
     """(perplexity, out-of-dictionary rate) of `lm` on text lines.
 
     Every in-dictionary word and each line's end is scored; a word after an
     out-of-dictionary word is scored as a line's first. Out-of-dictionary
     words cannot be scored by a closed-vocabulary model: they are left out
-    and counted.
+    and counted. tokenise: a line -> its LM words (lm_words for real English).
     """
     index = {w: i for i, w in enumerate(lm.bigram.words)}
-    prev, nxt, n_words, n_oov = [], [], 0, 0
+    prev, nxt, last, n_words, n_oov = [], [], [], 0, 0
     for line in lines:
         context = LM_START
-        for word in line.split():
+        for word in tokenise(line):
             n_words += 1
             i = index.get(word)
             if i is None:
@@ -3210,7 +3315,8 @@ def lm_perplexity(lm, lines):
             prev.append(context)
             nxt.append(i)
             context = i
-    log_p = lm_log_prob(lm, prev, nxt).sum() + len(lines) * np.log(lm.p_end)
+        last.append(context)
+    log_p = lm_log_prob(lm, prev, nxt).sum() + lm_end_log_prob(lm, last).sum()
     return float(np.exp(-log_p / (len(nxt) + len(lines)))), n_oov / max(n_words, 1)
 
 
@@ -3248,10 +3354,460 @@ def check_dictionary_alphabet(size, alphabet):
                         "training transcriptions never use, so the model cannot output them")
 
 
+# ---------------------------------------------------------------------------
+# Decoding: real English (tokens, case, out-of-dictionary tokens, ARPA and word-list files)
+# ---------------------------------------------------------------------------
+# IAM-OnDB transcriptions are written text with capitals, digits and
+# punctuation, and their tokens are space-separated as written ("Mr . Gaitskell",
+# "said,", '"I', "'s"). The dictionary and the LM see each token split into
+# pieces (split_token); the decoder reads pieces, each either after a space or
+# glued to the one before (GLUES says which kinds may glue), and glue_pieces
+# writes them back. Case: every LM word (lower case) may be written lower case,
+# Capitalised or in CAPITALS; the LM scores the lower-case word and the spelling
+# costs log P(case), estimated from the training transcriptions (case_log_probs).
+# Tokens outside the dictionary (numbers, names) can be spelled character by
+# character (cfg.oov): "chars" costs log(1/A) per character (a uniform
+# character model over the A letters and digits) plus oov_penalty per token;
+# "token" costs oov_penalty per token whatever its length.
+
+CLITICS = ("'s", "'re", "'ve", "'ll", "'m", "'d")  # split off the word before; the n't forms stay whole words
+CASES = ("lower", "capital", "upper")
+
+
+def _is_clitic(piece):
+    return piece.lower() in CLITICS
+
+
+def split_token(token):
+    """A space-free token -> its pieces, which concatenate back to it: trailing
+    and leading punctuation one character each, then a clitic off the word.
+    'said,' -> said ,   '"I' -> " I   "man's" -> man 's   '(2).' -> ( 2 ) .
+    A clitic alone ("'s") and inner punctuation ("don't", "U.S") stay whole."""
+    core, tail = token, []
+    while core and not core[-1].isalnum():
+        tail.append(core[-1])
+        core = core[:-1]
+    lead = []
+    while core and not core[0].isalnum() and not _is_clitic(core):
+        lead.append(core[0])
+        core = core[1:]
+    clitic = [core[-len(c):] for c in CLITICS if len(core) > len(c) and core.lower().endswith(c)
+              and core[-len(c) - 1].isalnum()][:1]
+    if clitic:
+        core = core[:-len(clitic[0])]
+    return lead + ([core] if core else []) + clitic + tail[::-1]
+
+
+def split_line(text):
+    """A transcription -> [(piece, glued)], glued True where the piece follows the
+    previous one with no space; glue_pieces inverts it (for single-spaced text)."""
+    return [(piece, i > 0) for token in text.split() for i, piece in enumerate(split_token(token))]
+
+
+def glue_pieces(pieces):
+    """[(piece, glued)] -> the text, with a space before every piece not glued."""
+    return "".join(piece if glued or i == 0 else " " + piece for i, (piece, glued) in enumerate(pieces))
+
+
+def lm_words(text):
+    """The language model's tokens of a transcription: its pieces, lower-cased."""
+    return [piece.lower() for piece, _ in split_line(text)]
+
+
+def piece_kind(piece):
+    """WORD, CLITIC or PUNCT (no letter or digit) for one piece."""
+    return CLITIC if _is_clitic(piece) else WORD if any(c.isalnum() for c in piece) else PUNCT
+
+
+def spellings(word):
+    """{case: spelling} of a lower-case LM word: as it is, Capitalised, in CAPITALS."""
+    return {"lower": word, "capital": word[:1].upper() + word[1:], "upper": word.upper()}
+
+
+def case_log_probs(texts):
+    """{case: log P(case)} from the word pieces of `texts` with at least two letters
+    (one letter cannot tell Capitalised from CAPITALS); add-one smoothed, so no texts
+    give 1/3 each. Mixed case ("McDonald") counts as none of the three."""
+    counts = dict.fromkeys(CASES, 1)
+    for text in texts:
+        for piece, _ in split_line(text):
+            if sum(c.isalpha() for c in piece) >= 2:
+                for case, spelled in spellings(piece.lower()).items():
+                    if piece == spelled:
+                        counts[case] += 1
+                        break
+    total = sum(counts.values())
+    return {case: math.log(n / total) for case, n in counts.items()}
+
+
+def reading_lexicon(words, alphabet, case_logp, oov="none"):
+    """The lm decoder's Lexicon for LM words `words` (lower case, in LM id order).
+
+    Each word enters as each distinct spelling (spellings) the alphabet can
+    write, at cost log P(case), renormalised over those spellings (spellings
+    that coincide, as "I" for Capitalised and CAPITALS, add up); a word the
+    alphabet cannot write at all is left out. oov "chars" or "token" adds every
+    letter and digit of the alphabet as a SPELLED entry (see OOV_MODES)."""
+    letters = set(alphabet)
+    entries, kind, lm_id, cost = [], [], [], []
+    for i, w in enumerate(words):
+        variants = {}
+        for case, spelled in spellings(w).items():
+            if spelled and set(spelled) <= letters:
+                variants[spelled] = np.logaddexp(variants.get(spelled, -np.inf), case_logp[case])
+        total = np.logaddexp.reduce(list(variants.values())) if variants else 0.0
+        for spelled, lp in variants.items():
+            entries.append(spelled)
+            kind.append(piece_kind(w))
+            lm_id.append(i)
+            cost.append(lp - total)
+    if oov != "none":
+        chars = [c for c in alphabet if c.isalnum()]
+        for c in chars:
+            entries.append(c)
+            kind.append(SPELLED)
+            lm_id.append(-1)
+            cost.append(-math.log(len(chars)) if oov == "chars" else 0.0)
+    return build_lexicon(entries, alphabet, np.array(kind, int), np.array(lm_id, int), cost)
+
+
+# The real-English model: symspellpy's counts and the training transcriptions,
+# interpolated with weights fitted on the validation transcriptions (EM), which
+# are also where the decoder's weights are tuned; never the test lines.
+
+def mixture_weight(p1, p2, iterations=100):
+    """The weight w maximising sum log(w p1 + (1 - w) p2) over tokens (EM), for two
+    models' probabilities p1, p2 (n,) of the same held-out tokens."""
+    keep = (p1 > 0) | (p2 > 0)
+    if not keep.any():
+        return 0.5
+    p1, p2, w = p1[keep], p2[keep], 0.5
+    for _ in range(iterations):
+        w = float(np.mean(w * p1 / (w * p1 + (1 - w) * p2)))
+    return w
+
+
+@dataclass(frozen=True)
+class EnglishCounts:
+    """Unigram statistics of the real-English model over the union of symspellpy's
+    words and the training pieces, most probable first."""
+
+    words: tuple  # (U,) lower-case LM words
+    prob: np.ndarray  # (U,) P(w) = lam P_train(w) + (1 - lam) P_symspell(w)
+    lam: float  # the training text's weight, fitted on the validation pieces
+    p_end: float  # training lines / training pieces
+
+
+def _line_pairs(lines, index):
+    """Consecutive (v, w) id pairs within each line of LM words, both in `index`."""
+    pairs = [(index[a], index[b]) for line in lines for a, b in zip(line, line[1:]) if a in index and b in index]
+    return np.array(pairs, dtype=np.int64).reshape(-1, 2)
+
+
+@functools.lru_cache(maxsize=2)
+def english_counts(train, validation):
+    """EnglishCounts from the training and validation transcriptions (tuples of lines)."""
+    sym_words, sym_counts = english_words()
+    train_lines = [lm_words(t) for t in train]
+    train_counts = Counter(w for line in train_lines for w in line)
+    words = list(sym_words) + sorted(set(train_counts) - set(sym_words))
+    index = {w: i for i, w in enumerate(words)}
+    p_sym = np.zeros(len(words))
+    p_sym[:len(sym_words)] = sym_counts / sym_counts.sum()
+    p_train = np.zeros(len(words))
+    for w, n in train_counts.items():
+        p_train[index[w]] = n
+    p_train /= max(p_train.sum(), 1)
+    held_out = [index[w] for t in validation for w in lm_words(t) if w in index]
+    lam = mixture_weight(p_train[held_out], p_sym[held_out]) if held_out else 0.5
+    prob = lam * p_train + (1 - lam) * p_sym
+    order = np.argsort(-prob, kind="stable")
+    n_pieces = sum(len(line) for line in train_lines)
+    return EnglishCounts(tuple(words[i] for i in order), prob[order], lam,
+                         len(train_lines) / n_pieces if n_pieces else line_end_probability())
+
+
+@functools.lru_cache(maxsize=8)
+def english_language_model(train, validation, words, order):
+    """The real-English LanguageModel over the LM words `words` (a tuple):
+
+        P(w)     = english_counts' unigram, restricted to `words` and renormalised
+                   (a word neither source holds gets the smallest probability)
+        P(w | v) = mu P_symspell(w | v) + (1 - mu) P_train(w | v)
+
+    with each bigram absolutely discounted onto P(w) (discounted_pairs), so the
+    mixture is again of BigramModel's form; mu is fitted on the validation pairs.
+    p_end is the training lines' rate of line ends per piece."""
+    counts = english_counts(train, validation)
+    at = {w: i for i, w in enumerate(counts.words)}
+    V, index = len(words), {w: i for i, w in enumerate(words)}
+    uni = np.array([counts.prob[at[w]] if w in at else 0.0 for w in words])
+    uni = np.where(uni > 0, uni, uni[uni > 0].min() if (uni > 0).any() else 1.0)
+    uni /= uni.sum()
+    sym_index = {w: i for i, w in enumerate(english_words()[0])}
+    sym_to_ours = np.full(len(sym_index), -1)
+    for w, i in sym_index.items():
+        if w in index:
+            sym_to_ours[i] = index[w]
+    first, second, c = english_pairs()
+    v, w = sym_to_ours[first], sym_to_ours[second]
+    keep = (v >= 0) & (w >= 0)
+    components = [discounted_pairs(v[keep], w[keep], c[keep] / c.min(), V)]
+    train_pairs = _line_pairs([lm_words(t) for t in train], index)
+    keys, n = np.unique(train_pairs[:, 0] * V + train_pairs[:, 1], return_counts=True)
+    components.append(discounted_pairs(keys // V, keys % V, n.astype(float), V))
+    models = [BigramModel(tuple(words), uni, k, p, b, d) for k, p, b, d in components]
+    held = _line_pairs([lm_words(t) for t in validation], index)
+    mu = mixture_weight(*(bigram_prob(m, held[:, 0], held[:, 1]) for m in models)) if len(held) else 0.5
+    key = np.concatenate([components[0][0], components[1][0]])
+    prob = np.concatenate([mu * components[0][1], (1 - mu) * components[1][1]])
+    merged, where = np.unique(key, return_inverse=True)
+    bigram = BigramModel(tuple(words), uni, merged, np.bincount(where, weights=prob),
+                         mu * components[0][2] + (1 - mu) * components[1][2], components[1][3])
+    return LanguageModel(bigram, counts.p_end, order)
+
+
+# Files: an ARPA n-gram model (--lm) and a word list (--dictionary). Both are
+# read whole, within a size bound, and every defect is one UserError line.
+
+MAX_LM_FILE_BYTES = 100 * 2**20  # about 3 million n-grams, a few GB once parsed into Python objects
+MAX_NGRAMS = 5_000_000  # declared in an ARPA header
+
+
+def read_text_file(path, what):
+    """A regular file's text (UTF-8), or one UserError line naming `what` and the cause."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise UserError(f"{what} {path!r}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError(f"{what} {path!r} is not a regular file")
+    if st.st_size > MAX_LM_FILE_BYTES:
+        raise UserError(f"{what} {path!r} is {st.st_size / 2**20:.0f} MiB; at most {MAX_LM_FILE_BYTES // 2**20} MiB "
+                        "are read")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_LM_FILE_BYTES + 1)
+    except OSError as e:
+        raise UserError(f"{what} {path!r}: {e.strerror}") from None
+    if len(data) > MAX_LM_FILE_BYTES:
+        raise UserError(f"{what} {path!r} is larger than {MAX_LM_FILE_BYTES // 2**20} MiB")
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise UserError(f"{what} {path!r} holds binary data (a NUL byte at offset {nul}), not text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {path!r} is not UTF-8 text (byte {e.start})") from None
+
+
+def _arpa_number(text, where):
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"{where}: {text[:40]!r} is not a number") from None
+    if not math.isfinite(value) or value > 0:
+        raise UserError(f"{where}: {text[:40]!r} is not a finite log10 value of at most 0")
+    return value
+
+
+@dataclass(frozen=True)
+class ArpaModel:
+    """The unigrams and bigrams of an ARPA file (log10 values; higher orders are ignored)."""
+
+    unigram: dict  # word -> (log10 p, log10 backoff)
+    bigram: dict  # (v, w) -> log10 p
+    ignored_orders: tuple  # orders above 2 the file declared
+
+
+@functools.lru_cache(maxsize=2)
+def read_arpa(path):
+    """Parse an ARPA n-gram file (what KenLM and SRILM write) with the standard library.
+
+    Layout: "\\data\\", "ngram N=count" lines, then per order "\\N-grams:" and
+    lines of "log10p w1 .. wN [log10 backoff]", then "\\end\\". Unigrams and
+    bigrams are used; higher orders are skipped (the decoder is a bigram
+    decoder). Words are lower-cased, as the LM scores lower-case words (the more
+    probable of two that then coincide is kept). UserError on any defect."""
+    text = read_text_file(path, "--lm")
+    lines = [line.strip() for line in text.split("\n")]
+    i = 0
+    while i < len(lines) and not lines[i]:
+        i += 1
+    if i == len(lines) or lines[i] != "\\data\\":
+        raise UserError(f"--lm {path!r} is not an ARPA file: it does not start with \\data\\")
+    declared, i = {}, i + 1
+    while i < len(lines) and lines[i].startswith("ngram "):
+        m = re.fullmatch(r"ngram\s+(\d+)\s*=\s*(\d+)", lines[i])
+        if not m or int(m[1]) < 1 or int(m[1]) in declared:
+            raise UserError(f"--lm {path!r} line {i + 1}: expected 'ngram N=count', got {lines[i][:60]!r}")
+        declared[int(m[1])] = int(m[2])
+        i += 1
+    if 1 not in declared:
+        raise UserError(f"--lm {path!r}: the \\data\\ header declares no unigrams ('ngram 1=count')")
+    if sum(declared.values()) > MAX_NGRAMS:
+        raise UserError(f"--lm {path!r} declares {sum(declared.values())} n-grams; at most {MAX_NGRAMS} are read")
+    grams, listed, order, ended = {n: {} for n in declared}, Counter(), None, False
+    for i in range(i, len(lines)):
+        line, where = lines[i], f"--lm {path!r} line {i + 1}"
+        if not line:
+            continue
+        if line == "\\end\\":
+            ended = True
+            break
+        m = re.fullmatch(r"\\(\d+)-grams:", line)
+        if m:
+            order = int(m[1])
+            if order not in declared:
+                raise UserError(f"{where}: a \\{order}-grams: section the header does not declare")
+            continue
+        if order is None:
+            raise UserError(f"{where}: expected a \\N-grams: section, got {line[:60]!r}")
+        if order > 2:
+            continue
+        fields = line.split()
+        if len(fields) not in (order + 1, order + 2):
+            raise UserError(f"{where}: expected log10p, {order} word{'s' if order > 1 else ''} and an optional "
+                            f"backoff, got {line[:60]!r}")
+        logp = _arpa_number(fields[0], where)
+        backoff = _arpa_number(fields[-1], where) if len(fields) == order + 2 else 0.0
+        key = tuple(w.lower() for w in fields[1:order + 1])
+        known = grams[order].get(key)
+        if known is None or known[0] < logp:
+            grams[order][key] = (logp, backoff)
+        listed[order] += 1
+    if not ended:
+        raise UserError(f"--lm {path!r} has no \\end\\ line: the file is cut short")
+    for n in (1, 2):
+        if n in declared and listed[n] != declared[n]:
+            raise UserError(f"--lm {path!r}: the header declares {declared[n]} {n}-grams, the file lists {listed[n]}")
+    if ("</s>",) not in grams[1]:
+        raise UserError(f"--lm {path!r} has no </s> unigram, so a line cannot end")
+    return ArpaModel(grams[1], {k: p for k, (p, _) in grams.get(2, {}).items()},
+                     tuple(n for n in sorted(declared) if n > 2))
+
+
+ARPA_SPECIAL = ("<s>", "</s>", "<unk>")
+
+
+def arpa_vocabulary(arpa):
+    """The ARPA model's words, most probable first (<s>, </s> and <unk> left out)."""
+    words = [w for (w,) in arpa.unigram if w not in ARPA_SPECIAL]
+    return tuple(sorted(words, key=lambda w: -arpa.unigram[w,][0]))
+
+
+@functools.lru_cache(maxsize=8)
+def arpa_language_model(path, words, order):
+    """The LanguageModel of an ARPA file over the LM words `words` (a tuple), in ARPA semantics:
+
+        P(w | v) = 10^p(v w) if the pair is listed, else 10^(bo(v) + p(w)),
+
+    with <s> and </s> as listed (first and end). A word the file does not list
+    is <unk>, and UserError if the file has no <unk>."""
+    arpa = read_arpa(path)
+    missing = [w for w in words if (w,) not in arpa.unigram]
+    if missing and ("<unk>",) not in arpa.unigram:
+        raise UserError(f"--lm {path!r} has no <unk>, and {len(missing)} dictionary words are not in it "
+                        f"(e.g. {missing[0]!r})")
+    unk = arpa.unigram.get(("<unk>",), (-99.0, 0.0))
+
+    def uni(w):
+        return arpa.unigram.get((w,), unk)
+
+    index = {w: i for i, w in enumerate(words)}
+    p = 10.0 ** np.array([uni(w)[0] for w in words])  # (V,)
+    bo = 10.0 ** np.array([uni(w)[1] for w in words])
+    pairs = [(index[v], index[w], q) for (v, w), q in arpa.bigram.items() if v in index and w in index]
+    v, w, q = (np.array(x) for x in zip(*pairs)) if pairs else (np.zeros(0, int), np.zeros(0, int), np.zeros(0))
+    key = v.astype(np.int64) * len(words) + w
+    sort = np.argsort(key)
+    # listed part = 10^p(v w) - bo(v) P(w), so that listed + bo(v) P(w) is the ARPA probability
+    bigram = BigramModel(tuple(words), p, key[sort], (10.0 ** q - bo[v] * p[w])[sort], bo, 0.0)
+    bo_start, p_stop = 10.0 ** uni("<s>")[1], 10.0 ** arpa.unigram["</s>",][0]
+    first = np.array([10.0 ** arpa.bigram[("<s>", x)] if ("<s>", x) in arpa.bigram else bo_start * p[i]
+                      for i, x in enumerate(words)])
+    end = np.array([10.0 ** arpa.bigram[(x, "</s>")] if (x, "</s>") in arpa.bigram else bo[i] * p_stop
+                    for i, x in enumerate(words)])
+    return LanguageModel(bigram, p_stop, order if arpa.bigram else 1, first, end)
+
+
+MAX_WORD_LENGTH = 100  # characters in one dictionary word
+
+
+@functools.lru_cache(maxsize=2)
+def read_word_list(path):
+    """A dictionary file: one word per line, most frequent first (the order sizes
+    cut at), blank lines skipped, repeats (after lower-casing) kept once; UserError
+    on anything else."""
+    words, seen = [], set()
+    for i, line in enumerate(read_text_file(path, "--dictionary").split("\n")):
+        word = line.strip()
+        if not word:
+            continue
+        where = f"--dictionary {path!r} line {i + 1}"
+        if len(word.split()) > 1:
+            raise UserError(f"{where} holds more than one word ({word[:60]!r}); the file has one word per line")
+        if len(word) > MAX_WORD_LENGTH or not word.isprintable():
+            raise UserError(f"{where}: {word[:40]!r} is not a word (unprintable or over {MAX_WORD_LENGTH} characters)")
+        if word.lower() not in seen:
+            seen.add(word.lower())
+            words.append(word.lower())
+    if not words:
+        raise UserError(f"--dictionary {path!r} holds no words")
+    return tuple(words)
+
+
+# Which dictionary and LM a run decodes with: the word-list and ARPA files if
+# given, else the real-English model when the task has transcriptions (iam-ondb),
+# else symspellpy's lower-case words (lines).
+
+def ranked_lm_words(cfg, texts):
+    """Every LM word the decoder may use, most probable first (dictionary sizes cut this)."""
+    if cfg.dictionary_file:
+        return read_word_list(cfg.dictionary_file)
+    if cfg.lm_file:
+        return arpa_vocabulary(read_arpa(cfg.lm_file))
+    if texts:
+        return english_counts(texts["train"], texts["validation"]).words
+    return english_words()[0]
+
+
+@functools.lru_cache(maxsize=8)
+def _reading_lexicon(words, alphabet, train, oov):
+    return reading_lexicon(words, alphabet, case_log_probs(train), oov)
+
+
+def decoder_lexicon(cfg, alphabet, texts, size):
+    """The lm decoder's Lexicon: the `size` most probable LM words, in every spelling the alphabet can write."""
+    words = ranked_lm_words(cfg, texts)[:size]
+    if not (cfg.dictionary_file or cfg.lm_file or texts) and cfg.oov == "none":
+        return dictionary_lexicon(size, alphabet)  # symspellpy's lower-case words, the lines task's dictionary
+    return _reading_lexicon(tuple(words), alphabet, texts.get("train", ()) if texts else (), cfg.oov)
+
+
+def decoder_language_model(cfg, texts, size, order):
+    """The LanguageModel (order 1 or 2) over decoder_lexicon's LM words; order 0: None."""
+    if order == 0:
+        return None
+    words = tuple(ranked_lm_words(cfg, texts)[:size])
+    if cfg.lm_file:
+        return arpa_language_model(cfg.lm_file, words, order)
+    if texts:
+        return english_language_model(texts["train"], texts["validation"], words, order)
+    if cfg.dictionary_file:
+        raise UserError("--dictionary without --lm needs transcriptions to estimate the LM from (the iam-ondb "
+                        "task), or --lm-weight 0")
+    return language_model(size, order)
+
+
+# ---------------------------------------------------------------------------
+# Decoding: token passing with a language model
+# ---------------------------------------------------------------------------
+
 class _Histories:
     """Word histories of a line as a tree: id 0 is the empty history, and every
-    other history is its parent plus one word. Each carries its language-model
-    score so far: lm_weight * log P(words) + word_penalty * len(words)."""
+    other history is its parent plus one word (a code: lm_decode uses entry * 2 +
+    glued). Each carries its score so far, the sum of word_score(previous, word)."""
 
     def __init__(self, n_words, word_score):
         self.parent, self.word, self.score = np.array([-1]), np.array([LM_START]), np.array([0.0])
@@ -3291,87 +3847,160 @@ def group_logsumexp(values, starts):
         return np.log(np.add.reduceat(np.exp(values - np.repeat(shift, size, axis=0)), starts, axis=0)) + shift
 
 
-def lm_decode(log_probs, lexicon, lm, lm_weight=1.0, word_penalty=0.0, beam=64):
-    """The best word sequence for one text line: token passing on the prefix tree
-    of the dictionary (Young, Russell and Thornton 1989), with a word language model.
+def _children_of(lexicon, node):
+    """Every child of every token's node, token by token: (tok (C,), child (C,)).
 
-    log_probs (T, K), whose alphabet has the space. A line is dictionary words
-    separated by single spaces, with optionally a space at either edge and
-    blanks anywhere. A word sequence scores
+    Token j's children are children[child_start[node[j]]:child_start[node[j] + 1]];
+    the candidates repeat j once per child, and `offset` counts 0, 1, ... within
+    each token's run, so child_start + offset walks each run."""
+    n_child = lexicon.child_start[node + 1] - lexicon.child_start[node]  # (M,)
+    tok = np.repeat(np.arange(len(node)), n_child)
+    offset = np.arange(len(tok)) - np.repeat(np.cumsum(n_child) - n_child, n_child)
+    return tok, lexicon.children[lexicon.child_start[node[tok]] + offset]
 
-        log p_CTC(words | x) + lm_weight * log P_LM(words, </s>) + word_penalty * len(words),
 
-    with p_CTC summed over the edge-space variants and all their alignments.
-    A token is a (word history, tree node) pair carrying the CTC
+def _glue_targets(lexicon, tok, entry, first_letters):
+    """Root children each word-end token may enter with no space: (tok (C,), child (C,)).
+
+    For an entry of kind k, the targets are the first letters whose subtree holds
+    an entry GLUES allows after kind k (lexicon.glue_to); one pass per kind."""
+    out_tok, out_child = [np.zeros(0, int)], [np.zeros(0, int)]
+    for k in range(len(KIND_NAMES)):
+        ok = first_letters[lexicon.glue_to[first_letters, k]]
+        these = tok[lexicon.kind[entry] == k]
+        out_tok.append(np.repeat(these, len(ok)))
+        out_child.append(np.tile(ok, len(these)))
+    return np.concatenate(out_tok), np.concatenate(out_child)
+
+
+def _completions(lexicon, histories, hist, node, glued):
+    """Tokens at the end of an entry they may complete: (tokens (E,), entries (E,)).
+
+    A token glued to the entry before completes only if GLUES allows its entry
+    after that one (the last word of its history)."""
+    entry = lexicon.word_at[node]
+    last = histories.word[hist] >> 1  # -1 (LM_START >> 1) for the empty history
+    prev_kind = np.where(last >= 0, lexicon.kind[np.maximum(last, 0)], 0)
+    allowed = ~glued | ((last >= 0) & GLUES[prev_kind, lexicon.kind[np.maximum(entry, 0)]])
+    tokens = np.flatnonzero((entry >= 0) & allowed)
+    return tokens, entry[tokens]
+
+
+def lm_decode(log_probs, lexicon, lm, lm_weight=1.0, word_penalty=0.0, beam=64, oov_penalty=0.0):
+    """The best reading of one text line: token passing on the prefix tree of the
+    dictionary (Young, Russell and Thornton 1989), with a word language model.
+
+    log_probs (T, K), whose alphabet has the space. A line is dictionary
+    entries, each after a single space or glued to the one before (GLUES: e.g.
+    punctuation), with optionally a space at either edge and blanks anywhere.
+    A reading scores
+
+        log p_CTC(labels | x) + sum over entries of [cost + word_penalty + lm_weight * log P_LM(word | previous)]
+                              + lm_weight * log P_LM(</s> | last word),
+
+    with p_CTC summed over the edge-space variants and all their alignments;
+    cost is the entry's spelling (its case) and P_LM scores its LM word
+    (lexicon.lm_id). A run of glued SPELLED characters (an out-of-dictionary
+    token) scores cost per character, and word_penalty + oov_penalty once,
+    with no LM score; the word after it is scored as a line's first.
+
+    A token is a (history, tree node, glued) triple carrying the CTC
     log-probabilities of the alignments so far that end on the node's label or
-    in a blank after it (the root's label is the space). Tokens with the same
-    history and node spell the same labels, and merge by adding probabilities,
-    as in prefix beam search; so with no pruning the scores are exact. At a
-    word's end a token may emit the space and move, through the language
-    model, to the root with the word appended to its history.
+    in a blank after it (the root's label is the space); glued tokens entered
+    their entry with no space. Tokens with the same triple spell the same
+    labels, and merge by adding probabilities, as in prefix beam search; so
+    with no pruning the scores are exact. At an entry's end a token may emit
+    the space and move to the root, or glue into a first letter, with the
+    entry appended to its history and scored by the language model.
 
     beam: the number of tokens kept after each time step, the best by score;
     None keeps every token (exact, and exponential in T: tiny problems only).
-    With a beam, a token also extends only into labels more probable than
-    EMISSION_FLOOR at that step, and a step where only the blank is (most
-    steps of a trained network) just advances the tokens: most of the speed.
-    lm: a LanguageModel over lexicon.words, or None for a uniform word prior.
+    Once the beam is full, a token also enters only labels more probable than
+    EMISSION_FLOOR at that step (every label alike: letters, the space, and
+    the space out of the all-blank start), and a step where only the blank is
+    (most steps of a trained network) just advances the tokens: most of the
+    speed. A beam that never fills prunes nothing: the exact result.
+    lm: a LanguageModel over the LM words, or None for a uniform word prior.
     Vectorised over tokens; the Python loop is over time steps. Returns
-    (words, score), or ([], -inf) if no word sequence fits in T steps.
+    (entries, score, glued) with glued[i] True where entry i follows entry
+    i - 1 with no space; ([], -inf, []) if no reading fits in T steps.
     """
     if " " not in lexicon.alphabet:
         raise ValueError("lm_decode reads lines: the alphabet needs the space")
     if beam is not None and beam < 1:
         raise ValueError(f"beam must be at least 1 (or None for no pruning), got {beam}")
-    if lm is not None and len(lm.bigram.words) != len(lexicon.words):
-        raise ValueError("the language model and the lexicon have different vocabularies")
+    if lm is not None and lexicon.lm_id.max() >= len(lm.bigram.words):
+        raise ValueError("the lexicon reads words the language model does not have")
     lp = np.asarray(log_probs, dtype=np.float64)
     N = len(lexicon.label)
     space = 1 + lexicon.alphabet.index(" ")
     node_class = np.where(np.arange(N) == 0, space, lexicon.label)  # the class each node's label emits
+    kind, lm_id = lexicon.kind, lexicon.lm_id
 
-    def word_score(prev, word):
-        return word_penalty + (lm_weight * lm_log_prob(lm, prev, word) if lm is not None else 0.0)
+    def context(entry):
+        """The LM context after an entry: its LM word; LM_START after a spelled character or at the start."""
+        spelled = (entry < 0) | (kind[np.maximum(entry, 0)] == SPELLED)
+        return np.where(spelled, LM_START, lm_id[np.maximum(entry, 0)])
 
-    histories = _Histories(len(lexicon.words), word_score)
-    hist, node = np.array([0]), np.array([0])  # (M,) the tokens
+    def word_score(prev_code, code):
+        """Score of appending history code (entry * 2 + glued) after prev_code."""
+        entry, glued, prev = code >> 1, (code & 1) == 1, prev_code >> 1
+        spelled = kind[entry] == SPELLED
+        goes_on = spelled & glued & (prev >= 0) & (kind[np.maximum(prev, 0)] == SPELLED)
+        lm_part = lm_log_prob(lm, context(prev), np.maximum(lm_id[entry], 0)) if lm is not None else 0.0
+        new_token = word_penalty + np.where(spelled, oov_penalty, lm_weight * lm_part)
+        return lexicon.cost[entry] + np.where(goes_on, 0.0, new_token)
+
+    histories = _Histories(2 * len(lexicon.words), word_score)
+    hist, node, glued = np.array([0]), np.array([0]), np.array([False])  # (M,) the tokens
     on_label, in_blank = np.array([-np.inf]), np.array([-np.inf])  # (M,)
     nothing = 0.0  # log P(only blanks so far): no label emitted yet
     first_letters = lexicon.children[lexicon.child_start[0]:lexicon.child_start[1]]
-    floor = np.log(EMISSION_FLOOR) if beam is not None else -np.inf
+    everything = np.ones(lp.shape[1], bool)
     for y in lp:
-        likely = y > floor  # (K,)
+        full = beam is not None and len(node) >= beam
+        likely = y > np.log(EMISSION_FLOOR) if full else everything  # (K,)
         if not likely[1:].any():  # only the blank: nothing new can start
             on_label, in_blank = tree_step(on_label, in_blank, -np.inf, y[node_class[node]], y[BLANK])
             nothing += y[BLANK]
             continue
         # Candidates: every token as it is; every child of a token's node,
-        # entered from it; every word end, leaving through the space to the
-        # root of a longer history; and, from "nothing", the first letters and
-        # the leading space of the empty history.
-        n_child = lexicon.child_start[node + 1] - lexicon.child_start[node]
-        parent_tok = np.repeat(np.arange(len(node)), n_child)
-        offset = np.arange(len(parent_tok)) - np.repeat(np.cumsum(n_child) - n_child, n_child)
-        child = lexicon.children[lexicon.child_start[node[parent_tok]] + offset]
-        parent_tok, child = parent_tok[likely[lexicon.label[child]]], child[likely[lexicon.label[child]]]
-        ends = np.flatnonzero((lexicon.word_at[node] >= 0) & likely[space])
-        new_hist = histories.extend(hist[ends], lexicon.word_at[node[ends]])
+        # entered from it; every entry end, leaving through the space to the
+        # root or glued into a first letter, in the history extended by the
+        # entry; and, from "nothing", the first letters and the leading space.
+        tok, child = _children_of(lexicon, node)
+        tok, child = tok[likely[lexicon.label[child]]], child[likely[lexicon.label[child]]]
+        done, entry = _completions(lexicon, histories, hist, node, glued)
+        done_hist = histories.extend(hist[done], 2 * entry + glued[done])  # (E,)
+        spaced = np.flatnonzero(np.full(len(done), likely[space]))
+        g_at, g_child = _glue_targets(lexicon, np.arange(len(done)), entry, first_letters)
+        g_at, g_child = g_at[likely[lexicon.label[g_child]]], g_child[likely[lexicon.label[g_child]]]
         starters = first_letters[likely[lexicon.label[first_letters]]]
-        c_hist = np.concatenate([hist, hist[parent_tok], new_hist, np.zeros(len(starters) + 1, int)])
-        c_node = np.concatenate([node, child, np.zeros(len(ends), int), starters, [0]])
+        lead = [0] if likely[space] else []
+        c_hist = np.concatenate([hist, hist[tok], done_hist[spaced], done_hist[g_at],
+                                 np.zeros(len(starters) + len(lead), int)])
+        c_node = np.concatenate([node, child, np.zeros(len(spaced), int), g_child, starters, lead]).astype(int)
+        c_glued = np.concatenate([glued, glued[tok], np.zeros(len(spaced), bool), np.ones(len(g_at), bool),
+                                  np.zeros(len(starters) + len(lead), bool)])
         c_mass = np.full((len(c_node), 3), -np.inf)  # on_label, in_blank, entering
         c_mass[:len(node), 0], c_mass[:len(node), 1] = on_label, in_blank
         at = len(node)
-        c_mass[at:at + len(child), 2] = entering(on_label[parent_tok], in_blank[parent_tok], lexicon.skip[child])
+        c_mass[at:at + len(child), 2] = entering(on_label[tok], in_blank[tok], lexicon.skip[child])
         at += len(child)
-        c_mass[at:at + len(ends), 2] = np.logaddexp(on_label[ends], in_blank[ends])  # a letter, then the space
-        c_mass[at + len(ends):, 2] = nothing
+        end_tok = done[spaced]
+        c_mass[at:at + len(spaced), 2] = np.logaddexp(on_label[end_tok], in_blank[end_tok])  # an entry, then the space
+        at += len(spaced)
+        end_tok = done[g_at]  # a glued letter needs a blank between it and an equal last letter
+        c_mass[at:at + len(g_at), 2] = entering(on_label[end_tok], in_blank[end_tok],
+                                                lexicon.label[g_child] != lexicon.label[node[end_tok]])
+        at += len(g_at)
+        c_mass[at:, 2] = nothing
         # Tokens that spell the same labels merge.
-        key = c_hist.astype(np.int64) * N + c_node
+        key = (c_hist.astype(np.int64) * N + c_node) * 2 + c_glued
         order = np.argsort(key, kind="stable")
         starts = np.flatnonzero(np.diff(key[order], prepend=-1) != 0)
         merged = group_logsumexp(c_mass[order], starts)
-        hist, node = c_hist[order][starts], c_node[order][starts]
+        hist, node, glued = c_hist[order][starts], c_node[order][starts], c_glued[order][starts]
         on_label, in_blank = tree_step(merged[:, 0], merged[:, 1], merged[:, 2], y[node_class[node]], y[BLANK])
         nothing += y[BLANK]
         alive = np.isfinite(on_label) | np.isfinite(in_blank)
@@ -3379,34 +4008,81 @@ def lm_decode(log_probs, lexicon, lm, lm_weight=1.0, word_penalty=0.0, beam=64):
             score = np.logaddexp(on_label, in_blank) + histories.score[hist]
             alive = np.zeros(len(node), bool)
             alive[np.argpartition(-score, beam - 1)[:beam]] = True
-        hist, node, on_label, in_blank = hist[alive], node[alive], on_label[alive], in_blank[alive]
+        hist, node, glued, on_label, in_blank = hist[alive], node[alive], glued[alive], on_label[alive], in_blank[alive]
 
-    # A line ends on a word (its last word not followed by a space) or on the
-    # space after one; both spell the same words and are added together.
+    # A line ends on an entry (its last one not followed by a space) or on the
+    # space after one; both spell the same entries and are added together.
     total = np.logaddexp(on_label, in_blank)
-    ends = np.flatnonzero(lexicon.word_at[node] >= 0)
+    done, entry = _completions(lexicon, histories, hist, node, glued)
     after_space = np.flatnonzero((node == 0) & (hist > 0))
-    line_hist = np.concatenate([histories.extend(hist[ends], lexicon.word_at[node[ends]]), hist[after_space]])
+    line_hist = np.concatenate([histories.extend(hist[done], 2 * entry + glued[done]), hist[after_space]])
     if not len(line_hist):
-        return [], -np.inf
+        return [], -np.inf, []
     order = np.argsort(line_hist, kind="stable")
     starts = np.flatnonzero(np.diff(line_hist[order], prepend=-1) != 0)
-    ctc = group_logsumexp(np.concatenate([total[ends], total[after_space]])[order][:, None], starts)[:, 0]
+    ctc = group_logsumexp(np.concatenate([total[done], total[after_space]])[order][:, None], starts)[:, 0]
     line_hist = line_hist[order][starts]
-    end_score = lm_weight * np.log(lm.p_end) if lm is not None else 0.0
+    end_score = lm_weight * lm_end_log_prob(lm, context(histories.word[line_hist] >> 1)) if lm is not None else 0.0
     score = ctc + histories.score[line_hist] + end_score
     best = int(np.argmax(score))
-    return [lexicon.words[i] for i in histories.words(line_hist[best])], float(score[best])
+    codes = histories.words(line_hist[best])
+    return [lexicon.words[c >> 1] for c in codes], float(score[best]), [bool(c & 1) for c in codes]
 
 
-def make_decoder(name, cfg, alphabet, lexicon=None, lm=None):
+# Decoding time, estimated before any work: lm_decode costs about a fixed
+# overhead per time step plus a cost per token per step. Measured on this
+# machine (2026-12, under load, so rough): 0.8-1.4 us per token-step at beams
+# 256-1024, about 0.2 ms per step of overhead; issue 14 measured 3.3 s per
+# lines-task line at beam 10,000. The bound refuses only what would take days.
+LM_STEP_SECONDS = 2e-4
+LM_TOKEN_STEP_SECONDS = 1.5e-6
+TUNING_DECODES = 20  # grid points a coordinate search typically scores (tune_lm_decoder)
+LM_TIME_LIMIT = 48 * 3600.0  # seconds of lm decoding a run may be estimated to need
+LM_TIME_WARNING = 3600.0
+
+
+def lm_decoding_seconds(cfg, data, n_sizes):
+    """Estimated seconds of lm decoding in a run: the final evaluation if it uses
+    the lm decoder, and the dictionary experiment at n_sizes sizes (0: none),
+    from the evaluation lines' lengths and cfg.lm_beam."""
+    lengths = {split: [len(s.traj) for s in samples] for split, samples in data.eval_sets.items()}
+
+    def per_line(split, beam=cfg.lm_beam):
+        n = lengths.get(split)
+        return float(np.mean(n)) * (LM_STEP_SECONDS + beam * LM_TOKEN_STEP_SECONDS) if n else 0.0
+
+    seconds = sum(per_line(s) * len(n) for s, n in lengths.items()) if cfg.decoder == "lm" else 0.0
+    if n_sizes:
+        decoders = 3 * n_sizes + len(OOV_MODES)  # dictionary, unigram, bigram per size; the OOV comparison
+        tuning = min(TUNING_LINES, len(lengths.get("validation", [])) // 2)  # and as many check lines
+        seconds += per_line("validation") * tuning * (TUNING_DECODES * decoders + len(OOV_MODES) + 1)
+        seconds += per_line("validation", BEAM_CHECK_FACTOR * cfg.lm_beam) * tuning  # wider_beam_check
+        seconds += per_line("test") * len(lengths.get("test", [])) * 3 * n_sizes
+    return seconds
+
+
+def check_lm_decoding_time(cfg, data, n_sizes, log=None):
+    """UserError if the run's lm decoding is estimated to take longer than LM_TIME_LIMIT; a log line beyond an hour."""
+    seconds = lm_decoding_seconds(cfg, data, n_sizes)
+    if seconds > LM_TIME_LIMIT:
+        raise UserError(f"--lm-beam {cfg.lm_beam}: the lm decoding would take about {seconds / 3600:.0f} hours "
+                        f"(estimated from {LM_TOKEN_STEP_SECONDS * 1e6:.1f} us per token and time step); the bound "
+                        f"is {LM_TIME_LIMIT / 3600:.0f} hours; use a smaller --lm-beam")
+    if seconds > LM_TIME_WARNING and log:
+        log(f"note: the lm decoding is estimated to take about {seconds / 3600:.1f} hours at --lm-beam {cfg.lm_beam}")
+    return seconds
+
+
+def make_decoder(name, cfg, alphabet, lexicon=None, lm=None, texts=None):
     """A function from a list of (T_i, K) log-prob arrays to decoded strings.
 
     lexicon: the dictionary (default: for "lexicon", the words task's whole
     vocabulary, held-out words included, as in the paper whose test words are
-    in the dictionary; for "lm", the cfg.dictionary_size most frequent English
-    words). lm: the language model of the "lm" decoder (default: the bigram
-    model over that dictionary; None when cfg.lm_weight is 0).
+    in the dictionary; for "lm", decoder_lexicon at cfg.dictionary_size).
+    lm: the language model of the "lm" decoder (default: the bigram
+    decoder_language_model over that dictionary; None when cfg.lm_weight is 0).
+    texts: {"train": lines, "validation": lines} of the task's transcriptions
+    (iam-ondb) for the real-English dictionary and LM, or None.
     """
     if name == "greedy":
         return lambda lps: [decode_labels(d, alphabet) for d in greedy_decode(*pad_log_probs(lps))]
@@ -3416,10 +4092,18 @@ def make_decoder(name, cfg, alphabet, lexicon=None, lm=None):
         lex = build_lexicon(VOCAB if lexicon is None else lexicon, alphabet)
         return lambda lps: lexicon_decode_many(lps, lex)
     if name == "lm":
-        lex = lexicon or dictionary_lexicon(cfg.dictionary_size, alphabet)
-        lm = lm or (language_model(cfg.dictionary_size, 2) if cfg.lm_weight > 0 else None)
-        return lambda lps: [" ".join(lm_decode(lp, lex, lm, cfg.lm_weight, cfg.word_penalty, cfg.lm_beam)[0])
-                            for lp in lps]
+        if lexicon is None:
+            lexicon = decoder_lexicon(cfg, alphabet, texts, cfg.dictionary_size)
+            lm = decoder_language_model(cfg, texts, cfg.dictionary_size, 2 if cfg.lm_weight > 0 else 0)
+
+        def decode(lps):
+            out = []
+            for lp in lps:
+                words, _, glued = lm_decode(lp, lexicon, lm, cfg.lm_weight, cfg.word_penalty, cfg.lm_beam,
+                                            cfg.oov_penalty)
+                out.append(glue_pieces(list(zip(words, glued))))
+            return out
+        return decode
     raise ValueError(f"unknown decoder {name!r}; choose from {', '.join(DECODERS)}")
 
 
@@ -3493,7 +4177,7 @@ def adam_step(params, grads, state, lr, beta1=0.9, beta2=0.999, eps=1e-8):
 # Training and evaluation
 # ---------------------------------------------------------------------------
 
-STREAMS = ("split", "data", "init", "shuffle", "eval")
+STREAMS = ("split", "data", "init", "shuffle", "eval", "noise")  # appended: spawned children keep their seeds
 
 
 def make_streams(seed):
@@ -3561,12 +4245,14 @@ def part_gradients(params, X, lengths, targets, n_used, timer=None):
     return grads, float(nll[usable].sum()), sum(len(y) for y, u in zip(targets, usable) if u)
 
 
-def train_step(params, adam, samples, lr, cfg, data, timer, pool=None):
+def train_step(params, adam, samples, lr, cfg, data, timer, pool=None, noise_rng=None):
     """Forward, CTC, backward, clip and Adam on one minibatch.
 
     With a pool, the length-sorted batch is cut into one contiguous part per
     process and the parts' gradients are summed (equal to one process up to
-    float rounding). Sequences whose labels cannot fit their length are
+    float rounding). With cfg.weight_noise, the gradient is taken at the
+    weights plus Gaussian noise drawn from noise_rng, and applied to the
+    weights without it. Sequences whose labels cannot fit their length are
     skipped. Returns (summed nll of the usable sequences, their label count,
     number skipped). Raises Diverged on a non-finite loss or gradient, before
     the parameters are touched.
@@ -3586,8 +4272,11 @@ def train_step(params, adam, samples, lr, cfg, data, timer, pool=None):
         X, lengths = pad_batch(samples[lo:hi], data.input_shift, data.input_scale, dtype, data.input_squash)
         parts.append((X, lengths, [s.labels for s in samples[lo:hi]]))
     t0 = timer.add("data", t0)
-    pending = [pool.submit(part_gradients, params, *part, n_used) for part in parts[1:]] if pool else []
-    grads, nll_sum, n_chars = part_gradients(params, *parts[0], n_used, timer)
+    at = params
+    if cfg.weight_noise:
+        at = {k: v + noise_rng.normal(0.0, cfg.weight_noise, v.shape).astype(v.dtype) for k, v in params.items()}
+    pending = [pool.submit(part_gradients, at, *part, n_used) for part in parts[1:]] if pool else []
+    grads, nll_sum, n_chars = part_gradients(at, *parts[0], n_used, timer)
     t0 = time.perf_counter()
     for other in pending:
         g, s, n = other.get()
@@ -3696,23 +4385,31 @@ def run_model(params, samples, data):
     return out
 
 
-def evaluate(params, samples, data, decode, keep=()):
+def evaluate(params, samples, data, decode, keep=(), also=None):
     """Loss, CER, WER and word accuracy of one evaluation set, chunk by chunk.
 
     `decode` (from make_decoder) maps a list of (T_i, K) log-prob arrays to
-    strings. Returns (metrics, decoded strings, {i: (T_i, K) log-probs} for
-    the sample indices in `keep`).
+    strings. also: {name: decode} for more decoders, whose rates go under
+    metrics[name] (the greedy reading beside the lm decoder's). Returns
+    (metrics, decoded strings, {i: (T_i, K) log-probs} for the sample indices
+    in `keep`).
     """
-    nll, hyps, kept, keep = np.zeros(len(samples)), [None] * len(samples), {}, set(keep)
+    n, also = len(samples), also or {}
+    nll, hyps, kept, keep = np.zeros(n), [None] * n, {}, set(keep)
+    more = {name: [None] * n for name in also}
     for idx, lps in model_outputs(params, samples, data):
         nll[idx] = -ctc_log_likelihood(*pad_log_probs(lps), [samples[i].labels for i in idx])
         for i, lp, h in zip(idx, lps, decode(lps)):
             hyps[i] = h
             if i in keep:
                 kept[i] = lp
+        for name, other in also.items():
+            for i, h in zip(idx, other(lps)):
+                more[name][i] = h
     finite = np.isfinite(nll)
     n_chars = sum(len(s.labels) for s, f in zip(samples, finite) if f)
-    metrics = rates(error_counts([s.text for s in samples], hyps))
+    refs = [s.text for s in samples]
+    metrics = {**rates(error_counts(refs, hyps)), **{name: rates(error_counts(refs, h)) for name, h in more.items()}}
     return {**metrics, "loss": float(nll[finite].sum() / max(n_chars, 1))}, hyps, kept
 
 
@@ -3737,8 +4434,7 @@ def group_errors(task, eval_sets, hyps_of):
     for split, samples in eval_sets.items():
         for s, h in zip(samples, hyps_of[split]):
             name = s.text if task.group_by == "word" else s.writer
-            entry = groups.setdefault(name, {"split": split, "n": 0, "chars": 0, "edits": 0, "words": 0,
-                                             "word_edits": 0})
+            entry = groups.setdefault(name, {"split": split, "n": 0, **dict.fromkeys(error_counts([], []), 0)})
             entry["n"] += 1
             for k, v in error_counts([s.text], [h]).items():
                 entry[k] += v
@@ -3748,11 +4444,12 @@ def group_errors(task, eval_sets, hyps_of):
 def final_report(params, cfg, task, data, timer):
     """The evaluation part of run.json: final metrics, per group, predictions, alignments."""
     t0 = time.perf_counter()
-    decode = make_decoder(cfg.decoder, cfg, data.alphabet)
+    decode = make_decoder(cfg.decoder, cfg, data.alphabet, texts=data.lm_texts or None)
     final, predictions, hyps_of, log_probs_of = {}, [], {}, {}
     for split, samples in data.eval_sets.items():
         picks = [i for pick_split, i in data.alignment_picks if pick_split == split]
-        final[split], hyps_of[split], log_probs_of[split] = evaluate(params, samples, data, decode, picks)
+        also = {"greedy": make_decoder("greedy", cfg, data.alphabet)} if cfg.decoder != "greedy" else None
+        final[split], hyps_of[split], log_probs_of[split] = evaluate(params, samples, data, decode, picks, also)
         predictions += [{"text": s.text, "split": split, "writer": s.writer, "decoded": h}
                         for s, h in zip(samples, hyps_of[split])]
     alignments = [alignment_record(data.eval_sets[split][i], split, log_probs_of[split][i], data.alphabet)
@@ -3762,31 +4459,38 @@ def final_report(params, cfg, task, data, timer):
             "predictions": predictions, "alignments": alignments}
 
 
-def decoding_experiment(log_probs, samples, sizes, fixed, by_size, describe=None):
-    """Decode evaluation splits with each decoder, timing it.
+def decoding_experiment(outputs, samples, sizes, fixed, by_size, describe=None):
+    """Decode evaluation splits with each decoder, timing it, chunk by chunk.
 
-    log_probs, samples: {split: [(T_i, K) arrays], [Sample]}. fixed: {name:
-    decode} for decoders that ignore the size (run once, reported at every
-    size); by_size(size) -> {name: (decode, extra dict for its rows)};
-    describe(size, refs, hyps) -> more keys for a row. Returns rows of
-    {size, decoder, split, cer, wer, word_acc, seconds_per_seq, n, ...}.
+    outputs(split) -> (indices, [(T_i, K) arrays]) chunks (model_outputs), so
+    that only one chunk's log-probs are held while every decoder reads it.
+    samples: {split: [Sample]}. fixed: {name: decode} for decoders that ignore
+    the size (run once, reported at every size); by_size(size) -> {name:
+    (decode, extra dict for its rows)}; describe(size, refs, hyps) -> more keys
+    for a row. Returns rows of {size, decoder, split, cer, wer, word_acc,
+    seconds_per_seq, n, ...}.
     """
-    def timed(split, decode):
-        t0 = time.perf_counter()
-        hyps = decode(log_probs[split])
-        seconds = time.perf_counter() - t0
-        refs = [s.text for s in samples[split]]
-        return hyps, {**rates(error_counts(refs, hyps)), "seconds_per_seq": seconds / len(refs), "n": len(refs)}
-
-    once = {(name, split): timed(split, decode) for name, decode in fixed.items() for split in samples}
-    rows = []
+    decoders = {(None, name): (decode, {}) for name, decode in fixed.items()}
     for size in sizes:
-        found = {**{name: (None, {}) for name in fixed}, **by_size(size)}
-        for name, (decode, extra) in found.items():
-            for split in samples:
-                hyps, m = once[name, split] if decode is None else timed(split, decode)
-                more = describe(size, [s.text for s in samples[split]], hyps) if describe else {}
-                rows.append({"size": size, "decoder": name, "split": split, **m, **extra, **more})
+        decoders.update({(size, name): found for name, found in by_size(size).items()})
+    rows = []
+    for split, split_samples in samples.items():
+        hyps = {key: [None] * len(split_samples) for key in decoders}
+        seconds = dict.fromkeys(decoders, 0.0)
+        for idx, lps in outputs(split):
+            for key, (decode, _) in decoders.items():
+                t0 = time.perf_counter()
+                for i, h in zip(idx, decode(lps)):
+                    hyps[key][i] = h
+                seconds[key] += time.perf_counter() - t0
+        refs = [s.text for s in split_samples]
+        scores = {key: {**rates(error_counts(refs, hyps[key])), "seconds_per_seq": seconds[key] / len(refs),
+                        "n": len(refs)} for key in decoders}
+        for size in sizes:
+            for (at, name), (_, extra) in decoders.items():
+                if at is None or at == size:
+                    more = describe(size, refs, hyps[at, name]) if describe else {}
+                    rows.append({"size": size, "decoder": name, "split": split, **scores[at, name], **extra, **more})
     return rows
 
 
@@ -3796,9 +4500,9 @@ def lexicon_experiment(params, cfg, data, sizes, log=print):
     included) plus distractor pseudo-words. Returns run.json's `decoding`."""
     t_start = time.perf_counter()
     distractors = distractor_words(max(sizes) - len(VOCAB))
-    log_probs = {split: run_model(params, samples, data) for split, samples in data.eval_sets.items()}
     rows = decoding_experiment(
-        log_probs, data.eval_sets, sizes, {d: make_decoder(d, cfg, data.alphabet) for d in ("greedy", "beam")},
+        lambda split: model_outputs(params, data.eval_sets[split], data), data.eval_sets, sizes,
+        {d: make_decoder(d, cfg, data.alphabet) for d in ("greedy", "beam")},
         lambda size: {"lexicon": (make_decoder("lexicon", cfg, data.alphabet,
                                                VOCAB + distractors[:size - len(VOCAB)]), {})})
     decoding = {"kind": "lexicon", "sizes": list(sizes), "beam_width": cfg.beam_width, "rows": rows,
@@ -3834,78 +4538,158 @@ def word_error_breakdown(refs, hyps, dictionary):
 
 LM_WEIGHTS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)  # the tuning grid; the search starts at weight 1, penalty 0
 WORD_PENALTIES = (-4.0, -2.0, 0.0, 2.0, 4.0, 6.0, 8.0, 10.0)
-TUNING_LINES = 100  # validation lines used for tuning (every other one of the 200)
+OOV_PENALTIES = (-8.0, -4.0, -2.0, 0.0, 2.0, 4.0, 8.0)  # per spelled token, when the dictionary spells (cfg.oov)
+TUNING_LINES = 100  # validation lines used for tuning (every k-th); the lines after them check the OOV modes
 
 
 def tune_lm_decoder(cfg, log_probs, refs, lex, lm):
-    """(lm_weight, word_penalty) for the lm decoder, chosen on validation lines.
+    """(lm_weight, word_penalty, oov_penalty) for the lm decoder, chosen on validation lines.
 
-    A coordinate search on the grid LM_WEIGHTS x WORD_PENALTIES: from weight
-    1, penalty 0, move to the neighbour with the lowest (WER, CER) until none
-    is better. With lm None (a uniform word prior) only the penalty is tuned.
+    A coordinate search on the grid LM_WEIGHTS x WORD_PENALTIES (x OOV_PENALTIES
+    if the lexicon spells out-of-dictionary tokens): from weight 1, penalties 0,
+    move to the neighbour with the lowest (WER, CER) until none is better.
+    With lm None (a uniform word prior) the weight is not tuned.
     """
-    weights = LM_WEIGHTS if lm is not None else (0.0,)
+    grids = (LM_WEIGHTS if lm is not None else (0.0,), WORD_PENALTIES,
+             OOV_PENALTIES if (lex.kind == SPELLED).any() else (0.0,))
     cost = {}
 
-    def evaluate(i, j):
-        if (i, j) not in cost:
-            tuned = dataclasses.replace(cfg, lm_weight=weights[i], word_penalty=WORD_PENALTIES[j])
+    def evaluate(point):
+        if point not in cost:
+            w, p, o = (grid[i] for grid, i in zip(grids, point))
+            tuned = dataclasses.replace(cfg, lm_weight=w, word_penalty=p, oov_penalty=o)
             m = rates(error_counts(refs, make_decoder("lm", tuned, lex.alphabet, lex, lm)(log_probs)))
-            cost[i, j] = (m["wer"], m["cer"])
-        return cost[i, j]
+            cost[point] = (m["wer"], m["cer"])
+        return cost[point]
 
-    here = (weights.index(1.0) if lm is not None else 0, WORD_PENALTIES.index(0.0))
+    here = tuple(grid.index(1.0 if i == 0 and lm is not None else 0.0) for i, grid in enumerate(grids))
     while True:
-        around = [(here[0] + di, here[1] + dj) for di, dj in ((-1, 0), (1, 0), (0, -1), (0, 1))
-                  if 0 <= here[0] + di < len(weights) and 0 <= here[1] + dj < len(WORD_PENALTIES)]
-        best = min([here] + around, key=lambda ij: evaluate(*ij))  # ties keep the current point
+        around = [here[:d] + (here[d] + step,) + here[d + 1:] for d in range(3) for step in (-1, 1)
+                  if 0 <= here[d] + step < len(grids[d])]
+        best = min([here] + around, key=evaluate)  # ties keep the current point
         if best == here:
-            return weights[here[0]], WORD_PENALTIES[here[1]]
+            return tuple(grid[i] for grid, i in zip(grids, here))
         here = best
 
 
-def dictionary_experiment(params, cfg, data, sizes, log=print):
-    """The paper's comparison in miniature, on the test lines: greedy; the
-    dictionary with a uniform word prior; dictionary + unigram; dictionary +
-    bigram; at each dictionary size. The LM weight and word penalty of each
-    decoder are tuned on validation lines, never on test lines. Returns
-    run.json's `decoding`."""
+def in_dictionary_tokens(refs, words):
+    """The reference tokens (as written) every piece of which, lower-cased, is an LM word in `words`."""
+    return {tok for ref in refs for tok in ref.split() if all(p.lower() in words for p in split_token(tok))}
+
+
+def dictionary_experiment(params, cfg, data, sizes, log=print, split="test"):
+    """The paper's comparison, on the test lines (or, with split "validation",
+    on the validation lines not used for tuning): greedy; the dictionary with a
+    uniform word prior; dictionary + unigram; dictionary + bigram; at each
+    dictionary size. The LM weight and penalties of each decoder are tuned on
+    every k-th validation line (TUNING_LINES of them), never on test lines.
+
+    Out-of-dictionary tokens: at the largest size, the bigram decoder is tuned
+    with each OOV mode (none, chars, token) and scored on the validation lines
+    right after the tuning lines; the best (lowest WER, then CER) is used for
+    every size and decoder. Log-probs are computed chunk by chunk
+    (model_outputs), so memory does not grow with the number of lines.
+    Returns run.json's `decoding`."""
     t_start = time.perf_counter()
-    log_probs = {split: run_model(params, data.eval_sets[split], data) for split in ("validation", "test")}
-    tuning = slice(None, None, max(1, len(log_probs["validation"]) // TUNING_LINES))
-    tune_lps = log_probs["validation"][tuning]
-    tune_refs = [s.text for s in data.eval_sets["validation"][tuning]]
-    test_refs = [s.text for s in data.eval_sets["test"]]
-    tuned, perplexity, oov = {}, {}, {}
+    texts = data.lm_texts or None
+    validation = data.eval_sets["validation"]
+    step = max(2, len(validation) // TUNING_LINES)  # at least 2: the check lines are others
+    tune_samples, check_samples = validation[::step], validation[1::step]
+    tune_lps, check_lps = run_model(params, tune_samples, data), run_model(params, check_samples, data)
+    tune_refs, check_refs = [s.text for s in tune_samples], [s.text for s in check_samples]
+    tuned_on = set(range(0, len(validation), step))
+    report = {"test": data.eval_sets["test"]} if split == "test" else \
+        {"validation": [s for i, s in enumerate(validation) if i not in tuned_on]}
+    report_refs = [s.text for s in report[split]]
+    tokenise = lm_words if (texts or cfg.lm_file or cfg.dictionary_file) else str.split
+
+    largest = max(sizes)
+    oov_modes = {}
+    if texts or cfg.oov != "none":  # the real-English task, or a run that asked for spelling
+        lm = decoder_language_model(cfg, texts, largest, 2)
+        for mode in OOV_MODES:
+            mode_cfg = dataclasses.replace(cfg, oov=mode)
+            lex = decoder_lexicon(mode_cfg, data.alphabet, texts, largest)
+            t0 = time.perf_counter()
+            weight, penalty, oov_penalty = tune_lm_decoder(mode_cfg, tune_lps, tune_refs, lex, lm)
+            chosen = dataclasses.replace(mode_cfg, lm_weight=weight, word_penalty=penalty, oov_penalty=oov_penalty)
+            m = rates(error_counts(check_refs, make_decoder("lm", chosen, data.alphabet, lex, lm)(check_lps)))
+            oov_modes[mode] = {"wer": m["wer"], "cer": m["cer"], "lm_weight": weight, "word_penalty": penalty,
+                               "oov_penalty": oov_penalty, "seconds": time.perf_counter() - t0}
+            log(f"oov {mode}: validation WER {m['wer']:.4f} CER {m['cer']:.4f} on {len(check_refs)} lines "
+                f"(tuned on {len(tune_refs)} others: lm_weight {weight}, word_penalty {penalty}, "
+                f"oov_penalty {oov_penalty})")
+        oov = min(OOV_MODES, key=lambda mode: (oov_modes[mode]["wer"], oov_modes[mode]["cer"]))
+        log(f"oov: {oov} reads the validation lines best; used for every decoder below")
+    else:
+        oov = cfg.oov
+    cfg = dataclasses.replace(cfg, oov=oov)
+    known = oov_modes.get(oov)  # the OOV comparison tuned this decoder already
+    beam_check = wider_beam_check(cfg, data.alphabet, texts, largest, check_lps, tune_lps, tune_refs, log,
+                                  known and (known["lm_weight"], known["word_penalty"], known["oov_penalty"]))
+    tuned, perplexity, oov_rate = {}, {}, {}
 
     def by_size(size):
-        lex = dictionary_lexicon(size, data.alphabet)
-        lms = {"dictionary": None, "unigram": language_model(size, 1), "bigram": language_model(size, 2)}
-        perplexity[size] = {name: lm_perplexity(lm, test_refs)[0] for name, lm in lms.items() if lm}
-        oov[size] = lm_perplexity(lms["unigram"], test_refs)[1]
+        lex = decoder_lexicon(cfg, data.alphabet, texts, size)
+        lms = {"dictionary": None, "unigram": decoder_language_model(cfg, texts, size, 1),
+               "bigram": decoder_language_model(cfg, texts, size, 2)}
+        perplexity[size] = {name: lm_perplexity(lm, report_refs, tokenise)[0] for name, lm in lms.items() if lm}
+        oov_rate[size] = lm_perplexity(lms["unigram"], report_refs, tokenise)[1]
         decoders = {}
         for name, lm in lms.items():
             t0 = time.perf_counter()
-            weight, penalty = tune_lm_decoder(cfg, tune_lps, tune_refs, lex, lm)
-            tuned[size, name] = (weight, penalty)
-            log(f"dictionary {size}, {name}: lm_weight {weight}, word_penalty {penalty} "
+            weight, penalty, oov_penalty = tune_lm_decoder(cfg, tune_lps, tune_refs, lex, lm)
+            tuned[size, name] = (weight, penalty, oov_penalty)
+            log(f"dictionary {size}, {name}: lm_weight {weight}, word_penalty {penalty}, oov_penalty {oov_penalty} "
                 f"(tuned on {len(tune_refs)} validation lines in {time.perf_counter() - t0:.0f} s)")
-            chosen = dataclasses.replace(cfg, lm_weight=weight, word_penalty=penalty)
+            chosen = dataclasses.replace(cfg, lm_weight=weight, word_penalty=penalty, oov_penalty=oov_penalty)
             decoders[name] = (make_decoder("lm", chosen, data.alphabet, lex, lm),
-                              {"lm_weight": weight, "word_penalty": penalty})
+                              {"lm_weight": weight, "word_penalty": penalty, "oov_penalty": oov_penalty})
         return decoders
 
     def describe(size, refs, hyps):
-        words = set(dictionary_lexicon(size, data.alphabet).words)
-        return {"oov_rate": oov[size], "errors": word_error_breakdown(refs, hyps, words)}
+        words = set(ranked_lm_words(cfg, texts)[:size])
+        dictionary = in_dictionary_tokens(refs, words) if tokenise is lm_words else words
+        return {"oov_rate": oov_rate[size], "errors": word_error_breakdown(refs, hyps, dictionary)}
 
-    rows = decoding_experiment({"test": log_probs["test"]}, {"test": data.eval_sets["test"]}, sizes,
+    rows = decoding_experiment(lambda s: model_outputs(params, report[s], data), report, sizes,
                                {"greedy": make_decoder("greedy", cfg, data.alphabet)}, by_size, describe)
     decoding = {"kind": "dictionary", "sizes": list(sizes), "lm_beam": cfg.lm_beam, "rows": rows,
                 "perplexity": {str(k): v for k, v in perplexity.items()}, "tuning_lines": len(tune_refs),
-                "seconds": time.perf_counter() - t_start}
+                "oov": oov, "oov_modes": oov_modes, "oov_check_lines": len(check_refs) if oov_modes else 0,
+                "beam_check": beam_check,
+                "dictionary_source": dictionary_source(cfg, texts), "seconds": time.perf_counter() - t_start}
     log(format_decoding(decoding))
     return decoding
+
+
+BEAM_CHECK_FACTOR = 16  # the pruning check: how much wider the second beam is
+
+
+def wider_beam_check(cfg, alphabet, texts, size, check_lps, tune_lps, tune_refs, log, weights=None):
+    """How many validation check lines the bigram decoder (tuned, at `size`) reads
+    differently with a BEAM_CHECK_FACTOR times wider beam: pruning that loses the
+    objective's best reading shows here. weights: (lm_weight, word_penalty,
+    oov_penalty) if already tuned. Returns {beam, wider, lines, changed}."""
+    lex, lm = decoder_lexicon(cfg, alphabet, texts, size), decoder_language_model(cfg, texts, size, 2)
+    weight, penalty, oov_penalty = weights or tune_lm_decoder(cfg, tune_lps, tune_refs, lex, lm)
+    tuned = dataclasses.replace(cfg, lm_weight=weight, word_penalty=penalty, oov_penalty=oov_penalty)
+    widest = CONFIG_FIELDS["lm_beam"].metadata["high"]
+    wide = dataclasses.replace(tuned, lm_beam=min(cfg.lm_beam * BEAM_CHECK_FACTOR, widest))
+    shipped, wider = (make_decoder("lm", c, alphabet, lex, lm)(check_lps) for c in (tuned, wide))
+    changed = sum(a != b for a, b in zip(shipped, wider))
+    log(f"beam check: --lm-beam {wide.lm_beam} changes {changed} of {len(check_lps)} validation lines read at "
+        f"{cfg.lm_beam} (dictionary {size}, bigram)")
+    return {"beam": cfg.lm_beam, "wider": wide.lm_beam, "lines": len(check_lps), "changed": changed}
+
+
+def dictionary_source(cfg, texts):
+    """What the lm decoder's dictionary and LM come from, for run.json."""
+    return {"dictionary": cfg.dictionary_file or ("ARPA vocabulary" if cfg.lm_file else "built in"),
+            "lm": cfg.lm_file or ("symspellpy counts + training transcriptions (mixture fitted on validation)"
+                                  if texts else "symspellpy counts"),
+            "tokens": "pieces (split_token), lower-cased, case as log P(case)" if (texts or cfg.lm_file or
+                                                                                 cfg.dictionary_file) else "words"}
 
 
 def format_decoding(decoding):
@@ -4011,7 +4795,8 @@ def fit(cfg, task, data, streams, timer, pool=None, log=print, progress=None, st
         for step, idx in enumerate(make_batches(samples, cfg.batch_size, order, task.bucket, streams["shuffle"]), 1):
             lr = learning_rate(cfg, adam["t"], total_steps)
             try:
-                s, n, k = train_step(params, adam, [samples[i] for i in idx], lr, cfg, data, timer, pool)
+                s, n, k = train_step(params, adam, [samples[i] for i in idx], lr, cfg, data, timer, pool,
+                                     streams["noise"])
             except Diverged as e:
                 raise Diverged(f"training diverged at epoch {epoch}, step {step}: {e}") from None
             loss_sum, n_chars, state.skipped = loss_sum + s, n_chars + n, state.skipped + k
@@ -4049,57 +4834,82 @@ def fit(cfg, task, data, streams, timer, pool=None, log=print, progress=None, st
     return state
 
 
-BASE_BYTES = 160 * 2**20  # the interpreter with numpy, matplotlib's absence and this module, measured at startup
+BASE_BYTES = 64 * 2**20  # the interpreter, numpy and this module, where the resident size cannot be read
 
 
 def sample_bytes(sample):
     return sample.traj.nbytes + sample.xy.nbytes + sample.pen_up.nbytes
 
 
-def eval_chunk_bytes(cfg, frames, n_classes, longest_label):
-    """Rough peak memory of one evaluation chunk of `frames` padded frames (model_outputs
-    and evaluate): the forward caches, the logits and their float64 copies, the CTC lattice."""
+def forward_chunk_bytes(cfg, frames, in_dim, n_classes):
+    """Rough peak memory of one evaluation forward pass over `frames` padded frames
+    (model_outputs): per layer and direction 11 H-wide caches, the layer inputs
+    and outputs, the logits and their float64 copies."""
     R = 2 if cfg.bidirectional else 1
     itemsize = np.dtype(cfg.dtype).itemsize
-    lstm = cfg.layers * R * frames * 15 * cfg.hidden * itemsize
-    logits = frames * n_classes * (3 * itemsize + 3 * 8)
-    ctc = 3 * frames * (2 * longest_label + 3) * 8
-    return lstm + logits + ctc
+    lstm = cfg.layers * R * frames * 11 * cfg.hidden * itemsize
+    layer_io = 2 * frames * (R * in_dim + 2 * R * cfg.hidden) * itemsize
+    return lstm + layer_io + frames * n_classes * (3 * itemsize + 8)
 
 
-def memory_estimate(cfg, data, training):
+def ctc_chunk_bytes(frames, n_classes, longest_label):
+    """Rough peak memory of ctc_log_likelihood on a chunk of `frames` padded frames:
+    the padded float64 log-probs, the emissions and the forward lattice."""
+    return frames * (2 * n_classes + 2 * (2 * longest_label + 3)) * 8
+
+
+def memory_estimate(cfg, data, training, resident=None):
     """Predicted peak resident memory of this process, in bytes, by part:
-    base (interpreter and module), data (every split's samples, and an epoch of
-    training samples), work (the larger of a training step and EVAL_THREADS
-    evaluation chunks)."""
+    held (what the process holds now: `resident` bytes as measured, else
+    BASE_BYTES and the samples of every split), fresh (an epoch of training
+    samples, for tasks that draw them each epoch), work (the larger of a
+    training step and an evaluation: EVAL_THREADS forward chunks and one CTC
+    chunk), and their total."""
     evals = [s for samples in data.eval_sets.values() for s in samples]
-    held = sum(sample_bytes(s) for s in evals)
-    held += int(data.epoch_size * held / max(len(evals), 1))  # training lines are drawn like evaluation lines
+    per_sample = sum(sample_bytes(s) for s in evals) / max(len(evals), 1)  # training lines are drawn like these
+    if resident is None:
+        resident = BASE_BYTES + int(per_sample * (len(evals) + (data.epoch_size if data.training_held else 0)))
+    fresh = 0 if data.training_held or not training else int(per_sample * data.epoch_size)
     longest = max(len(s.traj) for s in evals)
+    eval_label = max(len(s.labels) for s in evals)
     # Training text is drawn like the evaluation text; twice its longest label leaves a margin.
-    label = min(longest, 2 * max(len(s.labels) for s in evals))
-    K = n_classes(cfg)
+    train_label = min(longest, 2 * eval_label)
+    K, D = n_classes(cfg), evals[0].traj.shape[1]
     part = dataclasses.replace(cfg, batch_size=-(-cfg.batch_size // cfg.workers))  # this process's share
-    step = training_bytes(part, longest, K, label) if training else 0
-    chunk_frames = max(min(EVAL_FRAMES, EVAL_BATCH * longest), longest)
-    work = max(step, EVAL_THREADS * eval_chunk_bytes(cfg, chunk_frames, K, label))
-    return {"base": BASE_BYTES, "data": held, "work": work, "total": BASE_BYTES + held + work}
+    step = training_bytes(part, longest, K, train_label) if training else 0
+    frames = max(min(EVAL_FRAMES, EVAL_BATCH * longest), longest)
+    evaluation = EVAL_THREADS * forward_chunk_bytes(cfg, frames, D, K) + ctc_chunk_bytes(frames, K, eval_label)
+    work = max(step, evaluation)
+    return {"held": resident, "fresh": fresh, "work": work, "total": resident + fresh + work}
 
 
 def check_memory(cfg, data, training, log=None):
-    """The run's memory_estimate; UserError, before any training, if it exceeds
-    MEMORY_LIMIT of the machine's memory, naming the part that is too large."""
-    need = memory_estimate(cfg, data, training)
+    """The run's memory_estimate from what the process holds now; UserError, before
+    any training, if it exceeds MEMORY_LIMIT of the machine's memory, naming the
+    part that is too large."""
+    need = memory_estimate(cfg, data, training, resident_bytes())
+    # Reading and featurising may already have peaked higher (IAM-OnDB); that peak is measured, not predicted.
+    need["total"] = max(need["total"], peak_rss() or 0)
     have = physical_memory()
     if log:
-        log(f"memory: about {need['total'] / 2**30:.2f} GiB predicted (data {need['data'] / 2**30:.2f}, "
-            f"largest step {need['work'] / 2**30:.2f})")
-    if have and need["total"] > MEMORY_LIMIT * have:
-        remedy = ("use a smaller --hidden, --layers or --batch-size" if need["work"] >= need["data"]
-                  else "the data itself is too large; use fewer lines")
+        log(f"memory: about {need['total'] / 2**30:.2f} GiB predicted (held now {need['held'] / 2**30:.2f}, "
+            f"training data drawn per epoch {need['fresh'] / 2**30:.2f}, largest step {need['work'] / 2**30:.2f})")
+    if have and need["held"] + need["fresh"] + need["work"] > MEMORY_LIMIT * have:
+        remedy = ("use a smaller --hidden, --layers or --batch-size" if need["work"] >= max(need["fresh"], need["held"])
+                  else "the training data drawn per epoch is too large; use fewer --lines-per-epoch"
+                  if need["fresh"] >= need["held"] else "the data itself is too large")
         raise UserError(f"this configuration would need about {need['total'] / 2**30:.1f} GiB, more than "
                         f"{MEMORY_LIMIT:.0%} of this machine's {have / 2**30:.1f} GiB; {remedy}")
     return need
+
+
+def resident_bytes():
+    """This process's resident memory now, in bytes (Linux /proc), else None."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
 
 
 def peak_rss():
@@ -4118,7 +4928,7 @@ def feature_dim(cfg):
 
 
 def train_and_evaluate(cfg, params=None, verbose=True, log=print, status=None, experiment=None, dictionary_size=0,
-                       checkpoint_to=None, resume=False):
+                       checkpoint_to=None, resume=False, normalisation=None):
     """Train a model as configured (or, given `params`, only evaluate them) and report.
 
     experiment: (params, cfg, data, log=) -> run.json's `decoding`, run on the
@@ -4128,7 +4938,8 @@ def train_and_evaluate(cfg, params=None, verbose=True, log=print, status=None, e
     epoch; resume: continue from the checkpoint there (same config), to the
     same result as a run that was never interrupted. Returns (params,
     result): result is what run.json holds, less schema_version and env (see
-    run_json).
+    run_json). normalisation: {shift, scale, squash} to use instead of the
+    statistics of the task's training data (a loaded model's, load_normalisation).
     """
     wall0 = time.perf_counter()
     task = TASKS[cfg.task]
@@ -4144,10 +4955,14 @@ def train_and_evaluate(cfg, params=None, verbose=True, log=print, status=None, e
         timer.add("data", t0)
         if task.alphabet is None:
             cfg = dataclasses.replace(cfg, alphabet=data.alphabet)  # saved with the model
+        if normalisation:
+            data.input_shift, data.input_scale, data.input_squash = (normalisation[k] for k in ("shift", "scale", "squash"))
         memory = check_memory(cfg, data, training=params is None, log=log if verbose else None)
         dictionary_size = max(dictionary_size, cfg.dictionary_size if cfg.decoder == "lm" else 0)
         if dictionary_size:
             check_dictionary_alphabet(dictionary_size, data.alphabet)
+        check_lm_decoding_time(cfg, data, len(getattr(experiment, "keywords", {}).get("sizes", ())) if dictionary_size
+                               else 0, log if verbose else None)
         state = None
         if params is None:
             progress = Progress(verbose and sys.stdout.isatty(), log)
@@ -4369,7 +5184,8 @@ def checkpoint_path(model_path):
 
 
 # Settings that only the final decoding reads: a resumed run may change them.
-DECODING_FIELDS = ("decoder", "beam_width", "dictionary_size", "lm_weight", "word_penalty", "lm_beam")
+DECODING_FIELDS = ("decoder", "beam_width", "dictionary_size", "lm_weight", "word_penalty", "lm_beam", "oov",
+                   "oov_penalty", "lm_file", "dictionary_file")
 
 
 def checkpoint_bytes(state, cfg, data):
@@ -4430,7 +5246,8 @@ def load_checkpoint(path, cfg):
 # Model files from before the task field existed (schema 1) are words models;
 # the fields added since take their defaults. Any other missing field is refused.
 FIELDS_ADDED_AFTER_SCHEMA_1 = ("task", "lines_per_epoch", "eval_lines_per_writer", "data_dir", "features",
-                               "workers", "dictionary_size", "lm_weight", "word_penalty", "lm_beam", "alphabet", "patience")
+                               "workers", "dictionary_size", "lm_weight", "word_penalty", "lm_beam", "alphabet", "patience",
+                               "weight_noise", "oov", "oov_penalty", "lm_file", "dictionary_file")
 
 
 def config_from_file(saved):
@@ -4463,14 +5280,6 @@ def _not_a_model_reason(path, error):
 
 def load_model(path):
     """(params, RunConfig) from a model file; UserError if missing, not a model file or inconsistent."""
-    params, cfg, _ = load_model_file(path)
-    return params, cfg
-
-
-def load_model_file(path):
-    """(params, RunConfig, input normalisation dict or None) from a model file; UserError if
-    missing, not a model file or inconsistent. Files from before the normalisation was saved
-    give None (a task's own data recomputes it; reading new ink needs it)."""
     try:
         loaded = np.load(path, allow_pickle=False)
         if not hasattr(loaded, "files"):
@@ -4484,7 +5293,7 @@ def load_model_file(path):
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         raise UserError(f"model file {path!r} is not a model file ({_not_a_model_reason(path, e)})") from None
     try:
-        saved_input = arrays.pop("__input__", None)
+        arrays.pop("__input__", None)  # the input normalisation: load_normalisation
         cfg = config_from_file(json.loads(str(arrays.pop("__config__"))))
         expected = init_params(np.random.default_rng(0), cfg.hidden, cfg.layers, cfg.bidirectional,
                                feature_dim(cfg), n_classes(cfg))
@@ -4496,28 +5305,28 @@ def load_model_file(path):
         raise UserError(f"model file {path!r} does not hold the parameters its config describes")
     if not all(v.dtype.kind == "f" and np.isfinite(v).all() for v in arrays.values()):
         raise UserError(f"model file {path!r} holds weights that are not finite floating-point numbers")
+    return {k: v.astype(cfg.dtype) for k, v in arrays.items()}, cfg
+
+
+def load_normalisation(path, cfg):
+    """The input normalisation {shift, scale, squash} saved with the model in `path`
+    (input_normalisation), or None for files from before it was saved; UserError if
+    it does not fit cfg's features. Call after load_model has validated the file."""
+    with np.load(path, allow_pickle=False) as f:
+        if "__input__" not in f.files:
+            return None
+        text = str(f["__input__"])
     try:
-        normalisation = None if saved_input is None else \
-            check_normalisation(json.loads(str(saved_input)), feature_dim(cfg))
-    except (TypeError, ValueError) as e:
-        raise UserError(f"model file {path!r} has an invalid input normalisation: {e}") from None
-    return {k: v.astype(cfg.dtype) for k, v in arrays.items()}, cfg, normalisation
-
-
-def check_normalisation(saved, dim):
-    """The {shift, scale, squash} of input_normalisation, checked: D finite shifts, D finite
-    positive scales, a finite squash >= 0; ValueError naming what is wrong."""
-    if not isinstance(saved, dict) or set(saved) != {"shift", "scale", "squash"}:
-        raise ValueError("expected an object with exactly shift, scale and squash")
-    shift, scale = (np.asarray(saved[k], dtype=np.float64) for k in ("shift", "scale"))
-    squash = saved["squash"]
-    if shift.shape != (dim,) or scale.shape != (dim,):
-        raise ValueError(f"shift and scale must hold {dim} numbers, one per input feature")
-    if not (np.isfinite(shift).all() and np.isfinite(scale).all() and (scale > 0).all()):
-        raise ValueError("shift must be finite and scale finite and positive")
-    if isinstance(squash, bool) or not isinstance(squash, (int, float)) or not 0 <= squash < math.inf:
-        raise ValueError(f"squash must be a finite number >= 0, got {squash!r}")
-    return {"shift": shift, "scale": scale, "squash": float(squash)}
+        norm = json.loads(text)
+        shift, scale = (np.array(norm[k], dtype=float) for k in ("shift", "scale"))
+        squash = float(norm["squash"])
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"model file {path!r} has an unreadable input normalisation") from None
+    D = feature_dim(cfg)
+    if shift.shape != (D,) or scale.shape != (D,) or not (np.isfinite(shift).all() and np.isfinite(scale).all()
+                                                           and (scale > 0).all() and 0 <= squash < math.inf):
+        raise UserError(f"model file {path!r} has an input normalisation that does not fit its {D} input features")
+    return {"shift": shift, "scale": scale, "squash": squash}
 
 
 MEMORY_LIMIT = 0.5  # of the machine's physical memory: a run estimated to need more is refused up front
@@ -4568,6 +5377,8 @@ MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
 DEFAULT_MODEL = os.path.join(MODEL_DIR, "iam_ondb.npz")  # --read and --serve read with it unless --load-model
 PAD_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "iam_handwriting_pad.html")
 READ_DECODERS = ("greedy", "beam", "lm")
+READ_SETTINGS = ("decoder", "beam_width", "lm_weight", "word_penalty", "lm_beam", "dictionary_size", "lm_file",
+                 "dictionary_file", "oov", "oov_penalty")  # decoding flags that --read and --serve take
 MAX_INK_BYTES = 4 * 2**20  # a file or stdin; a lineStrokes file of ~570 samples is ~30 kB
 MAX_INK_POINTS = 100_000  # pen samples per input: 300 IAM-OnDB validation lines have a median 584, at most 1,224
 MAX_INK_STROKES = 5_000
@@ -4981,12 +5792,13 @@ def load_reading_model(path=None):
             raise UserError(f"no model to read with: the shipped IAM-OnDB model {DEFAULT_MODEL} is not in this "
                             "copy; give --load-model PATH (a model saved by --task iam-ondb --save-model PATH)")
         path = DEFAULT_MODEL
-    params, cfg, normalisation = load_model_file(path)
+    params, cfg = load_model(path)
     if cfg.task != "iam-ondb":
         raise UserError(f"model file {path!r} holds a {cfg.task} model; reading ink needs an iam-ondb model "
                         "(trained on IAM-OnDB's preprocessing and features)")
     if cfg.features not in ("graves25", "raw") or not cfg.alphabet:
         raise UserError(f"model file {path!r} holds an iam-ondb model without its features or alphabet")
+    normalisation = load_normalisation(path, cfg)
     if normalisation is None:
         raise UserError(f"model file {path!r} has no input normalisation (__input__): it was saved before "
                         "model files carried one, so it cannot read ink without its training set")
@@ -5004,7 +5816,7 @@ class Reader:
 
     def decode(self, name, log_probs):
         if name not in self.decoders:
-            if name == "lm":
+            if name == "lm" and not (self.cfg.lm_file or self.cfg.dictionary_file):  # the built-in dictionary
                 check_dictionary_alphabet(self.cfg.dictionary_size, self.cfg.alphabet)
             self.decoders[name] = make_decoder(name, self.cfg, self.cfg.alphabet)
         return self.decoders[name]([log_probs])[0]
@@ -5131,8 +5943,7 @@ def make_reader(args):
     with the decoding flags applied."""
     params, cfg, normalisation = load_reading_model(args.load_model)
     cfg = check_config(dataclasses.replace(cfg, **{
-        n: getattr(args, n) for n in ("decoder", "beam_width", "lm_weight", "word_penalty", "lm_beam",
-                                      "dictionary_size") if getattr(args, n) is not None}))
+        n: getattr(args, n) for n in READ_SETTINGS if getattr(args, n) is not None}))
     return Reader(params, cfg, normalisation)
 
 
@@ -5144,8 +5955,7 @@ def check_read_arguments(args):
         raise UserError("--json goes with --read")
     if args.y_up and not args.read:
         raise UserError("--y-up goes with --read (the pad sends y down)")
-    taken = ("read", "serve", "json", "y_up", "load_model", "decoder", "beam_width", "lm_weight", "word_penalty",
-             "lm_beam", "dictionary_size", "quiet")
+    taken = ("read", "serve", "json", "y_up", "load_model", "quiet") + READ_SETTINGS
     given = [f"--{n.replace('_', '-')}" for n, v in vars(args).items() if n not in taken and v not in (None, False)]
     if given:
         raise UserError(f"{', '.join(given)} cannot be combined with --read or --serve")
@@ -5161,7 +5971,7 @@ def read_files(args, log=print):
     decoders = tuple(dict.fromkeys((reader.cfg.decoder, "greedy", "lm"))) if args.json else (reader.cfg.decoder,)
     if args.json and "lm" in decoders and reader.cfg.decoder != "lm":
         try:
-            check_dictionary_alphabet(reader.cfg.dictionary_size, reader.cfg.alphabet)
+            reader.decode("lm", np.zeros((1, n_classes(reader.cfg))))  # builds the dictionary and the LM
         except UserError:
             decoders = tuple(d for d in decoders if d != "lm")  # the alphabet cannot spell the dictionary
     for path in args.read:
@@ -5377,14 +6187,17 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 # Flags that set a RunConfig field of the same name.
-CONFIG_FLAGS = ("task", "seed", "epochs", "hidden", "layers", "batch_size", "lr", "workers", "patience", "lines_per_epoch",
+CONFIG_FLAGS = ("task", "seed", "epochs", "hidden", "layers", "batch_size", "lr", "workers", "patience", "weight_noise",
+                "lines_per_epoch",
                 "data_dir", "features", "decoder", "beam_width", "lm_weight", "word_penalty", "lm_beam",
-                "dictionary_size")
+                "dictionary_size", "lm_file", "dictionary_file", "oov", "oov_penalty")
 TRAINING_FLAGS = ("seed", "hidden", "layers", "unidirectional", "epochs", "batch_size", "lr", "quick", "workers",
-                  "patience", "lines_per_epoch", "resume")
+                  "patience", "weight_noise", "lines_per_epoch", "resume")
+FLAG_NAMES = {"lm_file": "--lm", "dictionary_file": "--dictionary"}  # flags not spelled like their field
 # Flags only some tasks take (a Task's `options` names the ones it takes).
 TASK_FLAGS = ("lexicon_sizes", "dictionary_sizes", "lm_weight", "word_penalty", "lm_beam", "dictionary_size",
-              "export_iam_ondb", "data_dir", "features", "lines_per_epoch")
+              "export_iam_ondb", "data_dir", "features", "lines_per_epoch", "lm_file", "dictionary_file", "oov",
+              "oov_penalty", "experiment_split")
 
 
 def _default_text(name):
@@ -5419,6 +6232,7 @@ def build_parser():
     setting("--lr")
     setting("--workers")
     setting("--patience")
+    setting("--weight-noise")
     setting("--lines-per-epoch")
     setting("--data-dir", metavar="DIR")
     setting("--features", metavar="{" + ",".join(FEATURE_SETS) + "}")
@@ -5436,6 +6250,13 @@ def build_parser():
     setting("--lm-weight")
     setting("--word-penalty")
     setting("--lm-beam")
+    setting("--lm", "lm_file", metavar="FILE", dest="lm_file")
+    setting("--dictionary", "dictionary_file", metavar="FILE", dest="dictionary_file")
+    setting("--oov", metavar="{" + ",".join(OOV_MODES) + "}")
+    setting("--oov-penalty")
+    p.add_argument("--experiment-split", choices=("test", "validation"), default=None,
+                   help="--dictionary-sizes: report on the test lines (default), or on the validation lines not "
+                        "used for tuning (choosing a recipe without touching the test lines)")
     p.add_argument("--export-iam-ondb", metavar="DIR", default=None,
                    help="lines: write the synthetic lines in the IAM-OnDB layout and format into DIR, then stop")
     p.add_argument("--save-json", metavar="PATH", help="write the run summary (run.json) here")
@@ -5498,11 +6319,24 @@ def check_task_arguments(args, task):
     for name in TASK_FLAGS:
         if getattr(args, name) not in (None, False) and name not in task.options:
             takers = [t.name for t in TASKS.values() if name in t.options]
-            raise UserError(f"--{name.replace('_', '-')} is for the {' and '.join(takers)} task"
+            raise UserError(f"{FLAG_NAMES.get(name, '--' + name.replace('_', '-'))} is for the {' and '.join(takers)} task"
                             f"{'s' if len(takers) > 1 else ''}, not {task.name}")
     if args.decoder is not None and args.decoder not in task.decoders:
         raise UserError(f"--decoder {args.decoder} is not available for the {task.name} task "
                         f"(choose from {', '.join(task.decoders)})")
+
+
+def check_lm_files(cfg):
+    """Read --lm and --dictionary before any work, so a bad file is one line up front (they are cached)."""
+    if cfg.lm_file:
+        arpa = read_arpa(cfg.lm_file)
+        if not arpa_vocabulary(arpa):
+            raise UserError(f"--lm {cfg.lm_file!r} lists no words besides <s>, </s> and <unk>")
+    if cfg.dictionary_file:
+        read_word_list(cfg.dictionary_file)
+    if cfg.dictionary_file and not cfg.lm_file and cfg.task != "iam-ondb" and cfg.lm_weight > 0:
+        raise UserError("--dictionary without --lm needs transcriptions to estimate the LM from (the iam-ondb "
+                        "task), or --lm-weight 0")
 
 
 def check_export_folder(path):
@@ -5515,8 +6349,9 @@ def check_export_folder(path):
 
 def print_summary(result, task, log=print):
     for split, m in result["final"].items():
+        greedy = f"  (greedy CER {m['greedy']['cer']:.4f} WER {m['greedy']['wer']:.4f})" if "greedy" in m else ""
         log(f"final {split:10s}  CER {m['cer']:.4f}  WER {m['wer']:.4f}  word acc {m['word_acc']:.3f}  "
-            f"loss/char {m['loss']:.4f}")
+            f"loss/char {m['loss']:.4f}{greedy}")
     log(f"wall {result['wall_seconds']:.2f}s  skipped (impossible alignments) {result['skipped']}")
 
 
@@ -5583,6 +6418,7 @@ def _main(argv):
         check_arguments(args)
         if args.load_model:
             params, cfg = load_model(args.load_model)
+            normalisation = load_normalisation(args.load_model, cfg)
             task = TASKS[cfg.task]
             if args.task and args.task != cfg.task:
                 raise UserError(f"the model file holds a {cfg.task} model, not {args.task}")
@@ -5591,11 +6427,16 @@ def _main(argv):
             check_task_arguments(args, task)
             cfg = check_config(dataclasses.replace(cfg, **{
                 n: getattr(args, n) for n in ("decoder", "beam_width", "lm_weight", "word_penalty", "lm_beam",
-                                              "dictionary_size") if getattr(args, n) is not None}))
+                                              "dictionary_size", "lm_file", "dictionary_file", "oov", "oov_penalty")
+                if getattr(args, n) is not None}))
         else:
             task = TASKS[args.task or "words"]
             check_task_arguments(args, task)
-            params, cfg = None, config_from_args(args)
+            params, cfg, normalisation = None, config_from_args(args), None
+        for flag, path in (("--lm", args.lm_file), ("--dictionary", args.dictionary_file)):
+            if path == "":
+                raise UserError(f"{flag} '': the path is empty")
+        check_lm_files(cfg)
         if args.export_iam_ondb:
             check_export_folder(args.export_iam_ondb)
             export_lines_task(cfg, args.export_iam_ondb, log)
@@ -5604,14 +6445,15 @@ def _main(argv):
         if args.lexicon_sizes:
             experiment = functools.partial(lexicon_experiment, sizes=args.lexicon_sizes)
         elif args.dictionary_sizes:
-            experiment = functools.partial(dictionary_experiment, sizes=args.dictionary_sizes)
+            experiment = functools.partial(dictionary_experiment, sizes=args.dictionary_sizes,
+                                           split=args.experiment_split or "test")
         checkpoint = None
         if args.save_model and params is None and output_target(args.save_model, "model file")[0] == "file":
             checkpoint = checkpoint_path(args.save_model)
             check_writable(checkpoint, "checkpoint")
         params, result = train_and_evaluate(cfg, params, verbose=not args.quiet, log=log, status=status,
                                             experiment=experiment, dictionary_size=max(args.dictionary_sizes or [0]),
-                                            checkpoint_to=checkpoint, resume=args.resume)
+                                            checkpoint_to=checkpoint, resume=args.resume, normalisation=normalisation)
         cfg = RunConfig(**result["config"])  # iam-ondb: with the alphabet read from the data
         print_summary(result, task, log)
         outputs = []

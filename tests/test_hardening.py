@@ -148,8 +148,8 @@ def test_the_memory_check_counts_label_length_not_sequence_length(monkeypatch):
     from types import SimpleNamespace
     import dataclasses
     monkeypatch.setattr(ih, "physical_memory", lambda: 16 * 2**30)
-    line = SimpleNamespace(traj=np.zeros((2230, 25)), labels=[1] * 60)
-    data = SimpleNamespace(eval_sets={"validation": [line], "test": [line]})
+    line = SimpleNamespace(traj=np.zeros((2230, 25)), xy=np.zeros((2230, 2)), pen_up=np.zeros(2230), labels=[1] * 60)
+    data = SimpleNamespace(eval_sets={"validation": [line], "test": [line]}, epoch_size=1, training_held=False)
     cfg = dataclasses.replace(ih.RunConfig(), task="lines", hidden=100, batch_size=8)
     ih.check_memory(cfg, data, training=True)  # about 5 GiB: accepted
     with pytest.raises(ih.UserError, match="GiB"):
@@ -190,6 +190,7 @@ def test_interrupting_training_is_one_line_and_writes_nothing(tmp_path, sig, cod
     out = tmp_path / "run.json"
     proc = subprocess.Popen([sys.executable, str(ROOT / "iam_handwriting.py"), "--epochs", "50", "--save-json",
                              str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("memory:")
     assert proc.stdout.readline().startswith("epoch")  # training is under way
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)

@@ -1,4 +1,5 @@
 """The language model and the token-passing line decoder, against brute force."""
+import dataclasses
 import itertools
 
 import numpy as np
@@ -60,7 +61,7 @@ def test_unpruned_decoding_finds_the_brute_force_best_with_its_exact_score(seed,
     for T in (2, 4, 6):
         lp = log_softmax(rng.normal(size=(T, len(ALPHA) + 1)) * 2)
         expected, expected_score = brute_force(lp, WORDS, lm, lm_weight, word_penalty)
-        words, score = ih.lm_decode(lp, lex, lm, lm_weight, word_penalty, beam=None)
+        words, score, _ = ih.lm_decode(lp, lex, lm, lm_weight, word_penalty, beam=None)
         assert words == expected
         np.testing.assert_allclose(score, expected_score, rtol=1e-10)
 
@@ -95,7 +96,7 @@ def test_one_word_lines_with_lm_weight_zero_agree_with_the_single_word_lexicon_d
     for word in rng.choice(words, size=40):
         lp = peaked(ih.encode(word, ih.LINE_ALPHABET), 3 * len(word) + 4, K, rng, p=0.6)
         single, single_score = ih.lexicon_decode(lp, lex)
-        line, line_score = ih.lm_decode(lp, lex, None, 0.0, 0.0, beam=64)
+        line, line_score, _ = ih.lm_decode(lp, lex, None, 0.0, 0.0, beam=64)
         assert line == [single]
         # the line decoder also adds the edge-space variants: never less probable
         assert line_score >= single_score - 1e-9
@@ -154,3 +155,173 @@ def test_a_wider_beam_can_report_a_lower_score_for_the_same_line():
     assert narrow[0] == wider[0] == exact[0] == ["a"]
     np.testing.assert_allclose(np.exp([narrow[1], wider[1], exact[1]]), [0.154902, 0.139776, 0.156924], atol=1e-6)
     assert wider[1] < narrow[1] < exact[1]
+
+
+# Real English: case spellings, punctuation and clitics glued to words, spelled out-of-dictionary tokens.
+
+EN_ALPHA = "adA',1 "  # K = 8 with the blank
+EN_WORDS = ("a", "ad", ",", "'d", "d")  # LM words: a word, a longer one, punctuation, a clitic
+
+
+def reading_score(seq, lex, lm, lm_weight, word_penalty, oov_penalty):
+    """The objective of one reading [(entry, glued)], entry by entry in plain Python."""
+    score, context, prev = 0.0, ih.LM_START, None
+    for e, glued in seq:
+        kind = lex.kind[e]
+        score += lex.cost[e]
+        if kind == ih.SPELLED:
+            if not (glued and prev is not None and lex.kind[prev] == ih.SPELLED):  # a new spelled token
+                score += word_penalty + oov_penalty
+            context = ih.LM_START
+        else:
+            score += word_penalty + (lm_weight * float(ih.lm_log_prob(lm, [context], [lex.lm_id[e]])[0]) if lm else 0)
+            context = int(lex.lm_id[e])
+        prev = e
+    return score + (lm_weight * float(ih.lm_end_log_prob(lm, [context])[0]) if lm else 0.0)
+
+
+def readings(lex, T):
+    """Every [(entry, glued)] whose labels (a space before each entry not glued) fit in T."""
+    out = []
+
+    def grow(seq, length):
+        if seq:
+            out.append(list(seq))
+        for e, w in enumerate(lex.words):
+            for glued in (False, True):
+                if glued and (not seq or not ih.GLUES[lex.kind[seq[-1][0]], lex.kind[e]]):
+                    continue
+                extra = len(w) + (0 if glued or not seq else 1)
+                if length + extra <= T:
+                    grow(seq + [(e, glued)], length + extra)
+    grow([], 0)
+    return out
+
+
+def brute_force_readings(lp, lex, lm, lm_weight, word_penalty, oov_penalty):
+    """The best reading by enumeration, scored with ctc_log_likelihood over the four
+    edge-space variants plus reading_score. Returns (entries, score, glued)."""
+    T, space = len(lp), 1 + lex.alphabet.index(" ")
+    seqs = readings(lex, T)
+    variants = []
+    for seq in seqs:
+        labels = ih.encode(ih.glue_pieces([(lex.words[e], g) for e, g in seq]), lex.alphabet)
+        variants += [labels, [space] + labels, labels + [space], [space] + labels + [space]]
+    ll = ih.ctc_log_likelihood(np.repeat(lp[:, None], len(variants), 1), [T] * len(variants), variants)
+    scores = [np.logaddexp.reduce(ll[4 * k:4 * k + 4]) + reading_score(seq, lex, lm, lm_weight, word_penalty,
+                                                                           oov_penalty) for k, seq in enumerate(seqs)]
+    best = int(np.argmax(scores))
+    return [lex.words[e] for e, _ in seqs[best]], scores[best], [g for _, g in seqs[best]]
+
+
+def english_lexicon(oov):
+    case = {"lower": np.log(0.7), "capital": np.log(0.2), "upper": np.log(0.1)}
+    return ih.reading_lexicon(EN_WORDS, EN_ALPHA, case, oov)
+
+
+def english_lm(rng, order):
+    words = tiny_bigram(rng, len(EN_WORDS))
+    return ih.LanguageModel(dataclasses.replace(words, words=EN_WORDS), 0.3, order)
+
+
+def sparse_log_probs(rng, T, K, below_floor=0.0):
+    """Random (T, K) log-probs; with below_floor > 0 that share of non-blank entries is pushed far below the floor."""
+    z = rng.normal(size=(T, K)) * 2
+    z[:, 1:] -= 20 * (rng.random((T, K - 1)) < below_floor)
+    return log_softmax(z)
+
+
+def path_log_probs(path, rng, p=0.85):
+    """(T, K) log-probs of a network confident of one label per step ("" the blank), with noise:
+    ["a", "", "a", "d"] reads "aad", which no reading of words alone spells without a space."""
+    ids = [0 if c == "" else 1 + EN_ALPHA.index(c) for c in path]
+    lp = np.log(np.full((len(path), len(EN_ALPHA) + 1), (1 - p) / len(EN_ALPHA)))
+    lp[np.arange(len(path)), ids] = np.log(p)
+    return log_softmax(lp + rng.normal(0, 0.3, size=lp.shape))
+
+
+def test_the_reading_lexicon_holds_each_spelling_the_alphabet_can_write_with_its_case_cost():
+    lex = english_lexicon("chars")
+    entries = {(w, int(k)): (int(i), c) for w, k, i, c in zip(lex.words, lex.kind, lex.lm_id, lex.cost)}
+    assert entries[("a", ih.WORD)] == (0, pytest.approx(np.log(0.7)))
+    assert entries[("A", ih.WORD)] == (0, pytest.approx(np.log(0.3)))  # Capitalised and CAPITALS coincide
+    assert entries[("ad", ih.WORD)] == (1, pytest.approx(np.log(0.7 / 0.9)))  # "AD" needs a 'D'
+    assert entries[("Ad", ih.WORD)] == (1, pytest.approx(np.log(0.2 / 0.9)))
+    assert entries[(",", ih.PUNCT)] == (2, 0.0) and entries[("'d", ih.CLITIC)] == (3, 0.0)
+    spelled = {w: c for (w, k), (_, c) in entries.items() if k == ih.SPELLED}
+    assert spelled == {c: pytest.approx(-np.log(4)) for c in "adA1"}  # letters and digits, each 1/4
+    assert len(lex.words) == 7 + 4
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("oov,order,lm_weight,word_penalty,oov_penalty", [
+    ("chars", 2, 1.0, 0.5, -1.0), ("token", 1, 0.7, -0.5, 1.0), ("none", 2, 2.0, 0.0, 0.0), ("chars", None, 0.0, 1.0, 0.5)])
+def test_unpruned_decoding_of_cased_glued_and_spelled_tokens_is_the_brute_force_best(seed, oov, order, lm_weight,
+                                                                                      word_penalty, oov_penalty):
+    rng = np.random.default_rng(100 + seed)
+    lex = english_lexicon(oov)
+    lm = english_lm(rng, order) if order else None
+    confident = [path_log_probs(path, rng) for path in (["a", "", "a", "d"], ["d", "'", "d", ","], ["A", "1", "", "1"],
+                                                        ["'", "d", "'", "d"])]
+    for lp in [sparse_log_probs(rng, T, len(EN_ALPHA) + 1) for T in (2, 3, 4)] + confident:
+        expected = brute_force_readings(lp, lex, lm, lm_weight, word_penalty, oov_penalty)
+        words, score, glued = ih.lm_decode(lp, lex, lm, lm_weight, word_penalty, None, oov_penalty)
+        assert (words, glued) == (expected[0], expected[2])
+        np.testing.assert_allclose(score, expected[1], rtol=1e-10)
+
+
+def test_glued_punctuation_and_clitics_come_back_as_written():
+    """A confident network writing 'Ad, a'd 1a' reads it back with the glue."""
+    rng = np.random.default_rng(5)
+    lex = english_lexicon("chars")
+    text = "Ad, a'd 1a"
+    lp = peaked(ih.encode(text, EN_ALPHA), 3 * len(text) + 2, len(EN_ALPHA) + 1, rng, p=0.9)
+    words, _, glued = ih.lm_decode(lp, lex, None, 0.0, 0.0, beam=64)
+    assert ih.glue_pieces(list(zip(words, glued))) == text
+    assert words == ["Ad", ",", "a", "'d", "1", "a"] and glued == [False, True, False, True, False, True]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_a_beam_that_never_fills_gives_the_exact_result_even_where_labels_are_below_the_floor(seed):
+    """The emission floor prunes only once the beam is full, so a beam wider than
+    every token the line can have is exact, also where most labels are below the floor."""
+    rng = np.random.default_rng(200 + seed)
+    lex = english_lexicon(("chars", "token", "none")[seed % 3])
+    lm = english_lm(rng, 2)
+    T = 5
+    lp = sparse_log_probs(rng, T, len(EN_ALPHA) + 1, below_floor=0.5)
+    assert (np.exp(lp[:, 1:]) < ih.EMISSION_FLOOR).any()
+    exact = ih.lm_decode(lp, lex, lm, 1.0, 0.5, beam=None, oov_penalty=-1.0)
+    wide = ih.lm_decode(lp, lex, lm, 1.0, 0.5, beam=10**6, oov_penalty=-1.0)
+    assert (wide[0], wide[2]) == (exact[0], exact[2]) and wide[1] == pytest.approx(exact[1], rel=1e-12)
+
+
+def test_once_the_beam_is_full_the_leading_space_is_held_to_the_floor_like_every_label():
+    """Words ["a"] over "ab ". Step 1: blank or 'b' (no word starts with b), the
+    space far below the floor; step 2: 'a'; step 3: blank. A beam of 1 is full
+    at the first step, so no label below the floor may be entered there: the
+    line "a" then scores exactly its alignments that enter nothing below the
+    floor, (blank, a, blank), (blank, a, a) and (blank, blank, a); a leading
+    space entered out of the all-blank start at step 1 would add its 1e-6 share."""
+    p = np.array([[0.5, 1e-9, 0.5 - 1e-6 - 1e-9, 1e-6],  # blank, a, b, space
+                  [0.01, 0.98, 0.005, 0.005],
+                  [0.97, 0.02, 0.01 - 1e-9, 1e-9]])
+    lex = ih.build_lexicon(["a"], "ab ")
+    words, score, _ = ih.lm_decode(np.log(p), lex, None, 0.0, 0.0, beam=1)
+    assert words == ["a"]
+    assert score == pytest.approx(np.log(p[0, 0] * (p[1, 1] * (p[2, 0] + p[2, 1]) + p[1, 0] * p[2, 1])), abs=1e-12)
+
+
+def test_a_clitic_never_glues_to_a_clitic_even_through_a_punctuation_prefix():
+    """Entries "'" (punctuation) and "'d" (clitic). After "'d", the subtree of "'"
+    may be entered glued (for the punctuation), but completing "'d" there would
+    glue a clitic to a clitic: a network writing "'d'd" gets a valid reading
+    (here the labels of one "'d" only, cheaper than a space), never "'d" glued to "'d"."""
+    rng = np.random.default_rng(9)
+    lex = ih.build_lexicon(["'", "'d"], EN_ALPHA, kind=[ih.PUNCT, ih.CLITIC])
+    lp = path_log_probs(["'", "d", "'", "d"], rng)
+    expected = brute_force_readings(lp, lex, None, 0.0, 0.0, 0.0)
+    words, score, glued = ih.lm_decode(lp, lex, None, 0.0, 0.0, beam=None)
+    assert (words, glued) == (expected[0], expected[2])
+    assert True not in glued
+    assert score == pytest.approx(expected[1], rel=1e-10)

@@ -140,3 +140,28 @@ def test_float32_forward_follows_float64_closely():
     assert lp32.dtype == np.float32
     mask = np.arange(X.shape[0])[:, None] < lengths
     np.testing.assert_allclose(lp32[mask], lp64[mask], atol=1e-5)
+
+
+def test_weight_noise_takes_the_gradient_at_noisy_weights_and_updates_the_clean_ones():
+    import dataclasses
+    import iam_handwriting as ih
+    rng = np.random.default_rng(0)
+    params = init_params(rng, hidden=4, in_dim=3, n_classes=4)
+    samples = [ih.Sample("ab", rng.normal(size=(n, 3)), [1, 2], np.zeros((n, 2)), np.zeros(n), None) for n in (6, 9)]
+    data = ih.TaskData("abc", {}, None, 2, np.zeros(3), np.ones(3), 0.0, [], {})
+    cfg = dataclasses.replace(ih.RunConfig(), weight_noise=0.1, grad_clip=1e6)
+    noisy_run = {k: v.copy() for k, v in params.items()}
+    ih.train_step(noisy_run, ih.adam_init(noisy_run), samples, 0.01, cfg, data, ih.Timer(), None,
+                  np.random.default_rng(7))
+    draw = np.random.default_rng(7)
+    at = {k: v + draw.normal(0.0, 0.1, v.shape) for k, v in params.items()}
+    X, lengths = ih.pad_batch(samples, data.input_shift, data.input_scale)
+    grads = ih.part_gradients(at, X, lengths, [s.labels for s in samples], 2)[0]
+    by_hand = {k: v.copy() for k, v in params.items()}
+    ih.adam_step(by_hand, grads, ih.adam_init(by_hand), 0.01)
+    for k in params:
+        np.testing.assert_allclose(noisy_run[k], by_hand[k], rtol=1e-12, atol=1e-15)
+    clean = {k: v.copy() for k, v in params.items()}
+    ih.train_step(clean, ih.adam_init(clean), samples, 0.01, dataclasses.replace(cfg, weight_noise=0.0), data,
+                  ih.Timer(), None, np.random.default_rng(7))
+    assert not np.allclose(clean["out_W"], noisy_run["out_W"])

@@ -410,7 +410,7 @@ def test_models_that_cannot_read_ink_are_refused_in_one_line(tiny_model, tmp_pat
     bad_input = tmp_path / "bad_input.npz"
     np.savez(bad_input, **{**arrays, "__input__": np.array(json.dumps({"shift": [0], "scale": [1], "squash": 0}))})
     cases = [(no_input, "has no input normalisation"), (words, "holds a words model"),
-             (bad_input, "invalid input normalisation")]
+             (bad_input, "does not fit its 25 input features")]
     for model, message in cases:
         assert ih.main(["--read", "x.json", "--load-model", str(model)]) == 2
         err = capsys.readouterr().err.strip().splitlines()

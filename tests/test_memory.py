@@ -1,0 +1,59 @@
+"""Memory at the real database's scale: evaluation goes chunk by chunk, and the
+up-front estimate (check_memory) predicts the measured peak."""
+import dataclasses
+import json
+import subprocess
+import sys
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+
+import iam_handwriting as ih
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def long_lines(n, T=2000, seed=0):
+    rng = np.random.default_rng(seed)
+    return [ih.Sample("ab " * 10, rng.normal(size=(T, 3)).astype(np.float32), [1, 2, 3] * 10,
+                      np.zeros((T, 2), np.float32), np.zeros(T, np.float32), None) for _ in range(n)]
+
+
+def evaluation_peak(samples, params, data):
+    tracemalloc.start()
+    try:
+        ih.evaluate(params, samples, data, ih.make_decoder("greedy", ih.RunConfig(), "abc"))
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_an_evaluation_of_many_long_lines_is_chunked():
+    """Eight times the lines, the same peak: only EVAL_THREADS chunks of outputs live at once
+    (a whole split in one array, as before, grew with the number of lines)."""
+    params = {k: v.astype(np.float32) for k, v in ih.init_params(np.random.default_rng(0), 4, 1, True, 3, 4).items()}
+    data = ih.TaskData("abc", {}, None, 0, np.zeros(3), np.ones(3), 0.0, [], {})
+    few, many = (evaluation_peak(long_lines(n), params, data) for n in (32, 256))
+    assert many < 1.25 * few, (few, many)
+
+
+def test_the_estimate_fits_a_measured_quick_run(tmp_path):
+    """run.json's memory block: the measured peak of a quick lines run lies within a factor
+    of 1.5 of what check_memory predicted before training."""
+    out = tmp_path / "run.json"
+    r = subprocess.run([sys.executable, str(ROOT / "iam_handwriting.py"), "--task", "lines", "--quick", "--epochs", "1",
+                        "--quiet", "--save-json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    memory = json.loads(out.read_text())["memory"]
+    ratio = memory["peak_rss_bytes"] / memory["predicted_bytes"]
+    assert 1 / 1.5 <= ratio <= 1.5, memory
+
+
+def test_the_estimate_counts_the_training_data():
+    """--lines-per-epoch 10^6 holds about 30 GiB of lines: refused before training, as data."""
+    cfg = ih.check_config(dataclasses.replace(ih.RunConfig(), task="lines", hidden=32, lines_per_epoch=1_000_000))
+    line = long_lines(1, T=600)[0]
+    data = ih.TaskData("abc", {"validation": [line]}, None, cfg.lines_per_epoch, np.zeros(3), np.ones(3), 0.0, [], {})
+    need = ih.memory_estimate(cfg, data, training=True)
+    assert need["fresh"] > 10 * 2**30 > need["work"]
