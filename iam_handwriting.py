@@ -42,6 +42,8 @@ Usage:
     python iam_handwriting.py --task lines --export-iam-ondb DIR   # synthetic lines in the IAM-OnDB format
     python iam_handwriting.py --task iam-ondb --data-dir DIR --features graves25 --save-json iam.json
     python iam_handwriting.py --load-model iam.npz --data-dir DIR --decoder lm --oov chars --dictionary-sizes 5000,20000
+    python iam_handwriting.py --read line.inkml page.json --json   # read ink with the shipped IAM-OnDB model
+    python iam_handwriting.py --serve                              # pen pad at http://127.0.0.1:8009/
     python iam_handwriting.py --help                               # every flag
 """
 from __future__ import annotations
@@ -51,6 +53,7 @@ import ctypes
 import ctypes.util
 import dataclasses
 import functools
+import http.server
 import importlib.resources
 import io
 import json
@@ -67,6 +70,7 @@ import string
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import xml.parsers.expat
 import zipfile
@@ -2019,6 +2023,7 @@ class Preprocessed:
     skew: float  # radians the input line rose to the right (undone by rotation)
     slant: float  # radians the writing leaned right of vertical (undone by shear)
     spacing: float  # resampling step, corpus heights
+    source: np.ndarray | None = None  # (T,) fractional index of the input point each point lies at (ink spans)
 
 
 def _read_only(a):
@@ -2040,14 +2045,15 @@ def preprocess(points, stroke, times=None, spacing=IAM_SPACING):
     """
     points, stroke, times = validate_line(points, stroke, times)
     points = flip_to_y_up(points)
-    points, stroke, times = remove_duplicates_and_noise(points, stroke, times)
+    points, stroke, source = remove_duplicates_and_noise(points, stroke, np.arange(len(points)))
+    times = times[source]  # only points are dropped, so the input indices can ride along as "times"
     points, skew = correct_skew(points, stroke)
     points, slant = correct_slant(points, stroke)
     baseline, corpus = fit_baseline_and_corpus(points, stroke)
     points, corpus_height = normalise_height(points, baseline, corpus)
     speed = point_speed(points, stroke, times)  # (N,) corpus heights / s
     keep, hat_ranges = remove_delayed_strokes(points, stroke)
-    points, stroke, speed = points[keep], relabel_strokes(stroke[keep]), speed[keep]
+    points, stroke, speed, source = points[keep], relabel_strokes(stroke[keep]), speed[keep], source[keep]
     ink = ink_length(points, stroke)  # (N,)
     span, n = resampled_counts(stroke, ink, spacing)
     if not n.sum() <= MAX_LINE_SAMPLES:
@@ -2061,7 +2067,8 @@ def preprocess(points, stroke, times=None, spacing=IAM_SPACING):
         pen_up=_read_only(pen_up), speed=_read_only(new_speed),
         hat=_read_only(hat_feature(new_points[:, 0], hat_ranges)),
         hat_ranges=_read_only(hat_ranges), baseline=baseline, corpus=corpus,
-        corpus_height=corpus_height, skew=skew, slant=slant, spacing=float(spacing))
+        corpus_height=corpus_height, skew=skew, slant=slant, spacing=float(spacing),
+        source=_read_only(np.interp(frac, np.arange(len(source), dtype=float), source)))
 
 
 # ---------------------------------------------------------------------------
@@ -2510,6 +2517,15 @@ def lines_data(cfg, streams, parallel_map, log):
                     JUMP_SQUASH * cfg.input_gain, short_and_median(eval_sets["test"], "test"), info)
 
 
+def line_features(pre, features):
+    """(T, D) float32 network input of one preprocessed line: graves25 or raw (dx, dy, pen_up)."""
+    traj = features_graves25(pre) if features == "graves25" else pen_trajectory(pre.points, pre.stroke)
+    # float32 halves the features of the 12k lines (about 1 GB instead of 2); the network reads
+    # float32 anyway, so this rounds each input once before normalisation instead of after it.
+    with np.errstate(over="ignore"):  # an overflow becomes inf, which the callers refuse
+        return traj.astype(np.float32)
+
+
 def _featurise_line(args):
     """One IAM-OnDB line as a Sample without labels (they need the alphabet)."""
     line, features = args
@@ -2518,11 +2534,7 @@ def _featurise_line(args):
         pre = preprocess(line.points, line.stroke, line.times)
     except ValueError as e:
         raise IamOnDbBoundError(f"{where}: {e}") from None
-    traj = features_graves25(pre) if features == "graves25" else pen_trajectory(pre.points, pre.stroke)
-    # float32 halves the features of the 12k lines (about 1 GB instead of 2); the network reads
-    # float32 anyway, so this rounds each input once before normalisation instead of after it.
-    with np.errstate(over="ignore"):  # an overflow becomes inf, refused next
-        traj = traj.astype(np.float32)
+    traj = line_features(pre, features)
     if not np.isfinite(traj).all():  # a backstop: the reader's bounds should make this impossible
         raise IamOnDbBoundError(f"{where}: its {features} features are not finite")
     return Sample(line.text, traj, [], np.asarray(pre.points, np.float32),
@@ -5651,6 +5663,779 @@ def physical_memory():
 
 
 # ---------------------------------------------------------------------------
+# Reading ink: InkML, JSON strokes, pages, --read and --serve
+# ---------------------------------------------------------------------------
+# Ink from outside the database -- a W3C InkML file, an IAM-OnDB lineStrokes
+# file, a JSON list of strokes, or strokes drawn on the pen pad -- becomes pen
+# samples (N, 2), y down, with stroke ids. A page is split into text lines by
+# the vertical extent of its strokes, and every line goes through the IAM-OnDB
+# preprocessing and features (`preprocess`, `line_features`: the evaluation
+# path's own functions) into a model that carries its input normalisation. So
+# the same ink gives the same reading whichever way it comes in.
+#
+# Every input is untrusted: XML goes through `_safe_parser` (entities refused),
+# JSON refuses NaN and Infinity, and bytes, points, strokes and the resampled
+# length of a line are bounded before the work that they would make large.
+# Scale does not matter (the preprocessing normalises the corpus height) and
+# neither does the sampling rate (it resamples by distance); times are only
+# used for the speed feature, and ink without times is read as written at the
+# training set's mean speed.
+
+MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
+DEFAULT_MODEL = os.path.join(MODEL_DIR, "iam_ondb.npz")  # --read and --serve read with it unless --load-model
+PAD_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "iam_handwriting_pad.html")
+READ_DECODERS = ("greedy", "beam", "lm")
+READ_SETTINGS = ("decoder", "beam_width", "lm_weight", "word_penalty", "lm_beam", "dictionary_size", "lm_file",
+                 "dictionary_file", "oov", "oov_penalty")  # decoding flags that --read and --serve take
+MAX_INK_BYTES = 4 * 2**20  # a file or stdin; a lineStrokes file of ~570 samples is ~30 kB
+MAX_INK_POINTS = 100_000  # pen samples per input: 300 IAM-OnDB validation lines have a median 584, at most 1,224
+MAX_INK_STROKES = 5_000
+MAX_LINE_POINTS = 20_000  # pen samples in one text line after page grouping
+MAX_INK_FRAMES = 50_000  # ... and of all lines of an input
+MAX_PAGE_LINES = 200  # text lines of a page
+MAX_COORDINATE = 1e9  # |x|, |y|, |t| beyond this are refused: no device reports them, and squares overflow
+MAX_BODY_BYTES = 2**20  # POST /read
+DRAIN_BYTES = 4 * 2**20  # a larger body is refused with 413 unread (the connection closes); a smaller one is read and dropped
+SERVE_HOST = "127.0.0.1"
+SERVE_PORT = 8009
+SERVE_TIMEOUT = 30.0  # seconds a client may take to send its request
+CORE_STROKE = 0.3  # page grouping: strokes at least this share of the tall strokes' height make lines ...
+NEAR_STROKES = 3  # ... a line's last this many tall strokes give its current band ...
+APART = 0.5  # ... and a stroke this many band heights above or below it is on another line
+LINE_OVERLAP = 0.5  # ... and lines whose bands overlap by this share of the narrower are one
+BELOW_PENALTY = 2.0  # small marks (dots, bars) belong to the line below them more often than above
+TIME_UNITS = {"s": 1.0, "sec": 1.0, "ms": 1e-3, "us": 1e-6, "\u00b5s": 1e-6, "min": 60.0}
+
+
+class InkError(UserError):
+    """Ink that cannot be read, said in one line that names the input."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
+@dataclass(frozen=True, eq=False)
+class Ink:
+    """Pen samples of one input, in writing order."""
+
+    source: str  # the file name, "-" for stdin, "request" for the server
+    format: str  # "inkml", "linestrokes" or "json"
+    points: np.ndarray  # (N, 2) float64, y down (as IAM-OnDB and screens)
+    stroke: np.ndarray  # (N,) int64 stroke ids 0..S-1
+    times: np.ndarray | None  # (N,) float64 seconds; None when the input has no times
+    y_sign: float = 1.0  # -1: the input's y grows upwards; output coordinates are given back in its own
+
+
+def checked_ink(source, fmt, strokes, times=None, y_sign=1.0):
+    """Ink from per-stroke (n_i, 2) arrays (y down) and optional (n_i,) times; InkError for no ink,
+    too much ink, non-finite or absurd values. Empty strokes are dropped."""
+    keep = [i for i, s in enumerate(strokes) if len(s)]
+    n = sum(len(strokes[i]) for i in keep)
+    if n == 0:
+        raise InkError(f"{source}: no ink (no pen samples)")
+    if n > MAX_INK_POINTS or len(keep) > MAX_INK_STROKES:
+        raise InkError(f"{source}: {n} pen samples in {len(keep)} strokes; at most {MAX_INK_POINTS} samples "
+                       f"and {MAX_INK_STROKES} strokes are read")
+    points = np.concatenate([np.asarray(strokes[i], np.float64).reshape(-1, 2) for i in keep])  # (N, 2)
+    stroke = np.repeat(np.arange(len(keep)), [len(strokes[i]) for i in keep])  # (N,)
+    t = None if times is None else np.concatenate([np.asarray(times[i], np.float64) for i in keep])  # (N,)
+    for name, values in (("coordinate", points), ("time", t)):
+        if values is not None and not np.isfinite(values).all():
+            raise InkError(f"{source}: a {name} is not a finite number (NaN or infinity)")
+        if values is not None and np.abs(values).max() > MAX_COORDINATE:
+            raise InkError(f"{source}: a {name} is beyond +-{MAX_COORDINATE:.0e}")
+    return Ink(source, fmt, points, stroke, t, y_sign)
+
+
+# JSON strokes: [[[x, y], ...], ...] or [[[x, y, t], ...], ...], or {"strokes": ..., "y_up": bool}.
+
+def _refuse_constant(name):
+    raise ValueError(f"{name} is not a number")
+
+
+def parse_json_strokes(data: bytes, source: str, y_up=False) -> Ink:
+    """Ink from a JSON list of strokes, each a list of [x, y] or [x, y, t] (t in seconds).
+
+    y grows downwards unless y_up (or the object form's "y_up": true)."""
+    try:
+        doc = json.loads(data.decode("utf-8-sig"), parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise InkError(f"{source}: invalid JSON ({e})") from None
+    if isinstance(doc, dict):
+        strokes, y_up = doc.get("strokes"), doc.get("y_up", y_up)
+        if not isinstance(y_up, bool):
+            raise InkError(f"{source}: \"y_up\" must be true or false")
+    else:
+        strokes = doc
+    if not isinstance(strokes, list) or not all(isinstance(s, list) for s in strokes):
+        raise InkError(f"{source}: expected a list of strokes [[[x, y], ...], ...] or {{\"strokes\": [...]}}")
+    n = sum(len(s) for s in strokes)
+    if n > MAX_INK_POINTS:
+        raise InkError(f"{source}: {n} pen samples; at most {MAX_INK_POINTS} are read")
+    arrays = []
+    for i, s in enumerate(strokes):
+        try:
+            a = np.asarray(s, dtype=np.float64) if s else np.zeros((0, 2))
+        except (TypeError, ValueError):
+            a = None
+        if a is None or a.ndim != 2 or a.shape[1] not in (2, 3):
+            raise InkError(f"{source}: stroke {i} is not a list of [x, y] or [x, y, t] points")
+        arrays.append(a)
+    widths = {a.shape[1] for a in arrays if len(a)}
+    if len(widths) > 1:
+        raise InkError(f"{source}: some points have a time and some not; give t on every point or none")
+    sign = -1.0 if y_up else 1.0
+    xy = [a[:, :2] * np.array([1.0, sign]) for a in arrays]
+    times = [a[:, 2] for a in arrays] if widths == {3} else None
+    return checked_ink(source, "json", xy, times, sign)
+
+
+# W3C InkML (https://www.w3.org/TR/InkML/): <trace> text is points separated by commas, each the
+# values of the trace format's channels in order. A value may carry a prefix: "!" explicit, "'"
+# first difference, '"' second difference, which holds for that channel until another prefix;
+# "#" starts a hexadecimal number, "*" repeats the previous value. A trace's format is that of
+# its (or its traceGroup's) contextRef, else the last <traceFormat> or <context> outside
+# <definitions>, else X Y. Channels other than X, Y and T are ignored, as are penUp traces.
+
+_INKML_TOKEN = re.compile(r"""\s*(?:([!'"])|([-+]?\s*(?:\#[0-9A-Fa-f]+|(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?))"""
+                          r"""|([TF*?])|(\S))""")
+_INKML_ORDER = {"!": 0, "'": 1, '"': 2}
+
+
+def _inkml_number(text):
+    text = text.replace(" ", "").replace("\t", "").replace("\n", "").replace("\r", "")
+    sign = -1.0 if text.startswith("-") else 1.0
+    body = text.lstrip("+-")
+    return sign * int(body[1:], 16) if body.startswith("#") else sign * float(body)
+
+
+def parse_inkml_trace(text, n_channels, needed, source):
+    """(n, n_channels) explicit values of one <trace>'s text (differences undone) in the
+    channels `needed` (indices; X, Y and T); the other channels may hold anything, read as 0."""
+    rows = [p.split() for p in text.split(",")]
+    if rows and not rows[-1]:
+        rows.pop()  # a trailing comma
+    try:  # the common case: plain decimal numbers only
+        values = np.array(rows, dtype=np.float64)
+        if values.ndim == 2 and values.shape[1] >= n_channels:
+            return values[:, :n_channels]
+    except ValueError:
+        pass
+    out = np.zeros((len(rows), n_channels))
+    order = [0] * n_channels  # the difference order of each channel, sticky until the next prefix
+    prev, vel = np.zeros(n_channels), np.zeros(n_channels)
+    for i, point in enumerate(text.split(",")[:len(rows)]):
+        values, pending = [], None
+        for m in _INKML_TOKEN.finditer(point):
+            qualifier, number, special, junk = m.groups()
+            if junk:
+                raise InkError(f"{source}: unexpected {junk!r} in a <trace>")
+            if qualifier:
+                pending = _INKML_ORDER[qualifier]
+            elif number or special:
+                values.append((pending, _inkml_number(number) if number else special))
+                pending = None
+        if len(values) < n_channels:
+            raise InkError(f"{source}: a <trace> point has {len(values)} values; its trace format has "
+                           f"{n_channels} channels")
+        for c, (q, v) in enumerate(values[:n_channels]):
+            if c not in needed:
+                continue
+            order[c] = order[c] if q is None else q
+            if isinstance(v, str):
+                if v != "*" or i == 0:
+                    raise InkError(f"{source}: a <trace> value {v!r} where a number is needed")
+                v, q_now = prev[c], 0
+            else:
+                q_now = order[c]
+            if q_now and i == 0:
+                raise InkError(f"{source}: a <trace> starts with a difference, not a value")
+            x = v if q_now == 0 else prev[c] + v if q_now == 1 else prev[c] + vel[c] + v  # ! ' "
+            vel[c], prev[c] = (x - prev[c] if i else 0.0), x
+            out[i, c] = x
+    return out
+
+
+def parse_inkml(data: bytes, source: str) -> Ink:
+    """Ink from an InkML file: every pen-down <trace> (in <traceGroup>s too) is a stroke."""
+    formats, contexts = {}, {}  # xml:id -> [(name, units, orientation)] of the regular channels
+    state = {"current": [("X", None, None), ("Y", None, None)], "channels": None, "format_id": "",
+             "ctx_format": None, "ctx_id": "", "trace": None, "commas": 0}
+    stack, group_ctx, traces = [], [], []  # open elements; contextRef of open traceGroups; (format, text)
+
+    def ref(value):
+        return (value or "").lstrip("#")
+
+    def start(name, attrs):
+        local = name.rsplit(":", 1)[-1]  # InkML may come with a namespace prefix
+        if not stack and local != "ink":
+            raise _BadContent(f"root element <{name}>, expected <ink>")
+        stack.append(local)
+        if local == "traceFormat":
+            state["channels"], state["format_id"] = [], attrs.get("xml:id") or attrs.get("id") or ""
+        elif local == "channel" and state["channels"] is not None and "intermittentChannels" not in stack:
+            state["channels"].append((attrs.get("name", ""), attrs.get("units"), attrs.get("orientation")))
+        elif local == "context":
+            state["ctx_format"] = formats.get(ref(attrs.get("traceFormatRef")))
+            state["ctx_id"] = attrs.get("xml:id") or attrs.get("id") or ""
+        elif local == "traceGroup":
+            group_ctx.append(ref(attrs.get("contextRef")) or (group_ctx[-1] if group_ctx else ""))
+        elif local == "trace":
+            ctx = ref(attrs.get("contextRef")) or (group_ctx[-1] if group_ctx else "")
+            fmt = contexts.get(ctx) or state["current"]
+            state["trace"] = None if attrs.get("type", "penDown") == "penUp" else (fmt, [])
+
+    def end(name):
+        local = stack.pop()
+        if local == "traceFormat":
+            channels, state["channels"] = state["channels"], None
+            if state["format_id"]:
+                formats[state["format_id"]] = channels
+            if stack and stack[-1] in ("context", "inkSource"):
+                state["ctx_format"] = channels
+            elif "definitions" not in stack:
+                state["current"] = channels
+        elif local == "context":
+            fmt = state["ctx_format"] or state["current"]
+            if state["ctx_id"]:
+                contexts[state["ctx_id"]] = fmt
+            if "definitions" not in stack:
+                state["current"] = fmt
+        elif local == "traceGroup":
+            group_ctx.pop()
+        elif local == "trace" and state["trace"] is not None:
+            traces.append((state["trace"][0], "".join(state["trace"][1])))
+            state["trace"] = None
+
+    def text(chars):
+        if stack and stack[-1] == "trace" and state["trace"] is not None:
+            state["trace"][1].append(chars)
+            state["commas"] += chars.count(",")
+            if state["commas"] > MAX_INK_POINTS:
+                raise _BadContent(f"more than {MAX_INK_POINTS} pen samples")
+
+    parser = _safe_parser()
+    parser.StartElementHandler, parser.EndElementHandler, parser.CharacterDataHandler = start, end, text
+    try:
+        _parse(parser, data, source)
+    except IamOnDbError as e:
+        raise InkError(str(e)) from None
+    strokes, times = [], []
+    has_time = bool(traces) and all(any(c[0] == "T" for c in fmt) for fmt, _ in traces)
+    for fmt, body in traces:
+        names = [c[0] for c in fmt]
+        if "X" not in names or "Y" not in names:
+            raise InkError(f"{source}: a <trace> whose trace format has no X and Y channels")
+        needed = {names.index(c) for c in ("X", "Y", "T") if c in names}
+        values = parse_inkml_trace(body, len(fmt), needed, source)  # (n, channels)
+        if not len(values):
+            continue
+        sign = np.array([-1.0 if fmt[names.index(c)][2] == "-ve" else 1.0 for c in "XY"])  # y down
+        strokes.append(values[:, [names.index("X"), names.index("Y")]] * sign)
+        if has_time:
+            t = values[:, names.index("T")]
+            times.append(t * _time_factor(fmt[names.index("T")][1], t, source))
+    return checked_ink(source, "inkml", strokes, times if has_time else None)
+
+
+def _time_factor(units, t, source):
+    """Seconds per unit of an InkML T channel. Without units: pens sample at 5-1000 Hz, so a
+    median step of at least 0.5 cannot be seconds and is read as milliseconds."""
+    if units:
+        if units not in TIME_UNITS:
+            raise InkError(f"{source}: time units {units!r} (expected one of {', '.join(TIME_UNITS)})")
+        return TIME_UNITS[units]
+    steps = np.diff(t)
+    steps = steps[steps > 0]
+    return 1e-3 if len(steps) and _median(steps) >= 0.5 else 1.0
+
+
+def inkml_bytes(points, stroke, times=None):
+    """W3C InkML of pen samples: one <trace> per stroke, channels X and Y (y down) and, with
+    times, T in seconds. For converting ink, and for the tests."""
+    channels = [("X", ""), ("Y", "")] + ([("T", ' units="s"')] if times is not None else [])
+    values = np.column_stack([points] + ([times] if times is not None else []))  # (N, 2 or 3)
+    body = ['<?xml version="1.0" encoding="UTF-8"?>', '<ink xmlns="http://www.w3.org/2003/InkML">',
+            "  <traceFormat>"] + [f'    <channel name="{n}" type="decimal"{u}/>' for n, u in channels] + \
+           ["  </traceFormat>"]
+    for k in range(int(stroke.max()) + 1 if len(stroke) else 0):
+        body.append("  <trace>" + ", ".join(" ".join(repr(float(v)) for v in row) for row in values[stroke == k])
+                    + "</trace>")
+    return ("\n".join(body + ["</ink>"]) + "\n").encode()
+
+
+class _Root(Exception):
+    """Stops the parse at the root element: its name says the format."""
+
+
+def ink_format(data: bytes, source: str) -> str:
+    """"inkml", "linestrokes" or "json", from the content (not the file name)."""
+    head = data.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
+    if head in (b"[", b"{"):
+        return "json"
+    if head == b"<":
+        def root(name, attrs):
+            raise _Root(name)
+        parser = _safe_parser()
+        parser.StartElementHandler = root
+        try:
+            _parse(parser, data, source)
+        except _Root as r:
+            name = str(r)
+            if name.rsplit(":", 1)[-1] == "ink":
+                return "inkml"
+            if name == IAM_ROOT:
+                return "linestrokes"
+            raise InkError(f"{source}: an XML file with root <{name}>, neither InkML <ink> nor IAM-OnDB "
+                           f"<{IAM_ROOT}>") from None
+        except IamOnDbError as e:
+            raise InkError(str(e)) from None
+        raise InkError(f"{source}: an XML file without elements")
+    raise InkError(f"{source}: neither InkML, IAM-OnDB lineStrokes XML nor JSON strokes")
+
+
+def parse_ink(data: bytes, source: str, y_up=False) -> Ink:
+    """Ink from the bytes of any of the three formats. y_up applies to JSON only (InkML says
+    its orientation per channel; lineStrokes y grows downwards)."""
+    if len(data) > MAX_INK_BYTES:
+        raise InkError(f"{source}: more than {MAX_INK_BYTES // 2**20} MB; not a file of handwriting")
+    fmt = ink_format(data, source)
+    if fmt == "json":
+        return parse_json_strokes(data, source, y_up)
+    if fmt == "inkml":
+        return parse_inkml(data, source)
+    try:
+        line = parse_line_strokes(data, source)
+    except IamOnDbError as e:
+        raise InkError(str(e)) from None
+    starts = np.flatnonzero(stroke_starts(line.stroke))
+    bounds = list(zip(starts, np.append(starts[1:], len(line.stroke))))
+    return checked_ink(source, "linestrokes", [line.points[a:b] for a, b in bounds],
+                       [line.times[a:b] for a, b in bounds])
+
+
+def read_ink_bytes(path):
+    """The bytes of a file, or of stdin for "-", at most MAX_INK_BYTES + 1 of them (so that
+    parse_ink can refuse a larger input without reading it all); InkError if unreadable."""
+    try:
+        if path == "-":
+            return sys.stdin.buffer.read(MAX_INK_BYTES + 1)
+        with open(path, "rb") as f:
+            return f.read(MAX_INK_BYTES + 1)
+    except FileNotFoundError:
+        raise InkError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise InkError(f"{path}: a folder, not a file of ink") from None
+    except OSError as e:
+        raise InkError(f"{path}: cannot read it ({e.strerror or e})") from None
+
+
+# Pages: strokes into text lines.
+
+def group_lines(points, stroke):
+    """Text lines of a page, top to bottom: a list of stroke-id arrays, each in writing order.
+
+    Tall strokes (at least CORE_STROKE of the 90th-percentile stroke height) make lines. In
+    writing order, a tall stroke starts a new line on a carriage return: its centre lies left
+    of where the previous tall stroke began and outside the band (median top to median bottom)
+    of the current line's last NEAR_STROKES tall strokes, or left of the previous stroke's
+    centre and APART band heights clear of that band (after a line of one stroke). Lines
+    whose bands overlap by LINE_OVERLAP of the narrower are then merged (ink added to a line
+    later). Every other stroke (dots, bars, commas) joins the line of the tall stroke nearest
+    to its box, distances below a stroke counting double. points (N, 2) y down, stroke (N,)
+    ids 0..S-1.
+    """
+    starts = np.flatnonzero(stroke_starts(stroke))
+    lo, hi = np.minimum.reduceat(points, starts), np.maximum.reduceat(points, starts)  # (S, 2)
+    height, cx, cy = hi[:, 1] - lo[:, 1], 0.5 * (lo[:, 0] + hi[:, 0]), 0.5 * (lo[:, 1] + hi[:, 1])
+    tall = np.quantile(height, 0.9)
+    if len(starts) == 1 or tall <= 0:
+        return [np.arange(len(starts))]
+    core = np.flatnonzero(height >= CORE_STROKE * tall)
+    line_of = np.full(len(starts), -1)
+    members = [[core[0]]]  # per line, its tall strokes
+    for s in core[1:]:
+        recent = members[-1][-NEAR_STROKES:]
+        band_lo, band_hi = np.median(lo[recent, 1]), np.median(hi[recent, 1])
+        prev = members[-1][-1]
+        outside = not band_lo <= cy[s] <= band_hi
+        apart = max(lo[s, 1] - band_hi, band_lo - hi[s, 1]) > APART * (band_hi - band_lo)
+        if (cx[s] < lo[prev, 0] and outside) or (cx[s] < cx[prev] and apart):
+            members.append([])
+        members[-1].append(s)
+    if len(members) > MAX_PAGE_LINES:
+        raise ValueError(f"more than {MAX_PAGE_LINES} text lines")
+    members = [np.array(m) for m in members]
+    # Lines whose vertical bands (median top to median bottom) overlap are one line.
+    while len(members) > 1:
+        bands = np.array([[np.median(lo[m, 1]), np.median(hi[m, 1])] for m in members])  # (L, 2)
+        overlap = np.minimum(bands[:, None, 1], bands[None, :, 1]) - np.maximum(bands[:, None, 0], bands[None, :, 0])
+        width = bands[:, 1] - bands[:, 0]  # (L,)
+        joined = np.triu(overlap >= LINE_OVERLAP * np.minimum(width[:, None], width[None, :]), k=1)  # (L, L)
+        if not joined.any():
+            break
+        a, b = np.argwhere(joined)[0]  # the first pair in order, as a scan would find it
+        members[a] = np.concatenate([members[a], members.pop(b)])
+    for k, m in enumerate(members):
+        line_of[m] = k
+    core_lo, core_hi = lo[core], hi[core]  # (C, 2)
+    for s in np.flatnonzero(line_of < 0):
+        below = np.maximum(lo[s, 1] - core_hi[:, 1], 0.0)  # the mark lies below the tall stroke
+        above = np.maximum(core_lo[:, 1] - hi[s, 1], 0.0)
+        side = np.maximum(np.maximum(core_lo[:, 0] - hi[s, 0], lo[s, 0] - core_hi[:, 0]), 0.0)
+        line_of[s] = line_of[core[np.argmin(np.hypot(side, above + BELOW_PENALTY * below))]]
+    order = np.argsort([np.median(cy[m]) for m in members], kind="stable")
+    return [np.flatnonzero(line_of == k) for k in order]
+
+
+# The model and one reading.
+
+def load_reading_model(path=None):
+    """(params, cfg, normalisation) of a model that can read new ink: an iam-ondb model
+    (graves25 or raw features) saved with its input normalisation. UserError in one line
+    otherwise; path None is the shipped model."""
+    if path is None:
+        if not os.path.exists(DEFAULT_MODEL):
+            raise UserError(f"no model to read with: the shipped IAM-OnDB model {DEFAULT_MODEL} is not in this "
+                            "copy; give --load-model PATH (a model saved by --task iam-ondb --save-model PATH)")
+        path = DEFAULT_MODEL
+    params, cfg = load_model(path)
+    if cfg.task != "iam-ondb":
+        raise UserError(f"model file {path!r} holds a {cfg.task} model; reading ink needs an iam-ondb model "
+                        "(trained on IAM-OnDB's preprocessing and features)")
+    if cfg.features not in ("graves25", "raw") or not cfg.alphabet:
+        raise UserError(f"model file {path!r} holds an iam-ondb model without its features or alphabet")
+    normalisation = load_normalisation(path, cfg)
+    if normalisation is None:
+        raise UserError(f"model file {path!r} has no input normalisation (__input__): it was saved before "
+                        "model files carried one, so it cannot read ink without its training set")
+    return params, cfg, normalisation
+
+
+@dataclass
+class Reader:
+    """A loaded model with its decoders, ready to read lines of ink."""
+
+    params: dict
+    cfg: RunConfig
+    normalisation: dict  # {shift (D,), scale (D,), squash}
+    decoders: dict = field(default_factory=dict)  # name -> decode([(T, K) log-probs]) -> [str], built on use
+
+    def decode(self, name, log_probs):
+        if name not in self.decoders:
+            if name == "lm" and not (self.cfg.lm_file or self.cfg.dictionary_file):  # the built-in dictionary
+                check_dictionary_alphabet(self.cfg.dictionary_size, self.cfg.alphabet)
+            self.decoders[name] = make_decoder(name, self.cfg, self.cfg.alphabet)
+        return self.decoders[name]([log_probs])[0]
+
+    def mean_speed(self):
+        """The speed feature's training mean (shift), for ink without times; 1 for raw features."""
+        return float(self.normalisation["shift"][GRAVES25_NAMES.index("speed")]) \
+            if self.cfg.features == "graves25" else 1.0
+
+
+def line_input(ink, strokes, mean_speed, features):
+    """One text line of `ink` (the strokes `strokes`) as network input.
+
+    Returns (traj (T, D) float32, source (T,) index into ink.points of the input point each
+    step lies at). Without times the pen is taken to move at constant speed: times are the
+    distance along the ink, and the speed feature becomes mean_speed."""
+    index = np.flatnonzero(np.isin(ink.stroke, strokes))  # (n,) in writing order
+    if len(index) > MAX_LINE_POINTS:
+        raise InkError(f"{ink.source}: a text line of {len(index)} pen samples (at most {MAX_LINE_POINTS})")
+    points, stroke = ink.points[index], ink.stroke[index]
+    if ink.times is not None:
+        times = ink.times[index]
+    else:
+        times = np.concatenate(([0.0], np.cumsum(_lengths(np.diff(points, axis=0)))))  # (n,)
+    try:
+        pre = preprocess(points, stroke, times)  # bounded by MAX_LINE_SAMPLES
+    except ValueError as e:
+        raise InkError(f"{ink.source}: {e}") from None
+    if ink.times is None:  # pre.speed * corpus height is about 1: distance per distance
+        pre = dataclasses.replace(pre, speed=_read_only(pre.speed * pre.corpus_height * mean_speed))
+    traj = line_features(pre, features)
+    if not np.isfinite(traj).all():
+        raise InkError(f"{ink.source}: the preprocessing of a line gave non-finite features")
+    return traj, index[np.clip(np.rint(pre.source).astype(np.int64), 0, len(index) - 1)]
+
+
+def line_log_probs(reader, traj):
+    """(T, K) float64 log-probabilities of one line, normalised as in training (pad_batch)."""
+    n = reader.normalisation
+    X, lengths = pad_batch([Sample("", traj, [], None, None, None)], n["shift"], n["scale"],
+                           reader.params["out_W"].dtype, n["squash"])
+    log_probs, _ = forward(reader.params, X, lengths)
+    return log_probs[:, 0].astype(np.float64)
+
+
+def character_spans(log_probs):
+    """The greedy path's output characters and where they came from.
+
+    Returns (labels (C,), spike (C, 2), span (C, 2)): spike = first and last step of the
+    character's run of argmax labels, span = the steps from halfway after the previous
+    spike to halfway before the next (the first starts at 0, the last ends at T - 1).
+    The labels are exactly greedy_decode's."""
+    path = np.argmax(log_probs, axis=1)  # (T,)
+    T = len(path)
+    first = np.flatnonzero(np.diff(path, prepend=-1) != 0)  # (R,) run starts
+    last = np.append(first[1:], T) - 1
+    chars = path[first] != BLANK
+    first, last, labels = first[chars], last[chars], path[first][chars]
+    cut = (last[:-1] + first[1:] + 1) // 2  # the first step of each span after the first
+    span = np.column_stack([np.append(0, cut), np.append(cut - 1, T - 1)]).astype(np.int64)
+    return labels, np.column_stack([first, last]), span
+
+
+def _box(ink, index):
+    """[x_min, y_min, x_max, y_max] of ink.points[index], in the input's own orientation."""
+    p = ink.points[index] * np.array([1.0, ink.y_sign])
+    lo, hi = p.min(axis=0), p.max(axis=0)
+    return [float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1])]
+
+
+def read_line(reader, ink, strokes, traj, source, decoders, seconds=0.0):
+    """Readings of one text line (its line_input) and the ink span of each greedy output
+    character, as JSON; seconds: time already spent on the line (its preprocessing)."""
+    t0 = time.perf_counter() - seconds
+    log_probs = line_log_probs(reader, traj)
+    labels, spike, span = character_spans(log_probs)
+    readings = {"greedy": decode_labels(labels.tolist(), reader.cfg.alphabet)}
+    for name in decoders:
+        if name != "greedy":
+            readings[name] = reader.decode(name, log_probs)
+    chars = []
+    for k, (c, (s0, s1), (f0, f1)) in enumerate(zip(labels, spike, span)):
+        a, b = source[f0], source[f1]
+        chars.append({
+            "char": reader.cfg.alphabet[c - 1],
+            "p": round(float(np.exp(log_probs[s0:s1 + 1, c].max())), 4),  # the spike's height
+            "spike": [int(s0), int(s1)], "frames": [int(f0), int(f1)],  # network steps
+            "points": [int(min(a, b)), int(max(a, b))],  # indices into the input's pen samples, in order
+            "at": [round(float(v), 3) for v in ink.points[source[s0]] * np.array([1.0, ink.y_sign])],
+            "box": [round(v, 3) for v in _box(ink, source[f0:f1 + 1])],
+        })
+    index = np.flatnonzero(np.isin(ink.stroke, strokes))
+    extra = {name: readings[name] for name in readings if name not in ("greedy", "lm")}
+    return {"text": readings[decoders[0]], "greedy": readings["greedy"], "lm": readings.get("lm"), **extra,
+            "seconds": round(time.perf_counter() - t0, 4), "frames": len(traj), "strokes": strokes.tolist(),
+            "box": [round(v, 3) for v in _box(ink, index)], "chars": chars}
+
+
+def read_ink(reader, ink, decoders=("greedy",)):
+    """Every text line of `ink`, top to bottom: the --read --json document of one input.
+    decoders[0] gives each line's "text"; "greedy" is always there."""
+    t0 = time.perf_counter()
+    try:
+        groups = group_lines(ink.points, ink.stroke)
+    except ValueError as e:
+        raise InkError(f"{ink.source}: {e}") from None
+    inputs, frames = [], 0
+    for strokes in groups:  # all lines preprocessed first: the whole input's network steps are bounded
+        t1 = time.perf_counter()
+        traj, source = line_input(ink, strokes, reader.mean_speed(), reader.cfg.features)
+        frames += len(traj)
+        if frames > MAX_INK_FRAMES:
+            raise InkError(f"{ink.source}: more than {MAX_INK_FRAMES} network steps of ink (about 50 text lines)")
+        inputs.append((strokes, traj, source, time.perf_counter() - t1))
+    lines = [read_line(reader, ink, strokes, traj, source, decoders, seconds)
+             for strokes, traj, source, seconds in inputs]
+    return {"source": ink.source, "format": ink.format, "points": len(ink.points),
+            "strokes": int(ink.stroke[-1]) + 1, "times": ink.times is not None, "lines": lines,
+            "seconds": round(time.perf_counter() - t0, 4)}
+
+
+def make_reader(args):
+    """The Reader for --read and --serve: the model of --load-model (or the shipped one)
+    with the decoding flags applied."""
+    params, cfg, normalisation = load_reading_model(args.load_model)
+    cfg = check_config(dataclasses.replace(cfg, **{
+        n: getattr(args, n) for n in READ_SETTINGS if getattr(args, n) is not None}))
+    return Reader(params, cfg, normalisation)
+
+
+def check_read_arguments(args):
+    """One line for flags that --read and --serve do not take."""
+    if args.read and args.serve is not None:
+        raise UserError("--read and --serve cannot be combined")
+    if args.json and not args.read:
+        raise UserError("--json goes with --read")
+    if args.y_up and not args.read:
+        raise UserError("--y-up goes with --read (the pad sends y down)")
+    taken = ("read", "serve", "json", "y_up", "load_model", "quiet") + READ_SETTINGS
+    given = [f"--{n.replace('_', '-')}" for n, v in vars(args).items() if n not in taken and v not in (None, False)]
+    if given:
+        raise UserError(f"{', '.join(given)} cannot be combined with --read or --serve")
+    if args.decoder is not None and args.decoder not in READ_DECODERS:
+        raise UserError(f"--decoder {args.decoder} cannot read ink (choose from {', '.join(READ_DECODERS)})")
+
+
+def read_files(args, log=print):
+    """--read FILE [FILE ...]: one line of text per line of ink (prefixed by the file name when
+    there are several files), or with --json one JSON document per file. A bad file stops the
+    run with one line; the readings of the files before it are already printed."""
+    reader = make_reader(args)
+    decoders = tuple(dict.fromkeys((reader.cfg.decoder, "greedy", "lm"))) if args.json else (reader.cfg.decoder,)
+    if args.json and "lm" in decoders and reader.cfg.decoder != "lm":
+        try:
+            reader.decode("lm", np.zeros((1, n_classes(reader.cfg))))  # builds the dictionary and the LM
+        except UserError:
+            decoders = tuple(d for d in decoders if d != "lm")  # the alphabet cannot spell the dictionary
+    for path in args.read:
+        ink = parse_ink(read_ink_bytes(path), path, args.y_up)
+        result = read_ink(reader, ink, decoders)
+        if args.json:
+            log(json.dumps(result, allow_nan=False))
+        else:
+            for line in result["lines"]:
+                log(f"{path}: {line['text']}" if len(args.read) > 1 else line["text"])
+    return 0
+
+
+# The pen pad: --serve [PORT].
+
+class PadServer(http.server.ThreadingHTTPServer):
+    """The pen pad's server: the page and POST /read, on 127.0.0.1 only."""
+
+    daemon_threads = True  # Ctrl-C does not wait for a client that keeps its connection open
+
+    def __init__(self, port, reader, page, log=print):
+        self.reader, self.page, self.log = reader, page, log
+        self.lock = threading.Lock()  # one reading at a time: the decoders' caches are not shared safely
+        super().__init__((SERVE_HOST, port), PadHandler)
+        self.hosts = {f"{h}:{self.server_port}" for h in ("127.0.0.1", "localhost")}
+        self.lm = False  # whether the LM reading is offered (serve builds it first)
+
+    def read(self, body):
+        """One POST /read body -> the --read --json document. The body is JSON strokes, or
+        {"strokes": [...], "y_up": bool, "lm": bool}; lm false (while writing) skips the LM reading."""
+        ink = parse_json_strokes(body, "request")
+        doc = json.loads(body)  # parsed once already, so valid
+        lm = doc.get("lm", True) if isinstance(doc, dict) else True
+        if not isinstance(lm, bool):
+            raise InkError("request: \"lm\" must be true or false")
+        with self.lock:
+            return read_ink(self.reader, ink, ("greedy", "lm") if lm and self.lm else ("greedy",))
+
+
+class PadHandler(http.server.BaseHTTPRequestHandler):
+    """GET / -> the page; POST /read (application/json strokes) -> the --read --json document.
+    No CORS headers: other sites' pages can neither read the answers nor send JSON here."""
+
+    server_version = "iam_handwriting"
+    sys_version = ""
+    timeout = SERVE_TIMEOUT
+    protocol_version = "HTTP/1.0"  # one request per connection
+
+    def _send(self, status, body, content_type="application/json"):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        if content_type.startswith("text/html"):
+            self.send_header("Content-Security-Policy", "default-src 'none'; script-src 'unsafe-inline'; "
+                             "style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _error(self, status, message):
+        self.close_connection = True
+        self._send(status, json_bytes({"error": " ".join(str(message).split())}))
+
+    def _host_ok(self):
+        if self.headers.get("Host") in self.server.hosts:
+            return True
+        self._error(403, "unexpected Host header (the pad answers to 127.0.0.1 and localhost only)")
+        return False
+
+    def do_GET(self):
+        if not self._host_ok():
+            return
+        if self.path.split("?", 1)[0] in ("/", "/index.html"):
+            self._send(200, self.server.page, "text/html; charset=utf-8")
+        else:
+            self._error(404, f"no {self.path.split('?', 1)[0]!r} here: the pad is at /")
+
+    def do_POST(self):
+        if not self._host_ok():
+            return
+        if self.path != "/read":
+            return self._error(404, "POST strokes to /read")
+        if self.headers.get("Content-Type", "").split(";")[0].strip().lower() != "application/json":
+            return self._error(415, "POST /read takes Content-Type: application/json")
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            return self._error(411, "POST /read needs a Content-Length")
+        if length < 0:
+            return self._error(400, "negative Content-Length")
+        if length > MAX_BODY_BYTES:
+            if length <= DRAIN_BYTES:  # read and dropped, so that the client sees the answer, not a reset
+                try:
+                    while length > 0:
+                        chunk = self.rfile.read(min(length, 2**16))
+                        if not chunk:
+                            break
+                        length -= len(chunk)
+                except OSError:
+                    pass
+            return self._error(413, f"request body over {MAX_BODY_BYTES} bytes; at most {MAX_BODY_BYTES} are read")
+        try:
+            body = self.rfile.read(length)
+        except OSError:
+            self.close_connection = True
+            return
+        if len(body) < length:
+            return self._error(400, "the request body is shorter than its Content-Length")
+        try:
+            status, result = 200, self.server.read(body)
+        except UserError as e:
+            return self._error(400, e)
+        except Exception as e:  # a bug must not stop the pad; say what it was in one line
+            self.server.log(f"iam_handwriting.py: error reading a request: {type(e).__name__}: {e}")
+            return self._error(500, f"{type(e).__name__}: {e}")
+        self._send(status, (json.dumps(result, allow_nan=False, separators=(",", ":")) + "\n").encode())
+
+    def log_message(self, format, *args):
+        pass  # no line per stroke; errors are logged by do_POST
+
+
+def start_pad(reader, port, log=print):
+    """A PadServer on 127.0.0.1:port (not yet serving), its LM reading built first so that the
+    first request does not wait for it; without one if the alphabet cannot spell the dictionary."""
+    try:
+        with open(PAD_PAGE, "rb") as f:
+            page = f.read()
+    except OSError as e:
+        raise UserError(f"cannot read the pen pad's page {PAD_PAGE}: {e.strerror or e}") from None
+    try:
+        server = PadServer(port, reader, page, log)
+    except OSError as e:
+        raise UserError(f"cannot serve on {SERVE_HOST}:{port}: {e.strerror or e}") from None
+    try:
+        reader.decode("lm", np.zeros((1, n_classes(reader.cfg))))  # builds the dictionary and the LM
+        server.lm = True
+    except UserError as e:
+        log(f"no LM reading: {e}")
+    return server
+
+
+def serve(args, log=print):
+    """--serve [PORT]: the pen pad on http://127.0.0.1:PORT/ until Ctrl-C (PORT 0: any free port)."""
+    server = start_pad(make_reader(args), args.serve, log)
+    log(f"pen pad at http://{SERVE_HOST}:{server.server_port}/ (Ctrl-C stops it)")
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except (KeyboardInterrupt, Terminated):
+        pass
+    finally:
+        server.server_close()
+    log("pen pad stopped")
+    return 0
+
+
+# ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
 
@@ -5792,6 +6577,20 @@ def build_parser():
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from the checkpoint that --save-model PATH keeps in "
                         "PATH.checkpoint after every epoch (give the command that started the run)")
+    p.add_argument("--read", nargs="+", metavar="FILE",
+                   help="read handwriting: W3C InkML, IAM-OnDB lineStrokes XML or JSON strokes [[[x, y(, t)], ...], "
+                        "...] ('-': stdin); prints one line of text per line of ink, lines found by their "
+                        "vertical extent. Uses --load-model, else the shipped IAM-OnDB model "
+                        f"{os.path.join(os.path.basename(MODEL_DIR), os.path.basename(DEFAULT_MODEL))}; "
+                        f"--decoder {'|'.join(READ_DECODERS)}")
+    p.add_argument("--json", action="store_true",
+                   help="with --read: one JSON document per file: per line the text, the greedy and LM readings, "
+                        "the time taken and each character's ink span (from the CTC alignment)")
+    p.add_argument("--y-up", action="store_true", help="with --read: in JSON strokes y grows upwards (default: down)")
+    p.add_argument("--serve", nargs="?", const=SERVE_PORT, default=None, type=whole_number(0, 65535),
+                   metavar="PORT", help=f"the pen pad: a web page to write on and see the reading, at "
+                                        f"http://{SERVE_HOST}:PORT/ (default {SERVE_PORT}; 0: any free port); "
+                                        "same model as --read; Ctrl-C stops it")
     p.add_argument("--quiet", action="store_true", help="no per-epoch log lines")
     return p
 
@@ -5948,6 +6747,10 @@ def _main(argv):
     previous_term = signal.signal(signal.SIGTERM, _raise_terminated) if sys.platform != "win32" else None
     status = {"where": "before training"}
     try:
+        if args.read or args.serve is not None or args.json or args.y_up:
+            check_read_arguments(args)
+            status["where"] = "while reading"
+            return serve(args, log) if args.serve is not None else read_files(args, log)
         check_arguments(args)
         if args.load_model:
             params, cfg = load_model(args.load_model)
@@ -5955,6 +6758,8 @@ def _main(argv):
             task = TASKS[cfg.task]
             if args.task and args.task != cfg.task:
                 raise UserError(f"the model file holds a {cfg.task} model, not {args.task}")
+            if args.features and args.features != cfg.features:
+                raise UserError(f"the model file holds a model that reads {cfg.features} features, not {args.features}")
             check_task_arguments(args, task)
             if flag_given(args.features) and args.features != cfg.features:
                 raise UserError(f"--features {args.features} contradicts the model file, which reads {cfg.features}")
