@@ -6758,8 +6758,6 @@ def _main(argv):
             task = TASKS[cfg.task]
             if args.task and args.task != cfg.task:
                 raise UserError(f"the model file holds a {cfg.task} model, not {args.task}")
-            if args.features and args.features != cfg.features:
-                raise UserError(f"the model file holds a model that reads {cfg.features} features, not {args.features}")
             check_task_arguments(args, task)
             if flag_given(args.features) and args.features != cfg.features:
                 raise UserError(f"--features {args.features} contradicts the model file, which reads {cfg.features}")

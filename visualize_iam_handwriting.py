@@ -715,7 +715,10 @@ def fig_training_curves(run):
     ep = np.array([e["epoch"] for e in hist])
     colour = {s: SPLIT_COLOURS[i % len(SPLIT_COLOURS)] for i, s in enumerate(task["splits"])}
     ax_loss, ax_err = fig.subplots(1, 2)
-    loss_curves = [("train", "train (fresh samples each epoch)", [e["train_loss"] for e in hist], "tab:blue")]
+    # The synthetic tasks draw new training samples every epoch; IAM-OnDB has one fixed training set.
+    train_label = "train (the same lines every epoch)" if run["task"]["name"] == "iam-ondb" else \
+        "train (fresh samples each epoch)"
+    loss_curves = [("train", train_label, [e["train_loss"] for e in hist], "tab:blue")]
     loss_curves += [(s, f"{split_name(s)}", [e[s]["loss"] for e in hist], colour[s]) for s in task["monitor"]]
     for key, label, ys, c in loss_curves:
         ax_loss.plot(ep, ys, color=c, marker="o", ms=3, label=label, gid=f"loss:{key}")

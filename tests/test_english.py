@@ -275,7 +275,7 @@ def test_the_dictionary_experiment_decodes_chunk_by_chunk_and_reports_oov_modes_
     validation = [sample(t) for t in VALID + ["the cat 19 .", "a dog ."]]
     test = [sample(t) for t in ("the dog 's hat .", "A cat 10 sat", "on the mat")]
     data = ih.TaskData(alphabet, {"validation": validation, "test": test}, None, 0, np.zeros(3), np.ones(3), 0.0, [],
-                       {}, {"train": tuple(TRAIN), "validation": tuple(VALID)})
+                       {}, lm_texts={"train": tuple(TRAIN), "validation": tuple(VALID)})
     chunks = []
     real_outputs = ih.model_outputs
 

@@ -537,11 +537,11 @@ def test_a_million_training_lines_per_epoch_are_refused_before_training(monkeypa
     monkeypatch.setattr(ih, "physical_memory", lambda: int(23.5 * 2**30))  # the audit's machine
     cfg = ih.RunConfig(task="lines", hidden=32, eval_lines_per_writer=1, lines_per_epoch=1_000_000)
     data = ih.TASKS["lines"].make_data(cfg, ih.make_streams(0), ih.serial_map, quiet)
-    with pytest.raises(ih.UserError, match=r"the data itself is too large; use fewer lines"):
+    with pytest.raises(ih.UserError, match=r"the training data drawn per epoch is too large; use fewer --lines-per-epoch"):
         ih.check_memory(cfg, data, training=True)
     fine = ih.dataclasses.replace(cfg, lines_per_epoch=1200)
     need = ih.check_memory(fine, ih.dataclasses.replace(data, epoch_size=1200), training=True)
-    assert need["data"] < 2**30
+    assert need["fresh"] < 2**30
 
 
 # ---------------------------------------------------------------------------
