@@ -5072,11 +5072,13 @@ def memory_estimate(cfg, data, training, resident=None):
     chunk), and their total."""
     evals = [s for samples in data.eval_sets.values() for s in samples]
     per_sample = sum(sample_bytes(s) for s in evals) / max(len(evals), 1)  # training lines are drawn like these
+    # Held training samples cost nothing to fetch, and the longest of them sizes a training step.
+    lines = evals + (list(data.training_samples(None, serial_map)) if data.training_held and training else [])
     if resident is None:
         resident = BASE_BYTES + int(per_sample * (len(evals) + (data.epoch_size if data.training_held else 0)))
     fresh = 0 if data.training_held or not training else int(per_sample * data.epoch_size)
-    longest = max(len(s.traj) for s in evals)
-    eval_label = max(len(s.labels) for s in evals)
+    longest = max(len(s.traj) for s in lines)
+    eval_label = max(len(s.labels) for s in lines)
     # Training text is drawn like the evaluation text; twice its longest label leaves a margin.
     train_label = min(longest, 2 * eval_label)
     K, D = n_classes(cfg), evals[0].traj.shape[1]
@@ -5422,10 +5424,26 @@ def checkpoint_bytes(state, cfg, data):
     return buf.getvalue()
 
 
+MAX_CHECKPOINT_META_BYTES = 64 * 2**20  # the JSON part: the config, random states and the history (kB per epoch)
+
+
+def check_checkpoint_members(path, cfg):
+    """ValueError unless every member of checkpoint `path` declares at most the size of an
+    array of cfg's parameter shapes (or, for the JSON part, MAX_CHECKPOINT_META_BYTES), checked
+    before any member is inflated: a small hostile file cannot ask for gigabytes."""
+    biggest = max(math.prod(shape) for shape in parameter_shapes(cfg).values()) * 8 + 2**16  # + the .npy header
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            limit = MAX_CHECKPOINT_META_BYTES if info.filename.startswith("__checkpoint__") else biggest
+            if info.file_size > limit:
+                raise ValueError(f"{info.filename} declares {info.file_size:,} bytes, more than its arrays can hold")
+
+
 def load_checkpoint(path, cfg):
     """The TrainingState in checkpoint `path`; UserError if it is missing, unreadable,
     or was made with other training settings than cfg."""
     try:
+        check_checkpoint_members(path, cfg)
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
         meta = _load_json(str(arrays.pop("__checkpoint__")))

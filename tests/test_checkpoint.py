@@ -84,3 +84,15 @@ def test_the_cli_keeps_a_checkpoint_until_the_model_is_written(tmp_path):
     code = ih.main(["--task", "lines", "--quick", "--epochs", "1", "--quiet", "--save-model", str(tmp_path / "m.npz")])
     assert code == 0 and (tmp_path / "m.npz").exists() and not (tmp_path / "m.npz.checkpoint").exists()
     assert ih.main(["--task", "lines", "--quick", "--resume"]) == 2
+
+
+def test_a_checkpoint_member_that_declares_too_much_is_refused_before_it_is_read(tmp_path):
+    """A zip bomb: a small file whose member inflates to far more than the config's arrays."""
+    import zipfile
+    cfg = quick_lines(epochs=1)
+    bomb = tmp_path / "bomb.ckpt"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("params/out_W.npy", b"\0" * (64 * 2**20))
+    assert bomb.stat().st_size < 2**20
+    with pytest.raises(ih.UserError, match="declares 67,108,864 bytes"):
+        ih.load_checkpoint(str(bomb), cfg)
