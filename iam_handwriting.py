@@ -4118,11 +4118,12 @@ def lm_decode(log_probs, lexicon, lm, lm_weight=1.0, word_penalty=0.0, beam=64, 
 
 # Decoding time, estimated before any work: lm_decode costs about a fixed
 # overhead per time step plus a cost per token per step. Measured on this
-# machine (2026-12, under load, so rough): 0.8-1.4 us per token-step at beams
-# 256-1024, about 0.2 ms per step of overhead; issue 14 measured 3.3 s per
-# lines-task line at beam 10,000. The bound refuses only what would take days.
-LM_STEP_SECONDS = 2e-4
-LM_TOKEN_STEP_SECONDS = 1.5e-6
+# machine: 0.8-1.4 us per token-step at beams 256-1024 under load, and 44 ms
+# for an 836-step IAM-OnDB line at beam 64 when idle; the real dictionary
+# experiment at one size took 29 min, about a third of what 0.2 ms per step
+# predicted. The bound refuses only what would take days.
+LM_STEP_SECONDS = 6e-5
+LM_TOKEN_STEP_SECONDS = 1e-6
 TUNING_DECODES = 20  # grid points a coordinate search typically scores (tune_lm_decoder)
 LM_TIME_LIMIT = 48 * 3600.0  # seconds of lm decoding a run may be estimated to need
 LM_TIME_WARNING = 3600.0
