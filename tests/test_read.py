@@ -421,7 +421,7 @@ def test_models_that_cannot_read_ink_are_refused_in_one_line(tiny_model, tmp_pat
     assert len(err) == 1 and "no model to read with" in err[0] and "--load-model" in err[0]
     # the evaluation path refuses a model whose features are not the ones asked for
     assert ih.main(["--task", "iam-ondb", "--load-model", path, "--features", "raw", "--data-dir", "x"]) == 2
-    assert "reads graves25 features, not raw" in capsys.readouterr().err
+    assert "--features raw contradicts the model file, which reads graves25" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", [
