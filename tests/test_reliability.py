@@ -560,22 +560,16 @@ def words_run(tmp_path_factory):
 
 
 def changed(doc, tmp_path, change):
-    import copy
     import json
-    doc = copy.deepcopy(doc)
-    change(doc)
+    from test_figures import edited  # the figure tests' run.json editing helpers
     path = tmp_path / "run.json"
-    path.write_text(json.dumps(doc))
+    path.write_text(json.dumps(edited(doc, change)))
     return path
 
 
 def set_in(keys, value):
-    def change(doc):
-        target = doc
-        for k in keys[:-1]:
-            target = target[k]
-        target[keys[-1]] = value
-    return change
+    from test_figures import set_key
+    return set_key(keys, value)
 
 
 @pytest.mark.parametrize("keys,value,named", [  # ids: the values themselves are unreadable as test ids
