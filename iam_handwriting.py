@@ -16,8 +16,9 @@ Three tasks share one model, one CTC, one set of decoders and one training loop:
   their own slant, size, spacing, baseline, letter shapes, pen inertia, speed
   and tremor; training, validation and test writers are disjoint.
 - iam-ondb: the real IAM-OnDB, for users who have it (the paper's data; it
-  cannot be downloaded here), with the preprocessing and the 25 online
-  features of Liwicki and Bunke (2006) that the paper uses.
+  needs a registration at its official site and may not be redistributed),
+  with the preprocessing and the 25 online features of Liwicki and Bunke
+  (2006) that the paper uses, and early stopping on validation.
 
 What is scaled down: the synthetic data, the network (one BLSTM layer by
 default), the optimiser (Adam on minibatches). Decoding: greedy best path,
@@ -40,7 +41,7 @@ Usage:
     python iam_handwriting.py --task lines --seed 0 --save-json lines.json
     python iam_handwriting.py --task lines --load-model m.npz --decoder lm --dictionary-sizes 1000,5000,20000
     python iam_handwriting.py --task lines --export-iam-ondb DIR   # synthetic lines in the IAM-OnDB format
-    python iam_handwriting.py --task iam-ondb --data-dir DIR --features graves25 --save-json iam.json
+    python iam_handwriting.py --task iam-ondb --data-dir DIR --decoder lm --save-json iam.json   # the paper's experiment
     python iam_handwriting.py --load-model iam.npz --data-dir DIR --decoder lm --oov chars --dictionary-sizes 5000,20000
     python iam_handwriting.py --read line.inkml page.json --json   # read ink with the shipped IAM-OnDB model
     python iam_handwriting.py --serve                              # pen pad at http://127.0.0.1:8009/
