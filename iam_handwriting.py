@@ -5707,8 +5707,7 @@ SHIPPED_MODEL_NOTE = ("the paper's network trained on IAM-OnDB-t1's 5,364 traini
                       "WER 52%% on its 3,859 test lines; IAM-OnDB's terms restrict it to non-commercial research")
 PAD_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "iam_handwriting_pad.html")
 READ_DECODERS = ("greedy", "beam", "lm")
-READ_SETTINGS = ("decoder", "beam_width", "lm_weight", "word_penalty", "lm_beam", "dictionary_size", "lm_file",
-                 "dictionary_file", "oov", "oov_penalty")  # decoding flags that --read and --serve take
+READ_SETTINGS = DECODING_FIELDS  # the decoding flags --read and --serve take
 MAX_INK_BYTES = 4 * 2**20  # a file or stdin; a lineStrokes file of ~570 samples is ~30 kB
 MAX_INK_POINTS = 100_000  # pen samples per input: 300 IAM-OnDB validation lines have a median 584, at most 1,224
 MAX_INK_STROKES = 5_000
@@ -6785,9 +6784,7 @@ def _main(argv):
                 raise UserError(f"--features {args.features} contradicts the model file, which reads {cfg.features}")
             # --data-dir: the data may have moved since training (or was given relative to another folder)
             cfg = check_config(dataclasses.replace(cfg, **{
-                n: getattr(args, n) for n in ("decoder", "beam_width", "lm_weight", "word_penalty", "lm_beam",
-                                              "dictionary_size", "lm_file", "dictionary_file", "oov", "oov_penalty",
-                                              "data_dir") if flag_given(getattr(args, n))}))
+                n: getattr(args, n) for n in DECODING_FIELDS + ("data_dir",) if flag_given(getattr(args, n))}))
         else:
             task = TASKS[args.task or "words"]
             check_task_arguments(args, task)
