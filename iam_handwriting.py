@@ -6806,6 +6806,9 @@ def _main(argv):
         checkpoint = None
         if args.save_model and params is None and output_target(args.save_model, "model file")[0] == "file":
             checkpoint = checkpoint_path(args.save_model)
+            if output_target(checkpoint, "checkpoint")[0] != "file":  # reading or rewriting a FIFO would block
+                raise UserError(f"checkpoint {checkpoint!r} is a FIFO or a device, not a regular file; "
+                                "move it or choose another --save-model")
             check_writable(checkpoint, "checkpoint")
         params, result = train_and_evaluate(cfg, params, verbose=not args.quiet, log=log, status=status,
                                             experiment=experiment, dictionary_size=max(args.dictionary_sizes or [0]),

@@ -96,3 +96,12 @@ def test_a_checkpoint_member_that_declares_too_much_is_refused_before_it_is_read
     assert bomb.stat().st_size < 2**20
     with pytest.raises(ih.UserError, match="declares 67,108,864 bytes"):
         ih.load_checkpoint(str(bomb), cfg)
+
+
+def test_a_fifo_where_the_checkpoint_goes_is_refused_before_any_work(tmp_path, capsys):
+    """Reading it to resume, or rewriting it after an epoch, would block forever."""
+    import os
+    os.mkfifo(tmp_path / "m.npz.checkpoint")
+    for extra in ([], ["--resume"]):
+        code = ih.main(["--task", "lines", "--quick", "--quiet", "--save-model", str(tmp_path / "m.npz"), *extra])
+        assert code == 2 and "is a FIFO or a device, not a regular file" in capsys.readouterr().err
