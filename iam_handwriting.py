@@ -138,6 +138,10 @@ class RunConfig:
     features: str = _setting("raw", "network input: raw (dx, dy, pen_up) or graves25 (the paper's 25 features)",
                              choices=FEATURE_SETS)
     alphabet: str = _setting("", "iam-ondb: the characters the model reads, set from the training transcriptions")
+    augment: float = _setting(0.0, "iam-ondb: strength of a fresh random distortion of every training line each "
+                                   "epoch (1: shear up to 0.15, x and y scale and resampling step by up to e^0.1, "
+                                   "rotation up to 0.02 rad, elastic x warp up to 0.1 corpus heights); 0: none",
+                              low=0.0, high=2.0)
     # network input
     input_gain: float = _setting(12.0, "one sample spacing of pen movement enters the network as this", above=0.0,
                                  high=1e4)
@@ -2033,7 +2037,39 @@ def _read_only(a):
     return a
 
 
-def preprocess(points, stroke, times=None, spacing=IAM_SPACING):
+@dataclass(frozen=True)
+class Distortion:
+    """A random change of one line's height-normalised ink (corpus heights, baseline y = 0),
+    for training augmentation. It acts after the skew and slant corrections, which would
+    otherwise undo most of it, and before speed, delayed strokes and resampling."""
+
+    matrix: np.ndarray  # (2, 2) applied to every point: shear, x and y scale, a small rotation
+    warp_amplitude: float  # x += a sin(2 pi x / wavelength + phase): letters locally wider or narrower
+    warp_wavelength: float  # corpus heights; a / wavelength is small enough to keep x monotone
+    warp_phase: float
+    spacing_factor: float  # the resampling step times this: the same ink in fewer or more samples
+
+
+def draw_distortion(rng, strength):
+    """A Distortion whose every part scales with `strength` (0..2; see RunConfig.augment)."""
+    def within(r):
+        return rng.uniform(-r, r) * strength
+    shear, x_scale, y_scale, angle = within(0.15), np.exp(within(0.1)), np.exp(within(0.1)), within(0.02)
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    # dx'/dx = 1 + 2 pi a / wavelength cos(...) >= 1 - 2 pi 0.2 / 2 > 0 at strength 2: no ink folds back.
+    return Distortion(rotation @ np.array([[x_scale, shear], [0.0, y_scale]]), rng.uniform(0, 0.1) * strength,
+                      rng.uniform(2.0, 5.0), rng.uniform(0, 2 * np.pi), float(np.exp(within(0.1))))
+
+
+def apply_distortion(points, distortion):
+    """(N, 2) points moved by the Distortion's matrix, then warped along x."""
+    moved = points @ distortion.matrix.T
+    moved[:, 0] += distortion.warp_amplitude * np.sin(2 * np.pi * moved[:, 0] / distortion.warp_wavelength
+                                                      + distortion.warp_phase)
+    return moved
+
+
+def preprocess(points, stroke, times=None, spacing=IAM_SPACING, distortion=None):
     """Liwicki-Bunke normalisation of one IAM-OnDB line -> Preprocessed.
 
     points (N, 2) sensor units with y DOWN (as in the XML), stroke (N,) non-decreasing ids,
@@ -2042,7 +2078,8 @@ def preprocess(points, stroke, times=None, spacing=IAM_SPACING):
     measure speed, remove delayed strokes (kept as hat ranges), resample every `spacing`
     corpus heights. A line of one point, identical points or a single vertical stroke gives
     a short, finite result (T >= 2); an empty line, or one that would resample to more than
-    MAX_LINE_SAMPLES points, raises ValueError.
+    MAX_LINE_SAMPLES points, raises ValueError. A Distortion (training augmentation) moves
+    the normalised points and scales the resampling step.
     """
     points, stroke, times = validate_line(points, stroke, times)
     points = flip_to_y_up(points)
@@ -2052,6 +2089,8 @@ def preprocess(points, stroke, times=None, spacing=IAM_SPACING):
     points, slant = correct_slant(points, stroke)
     baseline, corpus = fit_baseline_and_corpus(points, stroke)
     points, corpus_height = normalise_height(points, baseline, corpus)
+    if distortion is not None:
+        points, spacing = apply_distortion(points, distortion), spacing * distortion.spacing_factor
     speed = point_speed(points, stroke, times)  # (N,) corpus heights / s
     keep, hat_ranges = remove_delayed_strokes(points, stroke)
     points, stroke, speed, source = points[keep], relabel_strokes(stroke[keep]), speed[keep], source[keep]
@@ -2528,11 +2567,14 @@ def line_features(pre, features):
 
 
 def _featurise_line(args):
-    """One IAM-OnDB line as a Sample without labels (they need the alphabet)."""
-    line, features = args
+    """One IAM-OnDB line as a Sample without labels (they need the alphabet); with an
+    augmentation (strength, seed), distorted by the Distortion that seed draws."""
+    line, features, augmentation = args
     where = line.path or line.line_id
+    distortion = None if augmentation is None else \
+        draw_distortion(np.random.default_rng(augmentation[1]), augmentation[0])
     try:
-        pre = preprocess(line.points, line.stroke, line.times)
+        pre = preprocess(line.points, line.stroke, line.times, distortion=distortion)
     except ValueError as e:
         raise IamOnDbBoundError(f"{where}: {e}") from None
     traj = line_features(pre, features)
@@ -2567,28 +2609,43 @@ def iam_ondb_data(cfg, streams, parallel_map, log):
     paper's 80 + blank); a validation or test character outside it cannot be
     produced, so it counts as an error, and a warning says how many there are.
     Features are standardised with training-set statistics (graves25), or
-    scaled by the input gain per resampling step (raw).
+    scaled by the input gain per resampling step (raw). With cfg.augment, each
+    epoch's training lines are featurised afresh from their ink, each under its
+    own Distortion drawn from the epoch's data stream; the normalisation stays
+    that of the undistorted lines.
     """
     if not cfg.data_dir:
         raise UserError("--task iam-ondb needs --data-dir, the IAM-OnDB folder")
     t0 = time.perf_counter()
     lines, summary = load_iam_ondb(cfg.data_dir, log)
     t1 = time.perf_counter()
-    # A few hundred lines at a time, so that the workers' pickled results stay small next to the features.
-    samples = {split: [s for i in range(0, len(split_lines), FEATURISE_BATCH) for s in parallel_map(
-        _featurise_line, [(line, cfg.features) for line in split_lines[i:i + FEATURISE_BATCH]])]
-        for split, split_lines in lines.items() if split_lines}
+
+    def featurise(split_lines, seeds=None):
+        # A few hundred lines at a time, so that the workers' pickled results stay small next to the features.
+        jobs = [(line, cfg.features, None if seeds is None else (cfg.augment, int(seed)))
+                for line, seed in zip(split_lines, [None] * len(split_lines) if seeds is None else seeds)]
+        return [s for i in range(0, len(jobs), FEATURISE_BATCH)
+                for s in parallel_map(_featurise_line, jobs[i:i + FEATURISE_BATCH])]
+
+    samples = {split: featurise(split_lines) for split, split_lines in lines.items() if split_lines}
+    # Augmentation featurises the training ink afresh each epoch, so it keeps the ink.
+    train_lines = lines["train"] if cfg.augment else None
     del lines
     t2 = time.perf_counter()
     n_lines = sum(len(s) for s in samples.values())
     log(f"preprocessed and featurised {n_lines} lines ({cfg.features}) in {t2 - t1:.1f} s "
         f"({n_lines / max(t2 - t1, 1e-9):.0f} lines/s; reading the files took {t1 - t0:.1f} s)")
     alphabet = cfg.alphabet or "".join(sorted({c for s in samples["train"] for c in s.text}))
-    unknown = Counter()
-    for split_samples in samples.values():
+
+    def label(split_samples):
         for s in split_samples:
-            unknown.update(c for c in s.text if c not in alphabet)
             s.labels = encode("".join(c for c in s.text if c in alphabet), alphabet)
+        return split_samples
+
+    unknown = Counter(c for split_samples in samples.values() for s in split_samples for c in s.text
+                      if c not in alphabet)
+    for split_samples in samples.values():
+        label(split_samples)
     if unknown:
         log(f"warning: {sum(unknown.values())} characters of the evaluation lines are not in the training "
             f"alphabet and count as errors: {', '.join(f'{c!r} x{n}' for c, n in unknown.most_common(5))}")
@@ -2605,9 +2662,18 @@ def iam_ondb_data(cfg, streams, parallel_map, log):
             "read_seconds": t1 - t0, "featurise_seconds": t2 - t1}
     lm_texts = {"train": tuple(s.text for s in train),
                 "validation": tuple(s.text for s in eval_sets.get("validation", []))}  # never the test lines
-    return TaskData(alphabet, eval_sets, lambda rng, parallel_map: train, len(train), shift, scale,
+    n_train = len(train)
+    if cfg.augment:
+        del train, samples["train"]  # the clean features served only for the normalisation
+
+        def training_samples(rng, parallel_map):
+            return label(featurise(train_lines, rng.integers(2**63, size=len(train_lines))))
+    else:
+        def training_samples(rng, parallel_map):
+            return train
+    return TaskData(alphabet, eval_sets, training_samples, n_train, shift, scale,
                     JUMP_SQUASH * cfg.input_gain, short_and_median(eval_sets["test"], "test"), info,
-                    training_held=True, lm_texts=lm_texts)
+                    training_held=not cfg.augment, lm_texts=lm_texts)
 
 
 def export_lines_task(cfg, out_dir, log=print):
@@ -2652,7 +2718,7 @@ TASKS = {
                   dict(hidden=100, batch_size=8, epochs=22, lr=1e-2, lr_final=0.1, workers=2),
                   dict(hidden=32, epochs=2, lines_per_epoch=160, eval_lines_per_writer=2), lines_data),
     "iam-ondb": Task("iam-ondb", None, ("validation",), "writer", ("greedy", "beam", "lm"),
-                     LM_OPTIONS + ("data_dir", "features"),
+                     LM_OPTIONS + ("data_dir", "features", "augment"),
                      dict(hidden=100, batch_size=8, epochs=25, lr=1e-2, lr_final=0.1, workers=2, patience=6,
                           features="graves25"),
                      dict(hidden=32, epochs=2, patience=0), iam_ondb_data),
@@ -5485,7 +5551,7 @@ def load_checkpoint(path, cfg):
 # the fields added since take their defaults. Any other missing field is refused.
 FIELDS_ADDED_AFTER_SCHEMA_1 = ("task", "lines_per_epoch", "eval_lines_per_writer", "data_dir", "features",
                                "workers", "dictionary_size", "lm_weight", "word_penalty", "lm_beam", "alphabet", "patience",
-                               "weight_noise", "oov", "oov_penalty", "lm_file", "dictionary_file")
+                               "weight_noise", "oov", "oov_penalty", "lm_file", "dictionary_file", "augment")
 
 
 def config_from_file(saved):
@@ -6521,16 +6587,16 @@ class OneLineParser(argparse.ArgumentParser):
 
 # Flags that set a RunConfig field of the same name.
 CONFIG_FLAGS = ("task", "seed", "epochs", "hidden", "layers", "batch_size", "lr", "workers", "patience", "weight_noise",
-                "lines_per_epoch",
+                "lines_per_epoch", "augment",
                 "data_dir", "features", "decoder", "beam_width", "lm_weight", "word_penalty", "lm_beam",
                 "dictionary_size", "lm_file", "dictionary_file", "oov", "oov_penalty")
 TRAINING_FLAGS = ("seed", "hidden", "layers", "unidirectional", "epochs", "batch_size", "lr", "quick", "workers",
-                  "patience", "weight_noise", "lines_per_epoch", "resume")
+                  "patience", "weight_noise", "lines_per_epoch", "augment", "resume")
 FLAG_NAMES = {"lm_file": "--lm", "dictionary_file": "--dictionary"}  # flags not spelled like their field
 # Flags only some tasks take (a Task's `options` names the ones it takes).
 TASK_FLAGS = ("lexicon_sizes", "dictionary_sizes", "lm_weight", "word_penalty", "lm_beam", "dictionary_size",
               "export_iam_ondb", "data_dir", "features", "lines_per_epoch", "lm_file", "dictionary_file", "oov",
-              "oov_penalty", "experiment_split")
+              "oov_penalty", "experiment_split", "augment")
 
 
 def _default_text(name):
@@ -6566,6 +6632,7 @@ def build_parser():
     setting("--workers")
     setting("--patience")
     setting("--weight-noise")
+    setting("--augment")
     setting("--lines-per-epoch")
     setting("--data-dir", metavar="DIR")
     setting("--features", metavar="{" + ",".join(FEATURE_SETS) + "}")

@@ -698,3 +698,50 @@ def test_an_alphabet_that_cannot_spell_the_dictionary_is_refused_before_training
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "dictionary needs the letters" in lines[0], r.stderr
     assert "epoch" not in r.stdout
+
+
+# Augmentation of the real ink (--augment)
+
+@pytest.fixture(scope="module")
+def augment_folder(tmp_path_factory, rendered_lines):
+    folder = tmp_path_factory.mktemp("augment")
+    ih.export_iam_ondb(folder, {"train": rendered_lines[:3], "validation": rendered_lines[3:4],
+                                "test": rendered_lines[4:6]}, log=quiet)
+    return folder
+
+
+def test_distortion_of_strength_zero_changes_nothing_and_strength_two_keeps_x_monotone(augment_folder):
+    line = ih.load_iam_ondb(augment_folder, log=quiet)[0]["train"][0]
+    plain = ih.preprocess(line.points, line.stroke, line.times)
+    zero = ih.preprocess(line.points, line.stroke, line.times,
+                         distortion=ih.draw_distortion(np.random.default_rng(1), 0.0))
+    assert np.array_equal(plain.points, zero.points) and np.array_equal(plain.speed, zero.speed)
+    strong = ih.preprocess(line.points, line.stroke, line.times,
+                           distortion=ih.draw_distortion(np.random.default_rng(1), 2.0))
+    assert not np.array_equal(plain.points[:10], strong.points[:10])
+    rng = np.random.default_rng(2)
+    x = np.linspace(0, 40, 4001)[:, None] * np.array([[1.0, 0.0]])
+    for _ in range(200):
+        moved = ih.apply_distortion(x, ih.draw_distortion(rng, 2.0))
+        assert (np.diff(moved[:, 0]) > 0).all()  # the warp never folds the ink back
+
+
+def augmented_epochs(folder, augment, seed=0, epochs=2):
+    cfg = ih.RunConfig(task="iam-ondb", data_dir=str(folder), features="graves25", augment=augment)
+    data = ih.iam_ondb_data(cfg, ih.make_streams(seed), ih.serial_map, quiet)
+    rng = np.random.default_rng(seed)
+    return data, [data.training_samples(rng, ih.serial_map) for _ in range(epochs)]
+
+
+def test_augmentation_draws_fresh_labelled_lines_each_epoch_and_repeats_with_the_seed(augment_folder):
+    data, (first, second) = augmented_epochs(augment_folder, 1.0)
+    clean, (held, _) = augmented_epochs(augment_folder, 0.0)
+    assert not data.training_held and clean.training_held and data.epoch_size == clean.epoch_size == 3
+    assert [s.labels for s in first] == [s.labels for s in held] and all(s.labels for s in first)
+    assert all(not np.array_equal(a.traj, b.traj) for a, b in zip(first, second))
+    assert all(not np.array_equal(a.traj, b.traj) for a, b in zip(first, held))
+    assert np.array_equal(data.input_scale, clean.input_scale)  # normalised by the undistorted lines
+    _, (again, _) = augmented_epochs(augment_folder, 1.0)
+    assert all(np.array_equal(a.traj, b.traj) for a, b in zip(first, again))
+    # Still the same ink: its length changes by little more than the resampling factor.
+    assert all(0.6 < len(a.traj) / len(b.traj) < 1.6 for a, b in zip(first, held))

@@ -168,10 +168,10 @@ def test_finite_but_huge_coordinates_are_refused_naming_the_file(tmp_path, relat
 def test_a_line_whose_features_are_not_finite_is_refused_naming_it(monkeypatch):
     line = ih.InkLine("a01-000u-01", "a01-000u", "w", "train", "a", np.array([[0.0, 0.0], [1.0, 1.0]]),
                       np.array([0, 0]), np.array([0.0, 0.02]), "lineStrokes/x.xml")
-    assert np.isfinite(ih._featurise_line((line, "raw")).traj).all()
+    assert np.isfinite(ih._featurise_line((line, "raw", None)).traj).all()
     monkeypatch.setattr(ih, "pen_trajectory", lambda xy, stroke: np.full((len(xy), 3), 1e39))  # inf in float32
     with pytest.raises(IamOnDbError, match=r"lineStrokes/x.xml: its raw features are not finite"):
-        ih._featurise_line((line, "raw"))
+        ih._featurise_line((line, "raw", None))
 
 
 def test_two_files_for_one_line_skip_their_form_and_are_counted(tmp_path):
