@@ -158,6 +158,9 @@ class RunConfig:
     lr_final: float = _setting(0.1, "the step size decays linearly to lr * lr_final by the last step", low=0.0,
                                high=1.0)
     grad_clip: float = _setting(5.0, "global-norm gradient clip", above=0.0, high=1e6)
+    init_from: str = _setting("", "start training from this saved model's LSTM weights instead of random ones "
+                                  "(pretraining, e.g. on synthetic lines); the output weights of the blank and "
+                                  "of the characters both alphabets share are kept, the others drawn afresh")
     weight_noise: float = _setting(0.0, "std of Gaussian noise added to every weight for each step's gradient "
                                         "(Graves 2011; the update applies to the noise-free weights)", low=0.0, high=1.0)
     workers: int = _setting(1, "processes sharing each training batch (gradients summed)", low=1, high=16)
@@ -2781,6 +2784,19 @@ def init_params(rng, hidden=64, layers=1, bidirectional=True, in_dim=IN_DIM, n_c
     return params
 
 
+def transfer_params(params, alphabet, source, source_alphabet):
+    """params (a fresh init) with the LSTM weights of `source`, a params dict of the
+    same network, and the output weights (columns of out_W, entries of out_b) of the
+    blank and of every character of `alphabet` that `source_alphabet` also has.
+    The other output columns keep their fresh values."""
+    moved = {k: (source[k] if k.startswith("lstm") else v).astype(v.dtype) for k, v in params.items()}
+    shared = [(1 + i, 1 + source_alphabet.index(c)) for i, c in enumerate(alphabet) if c in source_alphabet]
+    to, of = np.array([0] + [t for t, _ in shared]), np.array([0] + [f for _, f in shared])
+    moved["out_W"][:, to] = source["out_W"][:, of]
+    moved["out_b"][to] = source["out_b"][of]
+    return moved
+
+
 def model_shape(params):
     """(layers, directions, hidden) read off a params dict."""
     layers = sum(1 for k in params if k.endswith("_Wh"))
@@ -5045,6 +5061,12 @@ def fit(cfg, task, data, streams, timer, pool=None, log=print, progress=None, st
     if state is None:
         params = {k: v.astype(dtype) for k, v in init_params(
             streams["init"], cfg.hidden, cfg.layers, cfg.bidirectional, feature_dim(cfg), n_classes(cfg)).items()}
+        if cfg.init_from:
+            source, source_cfg = load_model(cfg.init_from)
+            params = transfer_params(params, data.alphabet, source, source_cfg.alphabet or TASKS[source_cfg.task].alphabet)
+            log(f"initialised the LSTM from {cfg.init_from} ({source_cfg.task} model; output weights of "
+                f"{len(set(data.alphabet) & set(source_cfg.alphabet or TASKS[source_cfg.task].alphabet))} shared "
+                f"characters and the blank kept)")
         state = TrainingState(0, params, adam_init(params), {}, [], 0, 0, None, 0.0)
     else:
         for name, bit_state in state.streams.items():
@@ -5551,7 +5573,8 @@ def load_checkpoint(path, cfg):
 # the fields added since take their defaults. Any other missing field is refused.
 FIELDS_ADDED_AFTER_SCHEMA_1 = ("task", "lines_per_epoch", "eval_lines_per_writer", "data_dir", "features",
                                "workers", "dictionary_size", "lm_weight", "word_penalty", "lm_beam", "alphabet", "patience",
-                               "weight_noise", "oov", "oov_penalty", "lm_file", "dictionary_file", "augment")
+                               "weight_noise", "oov", "oov_penalty", "lm_file", "dictionary_file", "augment",
+                               "init_from")
 
 
 def config_from_file(saved):
@@ -6587,11 +6610,11 @@ class OneLineParser(argparse.ArgumentParser):
 
 # Flags that set a RunConfig field of the same name.
 CONFIG_FLAGS = ("task", "seed", "epochs", "hidden", "layers", "batch_size", "lr", "workers", "patience", "weight_noise",
-                "lines_per_epoch", "augment",
+                "lines_per_epoch", "augment", "init_from",
                 "data_dir", "features", "decoder", "beam_width", "lm_weight", "word_penalty", "lm_beam",
                 "dictionary_size", "lm_file", "dictionary_file", "oov", "oov_penalty")
 TRAINING_FLAGS = ("seed", "hidden", "layers", "unidirectional", "epochs", "batch_size", "lr", "quick", "workers",
-                  "patience", "weight_noise", "lines_per_epoch", "augment", "resume")
+                  "patience", "weight_noise", "lines_per_epoch", "augment", "init_from", "resume")
 FLAG_NAMES = {"lm_file": "--lm", "dictionary_file": "--dictionary"}  # flags not spelled like their field
 # Flags only some tasks take (a Task's `options` names the ones it takes).
 TASK_FLAGS = ("lexicon_sizes", "dictionary_sizes", "lm_weight", "word_penalty", "lm_beam", "dictionary_size",
@@ -6632,6 +6655,7 @@ def build_parser():
     setting("--workers")
     setting("--patience")
     setting("--weight-noise")
+    setting("--init-from", metavar="MODEL")
     setting("--augment")
     setting("--lines-per-epoch")
     setting("--data-dir", metavar="DIR")
@@ -6699,7 +6723,7 @@ def flag_given(value):
     return value is not None and value is not False
 
 
-PATH_FLAGS = ("load_model", "save_json", "save_model", "export_iam_ondb", "data_dir")
+PATH_FLAGS = ("load_model", "save_json", "save_model", "export_iam_ondb", "data_dir", "init_from")
 EXPORT_FLAGS = ("task", "seed", "lines_per_epoch", "quick", "quiet", "export_iam_ondb")  # what an export reads
 
 
@@ -6741,6 +6765,22 @@ def check_task_arguments(args, task):
     if args.decoder is not None and args.decoder not in task.decoders:
         raise UserError(f"--decoder {args.decoder} is not available for the {task.name} task "
                         f"(choose from {', '.join(task.decoders)})")
+
+
+def check_init_model(cfg):
+    """The --init-from model, read before any work: UserError unless its LSTM has the
+    shape this run trains (its output layer may have other characters)."""
+    if not cfg.init_from:
+        return
+    params, source = load_model(cfg.init_from)
+    want = {k: v.shape for k, v in init_params(_NoDraws(), cfg.hidden, cfg.layers, cfg.bidirectional,
+                                               feature_dim(cfg), n_classes(cfg)).items() if k.startswith("lstm")}
+    have = {k: v.shape for k, v in params.items() if k.startswith("lstm")}
+    if want != have:
+        raise UserError(f"--init-from {cfg.init_from!r}: its LSTM (hidden {source.hidden}, layers {source.layers}, "
+                        f"{'bi' if source.bidirectional else 'uni'}directional, {source.features} features) does "
+                        f"not fit this run's (hidden {cfg.hidden}, layers {cfg.layers}, "
+                        f"{'bi' if cfg.bidirectional else 'uni'}directional, {cfg.features} features)")
 
 
 def check_lm_files(cfg):
@@ -6860,6 +6900,7 @@ def _main(argv):
             if path == "":
                 raise UserError(f"{flag} '': the path is empty")
         check_lm_files(cfg)
+        check_init_model(cfg)
         if args.export_iam_ondb:
             check_export_folder(args.export_iam_ondb)
             export_lines_task(cfg, args.export_iam_ondb, log)

@@ -182,3 +182,18 @@ def test_bad_input_exits_2_with_one_line_and_no_traceback(args, message, tmp_pat
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert message in lines[0]
     assert "error" in lines[0]
+
+
+def test_init_from_a_model_starts_from_its_weights_and_refuses_one_of_another_shape(quick_run, tmp_path):
+    folder, _, _ = quick_run
+    started = cli("--quick", "--seed", 3, "--epochs", 0, "--init-from", folder / "model.npz",
+                  "--save-json", tmp_path / "started.json")
+    loaded = cli("--load-model", folder / "model.npz", "--save-json", tmp_path / "loaded.json")
+    assert started.returncode == loaded.returncode == 0, started.stderr + loaded.stderr
+    assert "initialised the LSTM from" in started.stdout
+    final = [json.loads((tmp_path / f"{name}.json").read_text())["final"] for name in ("started", "loaded")]
+    assert final[0] == final[1]
+    r = cli("--quick", "--hidden", 16, "--init-from", folder / "model.npz")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "does not fit this run's (hidden 16" in lines[0], r.stderr
+    assert "epoch" not in r.stdout

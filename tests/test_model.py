@@ -3,7 +3,7 @@ central finite differences of every parameter, and padding invariance."""
 import numpy as np
 import pytest
 
-from iam_handwriting import N_CLASSES, backward, ctc_loss, forward, init_params, model_shape
+from iam_handwriting import N_CLASSES, backward, ctc_loss, forward, init_params, model_shape, transfer_params
 
 ARCHITECTURES = {
     "bidirectional": dict(layers=1, bidirectional=True),
@@ -165,3 +165,14 @@ def test_weight_noise_takes_the_gradient_at_noisy_weights_and_updates_the_clean_
     ih.train_step(clean, ih.adam_init(clean), samples, 0.01, dataclasses.replace(cfg, weight_noise=0.0), data,
                   ih.Timer(), None, np.random.default_rng(7))
     assert not np.allclose(clean["out_W"], noisy_run["out_W"])
+
+
+def test_transfer_params_keeps_the_lstm_and_the_output_of_shared_characters():
+    fresh = init_params(np.random.default_rng(0), 4, 2, True, 3, 1 + 4)  # alphabet "abxy"
+    source = init_params(np.random.default_rng(1), 4, 2, True, 3, 1 + 3)  # alphabet "yab"
+    moved = transfer_params(fresh, "abxy", source, "yab")
+    assert all(np.array_equal(moved[k], source[k]) for k in source if k.startswith("lstm"))
+    for to, of in ((0, 0), (1, 2), (2, 3), (4, 1)):  # blank, a, b, y
+        assert np.array_equal(moved["out_W"][:, to], source["out_W"][:, of]) and moved["out_b"][to] == source["out_b"][of]
+    assert np.array_equal(moved["out_W"][:, 3], fresh["out_W"][:, 3])  # x: not in the source, fresh
+    assert fresh["out_W"] is not moved["out_W"] and not np.array_equal(fresh["out_W"], moved["out_W"])
