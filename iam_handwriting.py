@@ -6773,8 +6773,9 @@ def check_init_model(cfg):
     if not cfg.init_from:
         return
     params, source = load_model(cfg.init_from)
+    # The output layer is left out: IAM-OnDB's alphabet is only known once the data is read.
     want = {k: v.shape for k, v in init_params(_NoDraws(), cfg.hidden, cfg.layers, cfg.bidirectional,
-                                               feature_dim(cfg), n_classes(cfg)).items() if k.startswith("lstm")}
+                                               feature_dim(cfg), 1).items() if k.startswith("lstm")}
     have = {k: v.shape for k, v in params.items() if k.startswith("lstm")}
     if want != have:
         raise UserError(f"--init-from {cfg.init_from!r}: its LSTM (hidden {source.hidden}, layers {source.layers}, "

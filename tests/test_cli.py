@@ -197,3 +197,12 @@ def test_init_from_a_model_starts_from_its_weights_and_refuses_one_of_another_sh
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "does not fit this run's (hidden 16" in lines[0], r.stderr
     assert "epoch" not in r.stdout
+
+
+def test_init_from_is_checked_before_an_iam_ondb_run_reads_its_alphabet(quick_run):
+    import iam_handwriting as ih
+    folder, _, _ = quick_run
+    model = str(folder / "model.npz")
+    ih.check_init_model(ih.RunConfig(task="iam-ondb", features="raw", hidden=32, init_from=model))  # fits
+    with pytest.raises(ih.UserError, match="does not fit"):
+        ih.check_init_model(ih.RunConfig(task="iam-ondb", features="graves25", hidden=32, init_from=model))
