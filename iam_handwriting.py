@@ -214,6 +214,49 @@ def check_config(cfg):
     return cfg
 
 
+# -- Tasks --
+# A task is a small value: its alphabet, how it makes its data, its splits and
+# its default settings. The model, CTC, decoders, training loop, run.json and
+# the figures are written once and take a task.
+
+
+@dataclass
+class TaskData:
+    """One run's data for a task."""
+
+    alphabet: str  # class 1 + i is alphabet[i]; 0 is the blank
+    eval_sets: dict  # split name -> [Sample], in report order
+    training_samples: Callable  # (rng, parallel_map) -> [Sample] for one epoch
+    epoch_size: int  # training samples per epoch
+    input_shift: np.ndarray  # (D,) the network reads (traj - shift) * scale
+    input_scale: np.ndarray  # (D,)
+    input_squash: float  # > 0: inputs pass through squash * tanh(x / squash) (pad_batch); 0: as they are
+    alignment_picks: list  # [(split, index)]: samples whose CTC alignment run.json keeps (short, long)
+    info: dict  # run.json "split": what the splits hold
+    training_held: bool = False  # True: training_samples returns samples already in memory (not drawn per epoch)
+    lm_texts: dict = field(default_factory=dict)  # {"train", "validation": transcriptions} for the real-English LM
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    alphabet: str | None  # class 1 + i is alphabet[i]; None: read from the data (cfg.alphabet)
+    monitor: tuple  # evaluation splits scored after every epoch (all are scored at the end)
+    group_by: str  # run.json keeps per-group error counts: "word" (per_word) or "writer" (per_writer)
+    decoders: tuple  # decoders the final evaluation may use
+    options: tuple  # command-line options that only this task takes
+    defaults: dict  # RunConfig overrides: the task's headline run
+    quick: dict  # further overrides for --quick
+    make_data: Callable  # (cfg, streams, parallel_map, log) -> TaskData
+    shown: tuple = ("cer", "wer")  # metrics the epoch log lines show
+    bucket: int = 16  # training batches of similar length, drawn from groups of this many (0: any lengths)
+
+
+def n_classes(cfg):
+    """K: the blank plus the task's characters."""
+    return 1 + len(cfg.alphabet or TASKS[cfg.task].alphabet)
+
+
 # ---------------------------------------------------------------------------
 # Samples, alphabets and pen paths
 # ---------------------------------------------------------------------------
@@ -300,6 +343,2545 @@ def pen_trajectory(xy, stroke):
     pen_up is 1 on the first sample of every stroke."""
     dxy = np.diff(xy, axis=0, prepend=xy[:1])
     return np.column_stack([dxy, stroke_starts(stroke).astype(float)])
+
+
+# ---------------------------------------------------------------------------
+# Network input
+# ---------------------------------------------------------------------------
+
+
+def pad_batch(samples, shift, scale, dtype=np.float64, squash=0.0):
+    """Stack trajectories into zero-padded network inputs x = (traj - shift) * scale,
+    then, if squash > 0, x = squash * tanh(x / squash).
+
+    The squash leaves ordinary pen steps almost as they are and bounds the
+    jumps between strokes, which in a text line are tens of sample spacings
+    long. Returns X (T, B, D) and lengths (B,); sequences are left-aligned.
+    """
+    lengths = np.array([len(s.traj) for s in samples])
+    T, B, D = int(lengths.max()), len(samples), samples[0].traj.shape[1]
+    X = np.zeros((T, B, D), dtype=dtype)
+    time_idx = np.concatenate([np.arange(n) for n in lengths])
+    batch_idx = np.repeat(np.arange(B), lengths)
+    x = (np.concatenate([s.traj for s in samples]) - shift) * scale
+    X[time_idx, batch_idx] = squash * np.tanh(x / squash) if squash else x
+    return X, lengths
+
+
+# ---------------------------------------------------------------------------
+# BLSTM
+# ---------------------------------------------------------------------------
+# Parameters are a flat dict. Layer l has, for R directions stacked on axis 0,
+#   lstm{l}_Wx (R, D_l, 4H), lstm{l}_Wh (R, H, 4H), lstm{l}_b (R, 4H),
+# with gate blocks ordered [i, f, g, o]; the output layer is out_W (R*H, K),
+# out_b (K,). Both directions run through the same LSTM code at once: the
+# backward direction simply reads each sequence reversed in time.
+#
+#   i, f, o = sigmoid(.),  g = tanh(.)   of  x_t Wx + h_{t-1} Wh + b
+#   c_t = f * c_{t-1} + i * g,   h_t = o * tanh(c_t)
+#
+# All four gate nonlinearities are one tanh: sigmoid(z) = 0.5 tanh(z / 2) + 0.5.
+
+
+def init_params(rng, hidden=64, layers=1, bidirectional=True, in_dim=None, n_classes=None):
+    """Uniform(+-1/sqrt(H)) weights, zero biases except the forget gate at 1.0.
+    in_dim and n_classes default to the words task's (IN_DIM, N_CLASSES)."""
+    in_dim = IN_DIM if in_dim is None else in_dim
+    n_classes = N_CLASSES if n_classes is None else n_classes
+    R, H = (2 if bidirectional else 1), hidden
+    scale = 1.0 / np.sqrt(H)
+    params = {}
+    for layer in range(layers):
+        d_in = in_dim if layer == 0 else R * H
+        params[f"lstm{layer}_Wx"] = rng.uniform(-scale, scale, (R, d_in, 4 * H))
+        params[f"lstm{layer}_Wh"] = rng.uniform(-scale, scale, (R, H, 4 * H))
+        bias = np.zeros((R, 4 * H))
+        bias[:, H:2 * H] = 1.0  # forget gate open: remember by default early on
+        params[f"lstm{layer}_b"] = bias
+    out_scale = 1.0 / np.sqrt(R * H)
+    params["out_W"] = rng.uniform(-out_scale, out_scale, (R * H, n_classes))
+    params["out_b"] = np.zeros(n_classes)
+    return params
+
+
+def model_shape(params):
+    """(layers, directions, hidden) read off a params dict."""
+    layers = sum(1 for k in params if k.endswith("_Wh"))
+    R, H, _ = params["lstm0_Wh"].shape
+    return layers, R, H
+
+
+def _gate_scales(H, dtype):
+    """scale, shift (4H,) with act = tanh(scale * z) * scale + shift for gates [i, f, g, o].
+
+    scale is 1/2 for the sigmoid gates and 1 for g, so d act / d z =
+    scale^2 * (1 - tanh^2): the constant scale^2 is applied to the weights,
+    not to every time step.
+    """
+    half, one = np.full(H, 0.5), np.ones(H)
+    scale = np.concatenate([half, half, one, half])
+    shift = np.concatenate([half, half, 0 * one, half])
+    return scale.astype(dtype), shift.astype(dtype)
+
+
+def reverse_time_index(lengths, T):
+    """(T, B) index that reverses each sequence within its own length.
+
+    Padding stays in place, so reversed sequences are still left-aligned and
+    padded at the end. Applying the gather twice is the identity.
+    """
+    t = np.arange(T)[:, None]
+    return np.where(t < lengths, lengths - 1 - t, t)
+
+
+def lstm_forward(Wx, Wh, b, X):
+    """Run R independent LSTMs over left-aligned, end-padded inputs.
+
+    Wx (R, D, 4H), Wh (R, H, 4H), b (R, 4H), X (R, T, B, D).
+    Returns hidden states Hs (R, T, B, H) and the cache for lstm_backward.
+    Padding needs no mask: it only ever follows a sequence's last step.
+    """
+    R, T, B, D = X.shape
+    H = Wh.shape[1]
+    scale, shift = _gate_scales(H, X.dtype)
+    # One matmul projects every step's input; U then holds tanh(scale * z).
+    U = np.matmul(X.reshape(R, T * B, D), Wx * scale).reshape(R, T, B, 4 * H)
+    U += (b * scale)[:, None, None, :]
+    Wh_scaled = Wh * scale
+    A = np.empty((R, T, B, 4 * H), X.dtype)  # gate activations [i, f, g, o]
+    C = np.empty((R, T, B, H), X.dtype)  # cell states
+    TC = np.empty((R, T, B, H), X.dtype)  # tanh(c)
+    Hs = np.empty((R, T, B, H), X.dtype)
+    recurrent = np.empty((R, B, 4 * H), X.dtype)
+    h = np.zeros((R, B, H), X.dtype)
+    c = np.zeros((R, B, H), X.dtype)
+    for t in range(T):
+        u, a = U[:, t], A[:, t]
+        np.matmul(h, Wh_scaled, out=recurrent)
+        u += recurrent
+        np.tanh(u, out=u)
+        np.multiply(u, scale, out=a)
+        a += shift
+        np.multiply(a[..., H:2 * H], c, out=C[:, t])  # f * c_{t-1}
+        C[:, t] += a[..., :H] * a[..., 2 * H:3 * H]  # + i * g
+        np.tanh(C[:, t], out=TC[:, t])
+        np.multiply(a[..., 3 * H:], TC[:, t], out=Hs[:, t])  # o * tanh(c)
+        h, c = Hs[:, t], C[:, t]
+    return Hs, (X, U, A, C, TC, Hs)
+
+
+def lstm_backward(Wx, Wh, cache, dHs):
+    """Back-propagation through time for lstm_forward.
+
+    dHs (R, T, B, H) is dLoss/dh_t from above. Returns dX (R, T, B, D) and
+    (dWx, dWh, db) with the shapes of (Wx, Wh, b).
+    """
+    X, U, A, C, TC, Hs = cache
+    R, T, B, H = Hs.shape
+    D = X.shape[-1]
+    scale, _ = _gate_scales(H, A.dtype)
+    k = scale * scale  # d act / d z = k * (1 - u^2); k is applied to the weights
+    WhT_k = (Wh * k).transpose(0, 2, 1).copy()  # (R, 4H, H), contiguous for BLAS
+    dZ = np.empty_like(A)  # dLoss / dz divided by k, (R, T, B, 4H)
+    d_act = np.empty((R, B, 4 * H), A.dtype)  # dLoss / d[i, f, g, o]
+    dh_next = np.zeros((R, B, H), A.dtype)
+    dc_next = np.zeros((R, B, H), A.dtype)
+    c_zero = np.zeros((R, B, H), A.dtype)
+    for t in reversed(range(T)):
+        a, tc, dz = A[:, t], TC[:, t], dZ[:, t]
+        dh = dHs[:, t] + dh_next
+        # dc_t = dh_t * o * (1 - tanh(c_t)^2) + dc_{t+1} * f_{t+1}
+        dc = tc * tc
+        np.subtract(1.0, dc, out=dc)
+        dc *= a[..., 3 * H:]
+        dc *= dh
+        dc += dc_next
+        np.multiply(dc, a[..., 2 * H:3 * H], out=d_act[..., :H])  # di = dc * g
+        np.multiply(dc, C[:, t - 1] if t else c_zero, out=d_act[..., H:2 * H])  # df = dc * c_{t-1}
+        np.multiply(dc, a[..., :H], out=d_act[..., 2 * H:3 * H])  # dg = dc * i
+        np.multiply(dh, tc, out=d_act[..., 3 * H:])  # do = dh * tanh(c)
+        np.multiply(U[:, t], U[:, t], out=dz)
+        np.subtract(1.0, dz, out=dz)
+        dz *= d_act
+        dh_next = dz @ WhT_k
+        dc_next = dc * a[..., H:2 * H]
+    # Weight gradients: one matmul over all time steps each (h_{-1} = 0).
+    dZ_flat = dZ.reshape(R, T * B, 4 * H)
+    dWx = (X.reshape(R, T * B, D).transpose(0, 2, 1) @ dZ_flat) * k
+    dWh = (Hs[:, :-1].reshape(R, (T - 1) * B, H).transpose(0, 2, 1)
+           @ dZ[:, 1:].reshape(R, (T - 1) * B, 4 * H)) * k
+    db = dZ_flat.sum(axis=1) * k
+    dX = (dZ_flat @ (Wx * k).transpose(0, 2, 1)).reshape(R, T, B, D)
+    return dX, (dWx, dWh, db)
+
+
+def forward(params, X, lengths):
+    """BLSTM -> linear -> log-softmax.
+
+    X (T, B, D), lengths (B,). Returns log_probs (T, B, K) and a cache for
+    `backward`. Rows beyond a sequence's length are finite but meaningless.
+    """
+    layers, R, H = model_shape(params)
+    dtype = params["out_W"].dtype
+    T, B, _ = X.shape
+    lengths = np.asarray(lengths)
+    rev = reverse_time_index(lengths, T)  # (T, B)
+    cols = np.arange(B)
+    inp = np.asarray(X, dtype)
+    layer_caches = []
+    for layer in range(layers):
+        # Direction 1 reads every sequence backwards from its own last sample.
+        X_dirs = np.stack([inp, inp[rev, cols]] if R == 2 else [inp])  # (R, T, B, D)
+        Hs, lc = lstm_forward(params[f"lstm{layer}_Wx"], params[f"lstm{layer}_Wh"],
+                              params[f"lstm{layer}_b"], X_dirs)
+        outs = [Hs[0], Hs[1][rev, cols]] if R == 2 else [Hs[0]]  # back to forward time
+        layer_caches.append((inp, lc))
+        inp = np.concatenate(outs, axis=-1)  # (T, B, R*H)
+    logits = inp @ params["out_W"] + params["out_b"]  # (T, B, K)
+    logits -= logits.max(axis=-1, keepdims=True)
+    log_probs = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+    mask = np.arange(T)[:, None] < lengths  # (T, B)
+    return log_probs, (layer_caches, inp, rev, mask)
+
+
+def backward(params, cache, grad_logits):
+    """Gradients of the loss for every parameter, given dLoss/dlogits (T, B, K).
+
+    Steps beyond each sequence's length are ignored.
+    """
+    layer_caches, top, rev, mask = cache
+    layers, R, H = model_shape(params)
+    T, B, K = grad_logits.shape
+    cols = np.arange(B)
+    dlogits = (grad_logits * mask[..., None]).astype(top.dtype)
+    grads = {
+        "out_W": top.reshape(T * B, -1).T @ dlogits.reshape(T * B, K),
+        "out_b": dlogits.sum(axis=(0, 1)),
+    }
+    dinp = dlogits @ params["out_W"].T  # (T, B, R*H)
+    for layer in reversed(range(layers)):
+        inp, lc = layer_caches[layer]
+        dHs = np.stack([dinp[..., :H], dinp[rev, cols, H:]] if R == 2 else [dinp])  # (R, T, B, H)
+        dX, (dWx, dWh, db) = lstm_backward(params[f"lstm{layer}_Wx"], params[f"lstm{layer}_Wh"], lc, dHs)
+        grads[f"lstm{layer}_Wx"], grads[f"lstm{layer}_Wh"], grads[f"lstm{layer}_b"] = dWx, dWh, db
+        dinp = dX[0] + dX[1][rev, cols] if R == 2 else dX[0]
+    return grads
+
+
+# ---------------------------------------------------------------------------
+# CTC
+# ---------------------------------------------------------------------------
+# Graves, Fernandez, Gomez, Schmidhuber (2006). The extended label sequence
+# l' puts a blank around every label: S = 2L + 1 states. alpha[t, s] is the
+# log-probability of all alignment prefixes of length t + 1 ending in state s;
+# the backward variables are the same recursion run on the time- and
+# label-reversed problem, so one function computes both.
+
+
+def extend_targets(targets):
+    """Pad a list of B label sequences into extended labels.
+
+    Returns ext (B, S) class ids (blank at even s), label lengths L (B,) and
+    the skip mask (B, S): s may be entered from s - 2 (a label that differs
+    from the label two states back).
+    """
+    L = np.array([len(y) for y in targets], dtype=int)
+    B, L_max = len(targets), int(L.max(initial=0))
+    ext = np.zeros((B, 2 * L_max + 1), dtype=int)
+    if L.sum():
+        flat = np.concatenate([np.asarray(y, dtype=int) for y in targets])
+        rows = np.repeat(np.arange(B), L)
+        pos = np.arange(len(flat)) - np.repeat(np.cumsum(L) - L, L)
+        ext[rows, 2 * pos + 1] = flat
+    return ext, L, _skip_mask(ext)
+
+
+def _skip_mask(ext):
+    skip = np.zeros(ext.shape, dtype=bool)
+    skip[:, 2:] = (ext[:, 2:] != BLANK) & (ext[:, 2:] != ext[:, :-2])
+    return skip
+
+
+def ctc_alpha(log_emit, skip):
+    """Forward variables in log space.
+
+    log_emit (T, B, S): log y_t(l'_s), -inf for states past a label's end.
+    skip (B, S). Returns alpha (T, B, S).
+
+    Each step sums three predecessors in log space as m + log(sum exp(x - m))
+    with m their elementwise maximum: exact like np.logaddexp, but about twice
+    as fast at line scale, because exp and log are vectorised and logaddexp is not.
+    """
+    T, B, S = log_emit.shape
+    # Two columns of -inf on the left make the s-1 and s-2 predecessors views.
+    alpha = np.full((T, B, S + 2), -np.inf)
+    alpha[0, :, 2:4] = log_emit[0, :, :2]  # start in the first blank or the first label
+    skip_penalty = np.where(skip, 0.0, -np.inf)
+    jump, top, total, term = (np.empty((B, S)) for _ in range(4))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for t in range(1, T):
+            prev = alpha[t - 1]
+            # stay in s, or advance from s - 1 (blank <-> label), or jump over a
+            # blank from s - 2 when the two labels differ
+            stay, advance = prev[:, 2:], prev[:, 1:-1]
+            np.add(prev[:, :-2], skip_penalty, out=jump)
+            np.maximum(stay, advance, out=top)
+            np.maximum(top, jump, out=top)
+            np.maximum(top, -1e300, out=top)  # where no path reaches s, any finite shift gives exp(-inf) = 0
+            np.exp(np.subtract(stay, top, out=total), out=total)
+            total += np.exp(np.subtract(advance, top, out=term), out=term)
+            total += np.exp(np.subtract(jump, top, out=term), out=term)
+            out = alpha[t, :, 2:]
+            np.log(total, out=out)
+            out += top
+            out += log_emit[t]
+    return alpha[:, :, 2:]
+
+
+def _ctc_problem(log_probs, input_lengths, targets):
+    """Validate the inputs and gather each target's emission log-probabilities.
+
+    Returns lp (T, B, K) float64, lengths (B,), ext (B, S), n_states (B,),
+    log_emit (T, B, S) with -inf past each target's extended length, skip (B, S).
+    """
+    lp = np.asarray(log_probs, dtype=np.float64)
+    T, B, K = lp.shape
+    lengths = np.asarray(input_lengths, dtype=int)
+    if lengths.shape != (B,) or len(targets) != B:
+        raise ValueError(f"need {B} input lengths and {B} targets, got {lengths.shape} and {len(targets)}")
+    if B and (lengths.min() < 1 or lengths.max() > T):
+        raise ValueError(f"input lengths must lie in 1..{T}, got {lengths.min()}..{lengths.max()}")
+    ext, L, skip = extend_targets(targets)
+    if L.sum() and (ext.max() >= K or np.concatenate([np.asarray(y) for y in targets]).min() < 1):
+        raise ValueError(f"target labels must lie in 1..{K - 1}")
+    n_states = 2 * L + 1
+    state_ok = np.arange(ext.shape[1]) < n_states[:, None]  # (B, S)
+    log_emit = np.where(state_ok, lp[:, np.arange(B)[:, None], ext], -np.inf)  # (T, B, S)
+    return lp, lengths, ext, n_states, log_emit, skip
+
+
+def _final_log_p(alpha, lengths, n_states):
+    """log p(l|x): paths end in the last label or the final blank at t = T_b - 1."""
+    cols = np.arange(len(lengths))
+    last = alpha[lengths - 1, cols]  # (B, S)
+    before_last = np.where(n_states > 1, last[cols, np.maximum(n_states - 2, 0)], -np.inf)
+    return np.logaddexp(last[cols, n_states - 1], before_last)
+
+
+def ctc_log_likelihood(log_probs, input_lengths, targets):
+    """log p(target | input) (B,) by the forward recursion alone (no gradient)."""
+    _, lengths, _, n_states, log_emit, skip = _ctc_problem(log_probs, input_lengths, targets)
+    return _final_log_p(ctc_alpha(log_emit, skip), lengths, n_states)
+
+
+def ctc_loss(log_probs, input_lengths, targets):
+    """CTC negative log-likelihood and its gradient with respect to the logits.
+
+    log_probs (T, B, K) log-softmax outputs, input_lengths (B,), targets a list
+    of B label sequences with ids in 1..K-1. Returns nll (B,) and grad
+    (T, B, K) = d nll_b / d logits = softmax - posteriors, zero beyond each
+    input length. An impossible alignment (fewer steps than labels plus
+    adjacent repeats) gives nll = inf and a zero gradient.
+    """
+    lp, lengths, ext, n_states, log_emit, skip = _ctc_problem(log_probs, input_lengths, targets)
+    T, B, K = lp.shape
+    S = ext.shape[1]
+    cols = np.arange(B)
+    state_ok = np.arange(S) < n_states[:, None]  # (B, S)
+    # beta is alpha of the time- and label-reversed problem, mapped back; both
+    # recursions run as one over a doubled batch.
+    rev_t = reverse_time_index(lengths, T)[:, :, None]  # (T, B, 1)
+    rev_s = np.where(state_ok, n_states[:, None] - 1 - np.arange(S), np.arange(S))  # (B, S)
+    gather = (rev_t, cols[None, :, None], rev_s[None])
+    both = ctc_alpha(np.concatenate([log_emit, log_emit[gather]], axis=1),
+                     np.concatenate([skip, _skip_mask(ext[cols[:, None], rev_s])]))
+    alpha, beta = both[:, :B], both[:, B:][gather]
+    log_p = _final_log_p(alpha, lengths, n_states)
+    possible = np.isfinite(log_p)
+
+    # Posterior of state s at t: alpha * beta / (y_t(l'_s) p); the emission at
+    # t is counted in both alpha and beta, hence divided out once.
+    time_ok = np.arange(T)[:, None] < lengths  # (T, B)
+    keep = time_ok[:, :, None] & state_ok[None] & possible[None, :, None]
+    log_post = np.where(keep, alpha + beta - np.where(keep, log_emit, 0.0)
+                        - np.where(possible, log_p, 0.0)[None, :, None], -np.inf)
+    onehot = (ext[:, :, None] == np.arange(K)) & state_ok[:, :, None]  # (B, S, K)
+    post = (np.exp(log_post).transpose(1, 0, 2) @ onehot).transpose(1, 0, 2)  # (T, B, K)
+    grad = np.where((time_ok & possible)[:, :, None], np.exp(lp) - post, 0.0)
+    return -log_p, grad
+
+
+
+
+# ---------------------------------------------------------------------------
+# Decoding and metrics
+# ---------------------------------------------------------------------------
+
+
+def greedy_decode(log_probs, lengths):
+    """Best path: argmax per step, merge repeats, drop blanks.
+
+    log_probs (T, B, K), lengths (B,). Returns B lists of class ids.
+    """
+    path = np.argmax(log_probs, axis=-1)  # (T, B)
+    T = path.shape[0]
+    prev = np.vstack([np.full((1, path.shape[1]), -1), path[:-1]])
+    keep = (path != BLANK) & (path != prev) & (np.arange(T)[:, None] < np.asarray(lengths))
+    return [path[keep[:, b], b].tolist() for b in range(path.shape[1])]
+
+
+def _edit_table(ref, hyp):
+    """Levenshtein dynamic-programming table as rows: D[i][j] = distance(ref[:i], hyp[:j])."""
+    D = [list(range(len(hyp) + 1))]
+    for i, r in enumerate(ref, 1):
+        above, row = D[-1], [i]
+        for j, h in enumerate(hyp, 1):
+            row.append(min(above[j] + 1, row[j - 1] + 1, above[j - 1] + (r != h)))
+        D.append(row)
+    return D
+
+
+def levenshtein(a, b):
+    """Minimum number of insertions, deletions and substitutions turning a into b."""
+    return _edit_table(a, b)[-1][-1]
+
+
+def edit_alignment(ref, hyp):
+    """One minimal alignment as (ref item or None, hyp item or None) pairs.
+
+    None on the hyp side is a deletion, on the ref side an insertion. Ties
+    prefer match/substitution, then deletion, then insertion.
+    """
+    D = _edit_table(ref, hyp)
+    i, j, pairs = len(ref), len(hyp), []
+    while i or j:
+        if i and j and D[i][j] == D[i - 1][j - 1] + (ref[i - 1] != hyp[j - 1]):
+            pairs.append((ref[i - 1], hyp[j - 1]))
+            i, j = i - 1, j - 1
+        elif i and D[i][j] == D[i - 1][j] + 1:
+            pairs.append((ref[i - 1], None))
+            i -= 1
+        else:
+            pairs.append((None, hyp[j - 1]))
+            j -= 1
+    return pairs[::-1]
+
+
+def cer(pred, target):
+    """Character error rate of one prediction: edits / len(target)."""
+    return levenshtein(target, pred) / max(len(target), 1)
+
+
+def plain_words(text):
+    """The words of `text` case-folded, with every character that is neither a letter nor a
+    digit removed, and words left empty dropped: `"Mr. Brown," he said.` -> mr brown he said."""
+    words = ("".join(c for c in w if c.isalnum()).casefold() for w in text.split())
+    return [w for w in words if w]
+
+
+def error_counts(refs, hyps):
+    """Edit counts over a corpus: characters, character edits, words, word edits, and
+    the words and word edits of plain_words.
+
+    Words are the transcription's space-separated tokens, case and punctuation
+    kept (`said,` is one word); word edits are the Levenshtein distance between
+    the word sequences (substitutions, deletions, insertions), as for the
+    paper's word accuracy. The plain counts ignore case and punctuation, as
+    some papers do.
+    """
+    return {"chars": sum(len(r) for r in refs), "edits": sum(levenshtein(r, h) for r, h in zip(refs, hyps)),
+            "words": sum(len(r.split()) for r in refs),
+            "word_edits": sum(levenshtein(r.split(), h.split()) for r, h in zip(refs, hyps)),
+            "plain_words": sum(len(plain_words(r)) for r in refs),
+            "plain_word_edits": sum(levenshtein(plain_words(r), plain_words(h)) for r, h in zip(refs, hyps))}
+
+
+def rates(counts):
+    """CER = edits / characters, WER = word edits / words and word accuracy = 1 - WER
+    (the paper's measure; for single words it is the share read exactly); wer_plain
+    likewise over plain_words (when counted)."""
+    words = max(counts["words"], 1)
+    out = {"cer": counts["edits"] / max(counts["chars"], 1), "wer": counts["word_edits"] / words,
+           "word_acc": (counts["words"] - counts["word_edits"]) / words}
+    if "plain_words" in counts:
+        out["wer_plain"] = counts["plain_word_edits"] / max(counts["plain_words"], 1)
+    return out
+
+
+def beam_search_decode(log_probs, beam_width=16):
+    """CTC prefix beam search over one sequence (Graves 2012, ch. 7; Hannun 2014).
+
+    log_probs (T, K). Every labeling prefix in the beam carries two
+    log-probabilities: of the alignments so far that collapse to it and end in
+    a blank, and of those that end in its last label. Returns (labels,
+    log_prob), the most probable prefix at the end and its total log
+    probability as accumulated by the search (exact if nothing was pruned).
+    """
+    lp = np.asarray(log_probs, dtype=np.float64)
+    if beam_width < 1:
+        raise ValueError(f"beam_width must be at least 1, got {beam_width}")
+    K = lp.shape[1]
+    prefixes = [()]
+    ends_blank = np.array([0.0])  # (W,)
+    ends_label = np.array([-np.inf])  # (W,)
+    for y in lp:
+        total = np.logaddexp(ends_blank, ends_label)
+        last = np.array([p[-1] if p else BLANK for p in prefixes])  # (W,)
+        # blank: the prefix does not change and now ends in a blank
+        stay_blank = total + y[BLANK]
+        # repeat of the last label with no blank between: merges, prefix unchanged
+        stay_label = np.where(last != BLANK, ends_label + y[last], -np.inf)
+        # extension by label k (W, K-1); repeating the last label needs a blank first
+        extend = total[:, None] + y[None, 1:]
+        repeat = np.flatnonzero(last != BLANK)
+        extend[repeat, last[repeat] - 1] = ends_blank[repeat] + y[last[repeat]]
+        # an extension that spells a prefix already in the beam merges into it
+        index = {p: i for i, p in enumerate(prefixes)}
+        for i, p in enumerate(prefixes):
+            j = index.get(p[:-1]) if p else None
+            if j is not None:
+                stay_label[i] = np.logaddexp(stay_label[i], extend[j, p[-1] - 1])
+                extend[j, p[-1] - 1] = -np.inf
+        # keep the beam_width most probable of all candidates (stable: ties keep order)
+        scores = np.concatenate([np.logaddexp(stay_blank, stay_label), extend.ravel()])
+        keep = np.argsort(-scores, kind="stable")[:beam_width]
+        keep = keep[np.isfinite(scores[keep])] if np.isfinite(scores[keep[0]]) else keep[:1]
+        W = len(prefixes)
+        parent, k = np.divmod(keep - W, K - 1)
+        prefixes = [prefixes[c] if c < W else prefixes[j] + (int(kk) + 1,) for c, j, kk in zip(keep, parent, k)]
+        ends_blank = np.where(keep < W, stay_blank[np.minimum(keep, W - 1)], -np.inf)
+        ends_label = np.where(keep < W, stay_label[np.minimum(keep, W - 1)],
+                              extend.ravel()[np.maximum(keep - W, 0)])
+    total = np.logaddexp(ends_blank, ends_label)
+    best = int(np.argmax(total))
+    return list(prefixes[best]), float(total[best])
+
+
+# Kinds of dictionary entries. How two entries may follow each other without a
+# space (GLUES) is decided by their kinds; see split_token for where they come from.
+WORD, CLITIC, PUNCT, SPELLED = range(4)
+KIND_NAMES = ("word", "clitic", "punctuation", "spelled")
+GLUES = np.zeros((4, 4), bool)  # GLUES[a, b]: entry b may follow entry a with no space between
+GLUES[:, PUNCT] = GLUES[PUNCT, :] = True  # punctuation attaches to anything: 'said,'  '"I'  '(2).'
+GLUES[[WORD, SPELLED], CLITIC] = True  # a clitic attaches to the word before it: "man's"
+GLUES[SPELLED, SPELLED] = True  # a spelled out-of-dictionary token goes on, one character at a time
+
+
+@dataclass(frozen=True)
+class Lexicon:
+    """Dictionary entries as a prefix tree; node 0 is the empty prefix (the root).
+
+    Spelled entries (single characters of out-of-dictionary tokens, kind
+    SPELLED) have a subtree of their own under the root, so an entry "a" and
+    the spelled character "a" are different nodes."""
+
+    words: tuple  # the W entries (their spelling), in the order scores are reported
+    alphabet: str  # the task's characters: class 1 + i is alphabet[i]
+    label: np.ndarray  # (N,) class id of each node's last letter (BLANK at the root)
+    parent: np.ndarray  # (N,) node of the prefix one letter shorter (the root is its own parent)
+    skip: np.ndarray  # (N,) True where the letter differs from its parent's, so no blank is needed between
+    end: np.ndarray  # (W,) node at which each entry ends
+    word_at: np.ndarray  # (N,) the entry ending at each node, -1 for none
+    child_start: np.ndarray  # (N + 1,) the children of node n are children[child_start[n]:child_start[n + 1]]
+    children: np.ndarray  # (N - 1,) every node but the root, grouped by parent
+    kind: np.ndarray  # (W,) WORD, CLITIC, PUNCT or SPELLED
+    lm_id: np.ndarray  # (W,) the language-model word each entry is read as (-1 for spelled characters)
+    cost: np.ndarray  # (W,) log-probability of the spelling given the LM word (its case; a spelled character)
+    glue_to: np.ndarray  # (N, 4) for a child of the root: True if its subtree holds an entry that may follow
+    #                     an entry of that kind with no space (GLUES); False elsewhere
+
+
+def build_lexicon(words, alphabet=None, kind=None, lm_id=None, cost=None):
+    """Prefix tree of `words`; ValueError for an empty lexicon, an empty or repeated word, or a foreign letter.
+
+    alphabet: default the words task's (ALPHABET). kind, lm_id, cost (W,): how
+    the lm decoder reads each entry (default: each a WORD, its own LM word, at
+    no cost)."""
+    alphabet = ALPHABET if alphabet is None else alphabet
+    words = tuple(words)
+    if not words:
+        raise ValueError("the lexicon is empty")
+    W = len(words)
+    kind = np.full(W, WORD) if kind is None else np.asarray(kind)
+    node_of, label, parent = {(False, ""): 0}, [BLANK], [0]
+    for w, k in zip(words, kind):
+        if not w:
+            raise ValueError("the lexicon holds an empty word")
+        ids, tree = encode(w, alphabet), bool(k == SPELLED)  # spelled characters: a subtree of their own
+        for n in range(1, len(w) + 1):
+            if (tree, w[:n]) not in node_of:
+                node_of[tree, w[:n]] = len(label)
+                label.append(ids[n - 1])
+                parent.append(node_of[tree if n > 1 else False, w[:n - 1]])
+    keys = [(bool(k == SPELLED), w) for k, w in zip(kind, words)]
+    if len(set(keys)) < W:
+        raise ValueError(f"the lexicon holds {next(w for (s, w) in keys if keys.count((s, w)) > 1)!r} more than once")
+    label, parent = np.array(label), np.array(parent)
+    skip = label != label[parent]
+    skip[0] = False
+    end = np.array([node_of[k] for k in keys])
+    word_at = np.full(len(label), -1)
+    word_at[end] = np.arange(W)
+    children = np.argsort(parent[1:], kind="stable") + 1
+    child_start = np.searchsorted(parent[children], np.arange(len(label) + 1))
+    first = np.array([node_of[s, w[:1]] for s, w in keys])  # (W,) the root child each entry starts with
+    glue_to = np.zeros((len(label), 4), bool)
+    for a in range(4):
+        glue_to[first[GLUES[a, kind]], a] = True
+    return Lexicon(words, alphabet, label, parent, skip, end, word_at, child_start, children, kind,
+                   np.arange(W) if lm_id is None else np.asarray(lm_id),
+                   np.zeros(W) if cost is None else np.asarray(cost, dtype=float), glue_to)
+
+
+# The CTC recursion on a prefix tree, shared by the single-word lexicon decoder
+# and the language-model decoder. A node has two states: "on its label" (the
+# node's last letter, or the space at a line decoder's root) and "in a blank
+# after it".
+
+
+def entering(parent_on_label, parent_in_blank, skip):
+    """Log mass that may enter a node's label from its parent: from the parent's
+    blank, or straight from the parent's label when the two labels differ."""
+    return np.logaddexp(parent_in_blank, np.where(skip, parent_on_label, -np.inf))
+
+
+def tree_step(on_label, in_blank, enter, emit_label, emit_blank):
+    """One time step: a label is reached by staying on it or by entering it; a
+    blank by staying in it or by leaving the label. Returns the new (on_label, in_blank)."""
+    return np.logaddexp(on_label, enter) + emit_label, np.logaddexp(in_blank, on_label) + emit_blank
+
+
+def lexicon_log_likelihoods(log_probs, lengths, lexicon):
+    """Exact CTC log p(word | x_b) for every lexicon word and sequence: (W, B).
+
+    log_probs (T, B, K), lengths (B,). The CTC forward recursion run on the
+    prefix tree instead of one chain per word (token passing restricted to
+    single words), over every node at once: words sharing a prefix share its
+    computation. The only Python loop is over time.
+    """
+    lp = np.asarray(log_probs, dtype=np.float64).transpose(0, 2, 1)  # (T, K, B)
+    lengths = np.asarray(lengths)
+    N, B = len(lexicon.label), lp.shape[2]
+    parent, skip = lexicon.parent, lexicon.skip[:, None]
+    on_label = np.full((N, B), -np.inf)  # log P(alignment so far spells the node, ends on its letter)
+    in_blank = np.full((N, B), -np.inf)  # ... and ends in a blank after it
+    in_blank[0] = 0.0  # before the first step: the empty prefix, probability one
+    scores = np.full((len(lexicon.words), B), -np.inf)
+    for t in range(lp.shape[0]):
+        emit = lp[t, lexicon.label]  # (N, B)
+        emit[0] = -np.inf  # the root has no letter to be on
+        on_label, in_blank = tree_step(on_label, in_blank, entering(on_label[parent], in_blank[parent], skip),
+                                       emit, lp[t, BLANK])
+        done = np.flatnonzero(lengths == t + 1)
+        if len(done):
+            end = lexicon.end[:, None]
+            scores[:, done] = np.logaddexp(on_label[end, done], in_blank[end, done])
+    return scores
+
+
+def lexicon_decode(log_probs, lexicon, word_log_prior=None):
+    """The most probable dictionary word for one sequence (T, K).
+
+    lexicon: a list of words or a Lexicon. Returns (word, log_prob) with
+    log_prob the exact CTC log-likelihood of the word plus its prior, if given.
+    """
+    lex = lexicon if isinstance(lexicon, Lexicon) else build_lexicon(lexicon)
+    lp = np.asarray(log_probs, dtype=np.float64)
+    scores = lexicon_log_likelihoods(lp[:, None, :], [len(lp)], lex)[:, 0]
+    if word_log_prior is not None:
+        prior = np.asarray(word_log_prior, dtype=np.float64)
+        if prior.shape != scores.shape:
+            raise ValueError(f"word_log_prior needs one value per word ({len(scores)}), got shape {prior.shape}")
+        scores = scores + prior
+    best = int(np.argmax(scores))
+    return lex.words[best], float(scores[best])
+
+
+LEXICON_BATCH = 32  # sequences decoded together against one lexicon
+
+
+def lexicon_decode_many(log_probs_list, lex):
+    """lexicon_decode for a list of (T_i, K) arrays, batched. Returns the words."""
+    words = []
+    for start in range(0, len(log_probs_list), LEXICON_BATCH):
+        lp, lengths = pad_log_probs(log_probs_list[start:start + LEXICON_BATCH])
+        scores = lexicon_log_likelihoods(lp, lengths, lex)  # (W, B)
+        words += [lex.words[i] for i in np.argmax(scores, axis=0)]
+    return words
+
+
+def pad_log_probs(log_probs):
+    """Stack (T_i, K) arrays into (T, B, K), padding with uniform rows. Returns it and lengths (B,)."""
+    lengths = np.array([len(lp) for lp in log_probs])
+    K = log_probs[0].shape[1]
+    out = np.full((int(lengths.max()), len(log_probs), K), -np.log(K))
+    time_idx = np.concatenate([np.arange(n) for n in lengths])
+    out[time_idx, np.repeat(np.arange(len(log_probs)), lengths)] = np.concatenate(log_probs)
+    return out, lengths
+
+
+# The paper's decoder: token passing over a dictionary with a word language model.
+
+LM_START = -1  # the context of a line's first word
+EMISSION_FLOOR = 1e-4  # with pruning on, labels less probable than this at a step are not entered
+
+
+@dataclass(frozen=True)
+class LanguageModel:
+    """A word language model over a dictionary, line start and end included:
+
+        P(w | <s>)  = P(w)                        a line's first word: the word frequencies
+        P(w | v)    = (1 - p_end) P_bigram(w | v) order 2
+                    = (1 - p_end) P(w)            order 1 (the context is ignored)
+        P(</s> | v) = p_end
+
+    Lines start anywhere in a text, so the first word follows the word
+    frequencies (as the line sampler draws it). For every context the
+    probabilities sum to one over the dictionary, plus </s> after a word.
+
+    A model read from an ARPA file has its own start and end rows instead:
+    P(w | <s>) = first[w], P(</s> | v) = end[v], and P(w | v) = P_bigram(w | v)
+    unscaled (order 2); order 1 uses P(w) and p_end for every context.
+    """
+
+    bigram: BigramModel  # over the dictionary, in the lexicon's word order
+    p_end: float
+    order: int  # 1: unigram, 2: bigram
+    first: np.ndarray | None = None  # (V,) P(w | <s>), or None for the word frequencies
+    end: np.ndarray | None = None  # (V,) P(</s> | v), or None for p_end (with P(w | v) scaled by 1 - p_end)
+
+
+def lm_log_prob(lm, prev, nxt):
+    """log P(nxt | prev) for word-id arrays of one shape; prev may be LM_START."""
+    prev, nxt = np.asarray(prev), np.asarray(nxt)
+    start = prev == LM_START
+    p = lm.bigram.unigram[nxt]
+    if lm.order == 2:
+        at_start = p if lm.first is None else lm.first[nxt]
+        p = np.where(start, at_start, bigram_prob(lm.bigram, np.where(start, 0, prev), nxt))
+    scale = 1 - lm.p_end if lm.end is None else 1.0
+    with np.errstate(divide="ignore"):
+        return np.log(np.where(start, p, scale * p))
+
+
+def lm_end_log_prob(lm, prev):
+    """log P(</s> | prev) for a word-id array; prev may be LM_START."""
+    prev = np.asarray(prev)
+    if lm.end is None or lm.order == 1:
+        return np.full(prev.shape, np.log(lm.p_end))
+    with np.errstate(divide="ignore"):
+        return np.log(np.where(prev == LM_START, lm.p_end, lm.end[np.maximum(prev, 0)]))
+
+
+def lm_perplexity(lm, lines, tokenise=str.split):
+    """(perplexity, out-of-dictionary rate) of `lm` on text lines.
+
+    Every in-dictionary word and each line's end is scored; a word after an
+    out-of-dictionary word is scored as a line's first. Out-of-dictionary
+    words cannot be scored by a closed-vocabulary model: they are left out
+    and counted. tokenise: a line -> its LM words (lm_words for real English).
+    """
+    index = {w: i for i, w in enumerate(lm.bigram.words)}
+    prev, nxt, last, n_words, n_oov = [], [], [], 0, 0
+    for line in lines:
+        context = LM_START
+        for word in tokenise(line):
+            n_words += 1
+            i = index.get(word)
+            if i is None:
+                n_oov, context = n_oov + 1, LM_START
+                continue
+            prev.append(context)
+            nxt.append(i)
+            context = i
+        last.append(context)
+    log_p = lm_log_prob(lm, prev, nxt).sum() + lm_end_log_prob(lm, last).sum()
+    return float(np.exp(-log_p / (len(nxt) + len(lines)))), n_oov / max(n_words, 1)
+
+
+LM_SEED = 2006  # lines drawn to estimate p_end
+
+
+@functools.lru_cache(maxsize=1)
+def line_end_probability():
+    """p_end = lines / words over 5,000 lines from the line sampler (a fixed seed):
+    the maximum-likelihood probability that a line ends after a word."""
+    rng = np.random.default_rng(LM_SEED)
+    lines = [sample_line(rng) for _ in range(5000)]
+    return len(lines) / sum(len(line.split()) for line in lines)
+
+
+@functools.lru_cache(maxsize=8)
+def language_model(size, order):
+    """The unigram (order 1) or bigram (order 2) model over the `size` most frequent English words."""
+    return LanguageModel(build_bigram_model(size), line_end_probability(), order)
+
+
+@functools.lru_cache(maxsize=4)
+def dictionary_lexicon(size, alphabet):
+    """Prefix tree of the `size` most frequent English words: the lm decoder's dictionary."""
+    return build_lexicon(english_words()[0][:size], alphabet)
+
+
+def check_dictionary_alphabet(size, alphabet):
+    """UserError unless the `size`-word dictionary can be spelled in `alphabet` (an
+    iam-ondb alphabet comes from its training text and may lack letters). The
+    dictionaries are nested, so the largest one used is the one to check."""
+    missing = set("".join(english_words()[0][:size])) - set(alphabet)
+    if missing:
+        raise UserError(f"the {size}-word dictionary needs the letters {''.join(sorted(missing))!r}, which the "
+                        "training transcriptions never use, so the model cannot output them")
+
+
+# ---------------------------------------------------------------------------
+# Decoding: real English (tokens, case, out-of-dictionary tokens, ARPA and word-list files)
+# ---------------------------------------------------------------------------
+# IAM-OnDB transcriptions are written text with capitals, digits and
+# punctuation, and their tokens are space-separated as written ("Mr . Gaitskell",
+# "said,", '"I', "'s"). The dictionary and the LM see each token split into
+# pieces (split_token); the decoder reads pieces, each either after a space or
+# glued to the one before (GLUES says which kinds may glue), and glue_pieces
+# writes them back. Case: every LM word (lower case) may be written lower case,
+# Capitalised or in CAPITALS; the LM scores the lower-case word and the spelling
+# costs log P(case), estimated from the training transcriptions (case_log_probs).
+# Tokens outside the dictionary (numbers, names) can be spelled character by
+# character (cfg.oov): "chars" costs log(1/A) per character (a uniform
+# character model over the A letters and digits) plus oov_penalty per token;
+# "token" costs oov_penalty per token whatever its length.
+
+CLITICS = ("'s", "'re", "'ve", "'ll", "'m", "'d")  # split off the word before; the n't forms stay whole words
+CASES = ("lower", "capital", "upper")
+
+
+def _is_clitic(piece):
+    return piece.lower() in CLITICS
+
+
+def split_token(token):
+    """A space-free token -> its pieces, which concatenate back to it: trailing
+    and leading punctuation one character each, then a clitic off the word.
+    'said,' -> said ,   '"I' -> " I   "man's" -> man 's   '(2).' -> ( 2 ) .
+    A clitic alone ("'s") and inner punctuation ("don't", "U.S") stay whole."""
+    core, tail = token, []
+    while core and not core[-1].isalnum():
+        tail.append(core[-1])
+        core = core[:-1]
+    lead = []
+    while core and not core[0].isalnum() and not _is_clitic(core):
+        lead.append(core[0])
+        core = core[1:]
+    clitic = [core[-len(c):] for c in CLITICS if len(core) > len(c) and core.lower().endswith(c)
+              and core[-len(c) - 1].isalnum()][:1]
+    if clitic:
+        core = core[:-len(clitic[0])]
+    return lead + ([core] if core else []) + clitic + tail[::-1]
+
+
+def split_line(text):
+    """A transcription -> [(piece, glued)], glued True where the piece follows the
+    previous one with no space; glue_pieces inverts it (for single-spaced text)."""
+    return [(piece, i > 0) for token in text.split() for i, piece in enumerate(split_token(token))]
+
+
+def glue_pieces(pieces):
+    """[(piece, glued)] -> the text, with a space before every piece not glued."""
+    return "".join(piece if glued or i == 0 else " " + piece for i, (piece, glued) in enumerate(pieces))
+
+
+def lm_words(text):
+    """The language model's tokens of a transcription: its pieces, lower-cased."""
+    return [piece.lower() for piece, _ in split_line(text)]
+
+
+def piece_kind(piece):
+    """WORD, CLITIC or PUNCT (no letter or digit) for one piece."""
+    return CLITIC if _is_clitic(piece) else WORD if any(c.isalnum() for c in piece) else PUNCT
+
+
+def spellings(word):
+    """{case: spelling} of a lower-case LM word: as it is, Capitalised, in CAPITALS."""
+    return {"lower": word, "capital": word[:1].upper() + word[1:], "upper": word.upper()}
+
+
+def case_log_probs(texts):
+    """{case: log P(case)} from the word pieces of `texts` with at least two letters
+    (one letter cannot tell Capitalised from CAPITALS); add-one smoothed, so no texts
+    give 1/3 each. Mixed case ("McDonald") counts as none of the three."""
+    counts = dict.fromkeys(CASES, 1)
+    for text in texts:
+        for piece, _ in split_line(text):
+            if sum(c.isalpha() for c in piece) >= 2:
+                for case, spelled in spellings(piece.lower()).items():
+                    if piece == spelled:
+                        counts[case] += 1
+                        break
+    total = sum(counts.values())
+    return {case: math.log(n / total) for case, n in counts.items()}
+
+
+def reading_lexicon(words, alphabet, case_logp, oov="none"):
+    """The lm decoder's Lexicon for LM words `words` (lower case, in LM id order).
+
+    Each word enters as each distinct spelling (spellings) the alphabet can
+    write, at cost log P(case), renormalised over those spellings (spellings
+    that coincide, as "I" for Capitalised and CAPITALS, add up); a word the
+    alphabet cannot write at all is left out. oov "chars" or "token" adds every
+    letter and digit of the alphabet as a SPELLED entry (see OOV_MODES)."""
+    letters = set(alphabet)
+    entries, kind, lm_id, cost = [], [], [], []
+    for i, w in enumerate(words):
+        variants = {}
+        for case, spelled in spellings(w).items():
+            if spelled and set(spelled) <= letters:
+                variants[spelled] = np.logaddexp(variants.get(spelled, -np.inf), case_logp[case])
+        total = np.logaddexp.reduce(list(variants.values())) if variants else 0.0
+        for spelled, lp in variants.items():
+            entries.append(spelled)
+            kind.append(piece_kind(w))
+            lm_id.append(i)
+            cost.append(lp - total)
+    if oov != "none":
+        chars = [c for c in alphabet if c.isalnum()]
+        for c in chars:
+            entries.append(c)
+            kind.append(SPELLED)
+            lm_id.append(-1)
+            cost.append(-math.log(len(chars)) if oov == "chars" else 0.0)
+    return build_lexicon(entries, alphabet, np.array(kind, int), np.array(lm_id, int), cost)
+
+
+# The real-English model: symspellpy's counts and the training transcriptions,
+# interpolated with weights fitted on the validation transcriptions (EM), which
+# are also where the decoder's weights are tuned; never the test lines.
+
+def mixture_weight(p1, p2, iterations=100):
+    """The weight w maximising sum log(w p1 + (1 - w) p2) over tokens (EM), for two
+    models' probabilities p1, p2 (n,) of the same held-out tokens."""
+    keep = (p1 > 0) | (p2 > 0)
+    if not keep.any():
+        return 0.5
+    p1, p2, w = p1[keep], p2[keep], 0.5
+    for _ in range(iterations):
+        w = float(np.mean(w * p1 / (w * p1 + (1 - w) * p2)))
+    return w
+
+
+@dataclass(frozen=True)
+class EnglishCounts:
+    """Unigram statistics of the real-English model over the union of symspellpy's
+    words and the training pieces, most probable first."""
+
+    words: tuple  # (U,) lower-case LM words
+    prob: np.ndarray  # (U,) P(w) = lam P_train(w) + (1 - lam) P_symspell(w)
+    lam: float  # the training text's weight, fitted on the validation pieces
+    p_end: float  # training lines / training pieces
+
+
+def _line_pairs(lines, index):
+    """Consecutive (v, w) id pairs within each line of LM words, both in `index`."""
+    pairs = [(index[a], index[b]) for line in lines for a, b in zip(line, line[1:]) if a in index and b in index]
+    return np.array(pairs, dtype=np.int64).reshape(-1, 2)
+
+
+@functools.lru_cache(maxsize=2)
+def english_counts(train, validation):
+    """EnglishCounts from the training and validation transcriptions (tuples of lines)."""
+    sym_words, sym_counts = english_words()
+    train_lines = [lm_words(t) for t in train]
+    train_counts = Counter(w for line in train_lines for w in line)
+    words = list(sym_words) + sorted(set(train_counts) - set(sym_words))
+    index = {w: i for i, w in enumerate(words)}
+    p_sym = np.zeros(len(words))
+    p_sym[:len(sym_words)] = sym_counts / sym_counts.sum()
+    p_train = np.zeros(len(words))
+    for w, n in train_counts.items():
+        p_train[index[w]] = n
+    p_train /= max(p_train.sum(), 1)
+    held_out = [index[w] for t in validation for w in lm_words(t) if w in index]
+    lam = mixture_weight(p_train[held_out], p_sym[held_out]) if held_out else 0.5
+    prob = lam * p_train + (1 - lam) * p_sym
+    order = np.argsort(-prob, kind="stable")
+    n_pieces = sum(len(line) for line in train_lines)
+    return EnglishCounts(tuple(words[i] for i in order), prob[order], lam,
+                         len(train_lines) / n_pieces if n_pieces else line_end_probability())
+
+
+@functools.lru_cache(maxsize=8)
+def english_language_model(train, validation, words, order):
+    """The real-English LanguageModel over the LM words `words` (a tuple):
+
+        P(w)     = english_counts' unigram, restricted to `words` and renormalised
+                   (a word neither source holds gets the smallest probability)
+        P(w | v) = mu P_symspell(w | v) + (1 - mu) P_train(w | v)
+
+    with each bigram absolutely discounted onto P(w) (discounted_pairs), so the
+    mixture is again of BigramModel's form; mu is fitted on the validation pairs.
+    p_end is the training lines' rate of line ends per piece."""
+    counts = english_counts(train, validation)
+    at = {w: i for i, w in enumerate(counts.words)}
+    V, index = len(words), {w: i for i, w in enumerate(words)}
+    uni = np.array([counts.prob[at[w]] if w in at else 0.0 for w in words])
+    uni = np.where(uni > 0, uni, uni[uni > 0].min() if (uni > 0).any() else 1.0)
+    uni /= uni.sum()
+    sym_index = {w: i for i, w in enumerate(english_words()[0])}
+    sym_to_ours = np.full(len(sym_index), -1)
+    for w, i in sym_index.items():
+        if w in index:
+            sym_to_ours[i] = index[w]
+    first, second, c = english_pairs()
+    v, w = sym_to_ours[first], sym_to_ours[second]
+    keep = (v >= 0) & (w >= 0)
+    components = [discounted_pairs(v[keep], w[keep], c[keep] / c.min(), V)]
+    train_pairs = _line_pairs([lm_words(t) for t in train], index)
+    keys, n = np.unique(train_pairs[:, 0] * V + train_pairs[:, 1], return_counts=True)
+    components.append(discounted_pairs(keys // V, keys % V, n.astype(float), V))
+    models = [BigramModel(tuple(words), uni, k, p, b, d) for k, p, b, d in components]
+    held = _line_pairs([lm_words(t) for t in validation], index)
+    mu = mixture_weight(*(bigram_prob(m, held[:, 0], held[:, 1]) for m in models)) if len(held) else 0.5
+    key = np.concatenate([components[0][0], components[1][0]])
+    prob = np.concatenate([mu * components[0][1], (1 - mu) * components[1][1]])
+    merged, where = np.unique(key, return_inverse=True)
+    bigram = BigramModel(tuple(words), uni, merged, np.bincount(where, weights=prob),
+                         mu * components[0][2] + (1 - mu) * components[1][2], components[1][3])
+    return LanguageModel(bigram, counts.p_end, order)
+
+
+# Files: an ARPA n-gram model (--lm) and a word list (--dictionary). Both are
+# read whole, within a size bound, and every defect is one UserError line.
+
+MAX_LM_FILE_BYTES = 100 * 2**20  # about 3 million n-grams, a few GB once parsed into Python objects
+MAX_NGRAMS = 5_000_000  # declared in an ARPA header
+
+
+def read_text_file(path, what):
+    """A regular file's text (UTF-8), or one UserError line naming `what` and the cause."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise UserError(f"{what} {path!r}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError(f"{what} {path!r} is not a regular file")
+    if st.st_size > MAX_LM_FILE_BYTES:
+        raise UserError(f"{what} {path!r} is {st.st_size / 2**20:.0f} MiB; at most {MAX_LM_FILE_BYTES // 2**20} MiB "
+                        "are read")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_LM_FILE_BYTES + 1)
+    except OSError as e:
+        raise UserError(f"{what} {path!r}: {e.strerror}") from None
+    if len(data) > MAX_LM_FILE_BYTES:
+        raise UserError(f"{what} {path!r} is larger than {MAX_LM_FILE_BYTES // 2**20} MiB")
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise UserError(f"{what} {path!r} holds binary data (a NUL byte at offset {nul}), not text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {path!r} is not UTF-8 text (byte {e.start})") from None
+
+
+def _arpa_number(text, where):
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"{where}: {text[:40]!r} is not a number") from None
+    if not math.isfinite(value) or value > 0:
+        raise UserError(f"{where}: {text[:40]!r} is not a finite log10 value of at most 0")
+    return value
+
+
+@dataclass(frozen=True)
+class ArpaModel:
+    """The unigrams and bigrams of an ARPA file (log10 values; higher orders are ignored)."""
+
+    unigram: dict  # word -> (log10 p, log10 backoff)
+    bigram: dict  # (v, w) -> log10 p
+    ignored_orders: tuple  # orders above 2 the file declared
+
+
+@functools.lru_cache(maxsize=2)
+def read_arpa(path):
+    """Parse an ARPA n-gram file (what KenLM and SRILM write) with the standard library.
+
+    Layout: "\\data\\", "ngram N=count" lines, then per order "\\N-grams:" and
+    lines of "log10p w1 .. wN [log10 backoff]", then "\\end\\". Unigrams and
+    bigrams are used; higher orders are skipped (the decoder is a bigram
+    decoder). Words are lower-cased, as the LM scores lower-case words (the more
+    probable of two that then coincide is kept). UserError on any defect."""
+    text = read_text_file(path, "--lm")
+    lines = [line.strip() for line in text.split("\n")]
+    i = 0
+    while i < len(lines) and not lines[i]:
+        i += 1
+    if i == len(lines) or lines[i] != "\\data\\":
+        raise UserError(f"--lm {path!r} is not an ARPA file: it does not start with \\data\\")
+    declared, i = {}, i + 1
+    while i < len(lines) and lines[i].startswith("ngram "):
+        m = re.fullmatch(r"ngram\s+(\d+)\s*=\s*(\d+)", lines[i])
+        if not m or int(m[1]) < 1 or int(m[1]) in declared:
+            raise UserError(f"--lm {path!r} line {i + 1}: expected 'ngram N=count', got {lines[i][:60]!r}")
+        declared[int(m[1])] = int(m[2])
+        i += 1
+    if 1 not in declared:
+        raise UserError(f"--lm {path!r}: the \\data\\ header declares no unigrams ('ngram 1=count')")
+    if sum(declared.values()) > MAX_NGRAMS:
+        raise UserError(f"--lm {path!r} declares {sum(declared.values())} n-grams; at most {MAX_NGRAMS} are read")
+    grams, listed, order, ended = {n: {} for n in declared}, Counter(), None, False
+    for i in range(i, len(lines)):
+        line, where = lines[i], f"--lm {path!r} line {i + 1}"
+        if not line:
+            continue
+        if line == "\\end\\":
+            ended = True
+            break
+        m = re.fullmatch(r"\\(\d+)-grams:", line)
+        if m:
+            order = int(m[1])
+            if order not in declared:
+                raise UserError(f"{where}: a \\{order}-grams: section the header does not declare")
+            continue
+        if order is None:
+            raise UserError(f"{where}: expected a \\N-grams: section, got {line[:60]!r}")
+        if order > 2:
+            continue
+        fields = line.split()
+        if len(fields) not in (order + 1, order + 2):
+            raise UserError(f"{where}: expected log10p, {order} word{'s' if order > 1 else ''} and an optional "
+                            f"backoff, got {line[:60]!r}")
+        logp = _arpa_number(fields[0], where)
+        backoff = _arpa_number(fields[-1], where) if len(fields) == order + 2 else 0.0
+        key = tuple(w.lower() for w in fields[1:order + 1])
+        known = grams[order].get(key)
+        if known is None or known[0] < logp:
+            grams[order][key] = (logp, backoff)
+        listed[order] += 1
+    if not ended:
+        raise UserError(f"--lm {path!r} has no \\end\\ line: the file is cut short")
+    for n in (1, 2):
+        if n in declared and listed[n] != declared[n]:
+            raise UserError(f"--lm {path!r}: the header declares {declared[n]} {n}-grams, the file lists {listed[n]}")
+    if ("</s>",) not in grams[1]:
+        raise UserError(f"--lm {path!r} has no </s> unigram, so a line cannot end")
+    return ArpaModel(grams[1], {k: p for k, (p, _) in grams.get(2, {}).items()},
+                     tuple(n for n in sorted(declared) if n > 2))
+
+
+ARPA_SPECIAL = ("<s>", "</s>", "<unk>")
+
+
+def arpa_vocabulary(arpa):
+    """The ARPA model's words, most probable first (<s>, </s> and <unk> left out)."""
+    words = [w for (w,) in arpa.unigram if w not in ARPA_SPECIAL]
+    return tuple(sorted(words, key=lambda w: -arpa.unigram[w,][0]))
+
+
+@functools.lru_cache(maxsize=8)
+def arpa_language_model(path, words, order):
+    """The LanguageModel of an ARPA file over the LM words `words` (a tuple), in ARPA semantics:
+
+        P(w | v) = 10^p(v w) if the pair is listed, else 10^(bo(v) + p(w)),
+
+    with <s> and </s> as listed (first and end). A word the file does not list
+    is <unk>, and UserError if the file has no <unk>."""
+    arpa = read_arpa(path)
+    missing = [w for w in words if (w,) not in arpa.unigram]
+    if missing and ("<unk>",) not in arpa.unigram:
+        raise UserError(f"--lm {path!r} has no <unk>, and {len(missing)} dictionary words are not in it "
+                        f"(e.g. {missing[0]!r})")
+    unk = arpa.unigram.get(("<unk>",), (-99.0, 0.0))
+
+    def uni(w):
+        return arpa.unigram.get((w,), unk)
+
+    index = {w: i for i, w in enumerate(words)}
+    p = 10.0 ** np.array([uni(w)[0] for w in words])  # (V,)
+    bo = 10.0 ** np.array([uni(w)[1] for w in words])
+    pairs = [(index[v], index[w], q) for (v, w), q in arpa.bigram.items() if v in index and w in index]
+    v, w, q = (np.array(x) for x in zip(*pairs)) if pairs else (np.zeros(0, int), np.zeros(0, int), np.zeros(0))
+    key = v.astype(np.int64) * len(words) + w
+    sort = np.argsort(key)
+    # listed part = 10^p(v w) - bo(v) P(w), so that listed + bo(v) P(w) is the ARPA probability
+    bigram = BigramModel(tuple(words), p, key[sort], (10.0 ** q - bo[v] * p[w])[sort], bo, 0.0)
+    bo_start, p_stop = 10.0 ** uni("<s>")[1], 10.0 ** arpa.unigram["</s>",][0]
+    first = np.array([10.0 ** arpa.bigram[("<s>", x)] if ("<s>", x) in arpa.bigram else bo_start * p[i]
+                      for i, x in enumerate(words)])
+    end = np.array([10.0 ** arpa.bigram[(x, "</s>")] if (x, "</s>") in arpa.bigram else bo[i] * p_stop
+                    for i, x in enumerate(words)])
+    return LanguageModel(bigram, p_stop, order if arpa.bigram else 1, first, end)
+
+
+MAX_WORD_LENGTH = 100  # characters in one dictionary word
+
+
+@functools.lru_cache(maxsize=2)
+def read_word_list(path):
+    """A dictionary file: one word per line, most frequent first (the order sizes
+    cut at), blank lines skipped, repeats (after lower-casing) kept once; UserError
+    on anything else."""
+    words, seen = [], set()
+    for i, line in enumerate(read_text_file(path, "--dictionary").split("\n")):
+        word = line.strip()
+        if not word:
+            continue
+        where = f"--dictionary {path!r} line {i + 1}"
+        if len(word.split()) > 1:
+            raise UserError(f"{where} holds more than one word ({word[:60]!r}); the file has one word per line")
+        if len(word) > MAX_WORD_LENGTH or not word.isprintable():
+            raise UserError(f"{where}: {word[:40]!r} is not a word (unprintable or over {MAX_WORD_LENGTH} characters)")
+        if word.lower() not in seen:
+            seen.add(word.lower())
+            words.append(word.lower())
+    if not words:
+        raise UserError(f"--dictionary {path!r} holds no words")
+    return tuple(words)
+
+
+# Which dictionary and LM a run decodes with: the word-list and ARPA files if
+# given, else the real-English model when the task has transcriptions (iam-ondb),
+# else symspellpy's lower-case words (lines).
+
+def ranked_lm_words(cfg, texts):
+    """Every LM word the decoder may use, most probable first (dictionary sizes cut this)."""
+    if cfg.dictionary_file:
+        return read_word_list(cfg.dictionary_file)
+    if cfg.lm_file:
+        return arpa_vocabulary(read_arpa(cfg.lm_file))
+    if texts:
+        return english_counts(texts["train"], texts["validation"]).words
+    return english_words()[0]
+
+
+@functools.lru_cache(maxsize=8)
+def _reading_lexicon(words, alphabet, train, oov):
+    return reading_lexicon(words, alphabet, case_log_probs(train), oov)
+
+
+def decoder_lexicon(cfg, alphabet, texts, size):
+    """The lm decoder's Lexicon: the `size` most probable LM words, in every spelling the alphabet can write."""
+    words = ranked_lm_words(cfg, texts)[:size]
+    if not (cfg.dictionary_file or cfg.lm_file or texts) and cfg.oov == "none":
+        return dictionary_lexicon(size, alphabet)  # symspellpy's lower-case words, the lines task's dictionary
+    return _reading_lexicon(tuple(words), alphabet, texts.get("train", ()) if texts else (), cfg.oov)
+
+
+def decoder_language_model(cfg, texts, size, order):
+    """The LanguageModel (order 1 or 2) over decoder_lexicon's LM words; order 0: None."""
+    if order == 0:
+        return None
+    words = tuple(ranked_lm_words(cfg, texts)[:size])
+    if cfg.lm_file:
+        return arpa_language_model(cfg.lm_file, words, order)
+    if texts:
+        return english_language_model(texts["train"], texts["validation"], words, order)
+    if cfg.dictionary_file:
+        raise UserError("--dictionary without --lm needs transcriptions to estimate the LM from (the iam-ondb "
+                        "task), or --lm-weight 0")
+    return language_model(size, order)
+
+
+# ---------------------------------------------------------------------------
+# Decoding: token passing with a language model
+# ---------------------------------------------------------------------------
+
+class _Histories:
+    """Word histories of a line as a tree: id 0 is the empty history, and every
+    other history is its parent plus one word (a code: lm_decode uses entry * 2 +
+    glued). Each carries its score so far, the sum of word_score(previous, word)."""
+
+    def __init__(self, n_words, word_score):
+        self.parent, self.word, self.score = np.array([-1]), np.array([LM_START]), np.array([0.0])
+        self.keys, self.ids_of_keys = np.empty(0, np.int64), np.empty(0, int)  # sorted (parent, word) keys
+        self.n_words, self.word_score = n_words, word_score
+
+    def extend(self, parent, word):
+        """Ids of the histories parent + word (arrays), created where new."""
+        key = parent.astype(np.int64) * self.n_words + word
+        pos = np.minimum(np.searchsorted(self.keys, key), max(len(self.keys) - 1, 0))
+        known = self.keys[pos] == key if len(self.keys) else np.zeros(len(key), bool)
+        new_keys, first = np.unique(key[~known], return_index=True)
+        if len(new_keys):
+            p, w = parent[~known][first], word[~known][first]
+            self.score = np.concatenate([self.score, self.score[p] + self.word_score(self.word[p], w)])
+            at = np.searchsorted(self.keys, new_keys)
+            self.keys = np.insert(self.keys, at, new_keys)
+            self.ids_of_keys = np.insert(self.ids_of_keys, at, len(self.parent) + np.arange(len(new_keys)))
+            self.parent, self.word = np.concatenate([self.parent, p]), np.concatenate([self.word, w])
+        return self.ids_of_keys[np.searchsorted(self.keys, key)]
+
+    def words(self, h):
+        out = []
+        while h > 0:
+            out.append(int(self.word[h]))
+            h = self.parent[h]
+        return out[::-1]
+
+
+def group_logsumexp(values, starts):
+    """Log-sum-exp of the rows of values (C, J) in each group of consecutive rows
+    starting at `starts` (U,); returns (U, J)."""
+    top = np.maximum.reduceat(values, starts, axis=0)
+    shift = np.where(np.isfinite(top), top, 0.0)
+    size = np.diff(np.append(starts, len(values)))
+    with np.errstate(divide="ignore"):
+        return np.log(np.add.reduceat(np.exp(values - np.repeat(shift, size, axis=0)), starts, axis=0)) + shift
+
+
+def _children_of(lexicon, node):
+    """Every child of every token's node, token by token: (tok (C,), child (C,)).
+
+    Token j's children are children[child_start[node[j]]:child_start[node[j] + 1]];
+    the candidates repeat j once per child, and `offset` counts 0, 1, ... within
+    each token's run, so child_start + offset walks each run."""
+    n_child = lexicon.child_start[node + 1] - lexicon.child_start[node]  # (M,)
+    tok = np.repeat(np.arange(len(node)), n_child)
+    offset = np.arange(len(tok)) - np.repeat(np.cumsum(n_child) - n_child, n_child)
+    return tok, lexicon.children[lexicon.child_start[node[tok]] + offset]
+
+
+def _glue_targets(lexicon, tok, entry, first_letters):
+    """Root children each word-end token may enter with no space: (tok (C,), child (C,)).
+
+    For an entry of kind k, the targets are the first letters whose subtree holds
+    an entry GLUES allows after kind k (lexicon.glue_to); one pass per kind."""
+    out_tok, out_child = [np.zeros(0, int)], [np.zeros(0, int)]
+    for k in range(len(KIND_NAMES)):
+        ok = first_letters[lexicon.glue_to[first_letters, k]]
+        these = tok[lexicon.kind[entry] == k]
+        out_tok.append(np.repeat(these, len(ok)))
+        out_child.append(np.tile(ok, len(these)))
+    return np.concatenate(out_tok), np.concatenate(out_child)
+
+
+def _completions(lexicon, histories, hist, node, glued):
+    """Tokens at the end of an entry they may complete: (tokens (E,), entries (E,)).
+
+    A token glued to the entry before completes only if GLUES allows its entry
+    after that one (the last word of its history)."""
+    entry = lexicon.word_at[node]
+    last = histories.word[hist] >> 1  # -1 (LM_START >> 1) for the empty history
+    prev_kind = np.where(last >= 0, lexicon.kind[np.maximum(last, 0)], 0)
+    allowed = ~glued | ((last >= 0) & GLUES[prev_kind, lexicon.kind[np.maximum(entry, 0)]])
+    tokens = np.flatnonzero((entry >= 0) & allowed)
+    return tokens, entry[tokens]
+
+
+def lm_decode(log_probs, lexicon, lm, lm_weight=1.0, word_penalty=0.0, beam=64, oov_penalty=0.0):
+    """The best reading of one text line: token passing on the prefix tree of the
+    dictionary (Young, Russell and Thornton 1989), with a word language model.
+
+    log_probs (T, K), whose alphabet has the space. A line is dictionary
+    entries, each after a single space or glued to the one before (GLUES: e.g.
+    punctuation), with optionally a space at either edge and blanks anywhere.
+    A reading scores
+
+        log p_CTC(labels | x) + sum over entries of [cost + word_penalty + lm_weight * log P_LM(word | previous)]
+                              + lm_weight * log P_LM(</s> | last word),
+
+    with p_CTC summed over the edge-space variants and all their alignments;
+    cost is the entry's spelling (its case) and P_LM scores its LM word
+    (lexicon.lm_id). A run of glued SPELLED characters (an out-of-dictionary
+    token) scores cost per character, and word_penalty + oov_penalty once,
+    with no LM score; the word after it is scored as a line's first.
+
+    A token is a (history, tree node, glued) triple carrying the CTC
+    log-probabilities of the alignments so far that end on the node's label or
+    in a blank after it (the root's label is the space); glued tokens entered
+    their entry with no space. Tokens with the same triple spell the same
+    labels, and merge by adding probabilities, as in prefix beam search; so
+    with no pruning the scores are exact. At an entry's end a token may emit
+    the space and move to the root, or glue into a first letter, with the
+    entry appended to its history and scored by the language model.
+
+    beam: the number of tokens kept after each time step, the best by score;
+    None keeps every token (exact, and exponential in T: tiny problems only).
+    Once the beam is full, a token also enters only labels more probable than
+    EMISSION_FLOOR at that step (every label alike: letters, the space, and
+    the space out of the all-blank start), and a step where only the blank is
+    (most steps of a trained network) just advances the tokens: most of the
+    speed. A beam that never fills prunes nothing: the exact result.
+    lm: a LanguageModel over the LM words, or None for a uniform word prior.
+    Vectorised over tokens; the Python loop is over time steps. Returns
+    (entries, score, glued) with glued[i] True where entry i follows entry
+    i - 1 with no space; ([], -inf, []) if no reading fits in T steps.
+    """
+    if " " not in lexicon.alphabet:
+        raise ValueError("lm_decode reads lines: the alphabet needs the space")
+    if beam is not None and beam < 1:
+        raise ValueError(f"beam must be at least 1 (or None for no pruning), got {beam}")
+    if lm is not None and lexicon.lm_id.max() >= len(lm.bigram.words):
+        raise ValueError("the lexicon reads words the language model does not have")
+    lp = np.asarray(log_probs, dtype=np.float64)
+    N = len(lexicon.label)
+    space = 1 + lexicon.alphabet.index(" ")
+    node_class = np.where(np.arange(N) == 0, space, lexicon.label)  # the class each node's label emits
+    kind, lm_id = lexicon.kind, lexicon.lm_id
+
+    def context(entry):
+        """The LM context after an entry: its LM word; LM_START after a spelled character or at the start."""
+        spelled = (entry < 0) | (kind[np.maximum(entry, 0)] == SPELLED)
+        return np.where(spelled, LM_START, lm_id[np.maximum(entry, 0)])
+
+    def word_score(prev_code, code):
+        """Score of appending history code (entry * 2 + glued) after prev_code."""
+        entry, glued, prev = code >> 1, (code & 1) == 1, prev_code >> 1
+        spelled = kind[entry] == SPELLED
+        goes_on = spelled & glued & (prev >= 0) & (kind[np.maximum(prev, 0)] == SPELLED)
+        lm_part = lm_log_prob(lm, context(prev), np.maximum(lm_id[entry], 0)) if lm is not None else 0.0
+        new_token = word_penalty + np.where(spelled, oov_penalty, lm_weight * lm_part)
+        return lexicon.cost[entry] + np.where(goes_on, 0.0, new_token)
+
+    histories = _Histories(2 * len(lexicon.words), word_score)
+    hist, node, glued = np.array([0]), np.array([0]), np.array([False])  # (M,) the tokens
+    on_label, in_blank = np.array([-np.inf]), np.array([-np.inf])  # (M,)
+    nothing = 0.0  # log P(only blanks so far): no label emitted yet
+    first_letters = lexicon.children[lexicon.child_start[0]:lexicon.child_start[1]]
+    everything = np.ones(lp.shape[1], bool)
+    for y in lp:
+        full = beam is not None and len(node) >= beam
+        likely = y > np.log(EMISSION_FLOOR) if full else everything  # (K,)
+        if not likely[1:].any():  # only the blank: nothing new can start
+            on_label, in_blank = tree_step(on_label, in_blank, -np.inf, y[node_class[node]], y[BLANK])
+            nothing += y[BLANK]
+            continue
+        # Candidates: every token as it is; every child of a token's node,
+        # entered from it; every entry end, leaving through the space to the
+        # root or glued into a first letter, in the history extended by the
+        # entry; and, from "nothing", the first letters and the leading space.
+        tok, child = _children_of(lexicon, node)
+        tok, child = tok[likely[lexicon.label[child]]], child[likely[lexicon.label[child]]]
+        done, entry = _completions(lexicon, histories, hist, node, glued)
+        done_hist = histories.extend(hist[done], 2 * entry + glued[done])  # (E,)
+        spaced = np.flatnonzero(np.full(len(done), likely[space]))
+        g_at, g_child = _glue_targets(lexicon, np.arange(len(done)), entry, first_letters)
+        g_at, g_child = g_at[likely[lexicon.label[g_child]]], g_child[likely[lexicon.label[g_child]]]
+        starters = first_letters[likely[lexicon.label[first_letters]]]
+        lead = [0] if likely[space] else []
+        c_hist = np.concatenate([hist, hist[tok], done_hist[spaced], done_hist[g_at],
+                                 np.zeros(len(starters) + len(lead), int)])
+        c_node = np.concatenate([node, child, np.zeros(len(spaced), int), g_child, starters, lead]).astype(int)
+        c_glued = np.concatenate([glued, glued[tok], np.zeros(len(spaced), bool), np.ones(len(g_at), bool),
+                                  np.zeros(len(starters) + len(lead), bool)])
+        c_mass = np.full((len(c_node), 3), -np.inf)  # on_label, in_blank, entering
+        c_mass[:len(node), 0], c_mass[:len(node), 1] = on_label, in_blank
+        at = len(node)
+        c_mass[at:at + len(child), 2] = entering(on_label[tok], in_blank[tok], lexicon.skip[child])
+        at += len(child)
+        end_tok = done[spaced]
+        c_mass[at:at + len(spaced), 2] = np.logaddexp(on_label[end_tok], in_blank[end_tok])  # an entry, then the space
+        at += len(spaced)
+        end_tok = done[g_at]  # a glued letter needs a blank between it and an equal last letter
+        c_mass[at:at + len(g_at), 2] = entering(on_label[end_tok], in_blank[end_tok],
+                                                lexicon.label[g_child] != lexicon.label[node[end_tok]])
+        at += len(g_at)
+        c_mass[at:, 2] = nothing
+        # Tokens that spell the same labels merge.
+        key = (c_hist.astype(np.int64) * N + c_node) * 2 + c_glued
+        order = np.argsort(key, kind="stable")
+        starts = np.flatnonzero(np.diff(key[order], prepend=-1) != 0)
+        merged = group_logsumexp(c_mass[order], starts)
+        hist, node, glued = c_hist[order][starts], c_node[order][starts], c_glued[order][starts]
+        on_label, in_blank = tree_step(merged[:, 0], merged[:, 1], merged[:, 2], y[node_class[node]], y[BLANK])
+        nothing += y[BLANK]
+        alive = np.isfinite(on_label) | np.isfinite(in_blank)
+        if beam is not None and alive.sum() > beam:
+            score = np.logaddexp(on_label, in_blank) + histories.score[hist]
+            alive = np.zeros(len(node), bool)
+            alive[np.argpartition(-score, beam - 1)[:beam]] = True
+        hist, node, glued, on_label, in_blank = hist[alive], node[alive], glued[alive], on_label[alive], in_blank[alive]
+
+    # A line ends on an entry (its last one not followed by a space) or on the
+    # space after one; both spell the same entries and are added together.
+    total = np.logaddexp(on_label, in_blank)
+    done, entry = _completions(lexicon, histories, hist, node, glued)
+    after_space = np.flatnonzero((node == 0) & (hist > 0))
+    line_hist = np.concatenate([histories.extend(hist[done], 2 * entry + glued[done]), hist[after_space]])
+    if not len(line_hist):
+        return [], -np.inf, []
+    order = np.argsort(line_hist, kind="stable")
+    starts = np.flatnonzero(np.diff(line_hist[order], prepend=-1) != 0)
+    ctc = group_logsumexp(np.concatenate([total[done], total[after_space]])[order][:, None], starts)[:, 0]
+    line_hist = line_hist[order][starts]
+    end_score = lm_weight * lm_end_log_prob(lm, context(histories.word[line_hist] >> 1)) if lm is not None else 0.0
+    score = ctc + histories.score[line_hist] + end_score
+    best = int(np.argmax(score))
+    codes = histories.words(line_hist[best])
+    return [lexicon.words[c >> 1] for c in codes], float(score[best]), [bool(c & 1) for c in codes]
+
+
+# Decoding time, estimated before any work: lm_decode costs about a fixed
+# overhead per time step plus a cost per token per step. Measured on this
+# machine: 0.8-1.4 us per token-step at beams 256-1024 under load, and 44 ms
+# for an 836-step IAM-OnDB line at beam 64 when idle; the real dictionary
+# experiment at one size took 29 min, about a third of what 0.2 ms per step
+# predicted. The bound refuses only what would take days.
+LM_STEP_SECONDS = 6e-5
+LM_TOKEN_STEP_SECONDS = 1e-6
+TUNING_DECODES = 20  # grid points a coordinate search typically scores (tune_lm_decoder)
+LM_TIME_LIMIT = 48 * 3600.0  # seconds of lm decoding a run may be estimated to need
+LM_TIME_WARNING = 3600.0
+
+
+def lm_decoding_seconds(cfg, data, n_sizes):
+    """Estimated seconds of lm decoding in a run: the final evaluation if it uses
+    the lm decoder, and the dictionary experiment at n_sizes sizes (0: none),
+    from the evaluation lines' lengths and cfg.lm_beam."""
+    lengths = {split: [len(s.traj) for s in samples] for split, samples in data.eval_sets.items()}
+
+    def per_line(split, beam=cfg.lm_beam):
+        n = lengths.get(split)
+        return float(np.mean(n)) * (LM_STEP_SECONDS + beam * LM_TOKEN_STEP_SECONDS) if n else 0.0
+
+    seconds = sum(per_line(s) * len(n) for s, n in lengths.items()) if cfg.decoder == "lm" else 0.0
+    if n_sizes:
+        decoders = 3 * n_sizes + len(OOV_MODES)  # dictionary, unigram, bigram per size; the OOV comparison
+        tuning = min(TUNING_LINES, len(lengths.get("validation", [])) // 2)  # and as many check lines
+        seconds += per_line("validation") * tuning * (TUNING_DECODES * decoders + len(OOV_MODES) + 1)
+        seconds += per_line("validation", BEAM_CHECK_FACTOR * cfg.lm_beam) * tuning  # wider_beam_check
+        seconds += per_line("test") * len(lengths.get("test", [])) * 3 * n_sizes
+    return seconds
+
+
+def check_lm_decoding_time(cfg, data, n_sizes, log=None):
+    """UserError if the run's lm decoding is estimated to take longer than LM_TIME_LIMIT; a log line beyond an hour."""
+    seconds = lm_decoding_seconds(cfg, data, n_sizes)
+    if seconds > LM_TIME_LIMIT:
+        raise UserError(f"--lm-beam {cfg.lm_beam}: the lm decoding would take about {seconds / 3600:.0f} hours "
+                        f"(estimated from {LM_TOKEN_STEP_SECONDS * 1e6:.1f} us per token and time step); the bound "
+                        f"is {LM_TIME_LIMIT / 3600:.0f} hours; use a smaller --lm-beam")
+    if seconds > LM_TIME_WARNING and log:
+        log(f"note: the lm decoding is estimated to take about {seconds / 3600:.1f} hours at --lm-beam {cfg.lm_beam}")
+    return seconds
+
+
+def make_decoder(name, cfg, alphabet, lexicon=None, lm=None, texts=None):
+    """A function from a list of (T_i, K) log-prob arrays to decoded strings.
+
+    lexicon: the dictionary (default: for "lexicon", the words task's whole
+    vocabulary, held-out words included, as in the paper whose test words are
+    in the dictionary; for "lm", decoder_lexicon at cfg.dictionary_size).
+    lm: the language model of the "lm" decoder (default: the bigram
+    decoder_language_model over that dictionary; None when cfg.lm_weight is 0).
+    texts: {"train": lines, "validation": lines} of the task's transcriptions
+    (iam-ondb) for the real-English dictionary and LM, or None.
+    """
+    if name == "greedy":
+        return lambda lps: [decode_labels(d, alphabet) for d in greedy_decode(*pad_log_probs(lps))]
+    if name == "beam":
+        return lambda lps: [decode_labels(beam_search_decode(lp, cfg.beam_width)[0], alphabet) for lp in lps]
+    if name == "lexicon":
+        lex = build_lexicon(VOCAB if lexicon is None else lexicon, alphabet)
+        return lambda lps: lexicon_decode_many(lps, lex)
+    if name == "lm":
+        if lexicon is None:
+            lexicon = decoder_lexicon(cfg, alphabet, texts, cfg.dictionary_size)
+            lm = decoder_language_model(cfg, texts, cfg.dictionary_size, 2 if cfg.lm_weight > 0 else 0)
+
+        def decode(lps):
+            out = []
+            for lp in lps:
+                words, _, glued = lm_decode(lp, lexicon, lm, cfg.lm_weight, cfg.word_penalty, cfg.lm_beam,
+                                            cfg.oov_penalty)
+                out.append(glue_pieces(list(zip(words, glued))))
+            return out
+        return decode
+    raise ValueError(f"unknown decoder {name!r}; choose from {', '.join(DECODERS)}")
+
+
+# ---------------------------------------------------------------------------
+# Optimiser
+# ---------------------------------------------------------------------------
+
+
+def clip_global_norm(grads, max_norm):
+    """Scale all gradients together so their joint L2 norm is at most max_norm.
+
+    Returns the norm before clipping.
+    """
+    norm = float(np.sqrt(sum(float(np.vdot(g, g)) for g in grads.values())))
+    if norm > max_norm:
+        for g in grads.values():
+            g *= max_norm / norm
+    return norm
+
+
+def adam_init(params):
+    return {"t": 0, "m": {k: np.zeros_like(p) for k, p in params.items()},
+            "v": {k: np.zeros_like(p) for k, p in params.items()}}
+
+
+def learning_rate(cfg, step, total_steps):
+    """Linear decay from cfg.lr at step 0 to cfg.lr * cfg.lr_final at the last step."""
+    frac = step / max(total_steps - 1, 1)
+    return cfg.lr * (1.0 - (1.0 - cfg.lr_final) * frac)
+
+
+def adam_step(params, grads, state, lr, beta1=0.9, beta2=0.999, eps=1e-8):
+    """One Adam update of every parameter, in place (Kingma and Ba 2015)."""
+    state["t"] += 1
+    t = state["t"]
+    step = lr * np.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)  # both bias corrections
+    for k, p in params.items():
+        m, v, g = state["m"][k], state["v"][k], grads[k]
+        m *= beta1
+        m += (1 - beta1) * g
+        v *= beta2
+        v += (1 - beta2) * g * g
+        p -= step * m / (np.sqrt(v) + eps)
+
+
+
+
+# ---------------------------------------------------------------------------
+# Training and evaluation
+# ---------------------------------------------------------------------------
+
+STREAMS = ("split", "data", "init", "shuffle", "eval", "noise")  # appended: spawned children keep their seeds
+
+
+def make_streams(seed):
+    """Independent named generators, so e.g. evaluation data never shifts training data."""
+    children = np.random.SeedSequence(seed).spawn(len(STREAMS))
+    return {name: np.random.default_rng(s) for name, s in zip(STREAMS, children)}
+
+
+class Timer:
+    """Accumulates wall seconds per phase."""
+
+    def __init__(self):
+        self.seconds = {}
+
+    def add(self, phase, since):
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - since
+        return now
+
+
+class Diverged(Exception):
+    """Training produced a non-finite loss or gradient."""
+
+
+def make_batches(samples, batch_size, order, bucket=0, rng=None):
+    """Minibatches of sample indices, each sorted by length so padding is short.
+
+    bucket 0: consecutive chunks of `order`. bucket n: `order` is cut into
+    groups of n batches, each group sorted by length and cut into batches, and
+    the batches are shuffled with `rng`; so a batch holds sequences of similar
+    length, and a step costs its own length rather than its longest outlier.
+    """
+    lengths = np.array([len(s.traj) for s in samples])
+    if bucket:
+        group = bucket * batch_size
+        order = np.concatenate([g[np.argsort(lengths[g], kind="stable")]
+                                for g in (order[i:i + group] for i in range(0, len(order), group))])
+    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [chunk[np.argsort(lengths[chunk], kind="stable")] for chunk in chunks]
+    return [batches[i] for i in rng.permutation(len(batches))] if bucket else batches
+
+
+def ctc_feasible(lengths, targets):
+    """(B,) bool: can T_b steps carry the labels? Each label needs a step, and
+    each repeated letter a blank between its two copies."""
+    need = [len(y) + sum(a == b for a, b in zip(y, y[1:])) for y in targets]
+    return np.asarray(lengths) >= np.array(need, dtype=int)
+
+
+def part_gradients(params, X, lengths, targets, n_used, timer=None):
+    """Forward, CTC and backward on one part of a batch.
+
+    Returns (grads of the summed nll / n_used, the summed nll, its label
+    count). Runs in worker processes too, so it only reads its arguments.
+    """
+    timer = timer or Timer()
+    t0 = time.perf_counter()
+    log_probs, cache = forward(params, X, lengths)
+    t0 = timer.add("forward", t0)
+    nll, grad = ctc_loss(log_probs, lengths, targets)
+    t0 = timer.add("ctc", t0)
+    grads = backward(params, cache, grad / n_used)
+    timer.add("backward", t0)
+    usable = ctc_feasible(lengths, targets)
+    return grads, float(nll[usable].sum()), sum(len(y) for y, u in zip(targets, usable) if u)
+
+
+def train_step(params, adam, samples, lr, cfg, data, timer, pool=None, noise_rng=None):
+    """Forward, CTC, backward, clip and Adam on one minibatch.
+
+    With a pool, the length-sorted batch is cut into one contiguous part per
+    process and the parts' gradients are summed (equal to one process up to
+    float rounding). With cfg.weight_noise, the gradient is taken at the
+    weights plus Gaussian noise drawn from noise_rng, and applied to the
+    weights without it. Sequences whose labels cannot fit their length are
+    skipped. Returns (summed nll of the usable sequences, their label count,
+    number skipped). Raises Diverged on a non-finite loss or gradient, before
+    the parameters are touched.
+    """
+    t0 = time.perf_counter()
+    dtype = params["out_W"].dtype
+    targets = [s.labels for s in samples]
+    usable = ctc_feasible([len(s.traj) for s in samples], targets)
+    n_used = int(usable.sum())
+    if n_used == 0:
+        return 0.0, 0, len(samples)
+    samples = [s for s, u in zip(samples, usable) if u]
+    n_parts = min(pool.processes if pool else 1, len(samples))
+    bounds = np.linspace(0, len(samples), n_parts + 1).round().astype(int)
+    parts = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        X, lengths = pad_batch(samples[lo:hi], data.input_shift, data.input_scale, dtype, data.input_squash)
+        parts.append((X, lengths, [s.labels for s in samples[lo:hi]]))
+    t0 = timer.add("data", t0)
+    at = params
+    if cfg.weight_noise:
+        at = {k: v + noise_rng.normal(0.0, cfg.weight_noise, v.shape).astype(v.dtype) for k, v in params.items()}
+    pending = [pool.submit(part_gradients, at, *part, n_used) for part in parts[1:]] if pool else []
+    grads, nll_sum, n_chars = part_gradients(at, *parts[0], n_used, timer)
+    t0 = time.perf_counter()
+    for other in pending:
+        g, s, n = other.get()
+        for k in grads:
+            grads[k] += g[k]
+        nll_sum, n_chars = nll_sum + s, n_chars + n
+    t0 = timer.add("wait", t0)
+    norm = clip_global_norm(grads, cfg.grad_clip)
+    if not (math.isfinite(nll_sum) and math.isfinite(norm)):
+        raise Diverged(f"{'loss' if not math.isfinite(nll_sum) else 'gradient norm'} is "
+                       f"{nll_sum if not math.isfinite(nll_sum) else norm}")
+    adam_step(params, grads, adam, lr)
+    timer.add("optimiser", t0)
+    return nll_sum, n_chars, len(usable) - n_used
+
+
+class WorkerLost(Exception):
+    """A worker process died (the OOM killer, a signal): its share of the work is lost."""
+
+
+def _start_worker():
+    # A forked worker inherits the main process's handlers, and SIGTERM's raises Terminated: on
+    # pool.terminate() that printed a traceback from the worker. A worker dies quietly on SIGTERM
+    # and ignores Ctrl-C, which reaches every process of the group; only the main process reports.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked while Pool forked it
+
+
+def _apply_to_chunk(fn, chunk):
+    return [fn(item) for item in chunk]
+
+
+def _worker_loop(conn):
+    """A worker process: run (sequence number, fn, args) jobs from `conn` until it closes, and
+    send back (sequence number, ok, result or exception)."""
+    _start_worker()
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return
+        seq, fn, args = job
+        try:
+            reply = (seq, True, fn(*args))
+        except Exception as e:  # noqa: BLE001 - raised again in the main process
+            reply = (seq, False, e)
+        try:
+            conn.send(reply)
+        except (EOFError, OSError):
+            return
+        except Exception as e:  # noqa: BLE001 - an exception that cannot be pickled
+            conn.send((seq, False, RuntimeError(f"{type(e).__name__} in a worker: {e}")))
+
+
+POOL_POLL_SECONDS = 0.25  # a waiting main process looks at signals and dead workers this often
+
+
+class _Worker:
+    """One worker process and its own pipe: no lock is shared with the other workers, so a killed
+    worker cannot leave one held (multiprocessing.Pool then hangs, in get() and in terminate())."""
+
+    def __init__(self, context):
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_worker_loop, args=(child,), daemon=True)
+        self.process.start()
+        child.close()
+        self.queued, self.results, self.busy = [], {}, False
+
+    def send_next(self):
+        """Send the next queued job, only to an idle worker: both ends never block sending at once."""
+        if self.queued and not self.busy:
+            self.conn.send(self.queued.pop(0))
+            self.busy = True
+
+    def lost(self):
+        code = self.process.exitcode
+        how = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0
+               and -code in signal.valid_signals() else f"exit status {code}")
+        return WorkerLost(f"worker process {self.process.pid} died ({how}; out of memory?)")
+
+    def wait_for(self, seq):
+        while seq not in self.results:
+            ready = multiprocessing.connection.wait([self.conn, self.process.sentinel], POOL_POLL_SECONDS)
+            if self.conn in ready:
+                try:
+                    done, ok, value = self.conn.recv()
+                except (EOFError, OSError):
+                    self.process.join(1.0)
+                    raise self.lost() from None
+                self.results[done] = (ok, value)
+                self.busy = False
+                self.send_next()
+            elif ready:  # the sentinel alone: the process ended with nothing left to read
+                self.process.join(1.0)
+                raise self.lost()
+        ok, value = self.results.pop(seq)
+        if not ok:
+            raise value
+        return value
+
+
+class _Pending:
+    """A submitted job; get() waits for its result (signals are handled while it waits)."""
+
+    def __init__(self, worker, seq):
+        self.worker, self.seq = worker, seq
+
+    def get(self):
+        return self.worker.wait_for(self.seq)
+
+
+class Pool:
+    """`processes - 1` worker processes that share batches and rendering with this one.
+
+    Workers are forked after the data is built, so they start with the same
+    module state (glyph tables, word statistics). Jobs are module-level
+    functions of their arguments, dealt to the workers in turn; results come
+    back in submission order, so what a run computes does not depend on
+    timing. A worker that dies raises WorkerLost in the waiting process.
+    """
+
+    def __init__(self, processes):
+        self.processes = processes
+        methods = multiprocessing.get_all_start_methods()
+        context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        # SIGTERM stays blocked from fork until a worker has reset the handler it inherits
+        # (_start_worker); a signal meanwhile waits for this process's unblocking below.
+        masking = hasattr(signal, "pthread_sigmask")
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}) if masking else None
+        self.workers = []
+        try:
+            for _ in range(processes - 1):
+                self.workers.append(_Worker(context))
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            if masking:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        self.jobs = 0
+
+    def submit(self, fn, *args):
+        worker = self.workers[self.jobs % len(self.workers)]
+        worker.queued.append((self.jobs, fn, args))
+        self.jobs += 1
+        try:
+            worker.send_next()
+        except (EOFError, OSError):
+            raise worker.lost() from None
+        return _Pending(worker, self.jobs - 1)
+
+    def map(self, fn, items):
+        """[fn(item) for item in items], the items split evenly over the processes."""
+        chunks = np.array_split(np.arange(len(items)), self.processes)
+        pending = [self.submit(_apply_to_chunk, fn, [items[i] for i in c]) for c in chunks[1:]]
+        out = _apply_to_chunk(fn, [items[i] for i in chunks[0]])
+        for p in pending:
+            out += p.get()
+        return out
+
+    def close(self):
+        """Stop every worker, even in the middle of a job (they die quietly on SIGTERM)."""
+        for w in self.workers:
+            if w.process.is_alive():
+                w.process.terminate()
+        for w in self.workers:
+            w.process.join(5.0)
+            if w.process.is_alive():
+                w.process.kill()
+                w.process.join()
+            w.conn.close()
+
+
+def serial_map(fn, items):
+    return [fn(item) for item in items]
+
+
+EVAL_BATCH = 64  # measured fastest per frame for the forward pass alone
+EVAL_FRAMES = 32_768  # padded frames per evaluation chunk: at H = 100 about 11 kB each (caches, logits)
+EVAL_THREADS = 2  # numpy releases the GIL in ufuncs and BLAS; chunks are independent
+
+
+def eval_chunks(lengths):
+    """Index chunks of a length-sorted order, each at most EVAL_BATCH sequences
+    and EVAL_FRAMES padded frames (one sequence at least), so that an
+    evaluation's memory is bounded by its longest line, not its number of lines."""
+    order = np.argsort(lengths, kind="stable")
+    sorted_lengths = np.asarray(lengths)[order]
+    chunks, start = [], 0
+    while start < len(order):
+        width = np.arange(1, min(EVAL_BATCH, len(order) - start) + 1)
+        fits = width * sorted_lengths[start:start + len(width)] <= EVAL_FRAMES  # non-increasing: lengths sorted
+        n = max(1, int(fits.sum()))
+        chunks.append(order[start:start + n])
+        start += n
+    return chunks
+
+
+def model_outputs(params, samples, data):
+    """Yield (indices, [(T_i, K) float64 log-probs]) chunk by chunk (eval_chunks),
+    EVAL_THREADS chunks at a time, so that only those chunks' outputs are held."""
+    def run_chunk(idx):
+        X, lengths = pad_batch([samples[i] for i in idx], data.input_shift, data.input_scale, params["out_W"].dtype,
+                               data.input_squash)
+        log_probs, _ = forward(params, X, lengths)
+        return [log_probs[:n, b].astype(np.float64) for b, n in enumerate(lengths)]
+
+    chunks = eval_chunks([len(s.traj) for s in samples])
+    with ThreadPoolExecutor(EVAL_THREADS) as threads:
+        for first in range(0, len(chunks), EVAL_THREADS):
+            group = chunks[first:first + EVAL_THREADS]
+            yield from zip(group, threads.map(run_chunk, group))
+
+
+def run_model(params, samples, data):
+    """Log-probabilities for every sample: a list of (T_i, K) float64 arrays.
+    For small sets; evaluate() and the experiments go chunk by chunk."""
+    out = [None] * len(samples)
+    for idx, lps in model_outputs(params, samples, data):
+        for i, lp in zip(idx, lps):
+            out[i] = lp
+    return out
+
+
+def evaluate(params, samples, data, decode, keep=(), also=None):
+    """Loss, CER, WER and word accuracy of one evaluation set, chunk by chunk.
+
+    `decode` (from make_decoder) maps a list of (T_i, K) log-prob arrays to
+    strings. also: {name: decode} for more decoders, whose rates go under
+    metrics[name] (the greedy reading beside the lm decoder's). Returns
+    (metrics, decoded strings, {i: (T_i, K) log-probs} for the sample indices
+    in `keep`).
+    """
+    n, also = len(samples), also or {}
+    nll, hyps, kept, keep = np.zeros(n), [None] * n, {}, set(keep)
+    more = {name: [None] * n for name in also}
+    for idx, lps in model_outputs(params, samples, data):
+        nll[idx] = -ctc_log_likelihood(*pad_log_probs(lps), [samples[i].labels for i in idx])
+        for i, lp, h in zip(idx, lps, decode(lps)):
+            hyps[i] = h
+            if i in keep:
+                kept[i] = lp
+        for name, other in also.items():
+            for i, h in zip(idx, other(lps)):
+                more[name][i] = h
+    finite = np.isfinite(nll)
+    n_chars = sum(len(s.labels) for s, f in zip(samples, finite) if f)
+    refs = [s.text for s in samples]
+    metrics = {**rates(error_counts(refs, hyps)), **{name: rates(error_counts(refs, h)) for name, h in more.items()}}
+    return {**metrics, "loss": float(nll[finite].sum() / max(n_chars, 1))}, hyps, kept
+
+
+def alignment_record(sample, split, log_probs, alphabet):
+    """What the alignment figures need about one sample, as JSON-ready lists."""
+    decoded = decode_labels(greedy_decode(log_probs[:, None, :], [len(log_probs)])[0], alphabet)
+    return {
+        "text": sample.text, "split": split, "writer": sample.writer,
+        "xy": sample.xy.round(5).tolist(),
+        "pen_up": sample.pen_up.tolist(),
+        "char_of": sample.char_of.tolist() if sample.char_of is not None else None,
+        "log_probs": log_probs.round(4).tolist(),
+        "argmax_path": np.argmax(log_probs, axis=1).tolist(),
+        "decoded": decoded,
+        "cer": cer(decoded, sample.text),
+    }
+
+
+def group_errors(task, eval_sets, hyps_of):
+    """run.json's per-word or per-writer error counts and rates, over every evaluation split."""
+    groups = {}
+    for split, samples in eval_sets.items():
+        for s, h in zip(samples, hyps_of[split]):
+            name = s.text if task.group_by == "word" else s.writer
+            entry = groups.setdefault(name, {"split": split, "n": 0, **dict.fromkeys(error_counts([], []), 0)})
+            entry["n"] += 1
+            for k, v in error_counts([s.text], [h]).items():
+                entry[k] += v
+    return {name: {**e, **rates(e)} for name, e in groups.items()}
+
+
+def final_report(params, cfg, task, data, timer):
+    """The evaluation part of run.json: final metrics, per group, predictions, alignments."""
+    t0 = time.perf_counter()
+    decode = make_decoder(cfg.decoder, cfg, data.alphabet, texts=data.lm_texts or None)
+    final, predictions, hyps_of, log_probs_of = {}, [], {}, {}
+    for split, samples in data.eval_sets.items():
+        picks = [i for pick_split, i in data.alignment_picks if pick_split == split]
+        also = {"greedy": make_decoder("greedy", cfg, data.alphabet)} if cfg.decoder != "greedy" else None
+        final[split], hyps_of[split], log_probs_of[split] = evaluate(params, samples, data, decode, picks, also)
+        predictions += [{"text": s.text, "split": split, "writer": s.writer, "decoded": h}
+                        for s, h in zip(samples, hyps_of[split])]
+    alignments = [alignment_record(data.eval_sets[split][i], split, log_probs_of[split][i], data.alphabet)
+                  for split, i in data.alignment_picks]
+    timer.add("evaluation", t0)
+    return {"final": final, f"per_{task.group_by}": group_errors(task, data.eval_sets, hyps_of),
+            "predictions": predictions, "alignments": alignments}
+
+
+def decoding_experiment(outputs, samples, sizes, fixed, by_size, describe=None):
+    """Decode evaluation splits with each decoder, timing it, chunk by chunk.
+
+    outputs(split) -> (indices, [(T_i, K) arrays]) chunks (model_outputs), so
+    that only one chunk's log-probs are held while every decoder reads it.
+    samples: {split: [Sample]}. fixed: {name: decode} for decoders that ignore
+    the size (run once, reported at every size); by_size(size) -> {name:
+    (decode, extra dict for its rows)}; describe(size, refs, hyps) -> more keys
+    for a row. Returns rows of {size, decoder, split, cer, wer, word_acc,
+    seconds_per_seq, n, ...}.
+    """
+    decoders = {(None, name): (decode, {}) for name, decode in fixed.items()}
+    for size in sizes:
+        decoders.update({(size, name): found for name, found in by_size(size).items()})
+    rows = []
+    for split, split_samples in samples.items():
+        hyps = {key: [None] * len(split_samples) for key in decoders}
+        seconds = dict.fromkeys(decoders, 0.0)
+        for idx, lps in outputs(split):
+            for key, (decode, _) in decoders.items():
+                t0 = time.perf_counter()
+                for i, h in zip(idx, decode(lps)):
+                    hyps[key][i] = h
+                seconds[key] += time.perf_counter() - t0
+        refs = [s.text for s in split_samples]
+        scores = {key: {**rates(error_counts(refs, hyps[key])), "seconds_per_seq": seconds[key] / len(refs),
+                        "n": len(refs)} for key in decoders}
+        for size in sizes:
+            for (at, name), (_, extra) in decoders.items():
+                if at is None or at == size:
+                    more = describe(size, refs, hyps[at, name]) if describe else {}
+                    rows.append({"size": size, "decoder": name, "split": split, **scores[at, name], **extra, **more})
+    return rows
+
+
+def lexicon_experiment(params, cfg, data, sizes, log=print):
+    """Greedy, beam and lexicon decoding of every evaluation word against
+    lexicons of the given sizes: the 47 vocabulary words (held-out words
+    included) plus distractor pseudo-words. Returns run.json's `decoding`."""
+    t_start = time.perf_counter()
+    distractors = distractor_words(max(sizes) - len(VOCAB))
+    rows = decoding_experiment(
+        lambda split: model_outputs(params, data.eval_sets[split], data), data.eval_sets, sizes,
+        {d: make_decoder(d, cfg, data.alphabet) for d in ("greedy", "beam")},
+        lambda size: {"lexicon": (make_decoder("lexicon", cfg, data.alphabet,
+                                               VOCAB + distractors[:size - len(VOCAB)]), {})})
+    decoding = {"kind": "lexicon", "sizes": list(sizes), "beam_width": cfg.beam_width, "rows": rows,
+                "seconds": time.perf_counter() - t_start}
+    log(format_decoding(decoding))
+    return decoding
+
+
+def word_error_breakdown(refs, hyps, dictionary):
+    """Where a corpus's word errors come from.
+
+    Each line's word-level edit alignment splits its word edits into: oov
+    (reference words outside the dictionary, which a closed-vocabulary decoder
+    cannot produce), similar (substitutions by a dictionary word within two
+    letters), other (the remaining substitutions), deleted and inserted; these
+    sum to the word edits. merged (a hypothesis word spelling two consecutive
+    reference words) and split (a reference word read as two consecutive
+    hypothesis words) count segmentation errors, whose edits appear above.
+    """
+    counts = dict.fromkeys(("oov", "similar", "other", "deleted", "inserted", "merged", "split"), 0)
+    for ref, hyp in zip(refs, hyps):
+        r, h = ref.split(), hyp.split()
+        counts["merged"] += sum(w in {a + b for a, b in zip(r, r[1:])} for w in h)
+        counts["split"] += sum(w in {a + b for a, b in zip(h, h[1:])} for w in r)
+        for a, b in edit_alignment(r, h):
+            if a == b:
+                continue
+            kind = ("inserted" if a is None else "oov" if a not in dictionary else "deleted" if b is None
+                    else "similar" if levenshtein(a, b) <= 2 else "other")
+            counts[kind] += 1
+    return counts
+
+
+LM_WEIGHTS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)  # the tuning grid; the search starts at weight 1, penalty 0
+WORD_PENALTIES = (-4.0, -2.0, 0.0, 2.0, 4.0, 6.0, 8.0, 10.0)
+OOV_PENALTIES = (-8.0, -4.0, -2.0, 0.0, 2.0, 4.0, 8.0)  # per spelled token, when the dictionary spells (cfg.oov)
+TUNING_LINES = 100  # validation lines used for tuning (every k-th); the lines after them check the OOV modes
+
+
+def tune_lm_decoder(cfg, log_probs, refs, lex, lm):
+    """(lm_weight, word_penalty, oov_penalty) for the lm decoder, chosen on validation lines.
+
+    A coordinate search on the grid LM_WEIGHTS x WORD_PENALTIES (x OOV_PENALTIES
+    if the lexicon spells out-of-dictionary tokens): from weight 1, penalties 0,
+    move to the neighbour with the lowest (WER, CER) until none is better.
+    With lm None (a uniform word prior) the weight is not tuned.
+    """
+    grids = (LM_WEIGHTS if lm is not None else (0.0,), WORD_PENALTIES,
+             OOV_PENALTIES if (lex.kind == SPELLED).any() else (0.0,))
+    cost = {}
+
+    def evaluate(point):
+        if point not in cost:
+            w, p, o = (grid[i] for grid, i in zip(grids, point))
+            tuned = dataclasses.replace(cfg, lm_weight=w, word_penalty=p, oov_penalty=o)
+            m = rates(error_counts(refs, make_decoder("lm", tuned, lex.alphabet, lex, lm)(log_probs)))
+            cost[point] = (m["wer"], m["cer"])
+        return cost[point]
+
+    here = tuple(grid.index(1.0 if i == 0 and lm is not None else 0.0) for i, grid in enumerate(grids))
+    while True:
+        around = [here[:d] + (here[d] + step,) + here[d + 1:] for d in range(3) for step in (-1, 1)
+                  if 0 <= here[d] + step < len(grids[d])]
+        best = min([here] + around, key=evaluate)  # ties keep the current point
+        if best == here:
+            return tuple(grid[i] for grid, i in zip(grids, here))
+        here = best
+
+
+def in_dictionary_tokens(refs, words):
+    """The reference tokens (as written) every piece of which, lower-cased, is an LM word in `words`."""
+    return {tok for ref in refs for tok in ref.split() if all(p.lower() in words for p in split_token(tok))}
+
+
+def dictionary_experiment(params, cfg, data, sizes, log=print, split="test"):
+    """The paper's comparison, on the test lines (or, with split "validation",
+    on the validation lines not used for tuning): greedy; the dictionary with a
+    uniform word prior; dictionary + unigram; dictionary + bigram; at each
+    dictionary size. The LM weight and penalties of each decoder are tuned on
+    every k-th validation line (TUNING_LINES of them), never on test lines.
+
+    Out-of-dictionary tokens: at the largest size, the bigram decoder is tuned
+    with each OOV mode (none, chars, token) and scored on the validation lines
+    right after the tuning lines; the best (lowest WER, then CER) is used for
+    every size and decoder. Log-probs are computed chunk by chunk
+    (model_outputs), so memory does not grow with the number of lines.
+    Returns run.json's `decoding`."""
+    t_start = time.perf_counter()
+    texts = data.lm_texts or None
+    validation = data.eval_sets["validation"]
+    step = max(2, len(validation) // TUNING_LINES)  # at least 2: the check lines are others
+    tune_samples, check_samples = validation[::step], validation[1::step]
+    tune_lps, check_lps = run_model(params, tune_samples, data), run_model(params, check_samples, data)
+    tune_refs, check_refs = [s.text for s in tune_samples], [s.text for s in check_samples]
+    tuned_on = set(range(0, len(validation), step))
+    report = {"test": data.eval_sets["test"]} if split == "test" else \
+        {"validation": [s for i, s in enumerate(validation) if i not in tuned_on]}
+    report_refs = [s.text for s in report[split]]
+    tokenise = lm_words if (texts or cfg.lm_file or cfg.dictionary_file) else str.split
+
+    largest = max(sizes)
+    oov_modes = {}
+    if texts or cfg.oov != "none":  # the real-English task, or a run that asked for spelling
+        lm = decoder_language_model(cfg, texts, largest, 2)
+        for mode in OOV_MODES:
+            mode_cfg = dataclasses.replace(cfg, oov=mode)
+            lex = decoder_lexicon(mode_cfg, data.alphabet, texts, largest)
+            t0 = time.perf_counter()
+            weight, penalty, oov_penalty = tune_lm_decoder(mode_cfg, tune_lps, tune_refs, lex, lm)
+            chosen = dataclasses.replace(mode_cfg, lm_weight=weight, word_penalty=penalty, oov_penalty=oov_penalty)
+            m = rates(error_counts(check_refs, make_decoder("lm", chosen, data.alphabet, lex, lm)(check_lps)))
+            oov_modes[mode] = {"wer": m["wer"], "cer": m["cer"], "lm_weight": weight, "word_penalty": penalty,
+                               "oov_penalty": oov_penalty, "seconds": time.perf_counter() - t0}
+            log(f"oov {mode}: validation WER {m['wer']:.4f} CER {m['cer']:.4f} on {len(check_refs)} lines "
+                f"(tuned on {len(tune_refs)} others: lm_weight {weight}, word_penalty {penalty}, "
+                f"oov_penalty {oov_penalty})")
+        oov = min(OOV_MODES, key=lambda mode: (oov_modes[mode]["wer"], oov_modes[mode]["cer"]))
+        log(f"oov: {oov} reads the validation lines best; used for every decoder below")
+    else:
+        oov = cfg.oov
+    cfg = dataclasses.replace(cfg, oov=oov)
+    known = oov_modes.get(oov)  # the OOV comparison tuned this decoder already
+    beam_check = wider_beam_check(cfg, data.alphabet, texts, largest, check_lps, tune_lps, tune_refs, log,
+                                  known and (known["lm_weight"], known["word_penalty"], known["oov_penalty"]))
+    tuned, perplexity, oov_rate = {}, {}, {}
+
+    def by_size(size):
+        lex = decoder_lexicon(cfg, data.alphabet, texts, size)
+        lms = {"dictionary": None, "unigram": decoder_language_model(cfg, texts, size, 1),
+               "bigram": decoder_language_model(cfg, texts, size, 2)}
+        perplexity[size] = {name: lm_perplexity(lm, report_refs, tokenise)[0] for name, lm in lms.items() if lm}
+        oov_rate[size] = lm_perplexity(lms["unigram"], report_refs, tokenise)[1]
+        decoders = {}
+        for name, lm in lms.items():
+            t0 = time.perf_counter()
+            weight, penalty, oov_penalty = tune_lm_decoder(cfg, tune_lps, tune_refs, lex, lm)
+            tuned[size, name] = (weight, penalty, oov_penalty)
+            log(f"dictionary {size}, {name}: lm_weight {weight}, word_penalty {penalty}, oov_penalty {oov_penalty} "
+                f"(tuned on {len(tune_refs)} validation lines in {time.perf_counter() - t0:.0f} s)")
+            chosen = dataclasses.replace(cfg, lm_weight=weight, word_penalty=penalty, oov_penalty=oov_penalty)
+            decoders[name] = (make_decoder("lm", chosen, data.alphabet, lex, lm),
+                              {"lm_weight": weight, "word_penalty": penalty, "oov_penalty": oov_penalty})
+        return decoders
+
+    def describe(size, refs, hyps):
+        words = set(ranked_lm_words(cfg, texts)[:size])
+        dictionary = in_dictionary_tokens(refs, words) if tokenise is lm_words else words
+        return {"oov_rate": oov_rate[size], "errors": word_error_breakdown(refs, hyps, dictionary)}
+
+    rows = decoding_experiment(lambda s: model_outputs(params, report[s], data), report, sizes,
+                               {"greedy": make_decoder("greedy", cfg, data.alphabet)}, by_size, describe)
+    decoding = {"kind": "dictionary", "sizes": list(sizes), "lm_beam": cfg.lm_beam, "rows": rows,
+                "perplexity": {str(k): v for k, v in perplexity.items()}, "tuning_lines": len(tune_refs),
+                "oov": oov, "oov_modes": oov_modes, "oov_check_lines": len(check_refs) if oov_modes else 0,
+                "beam_check": beam_check,
+                "dictionary_source": dictionary_source(cfg, texts), "seconds": time.perf_counter() - t_start}
+    log(format_decoding(decoding))
+    return decoding
+
+
+BEAM_CHECK_FACTOR = 16  # the pruning check: how much wider the second beam is
+
+
+def wider_beam_check(cfg, alphabet, texts, size, check_lps, tune_lps, tune_refs, log, weights=None):
+    """How many validation check lines the bigram decoder (tuned, at `size`) reads
+    differently with a BEAM_CHECK_FACTOR times wider beam: pruning that loses the
+    objective's best reading shows here. weights: (lm_weight, word_penalty,
+    oov_penalty) if already tuned. Returns {beam, wider, lines, changed}."""
+    lex, lm = decoder_lexicon(cfg, alphabet, texts, size), decoder_language_model(cfg, texts, size, 2)
+    weight, penalty, oov_penalty = weights or tune_lm_decoder(cfg, tune_lps, tune_refs, lex, lm)
+    tuned = dataclasses.replace(cfg, lm_weight=weight, word_penalty=penalty, oov_penalty=oov_penalty)
+    widest = CONFIG_FIELDS["lm_beam"].metadata["high"]
+    wide = dataclasses.replace(tuned, lm_beam=min(cfg.lm_beam * BEAM_CHECK_FACTOR, widest))
+    shipped, wider = (make_decoder("lm", c, alphabet, lex, lm)(check_lps) for c in (tuned, wide))
+    changed = sum(a != b for a, b in zip(shipped, wider))
+    log(f"beam check: --lm-beam {wide.lm_beam} changes {changed} of {len(check_lps)} validation lines read at "
+        f"{cfg.lm_beam} (dictionary {size}, bigram)")
+    return {"beam": cfg.lm_beam, "wider": wide.lm_beam, "lines": len(check_lps), "changed": changed}
+
+
+def dictionary_source(cfg, texts):
+    """What the lm decoder's dictionary and LM come from, for run.json."""
+    return {"dictionary": cfg.dictionary_file or ("ARPA vocabulary" if cfg.lm_file else "built in"),
+            "lm": cfg.lm_file or ("symspellpy counts + training transcriptions (mixture fitted on validation)"
+                                  if texts else "symspellpy counts"),
+            "tokens": "pieces (split_token), lower-cased, case as log P(case)" if (texts or cfg.lm_file or
+                                                                                 cfg.dictionary_file) else "words"}
+
+
+def format_decoding(decoding):
+    splits = list(dict.fromkeys(r["split"] for r in decoding["rows"]))
+    decoders = list(dict.fromkeys(r["decoder"] for r in decoding["rows"]))
+    lines = [f"{'size':>8} {'decoder':>10}" + "".join(f"   {s[:12]:>12} {'CER':>6} {'WER':>6}" for s in splits)
+             + f"   {'ms/seq':>8}"]
+    by_key = {(r["size"], r["decoder"], r["split"]): r for r in decoding["rows"]}
+    for size in decoding["sizes"]:
+        for d in decoders:
+            rows = [by_key[size, d, s] for s in splits]
+            ms = 1e3 * sum(r["seconds_per_seq"] * r["n"] for r in rows) / sum(r["n"] for r in rows)
+            lines.append(f"{size:8d} {d:>10}" + "".join(f"   {'':>12} {r['cer']:6.4f} {r['wer']:6.3f}" for r in rows)
+                         + f"   {ms:8.2f}")
+    lines.append(f"decoding experiment: {decoding['seconds']:.1f}s")
+    return "\n".join(lines)
+
+
+class Progress:
+    """A live line within an epoch (samples done, frames/s, time left), only on a terminal."""
+
+    def __init__(self, enabled, log):
+        self.enabled, self.log, self.shown = enabled, log, 0.0
+
+    def update(self, epoch, n_epochs, done, total, frames, seconds, steps_left, seconds_per_step):
+        now = time.perf_counter()
+        if not self.enabled or now - self.shown < 0.5:
+            return
+        self.shown = now
+        left = steps_left * seconds_per_step
+        self.log(f"\repoch {epoch}/{n_epochs}  {done}/{total} sequences  {frames / max(seconds, 1e-9):,.0f} frames/s  "
+                 f"about {left / 60:.0f} min {left % 60:02.0f} s of training left ", end="")
+
+    def clear(self):
+        if self.enabled:
+            self.log("\r" + " " * 100 + "\r", end="")
+
+
+@dataclass
+class TrainingState:
+    """Where training stands after an epoch: everything fit() needs to carry on
+    exactly as if it had not stopped (checkpoint files hold one)."""
+
+    epoch: int  # epochs done
+    params: dict
+    adam: dict  # adam_init's layout
+    streams: dict  # stream name -> bit generator state (the data and shuffle streams move each epoch)
+    history: list
+    skipped: int
+    best_epoch: int  # the epoch whose weights are kept (0: none yet)
+    best_params: dict | None  # those weights, when cfg.patience keeps the best epoch; else None
+    train_seconds: float
+
+    def stopped(self, cfg):
+        """True once every epoch ran, or validation has not improved for cfg.patience epochs."""
+        return self.epoch >= cfg.epochs or bool(cfg.patience and self.epoch - self.best_epoch >= cfg.patience)
+
+    def final_params(self):
+        return self.best_params if self.best_params is not None else self.params
+
+
+def better(entry, best, split):
+    """Early stopping's test: a lower (CER, loss) on the monitored split than the best so far."""
+    return best is None or (entry[split]["cer"], entry[split]["loss"]) < (best[split]["cer"], best[split]["loss"])
+
+
+def fit(cfg, task, data, streams, timer, pool=None, log=print, progress=None, status=None, state=None,
+        checkpoint=None):
+    """The training loop: one epoch of training samples at a time, minibatch
+    Adam, and an evaluation of the task's monitored splits after each epoch.
+
+    state: a TrainingState to continue from (a resumed run); checkpoint(state)
+    is called after every epoch. With cfg.patience, the weights of the epoch
+    with the best (CER, loss) on the first monitored split are kept, and
+    training stops after cfg.patience epochs without a better one (the paper's
+    early stopping). Returns the final TrainingState. Raises Diverged with the
+    epoch and step.
+    """
+    dtype = np.dtype(cfg.dtype)
+    if state is None:
+        params = {k: v.astype(dtype) for k, v in init_params(
+            streams["init"], cfg.hidden, cfg.layers, cfg.bidirectional, feature_dim(cfg), n_classes(cfg)).items()}
+        state = TrainingState(0, params, adam_init(params), {}, [], 0, 0, None, 0.0)
+    else:
+        for name, bit_state in state.streams.items():
+            streams[name].bit_generator.state = bit_state
+    params, adam = state.params, state.adam
+    steps_per_epoch = -(-data.epoch_size // cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    greedy = make_decoder("greedy", cfg, data.alphabet)
+    parallel_map = pool.map if pool else serial_map
+    status = {} if status is None else status
+    watched = task.monitor[0]
+    while not state.stopped(cfg):
+        epoch = state.epoch + 1
+        status["where"] = f"at epoch {epoch} of {cfg.epochs}"
+        e0 = t0 = time.perf_counter()
+        samples = data.training_samples(streams["data"], parallel_map)
+        order = streams["shuffle"].permutation(len(samples))
+        timer.add("data", t0)
+        loss_sum, n_chars, done, frames = 0.0, 0, 0, 0
+        s0 = time.perf_counter()
+        for step, idx in enumerate(make_batches(samples, cfg.batch_size, order, task.bucket, streams["shuffle"]), 1):
+            lr = learning_rate(cfg, adam["t"], total_steps)
+            try:
+                s, n, k = train_step(params, adam, [samples[i] for i in idx], lr, cfg, data, timer, pool,
+                                     streams["noise"])
+            except Diverged as e:
+                raise Diverged(f"training diverged at epoch {epoch}, step {step}: {e}") from None
+            loss_sum, n_chars, state.skipped = loss_sum + s, n_chars + n, state.skipped + k
+            done, frames = done + len(idx), frames + sum(len(samples[i].traj) for i in idx)
+            if progress:
+                elapsed = time.perf_counter() - s0
+                per_step = (state.train_seconds + elapsed) / (adam["t"] or 1)
+                progress.update(epoch, cfg.epochs, done, len(samples), frames, elapsed, total_steps - adam["t"],
+                                per_step)
+        state.train_seconds += time.perf_counter() - s0
+        if progress:
+            progress.clear()
+        t0 = time.perf_counter()
+        entry = {"epoch": epoch, "train_loss": loss_sum / max(n_chars, 1)}
+        for split in task.monitor:
+            entry[split] = evaluate(params, data.eval_sets[split], data, greedy)[0]
+        timer.add("evaluation", t0)
+        entry["seconds"] = time.perf_counter() - e0
+        improved = better(entry, state.history[state.best_epoch - 1] if state.best_epoch else None, watched)
+        if cfg.patience and improved:
+            state.best_params = {k: v.copy() for k, v in params.items()}
+        if improved or not cfg.patience:
+            state.best_epoch = epoch
+        state.epoch = epoch
+        state.history.append(entry)
+        state.streams = {name: g.bit_generator.state for name, g in streams.items()}
+        log(format_epoch(entry, cfg.epochs, task) + ("  best" if cfg.patience and improved else ""))
+        if checkpoint:
+            status["where"] = f"while writing the checkpoint after epoch {epoch}"
+            checkpoint(state)
+    if cfg.patience and state.history:
+        log(f"kept the weights of epoch {state.best_epoch} (best validation CER "
+            f"{state.history[state.best_epoch - 1][watched]['cer']:.4f})"
+            + (f"; stopped after {cfg.patience} epochs without improvement" if state.epoch < cfg.epochs else ""))
+    return state
+
+
+BASE_BYTES = 64 * 2**20  # the interpreter, numpy and this module, where the resident size cannot be read
+
+
+def sample_bytes(sample):
+    return sample.traj.nbytes + sample.xy.nbytes + sample.pen_up.nbytes
+
+
+def forward_chunk_bytes(cfg, frames, in_dim, n_classes):
+    """Rough peak memory of one evaluation forward pass over `frames` padded frames
+    (model_outputs): per layer and direction 11 H-wide caches, the layer inputs
+    and outputs, the logits and their float64 copies."""
+    R = 2 if cfg.bidirectional else 1
+    itemsize = np.dtype(cfg.dtype).itemsize
+    lstm = cfg.layers * R * frames * 11 * cfg.hidden * itemsize
+    layer_io = 2 * frames * (R * in_dim + 2 * R * cfg.hidden) * itemsize
+    return lstm + layer_io + frames * n_classes * (3 * itemsize + 8)
+
+
+def ctc_chunk_bytes(frames, n_classes, longest_label):
+    """Rough peak memory of ctc_log_likelihood on a chunk of `frames` padded frames:
+    the padded float64 log-probs, the emissions and the forward lattice."""
+    return frames * (2 * n_classes + 2 * (2 * longest_label + 3)) * 8
+
+
+def memory_estimate(cfg, data, training, resident=None):
+    """Predicted peak resident memory of this process, in bytes, by part:
+    held (what the process holds now: `resident` bytes as measured, else
+    BASE_BYTES and the samples of every split), fresh (an epoch of training
+    samples, for tasks that draw them each epoch), work (the larger of a
+    training step and an evaluation: EVAL_THREADS forward chunks and one CTC
+    chunk), and their total."""
+    evals = [s for samples in data.eval_sets.values() for s in samples]
+    per_sample = sum(sample_bytes(s) for s in evals) / max(len(evals), 1)  # training lines are drawn like these
+    # Held training samples cost nothing to fetch, and the longest of them sizes a training step.
+    lines = evals + (list(data.training_samples(None, serial_map)) if data.training_held and training else [])
+    if resident is None:
+        resident = BASE_BYTES + int(per_sample * (len(evals) + (data.epoch_size if data.training_held else 0)))
+    fresh = 0 if data.training_held or not training else int(per_sample * data.epoch_size)
+    longest = max(len(s.traj) for s in lines)
+    eval_label = max(len(s.labels) for s in lines)
+    # Training text is drawn like the evaluation text; twice its longest label leaves a margin.
+    train_label = min(longest, 2 * eval_label)
+    K, D = n_classes(cfg), evals[0].traj.shape[1]
+    part = dataclasses.replace(cfg, batch_size=-(-cfg.batch_size // cfg.workers))  # this process's share
+    step = training_bytes(part, longest, K, train_label) if training else 0
+    frames = max(min(EVAL_FRAMES, EVAL_BATCH * longest), longest)
+    evaluation = EVAL_THREADS * forward_chunk_bytes(cfg, frames, D, K) + ctc_chunk_bytes(frames, K, eval_label)
+    work = max(step, evaluation)
+    return {"held": resident, "fresh": fresh, "work": work, "total": resident + fresh + work}
+
+
+def check_memory(cfg, data, training, log=None):
+    """The run's memory_estimate from what the process holds now; UserError, before
+    any training, if it exceeds MEMORY_LIMIT of the machine's memory, naming the
+    part that is too large."""
+    need = memory_estimate(cfg, data, training, resident_bytes())
+    # Reading and featurising may already have peaked higher (IAM-OnDB); that peak is measured, not predicted.
+    need["total"] = max(need["total"], peak_rss() or 0)
+    have = physical_memory()
+    if log:
+        log(f"memory: about {need['total'] / 2**30:.2f} GiB predicted (held now {need['held'] / 2**30:.2f}, "
+            f"training data drawn per epoch {need['fresh'] / 2**30:.2f}, largest step {need['work'] / 2**30:.2f})")
+    if have and need["held"] + need["fresh"] + need["work"] > MEMORY_LIMIT * have:
+        remedy = ("use a smaller --hidden, --layers or --batch-size" if need["work"] >= max(need["fresh"], need["held"])
+                  else "the training data drawn per epoch is too large; use fewer --lines-per-epoch"
+                  if need["fresh"] >= need["held"] else "the data itself is too large")
+        raise UserError(f"this configuration would need about {need['total'] / 2**30:.1f} GiB, more than "
+                        f"{MEMORY_LIMIT:.0%} of this machine's {have / 2**30:.1f} GiB; {remedy}")
+    return need
+
+
+def resident_bytes():
+    """This process's resident memory now, in bytes (Linux /proc), else None."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def peak_rss():
+    """This process's peak resident memory so far, in bytes (None where unknown)."""
+    try:
+        import resource
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    except (ImportError, OSError):
+        return None
+    return kib if sys.platform == "darwin" else kib * 1024  # macOS reports bytes, Linux KiB
+
+
+def feature_dim(cfg):
+    """D: what the network reads per pen sample."""
+    return {"raw": 3, "graves25": 25}[cfg.features]
+
+
+def train_and_evaluate(cfg, params=None, verbose=True, log=print, status=None, experiment=None, dictionary_size=0,
+                       checkpoint_to=None, resume=False, normalisation=None):
+    """Train a model as configured (or, given `params`, only evaluate them) and report.
+
+    experiment: (params, cfg, data, log=) -> run.json's `decoding`, run on the
+    same data after the final evaluation. dictionary_size: the largest
+    dictionary the experiment decodes with, checked against the alphabet before
+    training. checkpoint_to: a path that receives a checkpoint after every
+    epoch; resume: continue from the checkpoint there (same config), to the
+    same result as a run that was never interrupted. Returns (params,
+    result): result is what run.json holds, less schema_version and env (see
+    run_json). normalisation: {shift, scale, squash} to use instead of the
+    statistics of the task's training data (a loaded model's, load_normalisation).
+    """
+    wall0 = time.perf_counter()
+    task = TASKS[cfg.task]
+    timer = Timer()
+    streams = make_streams(cfg.seed)
+    status = {} if status is None else status
+    status["where"] = "while preparing the data"
+    t0 = time.perf_counter()
+    history, skipped, loaded = [], 0, params is not None
+    pool = Pool(cfg.workers) if cfg.workers > 1 else None
+    try:
+        data = task.make_data(cfg, streams, pool.map if pool else serial_map, log)
+        timer.add("data", t0)
+        if task.alphabet is None:
+            cfg = dataclasses.replace(cfg, alphabet=data.alphabet)  # saved with the model
+        if normalisation:
+            data.input_shift, data.input_scale, data.input_squash = (normalisation[k] for k in ("shift", "scale", "squash"))
+        memory = check_memory(cfg, data, training=params is None, log=log if verbose else None)
+        dictionary_size = max(dictionary_size, cfg.dictionary_size if cfg.decoder == "lm" else 0)
+        if dictionary_size:
+            check_dictionary_alphabet(dictionary_size, data.alphabet)
+        check_lm_decoding_time(cfg, data, len(getattr(experiment, "keywords", {}).get("sizes", ())) if dictionary_size
+                               else 0, log if verbose else None)
+        state = None
+        if params is None:
+            progress = Progress(verbose and sys.stdout.isatty(), log)
+            if resume:
+                state = load_checkpoint(checkpoint_to, cfg)
+                log(f"resuming from {checkpoint_to} after epoch {state.epoch}")
+            save = (lambda st: write_output(checkpoint_to, checkpoint_bytes(st, cfg, data), "checkpoint")) \
+                if checkpoint_to else None
+            state = fit(cfg, task, data, streams, timer, pool, log if verbose else (lambda *a, **k: None),
+                        progress, status, state, save)
+            params, history, skipped = state.final_params(), state.history, state.skipped
+    finally:
+        if pool:
+            pool.close()
+    status["where"] = "during the final evaluation"
+    source = "loaded" if loaded else "trained" if history else "untrained"  # untrained: --epochs 0
+    result = {"config": dataclasses.asdict(cfg), "model_source": source, "history": history,
+              "best_epoch": state.best_epoch if state else None,
+              **final_report(params, cfg, task, data, timer),
+              "split": data.info, "timing": timer.seconds, "skipped": skipped}
+    result["wall_seconds"] = time.perf_counter() - wall0
+    if experiment:
+        status["where"] = "during the decoding experiment"
+        result["decoding"] = experiment(params, cfg, data, log=log)
+    result["input"] = input_normalisation(data)
+    result["memory"] = {"predicted_bytes": memory["total"], "peak_rss_bytes": peak_rss()}
+    return params, result
+
+
+def train(cfg, verbose=True):
+    """Train as configured; returns what run.json holds, as a dict."""
+    return run_json(train_and_evaluate(cfg, verbose=verbose)[1])
+
+
+def format_epoch(e, n_epochs, task):
+    parts = [f"epoch {e['epoch']:3d}/{n_epochs}  loss {e['train_loss']:.4f}"]
+    for split in task.monitor:
+        m = e[split]
+        names = {"cer": "CER", "wer": "WER", "word_acc": "acc"}
+        parts.append(f"{split.replace('_', '-')} " + " ".join(f"{names[k]} {m[k]:.4f}" for k in task.shown))
+    return "  ".join(parts) + f"  {e['seconds']:.2f}s"
 
 
 # ---------------------------------------------------------------------------
@@ -411,6 +2993,28 @@ def split_vocab(rng, holdout_frac):
     order = rng.permutation(len(VOCAB))
     held = sorted(VOCAB[i] for i in order[:n_held])
     return [w for w in VOCAB if w not in held], held
+
+
+LEXICON_SEED = 20090501  # fixed: every run sees the same distractor words
+
+
+def distractor_words(n, real_words=VOCAB):
+    """The first n of a fixed sequence of distinct 3-5 letter pseudo-words, none a real word.
+
+    Candidates are drawn in fixed-size chunks, so a lexicon of a given size is
+    the same whatever larger size is also asked for.
+    """
+    rng = np.random.default_rng(LEXICON_SEED)
+    seen, out = set(real_words), []
+    while len(out) < n:
+        lengths = rng.integers(3, 6, size=4096)
+        letters = rng.integers(0, len(ALPHABET), size=(4096, 5))
+        for length, row in zip(lengths, letters):
+            w = "".join(ALPHABET[i] for i in row[:length])
+            if w not in seen:
+                seen.add(w)
+                out.append(w)
+    return out[:n]
 
 
 # ---------------------------------------------------------------------------
@@ -2459,48 +5063,8 @@ def export_iam_ondb(out_dir, samples_by_split, log=print):
 
 
 # ---------------------------------------------------------------------------
-# Tasks
+# Tasks: each data source as a Task, and the TASKS table
 # ---------------------------------------------------------------------------
-# A task is a small value: its alphabet, how it makes its data, its splits and
-# its default settings. The model, CTC, decoders, training loop, run.json and
-# the figures are written once and take a task.
-
-
-@dataclass
-class TaskData:
-    """One run's data for a task."""
-
-    alphabet: str  # class 1 + i is alphabet[i]; 0 is the blank
-    eval_sets: dict  # split name -> [Sample], in report order
-    training_samples: Callable  # (rng, parallel_map) -> [Sample] for one epoch
-    epoch_size: int  # training samples per epoch
-    input_shift: np.ndarray  # (D,) the network reads (traj - shift) * scale
-    input_scale: np.ndarray  # (D,)
-    input_squash: float  # > 0: inputs pass through squash * tanh(x / squash) (pad_batch); 0: as they are
-    alignment_picks: list  # [(split, index)]: samples whose CTC alignment run.json keeps (short, long)
-    info: dict  # run.json "split": what the splits hold
-    training_held: bool = False  # True: training_samples returns samples already in memory (not drawn per epoch)
-    lm_texts: dict = field(default_factory=dict)  # {"train", "validation": transcriptions} for the real-English LM
-
-
-@dataclass(frozen=True)
-class Task:
-    name: str
-    alphabet: str | None  # class 1 + i is alphabet[i]; None: read from the data (cfg.alphabet)
-    monitor: tuple  # evaluation splits scored after every epoch (all are scored at the end)
-    group_by: str  # run.json keeps per-group error counts: "word" (per_word) or "writer" (per_writer)
-    decoders: tuple  # decoders the final evaluation may use
-    options: tuple  # command-line options that only this task takes
-    defaults: dict  # RunConfig overrides: the task's headline run
-    quick: dict  # further overrides for --quick
-    make_data: Callable  # (cfg, streams, parallel_map, log) -> TaskData
-    shown: tuple = ("cer", "wer")  # metrics the epoch log lines show
-    bucket: int = 16  # training batches of similar length, drawn from groups of this many (0: any lengths)
-
-
-def n_classes(cfg):
-    """K: the blank plus the task's characters."""
-    return 1 + len(cfg.alphabet or TASKS[cfg.task].alphabet)
 
 
 def words_data(cfg, streams, parallel_map, log):
@@ -2723,2562 +5287,6 @@ TASKS = {
                           features="graves25"),
                      dict(hidden=32, epochs=2, patience=0), iam_ondb_data),
 }
-
-
-# ---------------------------------------------------------------------------
-# Network input
-# ---------------------------------------------------------------------------
-
-
-def pad_batch(samples, shift, scale, dtype=np.float64, squash=0.0):
-    """Stack trajectories into zero-padded network inputs x = (traj - shift) * scale,
-    then, if squash > 0, x = squash * tanh(x / squash).
-
-    The squash leaves ordinary pen steps almost as they are and bounds the
-    jumps between strokes, which in a text line are tens of sample spacings
-    long. Returns X (T, B, D) and lengths (B,); sequences are left-aligned.
-    """
-    lengths = np.array([len(s.traj) for s in samples])
-    T, B, D = int(lengths.max()), len(samples), samples[0].traj.shape[1]
-    X = np.zeros((T, B, D), dtype=dtype)
-    time_idx = np.concatenate([np.arange(n) for n in lengths])
-    batch_idx = np.repeat(np.arange(B), lengths)
-    x = (np.concatenate([s.traj for s in samples]) - shift) * scale
-    X[time_idx, batch_idx] = squash * np.tanh(x / squash) if squash else x
-    return X, lengths
-
-
-# ---------------------------------------------------------------------------
-# BLSTM
-# ---------------------------------------------------------------------------
-# Parameters are a flat dict. Layer l has, for R directions stacked on axis 0,
-#   lstm{l}_Wx (R, D_l, 4H), lstm{l}_Wh (R, H, 4H), lstm{l}_b (R, 4H),
-# with gate blocks ordered [i, f, g, o]; the output layer is out_W (R*H, K),
-# out_b (K,). Both directions run through the same LSTM code at once: the
-# backward direction simply reads each sequence reversed in time.
-#
-#   i, f, o = sigmoid(.),  g = tanh(.)   of  x_t Wx + h_{t-1} Wh + b
-#   c_t = f * c_{t-1} + i * g,   h_t = o * tanh(c_t)
-#
-# All four gate nonlinearities are one tanh: sigmoid(z) = 0.5 tanh(z / 2) + 0.5.
-
-
-def init_params(rng, hidden=64, layers=1, bidirectional=True, in_dim=IN_DIM, n_classes=N_CLASSES):
-    """Uniform(+-1/sqrt(H)) weights, zero biases except the forget gate at 1.0."""
-    R, H = (2 if bidirectional else 1), hidden
-    scale = 1.0 / np.sqrt(H)
-    params = {}
-    for layer in range(layers):
-        d_in = in_dim if layer == 0 else R * H
-        params[f"lstm{layer}_Wx"] = rng.uniform(-scale, scale, (R, d_in, 4 * H))
-        params[f"lstm{layer}_Wh"] = rng.uniform(-scale, scale, (R, H, 4 * H))
-        bias = np.zeros((R, 4 * H))
-        bias[:, H:2 * H] = 1.0  # forget gate open: remember by default early on
-        params[f"lstm{layer}_b"] = bias
-    out_scale = 1.0 / np.sqrt(R * H)
-    params["out_W"] = rng.uniform(-out_scale, out_scale, (R * H, n_classes))
-    params["out_b"] = np.zeros(n_classes)
-    return params
-
-
-def model_shape(params):
-    """(layers, directions, hidden) read off a params dict."""
-    layers = sum(1 for k in params if k.endswith("_Wh"))
-    R, H, _ = params["lstm0_Wh"].shape
-    return layers, R, H
-
-
-def _gate_scales(H, dtype):
-    """scale, shift (4H,) with act = tanh(scale * z) * scale + shift for gates [i, f, g, o].
-
-    scale is 1/2 for the sigmoid gates and 1 for g, so d act / d z =
-    scale^2 * (1 - tanh^2): the constant scale^2 is applied to the weights,
-    not to every time step.
-    """
-    half, one = np.full(H, 0.5), np.ones(H)
-    scale = np.concatenate([half, half, one, half])
-    shift = np.concatenate([half, half, 0 * one, half])
-    return scale.astype(dtype), shift.astype(dtype)
-
-
-def reverse_time_index(lengths, T):
-    """(T, B) index that reverses each sequence within its own length.
-
-    Padding stays in place, so reversed sequences are still left-aligned and
-    padded at the end. Applying the gather twice is the identity.
-    """
-    t = np.arange(T)[:, None]
-    return np.where(t < lengths, lengths - 1 - t, t)
-
-
-def lstm_forward(Wx, Wh, b, X):
-    """Run R independent LSTMs over left-aligned, end-padded inputs.
-
-    Wx (R, D, 4H), Wh (R, H, 4H), b (R, 4H), X (R, T, B, D).
-    Returns hidden states Hs (R, T, B, H) and the cache for lstm_backward.
-    Padding needs no mask: it only ever follows a sequence's last step.
-    """
-    R, T, B, D = X.shape
-    H = Wh.shape[1]
-    scale, shift = _gate_scales(H, X.dtype)
-    # One matmul projects every step's input; U then holds tanh(scale * z).
-    U = np.matmul(X.reshape(R, T * B, D), Wx * scale).reshape(R, T, B, 4 * H)
-    U += (b * scale)[:, None, None, :]
-    Wh_scaled = Wh * scale
-    A = np.empty((R, T, B, 4 * H), X.dtype)  # gate activations [i, f, g, o]
-    C = np.empty((R, T, B, H), X.dtype)  # cell states
-    TC = np.empty((R, T, B, H), X.dtype)  # tanh(c)
-    Hs = np.empty((R, T, B, H), X.dtype)
-    recurrent = np.empty((R, B, 4 * H), X.dtype)
-    h = np.zeros((R, B, H), X.dtype)
-    c = np.zeros((R, B, H), X.dtype)
-    for t in range(T):
-        u, a = U[:, t], A[:, t]
-        np.matmul(h, Wh_scaled, out=recurrent)
-        u += recurrent
-        np.tanh(u, out=u)
-        np.multiply(u, scale, out=a)
-        a += shift
-        np.multiply(a[..., H:2 * H], c, out=C[:, t])  # f * c_{t-1}
-        C[:, t] += a[..., :H] * a[..., 2 * H:3 * H]  # + i * g
-        np.tanh(C[:, t], out=TC[:, t])
-        np.multiply(a[..., 3 * H:], TC[:, t], out=Hs[:, t])  # o * tanh(c)
-        h, c = Hs[:, t], C[:, t]
-    return Hs, (X, U, A, C, TC, Hs)
-
-
-def lstm_backward(Wx, Wh, cache, dHs):
-    """Back-propagation through time for lstm_forward.
-
-    dHs (R, T, B, H) is dLoss/dh_t from above. Returns dX (R, T, B, D) and
-    (dWx, dWh, db) with the shapes of (Wx, Wh, b).
-    """
-    X, U, A, C, TC, Hs = cache
-    R, T, B, H = Hs.shape
-    D = X.shape[-1]
-    scale, _ = _gate_scales(H, A.dtype)
-    k = scale * scale  # d act / d z = k * (1 - u^2); k is applied to the weights
-    WhT_k = (Wh * k).transpose(0, 2, 1).copy()  # (R, 4H, H), contiguous for BLAS
-    dZ = np.empty_like(A)  # dLoss / dz divided by k, (R, T, B, 4H)
-    d_act = np.empty((R, B, 4 * H), A.dtype)  # dLoss / d[i, f, g, o]
-    dh_next = np.zeros((R, B, H), A.dtype)
-    dc_next = np.zeros((R, B, H), A.dtype)
-    c_zero = np.zeros((R, B, H), A.dtype)
-    for t in reversed(range(T)):
-        a, tc, dz = A[:, t], TC[:, t], dZ[:, t]
-        dh = dHs[:, t] + dh_next
-        # dc_t = dh_t * o * (1 - tanh(c_t)^2) + dc_{t+1} * f_{t+1}
-        dc = tc * tc
-        np.subtract(1.0, dc, out=dc)
-        dc *= a[..., 3 * H:]
-        dc *= dh
-        dc += dc_next
-        np.multiply(dc, a[..., 2 * H:3 * H], out=d_act[..., :H])  # di = dc * g
-        np.multiply(dc, C[:, t - 1] if t else c_zero, out=d_act[..., H:2 * H])  # df = dc * c_{t-1}
-        np.multiply(dc, a[..., :H], out=d_act[..., 2 * H:3 * H])  # dg = dc * i
-        np.multiply(dh, tc, out=d_act[..., 3 * H:])  # do = dh * tanh(c)
-        np.multiply(U[:, t], U[:, t], out=dz)
-        np.subtract(1.0, dz, out=dz)
-        dz *= d_act
-        dh_next = dz @ WhT_k
-        dc_next = dc * a[..., H:2 * H]
-    # Weight gradients: one matmul over all time steps each (h_{-1} = 0).
-    dZ_flat = dZ.reshape(R, T * B, 4 * H)
-    dWx = (X.reshape(R, T * B, D).transpose(0, 2, 1) @ dZ_flat) * k
-    dWh = (Hs[:, :-1].reshape(R, (T - 1) * B, H).transpose(0, 2, 1)
-           @ dZ[:, 1:].reshape(R, (T - 1) * B, 4 * H)) * k
-    db = dZ_flat.sum(axis=1) * k
-    dX = (dZ_flat @ (Wx * k).transpose(0, 2, 1)).reshape(R, T, B, D)
-    return dX, (dWx, dWh, db)
-
-
-def forward(params, X, lengths):
-    """BLSTM -> linear -> log-softmax.
-
-    X (T, B, D), lengths (B,). Returns log_probs (T, B, K) and a cache for
-    `backward`. Rows beyond a sequence's length are finite but meaningless.
-    """
-    layers, R, H = model_shape(params)
-    dtype = params["out_W"].dtype
-    T, B, _ = X.shape
-    lengths = np.asarray(lengths)
-    rev = reverse_time_index(lengths, T)  # (T, B)
-    cols = np.arange(B)
-    inp = np.asarray(X, dtype)
-    layer_caches = []
-    for layer in range(layers):
-        # Direction 1 reads every sequence backwards from its own last sample.
-        X_dirs = np.stack([inp, inp[rev, cols]] if R == 2 else [inp])  # (R, T, B, D)
-        Hs, lc = lstm_forward(params[f"lstm{layer}_Wx"], params[f"lstm{layer}_Wh"],
-                              params[f"lstm{layer}_b"], X_dirs)
-        outs = [Hs[0], Hs[1][rev, cols]] if R == 2 else [Hs[0]]  # back to forward time
-        layer_caches.append((inp, lc))
-        inp = np.concatenate(outs, axis=-1)  # (T, B, R*H)
-    logits = inp @ params["out_W"] + params["out_b"]  # (T, B, K)
-    logits -= logits.max(axis=-1, keepdims=True)
-    log_probs = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
-    mask = np.arange(T)[:, None] < lengths  # (T, B)
-    return log_probs, (layer_caches, inp, rev, mask)
-
-
-def backward(params, cache, grad_logits):
-    """Gradients of the loss for every parameter, given dLoss/dlogits (T, B, K).
-
-    Steps beyond each sequence's length are ignored.
-    """
-    layer_caches, top, rev, mask = cache
-    layers, R, H = model_shape(params)
-    T, B, K = grad_logits.shape
-    cols = np.arange(B)
-    dlogits = (grad_logits * mask[..., None]).astype(top.dtype)
-    grads = {
-        "out_W": top.reshape(T * B, -1).T @ dlogits.reshape(T * B, K),
-        "out_b": dlogits.sum(axis=(0, 1)),
-    }
-    dinp = dlogits @ params["out_W"].T  # (T, B, R*H)
-    for layer in reversed(range(layers)):
-        inp, lc = layer_caches[layer]
-        dHs = np.stack([dinp[..., :H], dinp[rev, cols, H:]] if R == 2 else [dinp])  # (R, T, B, H)
-        dX, (dWx, dWh, db) = lstm_backward(params[f"lstm{layer}_Wx"], params[f"lstm{layer}_Wh"], lc, dHs)
-        grads[f"lstm{layer}_Wx"], grads[f"lstm{layer}_Wh"], grads[f"lstm{layer}_b"] = dWx, dWh, db
-        dinp = dX[0] + dX[1][rev, cols] if R == 2 else dX[0]
-    return grads
-
-
-# ---------------------------------------------------------------------------
-# CTC
-# ---------------------------------------------------------------------------
-# Graves, Fernandez, Gomez, Schmidhuber (2006). The extended label sequence
-# l' puts a blank around every label: S = 2L + 1 states. alpha[t, s] is the
-# log-probability of all alignment prefixes of length t + 1 ending in state s;
-# the backward variables are the same recursion run on the time- and
-# label-reversed problem, so one function computes both.
-
-
-def extend_targets(targets):
-    """Pad a list of B label sequences into extended labels.
-
-    Returns ext (B, S) class ids (blank at even s), label lengths L (B,) and
-    the skip mask (B, S): s may be entered from s - 2 (a label that differs
-    from the label two states back).
-    """
-    L = np.array([len(y) for y in targets], dtype=int)
-    B, L_max = len(targets), int(L.max(initial=0))
-    ext = np.zeros((B, 2 * L_max + 1), dtype=int)
-    if L.sum():
-        flat = np.concatenate([np.asarray(y, dtype=int) for y in targets])
-        rows = np.repeat(np.arange(B), L)
-        pos = np.arange(len(flat)) - np.repeat(np.cumsum(L) - L, L)
-        ext[rows, 2 * pos + 1] = flat
-    return ext, L, _skip_mask(ext)
-
-
-def _skip_mask(ext):
-    skip = np.zeros(ext.shape, dtype=bool)
-    skip[:, 2:] = (ext[:, 2:] != BLANK) & (ext[:, 2:] != ext[:, :-2])
-    return skip
-
-
-def ctc_alpha(log_emit, skip):
-    """Forward variables in log space.
-
-    log_emit (T, B, S): log y_t(l'_s), -inf for states past a label's end.
-    skip (B, S). Returns alpha (T, B, S).
-
-    Each step sums three predecessors in log space as m + log(sum exp(x - m))
-    with m their elementwise maximum: exact like np.logaddexp, but about twice
-    as fast at line scale, because exp and log are vectorised and logaddexp is not.
-    """
-    T, B, S = log_emit.shape
-    # Two columns of -inf on the left make the s-1 and s-2 predecessors views.
-    alpha = np.full((T, B, S + 2), -np.inf)
-    alpha[0, :, 2:4] = log_emit[0, :, :2]  # start in the first blank or the first label
-    skip_penalty = np.where(skip, 0.0, -np.inf)
-    jump, top, total, term = (np.empty((B, S)) for _ in range(4))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        for t in range(1, T):
-            prev = alpha[t - 1]
-            # stay in s, or advance from s - 1 (blank <-> label), or jump over a
-            # blank from s - 2 when the two labels differ
-            stay, advance = prev[:, 2:], prev[:, 1:-1]
-            np.add(prev[:, :-2], skip_penalty, out=jump)
-            np.maximum(stay, advance, out=top)
-            np.maximum(top, jump, out=top)
-            np.maximum(top, -1e300, out=top)  # where no path reaches s, any finite shift gives exp(-inf) = 0
-            np.exp(np.subtract(stay, top, out=total), out=total)
-            total += np.exp(np.subtract(advance, top, out=term), out=term)
-            total += np.exp(np.subtract(jump, top, out=term), out=term)
-            out = alpha[t, :, 2:]
-            np.log(total, out=out)
-            out += top
-            out += log_emit[t]
-    return alpha[:, :, 2:]
-
-
-def _ctc_problem(log_probs, input_lengths, targets):
-    """Validate the inputs and gather each target's emission log-probabilities.
-
-    Returns lp (T, B, K) float64, lengths (B,), ext (B, S), n_states (B,),
-    log_emit (T, B, S) with -inf past each target's extended length, skip (B, S).
-    """
-    lp = np.asarray(log_probs, dtype=np.float64)
-    T, B, K = lp.shape
-    lengths = np.asarray(input_lengths, dtype=int)
-    if lengths.shape != (B,) or len(targets) != B:
-        raise ValueError(f"need {B} input lengths and {B} targets, got {lengths.shape} and {len(targets)}")
-    if B and (lengths.min() < 1 or lengths.max() > T):
-        raise ValueError(f"input lengths must lie in 1..{T}, got {lengths.min()}..{lengths.max()}")
-    ext, L, skip = extend_targets(targets)
-    if L.sum() and (ext.max() >= K or np.concatenate([np.asarray(y) for y in targets]).min() < 1):
-        raise ValueError(f"target labels must lie in 1..{K - 1}")
-    n_states = 2 * L + 1
-    state_ok = np.arange(ext.shape[1]) < n_states[:, None]  # (B, S)
-    log_emit = np.where(state_ok, lp[:, np.arange(B)[:, None], ext], -np.inf)  # (T, B, S)
-    return lp, lengths, ext, n_states, log_emit, skip
-
-
-def _final_log_p(alpha, lengths, n_states):
-    """log p(l|x): paths end in the last label or the final blank at t = T_b - 1."""
-    cols = np.arange(len(lengths))
-    last = alpha[lengths - 1, cols]  # (B, S)
-    before_last = np.where(n_states > 1, last[cols, np.maximum(n_states - 2, 0)], -np.inf)
-    return np.logaddexp(last[cols, n_states - 1], before_last)
-
-
-def ctc_log_likelihood(log_probs, input_lengths, targets):
-    """log p(target | input) (B,) by the forward recursion alone (no gradient)."""
-    _, lengths, _, n_states, log_emit, skip = _ctc_problem(log_probs, input_lengths, targets)
-    return _final_log_p(ctc_alpha(log_emit, skip), lengths, n_states)
-
-
-def ctc_loss(log_probs, input_lengths, targets):
-    """CTC negative log-likelihood and its gradient with respect to the logits.
-
-    log_probs (T, B, K) log-softmax outputs, input_lengths (B,), targets a list
-    of B label sequences with ids in 1..K-1. Returns nll (B,) and grad
-    (T, B, K) = d nll_b / d logits = softmax - posteriors, zero beyond each
-    input length. An impossible alignment (fewer steps than labels plus
-    adjacent repeats) gives nll = inf and a zero gradient.
-    """
-    lp, lengths, ext, n_states, log_emit, skip = _ctc_problem(log_probs, input_lengths, targets)
-    T, B, K = lp.shape
-    S = ext.shape[1]
-    cols = np.arange(B)
-    state_ok = np.arange(S) < n_states[:, None]  # (B, S)
-    # beta is alpha of the time- and label-reversed problem, mapped back; both
-    # recursions run as one over a doubled batch.
-    rev_t = reverse_time_index(lengths, T)[:, :, None]  # (T, B, 1)
-    rev_s = np.where(state_ok, n_states[:, None] - 1 - np.arange(S), np.arange(S))  # (B, S)
-    gather = (rev_t, cols[None, :, None], rev_s[None])
-    both = ctc_alpha(np.concatenate([log_emit, log_emit[gather]], axis=1),
-                     np.concatenate([skip, _skip_mask(ext[cols[:, None], rev_s])]))
-    alpha, beta = both[:, :B], both[:, B:][gather]
-    log_p = _final_log_p(alpha, lengths, n_states)
-    possible = np.isfinite(log_p)
-
-    # Posterior of state s at t: alpha * beta / (y_t(l'_s) p); the emission at
-    # t is counted in both alpha and beta, hence divided out once.
-    time_ok = np.arange(T)[:, None] < lengths  # (T, B)
-    keep = time_ok[:, :, None] & state_ok[None] & possible[None, :, None]
-    log_post = np.where(keep, alpha + beta - np.where(keep, log_emit, 0.0)
-                        - np.where(possible, log_p, 0.0)[None, :, None], -np.inf)
-    onehot = (ext[:, :, None] == np.arange(K)) & state_ok[:, :, None]  # (B, S, K)
-    post = (np.exp(log_post).transpose(1, 0, 2) @ onehot).transpose(1, 0, 2)  # (T, B, K)
-    grad = np.where((time_ok & possible)[:, :, None], np.exp(lp) - post, 0.0)
-    return -log_p, grad
-
-
-
-
-# ---------------------------------------------------------------------------
-# Decoding and metrics
-# ---------------------------------------------------------------------------
-
-
-def greedy_decode(log_probs, lengths):
-    """Best path: argmax per step, merge repeats, drop blanks.
-
-    log_probs (T, B, K), lengths (B,). Returns B lists of class ids.
-    """
-    path = np.argmax(log_probs, axis=-1)  # (T, B)
-    T = path.shape[0]
-    prev = np.vstack([np.full((1, path.shape[1]), -1), path[:-1]])
-    keep = (path != BLANK) & (path != prev) & (np.arange(T)[:, None] < np.asarray(lengths))
-    return [path[keep[:, b], b].tolist() for b in range(path.shape[1])]
-
-
-def _edit_table(ref, hyp):
-    """Levenshtein dynamic-programming table as rows: D[i][j] = distance(ref[:i], hyp[:j])."""
-    D = [list(range(len(hyp) + 1))]
-    for i, r in enumerate(ref, 1):
-        above, row = D[-1], [i]
-        for j, h in enumerate(hyp, 1):
-            row.append(min(above[j] + 1, row[j - 1] + 1, above[j - 1] + (r != h)))
-        D.append(row)
-    return D
-
-
-def levenshtein(a, b):
-    """Minimum number of insertions, deletions and substitutions turning a into b."""
-    return _edit_table(a, b)[-1][-1]
-
-
-def edit_alignment(ref, hyp):
-    """One minimal alignment as (ref item or None, hyp item or None) pairs.
-
-    None on the hyp side is a deletion, on the ref side an insertion. Ties
-    prefer match/substitution, then deletion, then insertion.
-    """
-    D = _edit_table(ref, hyp)
-    i, j, pairs = len(ref), len(hyp), []
-    while i or j:
-        if i and j and D[i][j] == D[i - 1][j - 1] + (ref[i - 1] != hyp[j - 1]):
-            pairs.append((ref[i - 1], hyp[j - 1]))
-            i, j = i - 1, j - 1
-        elif i and D[i][j] == D[i - 1][j] + 1:
-            pairs.append((ref[i - 1], None))
-            i -= 1
-        else:
-            pairs.append((None, hyp[j - 1]))
-            j -= 1
-    return pairs[::-1]
-
-
-def cer(pred, target):
-    """Character error rate of one prediction: edits / len(target)."""
-    return levenshtein(target, pred) / max(len(target), 1)
-
-
-def plain_words(text):
-    """The words of `text` case-folded, with every character that is neither a letter nor a
-    digit removed, and words left empty dropped: `"Mr. Brown," he said.` -> mr brown he said."""
-    words = ("".join(c for c in w if c.isalnum()).casefold() for w in text.split())
-    return [w for w in words if w]
-
-
-def error_counts(refs, hyps):
-    """Edit counts over a corpus: characters, character edits, words, word edits, and
-    the words and word edits of plain_words.
-
-    Words are the transcription's space-separated tokens, case and punctuation
-    kept (`said,` is one word); word edits are the Levenshtein distance between
-    the word sequences (substitutions, deletions, insertions), as for the
-    paper's word accuracy. The plain counts ignore case and punctuation, as
-    some papers do.
-    """
-    return {"chars": sum(len(r) for r in refs), "edits": sum(levenshtein(r, h) for r, h in zip(refs, hyps)),
-            "words": sum(len(r.split()) for r in refs),
-            "word_edits": sum(levenshtein(r.split(), h.split()) for r, h in zip(refs, hyps)),
-            "plain_words": sum(len(plain_words(r)) for r in refs),
-            "plain_word_edits": sum(levenshtein(plain_words(r), plain_words(h)) for r, h in zip(refs, hyps))}
-
-
-def rates(counts):
-    """CER = edits / characters, WER = word edits / words and word accuracy = 1 - WER
-    (the paper's measure; for single words it is the share read exactly); wer_plain
-    likewise over plain_words (when counted)."""
-    words = max(counts["words"], 1)
-    out = {"cer": counts["edits"] / max(counts["chars"], 1), "wer": counts["word_edits"] / words,
-           "word_acc": (counts["words"] - counts["word_edits"]) / words}
-    if "plain_words" in counts:
-        out["wer_plain"] = counts["plain_word_edits"] / max(counts["plain_words"], 1)
-    return out
-
-
-def beam_search_decode(log_probs, beam_width=16):
-    """CTC prefix beam search over one sequence (Graves 2012, ch. 7; Hannun 2014).
-
-    log_probs (T, K). Every labeling prefix in the beam carries two
-    log-probabilities: of the alignments so far that collapse to it and end in
-    a blank, and of those that end in its last label. Returns (labels,
-    log_prob), the most probable prefix at the end and its total log
-    probability as accumulated by the search (exact if nothing was pruned).
-    """
-    lp = np.asarray(log_probs, dtype=np.float64)
-    if beam_width < 1:
-        raise ValueError(f"beam_width must be at least 1, got {beam_width}")
-    K = lp.shape[1]
-    prefixes = [()]
-    ends_blank = np.array([0.0])  # (W,)
-    ends_label = np.array([-np.inf])  # (W,)
-    for y in lp:
-        total = np.logaddexp(ends_blank, ends_label)
-        last = np.array([p[-1] if p else BLANK for p in prefixes])  # (W,)
-        # blank: the prefix does not change and now ends in a blank
-        stay_blank = total + y[BLANK]
-        # repeat of the last label with no blank between: merges, prefix unchanged
-        stay_label = np.where(last != BLANK, ends_label + y[last], -np.inf)
-        # extension by label k (W, K-1); repeating the last label needs a blank first
-        extend = total[:, None] + y[None, 1:]
-        repeat = np.flatnonzero(last != BLANK)
-        extend[repeat, last[repeat] - 1] = ends_blank[repeat] + y[last[repeat]]
-        # an extension that spells a prefix already in the beam merges into it
-        index = {p: i for i, p in enumerate(prefixes)}
-        for i, p in enumerate(prefixes):
-            j = index.get(p[:-1]) if p else None
-            if j is not None:
-                stay_label[i] = np.logaddexp(stay_label[i], extend[j, p[-1] - 1])
-                extend[j, p[-1] - 1] = -np.inf
-        # keep the beam_width most probable of all candidates (stable: ties keep order)
-        scores = np.concatenate([np.logaddexp(stay_blank, stay_label), extend.ravel()])
-        keep = np.argsort(-scores, kind="stable")[:beam_width]
-        keep = keep[np.isfinite(scores[keep])] if np.isfinite(scores[keep[0]]) else keep[:1]
-        W = len(prefixes)
-        parent, k = np.divmod(keep - W, K - 1)
-        prefixes = [prefixes[c] if c < W else prefixes[j] + (int(kk) + 1,) for c, j, kk in zip(keep, parent, k)]
-        ends_blank = np.where(keep < W, stay_blank[np.minimum(keep, W - 1)], -np.inf)
-        ends_label = np.where(keep < W, stay_label[np.minimum(keep, W - 1)],
-                              extend.ravel()[np.maximum(keep - W, 0)])
-    total = np.logaddexp(ends_blank, ends_label)
-    best = int(np.argmax(total))
-    return list(prefixes[best]), float(total[best])
-
-
-# Kinds of dictionary entries. How two entries may follow each other without a
-# space (GLUES) is decided by their kinds; see split_token for where they come from.
-WORD, CLITIC, PUNCT, SPELLED = range(4)
-KIND_NAMES = ("word", "clitic", "punctuation", "spelled")
-GLUES = np.zeros((4, 4), bool)  # GLUES[a, b]: entry b may follow entry a with no space between
-GLUES[:, PUNCT] = GLUES[PUNCT, :] = True  # punctuation attaches to anything: 'said,'  '"I'  '(2).'
-GLUES[[WORD, SPELLED], CLITIC] = True  # a clitic attaches to the word before it: "man's"
-GLUES[SPELLED, SPELLED] = True  # a spelled out-of-dictionary token goes on, one character at a time
-
-
-@dataclass(frozen=True)
-class Lexicon:
-    """Dictionary entries as a prefix tree; node 0 is the empty prefix (the root).
-
-    Spelled entries (single characters of out-of-dictionary tokens, kind
-    SPELLED) have a subtree of their own under the root, so an entry "a" and
-    the spelled character "a" are different nodes."""
-
-    words: tuple  # the W entries (their spelling), in the order scores are reported
-    alphabet: str  # the task's characters: class 1 + i is alphabet[i]
-    label: np.ndarray  # (N,) class id of each node's last letter (BLANK at the root)
-    parent: np.ndarray  # (N,) node of the prefix one letter shorter (the root is its own parent)
-    skip: np.ndarray  # (N,) True where the letter differs from its parent's, so no blank is needed between
-    end: np.ndarray  # (W,) node at which each entry ends
-    word_at: np.ndarray  # (N,) the entry ending at each node, -1 for none
-    child_start: np.ndarray  # (N + 1,) the children of node n are children[child_start[n]:child_start[n + 1]]
-    children: np.ndarray  # (N - 1,) every node but the root, grouped by parent
-    kind: np.ndarray  # (W,) WORD, CLITIC, PUNCT or SPELLED
-    lm_id: np.ndarray  # (W,) the language-model word each entry is read as (-1 for spelled characters)
-    cost: np.ndarray  # (W,) log-probability of the spelling given the LM word (its case; a spelled character)
-    glue_to: np.ndarray  # (N, 4) for a child of the root: True if its subtree holds an entry that may follow
-    #                     an entry of that kind with no space (GLUES); False elsewhere
-
-
-def build_lexicon(words, alphabet=ALPHABET, kind=None, lm_id=None, cost=None):
-    """Prefix tree of `words`; ValueError for an empty lexicon, an empty or repeated word, or a foreign letter.
-
-    kind, lm_id, cost (W,): how the lm decoder reads each entry (default: each
-    a WORD, its own LM word, at no cost)."""
-    words = tuple(words)
-    if not words:
-        raise ValueError("the lexicon is empty")
-    W = len(words)
-    kind = np.full(W, WORD) if kind is None else np.asarray(kind)
-    node_of, label, parent = {(False, ""): 0}, [BLANK], [0]
-    for w, k in zip(words, kind):
-        if not w:
-            raise ValueError("the lexicon holds an empty word")
-        ids, tree = encode(w, alphabet), bool(k == SPELLED)  # spelled characters: a subtree of their own
-        for n in range(1, len(w) + 1):
-            if (tree, w[:n]) not in node_of:
-                node_of[tree, w[:n]] = len(label)
-                label.append(ids[n - 1])
-                parent.append(node_of[tree if n > 1 else False, w[:n - 1]])
-    keys = [(bool(k == SPELLED), w) for k, w in zip(kind, words)]
-    if len(set(keys)) < W:
-        raise ValueError(f"the lexicon holds {next(w for (s, w) in keys if keys.count((s, w)) > 1)!r} more than once")
-    label, parent = np.array(label), np.array(parent)
-    skip = label != label[parent]
-    skip[0] = False
-    end = np.array([node_of[k] for k in keys])
-    word_at = np.full(len(label), -1)
-    word_at[end] = np.arange(W)
-    children = np.argsort(parent[1:], kind="stable") + 1
-    child_start = np.searchsorted(parent[children], np.arange(len(label) + 1))
-    first = np.array([node_of[s, w[:1]] for s, w in keys])  # (W,) the root child each entry starts with
-    glue_to = np.zeros((len(label), 4), bool)
-    for a in range(4):
-        glue_to[first[GLUES[a, kind]], a] = True
-    return Lexicon(words, alphabet, label, parent, skip, end, word_at, child_start, children, kind,
-                   np.arange(W) if lm_id is None else np.asarray(lm_id),
-                   np.zeros(W) if cost is None else np.asarray(cost, dtype=float), glue_to)
-
-
-# The CTC recursion on a prefix tree, shared by the single-word lexicon decoder
-# and the language-model decoder. A node has two states: "on its label" (the
-# node's last letter, or the space at a line decoder's root) and "in a blank
-# after it".
-
-
-def entering(parent_on_label, parent_in_blank, skip):
-    """Log mass that may enter a node's label from its parent: from the parent's
-    blank, or straight from the parent's label when the two labels differ."""
-    return np.logaddexp(parent_in_blank, np.where(skip, parent_on_label, -np.inf))
-
-
-def tree_step(on_label, in_blank, enter, emit_label, emit_blank):
-    """One time step: a label is reached by staying on it or by entering it; a
-    blank by staying in it or by leaving the label. Returns the new (on_label, in_blank)."""
-    return np.logaddexp(on_label, enter) + emit_label, np.logaddexp(in_blank, on_label) + emit_blank
-
-
-def lexicon_log_likelihoods(log_probs, lengths, lexicon):
-    """Exact CTC log p(word | x_b) for every lexicon word and sequence: (W, B).
-
-    log_probs (T, B, K), lengths (B,). The CTC forward recursion run on the
-    prefix tree instead of one chain per word (token passing restricted to
-    single words), over every node at once: words sharing a prefix share its
-    computation. The only Python loop is over time.
-    """
-    lp = np.asarray(log_probs, dtype=np.float64).transpose(0, 2, 1)  # (T, K, B)
-    lengths = np.asarray(lengths)
-    N, B = len(lexicon.label), lp.shape[2]
-    parent, skip = lexicon.parent, lexicon.skip[:, None]
-    on_label = np.full((N, B), -np.inf)  # log P(alignment so far spells the node, ends on its letter)
-    in_blank = np.full((N, B), -np.inf)  # ... and ends in a blank after it
-    in_blank[0] = 0.0  # before the first step: the empty prefix, probability one
-    scores = np.full((len(lexicon.words), B), -np.inf)
-    for t in range(lp.shape[0]):
-        emit = lp[t, lexicon.label]  # (N, B)
-        emit[0] = -np.inf  # the root has no letter to be on
-        on_label, in_blank = tree_step(on_label, in_blank, entering(on_label[parent], in_blank[parent], skip),
-                                       emit, lp[t, BLANK])
-        done = np.flatnonzero(lengths == t + 1)
-        if len(done):
-            end = lexicon.end[:, None]
-            scores[:, done] = np.logaddexp(on_label[end, done], in_blank[end, done])
-    return scores
-
-
-def lexicon_decode(log_probs, lexicon, word_log_prior=None):
-    """The most probable dictionary word for one sequence (T, K).
-
-    lexicon: a list of words or a Lexicon. Returns (word, log_prob) with
-    log_prob the exact CTC log-likelihood of the word plus its prior, if given.
-    """
-    lex = lexicon if isinstance(lexicon, Lexicon) else build_lexicon(lexicon)
-    lp = np.asarray(log_probs, dtype=np.float64)
-    scores = lexicon_log_likelihoods(lp[:, None, :], [len(lp)], lex)[:, 0]
-    if word_log_prior is not None:
-        prior = np.asarray(word_log_prior, dtype=np.float64)
-        if prior.shape != scores.shape:
-            raise ValueError(f"word_log_prior needs one value per word ({len(scores)}), got shape {prior.shape}")
-        scores = scores + prior
-    best = int(np.argmax(scores))
-    return lex.words[best], float(scores[best])
-
-
-LEXICON_BATCH = 32  # sequences decoded together against one lexicon
-
-
-def lexicon_decode_many(log_probs_list, lex):
-    """lexicon_decode for a list of (T_i, K) arrays, batched. Returns the words."""
-    words = []
-    for start in range(0, len(log_probs_list), LEXICON_BATCH):
-        lp, lengths = pad_log_probs(log_probs_list[start:start + LEXICON_BATCH])
-        scores = lexicon_log_likelihoods(lp, lengths, lex)  # (W, B)
-        words += [lex.words[i] for i in np.argmax(scores, axis=0)]
-    return words
-
-
-def pad_log_probs(log_probs):
-    """Stack (T_i, K) arrays into (T, B, K), padding with uniform rows. Returns it and lengths (B,)."""
-    lengths = np.array([len(lp) for lp in log_probs])
-    K = log_probs[0].shape[1]
-    out = np.full((int(lengths.max()), len(log_probs), K), -np.log(K))
-    time_idx = np.concatenate([np.arange(n) for n in lengths])
-    out[time_idx, np.repeat(np.arange(len(log_probs)), lengths)] = np.concatenate(log_probs)
-    return out, lengths
-
-
-# The paper's decoder: token passing over a dictionary with a word language model.
-
-LM_START = -1  # the context of a line's first word
-EMISSION_FLOOR = 1e-4  # with pruning on, labels less probable than this at a step are not entered
-
-
-@dataclass(frozen=True)
-class LanguageModel:
-    """A word language model over a dictionary, line start and end included:
-
-        P(w | <s>)  = P(w)                        a line's first word: the word frequencies
-        P(w | v)    = (1 - p_end) P_bigram(w | v) order 2
-                    = (1 - p_end) P(w)            order 1 (the context is ignored)
-        P(</s> | v) = p_end
-
-    Lines start anywhere in a text, so the first word follows the word
-    frequencies (as the line sampler draws it). For every context the
-    probabilities sum to one over the dictionary, plus </s> after a word.
-
-    A model read from an ARPA file has its own start and end rows instead:
-    P(w | <s>) = first[w], P(</s> | v) = end[v], and P(w | v) = P_bigram(w | v)
-    unscaled (order 2); order 1 uses P(w) and p_end for every context.
-    """
-
-    bigram: BigramModel  # over the dictionary, in the lexicon's word order
-    p_end: float
-    order: int  # 1: unigram, 2: bigram
-    first: np.ndarray | None = None  # (V,) P(w | <s>), or None for the word frequencies
-    end: np.ndarray | None = None  # (V,) P(</s> | v), or None for p_end (with P(w | v) scaled by 1 - p_end)
-
-
-def lm_log_prob(lm, prev, nxt):
-    """log P(nxt | prev) for word-id arrays of one shape; prev may be LM_START."""
-    prev, nxt = np.asarray(prev), np.asarray(nxt)
-    start = prev == LM_START
-    p = lm.bigram.unigram[nxt]
-    if lm.order == 2:
-        at_start = p if lm.first is None else lm.first[nxt]
-        p = np.where(start, at_start, bigram_prob(lm.bigram, np.where(start, 0, prev), nxt))
-    scale = 1 - lm.p_end if lm.end is None else 1.0
-    with np.errstate(divide="ignore"):
-        return np.log(np.where(start, p, scale * p))
-
-
-def lm_end_log_prob(lm, prev):
-    """log P(</s> | prev) for a word-id array; prev may be LM_START."""
-    prev = np.asarray(prev)
-    if lm.end is None or lm.order == 1:
-        return np.full(prev.shape, np.log(lm.p_end))
-    with np.errstate(divide="ignore"):
-        return np.log(np.where(prev == LM_START, lm.p_end, lm.end[np.maximum(prev, 0)]))
-
-
-def lm_perplexity(lm, lines, tokenise=str.split):
-    """(perplexity, out-of-dictionary rate) of `lm` on text lines.
-
-    Every in-dictionary word and each line's end is scored; a word after an
-    out-of-dictionary word is scored as a line's first. Out-of-dictionary
-    words cannot be scored by a closed-vocabulary model: they are left out
-    and counted. tokenise: a line -> its LM words (lm_words for real English).
-    """
-    index = {w: i for i, w in enumerate(lm.bigram.words)}
-    prev, nxt, last, n_words, n_oov = [], [], [], 0, 0
-    for line in lines:
-        context = LM_START
-        for word in tokenise(line):
-            n_words += 1
-            i = index.get(word)
-            if i is None:
-                n_oov, context = n_oov + 1, LM_START
-                continue
-            prev.append(context)
-            nxt.append(i)
-            context = i
-        last.append(context)
-    log_p = lm_log_prob(lm, prev, nxt).sum() + lm_end_log_prob(lm, last).sum()
-    return float(np.exp(-log_p / (len(nxt) + len(lines)))), n_oov / max(n_words, 1)
-
-
-LM_SEED = 2006  # lines drawn to estimate p_end
-
-
-@functools.lru_cache(maxsize=1)
-def line_end_probability():
-    """p_end = lines / words over 5,000 lines from the line sampler (a fixed seed):
-    the maximum-likelihood probability that a line ends after a word."""
-    rng = np.random.default_rng(LM_SEED)
-    lines = [sample_line(rng) for _ in range(5000)]
-    return len(lines) / sum(len(line.split()) for line in lines)
-
-
-@functools.lru_cache(maxsize=8)
-def language_model(size, order):
-    """The unigram (order 1) or bigram (order 2) model over the `size` most frequent English words."""
-    return LanguageModel(build_bigram_model(size), line_end_probability(), order)
-
-
-@functools.lru_cache(maxsize=4)
-def dictionary_lexicon(size, alphabet):
-    """Prefix tree of the `size` most frequent English words: the lm decoder's dictionary."""
-    return build_lexicon(english_words()[0][:size], alphabet)
-
-
-def check_dictionary_alphabet(size, alphabet):
-    """UserError unless the `size`-word dictionary can be spelled in `alphabet` (an
-    iam-ondb alphabet comes from its training text and may lack letters). The
-    dictionaries are nested, so the largest one used is the one to check."""
-    missing = set("".join(english_words()[0][:size])) - set(alphabet)
-    if missing:
-        raise UserError(f"the {size}-word dictionary needs the letters {''.join(sorted(missing))!r}, which the "
-                        "training transcriptions never use, so the model cannot output them")
-
-
-# ---------------------------------------------------------------------------
-# Decoding: real English (tokens, case, out-of-dictionary tokens, ARPA and word-list files)
-# ---------------------------------------------------------------------------
-# IAM-OnDB transcriptions are written text with capitals, digits and
-# punctuation, and their tokens are space-separated as written ("Mr . Gaitskell",
-# "said,", '"I', "'s"). The dictionary and the LM see each token split into
-# pieces (split_token); the decoder reads pieces, each either after a space or
-# glued to the one before (GLUES says which kinds may glue), and glue_pieces
-# writes them back. Case: every LM word (lower case) may be written lower case,
-# Capitalised or in CAPITALS; the LM scores the lower-case word and the spelling
-# costs log P(case), estimated from the training transcriptions (case_log_probs).
-# Tokens outside the dictionary (numbers, names) can be spelled character by
-# character (cfg.oov): "chars" costs log(1/A) per character (a uniform
-# character model over the A letters and digits) plus oov_penalty per token;
-# "token" costs oov_penalty per token whatever its length.
-
-CLITICS = ("'s", "'re", "'ve", "'ll", "'m", "'d")  # split off the word before; the n't forms stay whole words
-CASES = ("lower", "capital", "upper")
-
-
-def _is_clitic(piece):
-    return piece.lower() in CLITICS
-
-
-def split_token(token):
-    """A space-free token -> its pieces, which concatenate back to it: trailing
-    and leading punctuation one character each, then a clitic off the word.
-    'said,' -> said ,   '"I' -> " I   "man's" -> man 's   '(2).' -> ( 2 ) .
-    A clitic alone ("'s") and inner punctuation ("don't", "U.S") stay whole."""
-    core, tail = token, []
-    while core and not core[-1].isalnum():
-        tail.append(core[-1])
-        core = core[:-1]
-    lead = []
-    while core and not core[0].isalnum() and not _is_clitic(core):
-        lead.append(core[0])
-        core = core[1:]
-    clitic = [core[-len(c):] for c in CLITICS if len(core) > len(c) and core.lower().endswith(c)
-              and core[-len(c) - 1].isalnum()][:1]
-    if clitic:
-        core = core[:-len(clitic[0])]
-    return lead + ([core] if core else []) + clitic + tail[::-1]
-
-
-def split_line(text):
-    """A transcription -> [(piece, glued)], glued True where the piece follows the
-    previous one with no space; glue_pieces inverts it (for single-spaced text)."""
-    return [(piece, i > 0) for token in text.split() for i, piece in enumerate(split_token(token))]
-
-
-def glue_pieces(pieces):
-    """[(piece, glued)] -> the text, with a space before every piece not glued."""
-    return "".join(piece if glued or i == 0 else " " + piece for i, (piece, glued) in enumerate(pieces))
-
-
-def lm_words(text):
-    """The language model's tokens of a transcription: its pieces, lower-cased."""
-    return [piece.lower() for piece, _ in split_line(text)]
-
-
-def piece_kind(piece):
-    """WORD, CLITIC or PUNCT (no letter or digit) for one piece."""
-    return CLITIC if _is_clitic(piece) else WORD if any(c.isalnum() for c in piece) else PUNCT
-
-
-def spellings(word):
-    """{case: spelling} of a lower-case LM word: as it is, Capitalised, in CAPITALS."""
-    return {"lower": word, "capital": word[:1].upper() + word[1:], "upper": word.upper()}
-
-
-def case_log_probs(texts):
-    """{case: log P(case)} from the word pieces of `texts` with at least two letters
-    (one letter cannot tell Capitalised from CAPITALS); add-one smoothed, so no texts
-    give 1/3 each. Mixed case ("McDonald") counts as none of the three."""
-    counts = dict.fromkeys(CASES, 1)
-    for text in texts:
-        for piece, _ in split_line(text):
-            if sum(c.isalpha() for c in piece) >= 2:
-                for case, spelled in spellings(piece.lower()).items():
-                    if piece == spelled:
-                        counts[case] += 1
-                        break
-    total = sum(counts.values())
-    return {case: math.log(n / total) for case, n in counts.items()}
-
-
-def reading_lexicon(words, alphabet, case_logp, oov="none"):
-    """The lm decoder's Lexicon for LM words `words` (lower case, in LM id order).
-
-    Each word enters as each distinct spelling (spellings) the alphabet can
-    write, at cost log P(case), renormalised over those spellings (spellings
-    that coincide, as "I" for Capitalised and CAPITALS, add up); a word the
-    alphabet cannot write at all is left out. oov "chars" or "token" adds every
-    letter and digit of the alphabet as a SPELLED entry (see OOV_MODES)."""
-    letters = set(alphabet)
-    entries, kind, lm_id, cost = [], [], [], []
-    for i, w in enumerate(words):
-        variants = {}
-        for case, spelled in spellings(w).items():
-            if spelled and set(spelled) <= letters:
-                variants[spelled] = np.logaddexp(variants.get(spelled, -np.inf), case_logp[case])
-        total = np.logaddexp.reduce(list(variants.values())) if variants else 0.0
-        for spelled, lp in variants.items():
-            entries.append(spelled)
-            kind.append(piece_kind(w))
-            lm_id.append(i)
-            cost.append(lp - total)
-    if oov != "none":
-        chars = [c for c in alphabet if c.isalnum()]
-        for c in chars:
-            entries.append(c)
-            kind.append(SPELLED)
-            lm_id.append(-1)
-            cost.append(-math.log(len(chars)) if oov == "chars" else 0.0)
-    return build_lexicon(entries, alphabet, np.array(kind, int), np.array(lm_id, int), cost)
-
-
-# The real-English model: symspellpy's counts and the training transcriptions,
-# interpolated with weights fitted on the validation transcriptions (EM), which
-# are also where the decoder's weights are tuned; never the test lines.
-
-def mixture_weight(p1, p2, iterations=100):
-    """The weight w maximising sum log(w p1 + (1 - w) p2) over tokens (EM), for two
-    models' probabilities p1, p2 (n,) of the same held-out tokens."""
-    keep = (p1 > 0) | (p2 > 0)
-    if not keep.any():
-        return 0.5
-    p1, p2, w = p1[keep], p2[keep], 0.5
-    for _ in range(iterations):
-        w = float(np.mean(w * p1 / (w * p1 + (1 - w) * p2)))
-    return w
-
-
-@dataclass(frozen=True)
-class EnglishCounts:
-    """Unigram statistics of the real-English model over the union of symspellpy's
-    words and the training pieces, most probable first."""
-
-    words: tuple  # (U,) lower-case LM words
-    prob: np.ndarray  # (U,) P(w) = lam P_train(w) + (1 - lam) P_symspell(w)
-    lam: float  # the training text's weight, fitted on the validation pieces
-    p_end: float  # training lines / training pieces
-
-
-def _line_pairs(lines, index):
-    """Consecutive (v, w) id pairs within each line of LM words, both in `index`."""
-    pairs = [(index[a], index[b]) for line in lines for a, b in zip(line, line[1:]) if a in index and b in index]
-    return np.array(pairs, dtype=np.int64).reshape(-1, 2)
-
-
-@functools.lru_cache(maxsize=2)
-def english_counts(train, validation):
-    """EnglishCounts from the training and validation transcriptions (tuples of lines)."""
-    sym_words, sym_counts = english_words()
-    train_lines = [lm_words(t) for t in train]
-    train_counts = Counter(w for line in train_lines for w in line)
-    words = list(sym_words) + sorted(set(train_counts) - set(sym_words))
-    index = {w: i for i, w in enumerate(words)}
-    p_sym = np.zeros(len(words))
-    p_sym[:len(sym_words)] = sym_counts / sym_counts.sum()
-    p_train = np.zeros(len(words))
-    for w, n in train_counts.items():
-        p_train[index[w]] = n
-    p_train /= max(p_train.sum(), 1)
-    held_out = [index[w] for t in validation for w in lm_words(t) if w in index]
-    lam = mixture_weight(p_train[held_out], p_sym[held_out]) if held_out else 0.5
-    prob = lam * p_train + (1 - lam) * p_sym
-    order = np.argsort(-prob, kind="stable")
-    n_pieces = sum(len(line) for line in train_lines)
-    return EnglishCounts(tuple(words[i] for i in order), prob[order], lam,
-                         len(train_lines) / n_pieces if n_pieces else line_end_probability())
-
-
-@functools.lru_cache(maxsize=8)
-def english_language_model(train, validation, words, order):
-    """The real-English LanguageModel over the LM words `words` (a tuple):
-
-        P(w)     = english_counts' unigram, restricted to `words` and renormalised
-                   (a word neither source holds gets the smallest probability)
-        P(w | v) = mu P_symspell(w | v) + (1 - mu) P_train(w | v)
-
-    with each bigram absolutely discounted onto P(w) (discounted_pairs), so the
-    mixture is again of BigramModel's form; mu is fitted on the validation pairs.
-    p_end is the training lines' rate of line ends per piece."""
-    counts = english_counts(train, validation)
-    at = {w: i for i, w in enumerate(counts.words)}
-    V, index = len(words), {w: i for i, w in enumerate(words)}
-    uni = np.array([counts.prob[at[w]] if w in at else 0.0 for w in words])
-    uni = np.where(uni > 0, uni, uni[uni > 0].min() if (uni > 0).any() else 1.0)
-    uni /= uni.sum()
-    sym_index = {w: i for i, w in enumerate(english_words()[0])}
-    sym_to_ours = np.full(len(sym_index), -1)
-    for w, i in sym_index.items():
-        if w in index:
-            sym_to_ours[i] = index[w]
-    first, second, c = english_pairs()
-    v, w = sym_to_ours[first], sym_to_ours[second]
-    keep = (v >= 0) & (w >= 0)
-    components = [discounted_pairs(v[keep], w[keep], c[keep] / c.min(), V)]
-    train_pairs = _line_pairs([lm_words(t) for t in train], index)
-    keys, n = np.unique(train_pairs[:, 0] * V + train_pairs[:, 1], return_counts=True)
-    components.append(discounted_pairs(keys // V, keys % V, n.astype(float), V))
-    models = [BigramModel(tuple(words), uni, k, p, b, d) for k, p, b, d in components]
-    held = _line_pairs([lm_words(t) for t in validation], index)
-    mu = mixture_weight(*(bigram_prob(m, held[:, 0], held[:, 1]) for m in models)) if len(held) else 0.5
-    key = np.concatenate([components[0][0], components[1][0]])
-    prob = np.concatenate([mu * components[0][1], (1 - mu) * components[1][1]])
-    merged, where = np.unique(key, return_inverse=True)
-    bigram = BigramModel(tuple(words), uni, merged, np.bincount(where, weights=prob),
-                         mu * components[0][2] + (1 - mu) * components[1][2], components[1][3])
-    return LanguageModel(bigram, counts.p_end, order)
-
-
-# Files: an ARPA n-gram model (--lm) and a word list (--dictionary). Both are
-# read whole, within a size bound, and every defect is one UserError line.
-
-MAX_LM_FILE_BYTES = 100 * 2**20  # about 3 million n-grams, a few GB once parsed into Python objects
-MAX_NGRAMS = 5_000_000  # declared in an ARPA header
-
-
-def read_text_file(path, what):
-    """A regular file's text (UTF-8), or one UserError line naming `what` and the cause."""
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise UserError(f"{what} {path!r}: {e.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise UserError(f"{what} {path!r} is not a regular file")
-    if st.st_size > MAX_LM_FILE_BYTES:
-        raise UserError(f"{what} {path!r} is {st.st_size / 2**20:.0f} MiB; at most {MAX_LM_FILE_BYTES // 2**20} MiB "
-                        "are read")
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_LM_FILE_BYTES + 1)
-    except OSError as e:
-        raise UserError(f"{what} {path!r}: {e.strerror}") from None
-    if len(data) > MAX_LM_FILE_BYTES:
-        raise UserError(f"{what} {path!r} is larger than {MAX_LM_FILE_BYTES // 2**20} MiB")
-    nul = data.find(b"\0")
-    if nul >= 0:
-        raise UserError(f"{what} {path!r} holds binary data (a NUL byte at offset {nul}), not text")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{what} {path!r} is not UTF-8 text (byte {e.start})") from None
-
-
-def _arpa_number(text, where):
-    try:
-        value = float(text)
-    except ValueError:
-        raise UserError(f"{where}: {text[:40]!r} is not a number") from None
-    if not math.isfinite(value) or value > 0:
-        raise UserError(f"{where}: {text[:40]!r} is not a finite log10 value of at most 0")
-    return value
-
-
-@dataclass(frozen=True)
-class ArpaModel:
-    """The unigrams and bigrams of an ARPA file (log10 values; higher orders are ignored)."""
-
-    unigram: dict  # word -> (log10 p, log10 backoff)
-    bigram: dict  # (v, w) -> log10 p
-    ignored_orders: tuple  # orders above 2 the file declared
-
-
-@functools.lru_cache(maxsize=2)
-def read_arpa(path):
-    """Parse an ARPA n-gram file (what KenLM and SRILM write) with the standard library.
-
-    Layout: "\\data\\", "ngram N=count" lines, then per order "\\N-grams:" and
-    lines of "log10p w1 .. wN [log10 backoff]", then "\\end\\". Unigrams and
-    bigrams are used; higher orders are skipped (the decoder is a bigram
-    decoder). Words are lower-cased, as the LM scores lower-case words (the more
-    probable of two that then coincide is kept). UserError on any defect."""
-    text = read_text_file(path, "--lm")
-    lines = [line.strip() for line in text.split("\n")]
-    i = 0
-    while i < len(lines) and not lines[i]:
-        i += 1
-    if i == len(lines) or lines[i] != "\\data\\":
-        raise UserError(f"--lm {path!r} is not an ARPA file: it does not start with \\data\\")
-    declared, i = {}, i + 1
-    while i < len(lines) and lines[i].startswith("ngram "):
-        m = re.fullmatch(r"ngram\s+(\d+)\s*=\s*(\d+)", lines[i])
-        if not m or int(m[1]) < 1 or int(m[1]) in declared:
-            raise UserError(f"--lm {path!r} line {i + 1}: expected 'ngram N=count', got {lines[i][:60]!r}")
-        declared[int(m[1])] = int(m[2])
-        i += 1
-    if 1 not in declared:
-        raise UserError(f"--lm {path!r}: the \\data\\ header declares no unigrams ('ngram 1=count')")
-    if sum(declared.values()) > MAX_NGRAMS:
-        raise UserError(f"--lm {path!r} declares {sum(declared.values())} n-grams; at most {MAX_NGRAMS} are read")
-    grams, listed, order, ended = {n: {} for n in declared}, Counter(), None, False
-    for i in range(i, len(lines)):
-        line, where = lines[i], f"--lm {path!r} line {i + 1}"
-        if not line:
-            continue
-        if line == "\\end\\":
-            ended = True
-            break
-        m = re.fullmatch(r"\\(\d+)-grams:", line)
-        if m:
-            order = int(m[1])
-            if order not in declared:
-                raise UserError(f"{where}: a \\{order}-grams: section the header does not declare")
-            continue
-        if order is None:
-            raise UserError(f"{where}: expected a \\N-grams: section, got {line[:60]!r}")
-        if order > 2:
-            continue
-        fields = line.split()
-        if len(fields) not in (order + 1, order + 2):
-            raise UserError(f"{where}: expected log10p, {order} word{'s' if order > 1 else ''} and an optional "
-                            f"backoff, got {line[:60]!r}")
-        logp = _arpa_number(fields[0], where)
-        backoff = _arpa_number(fields[-1], where) if len(fields) == order + 2 else 0.0
-        key = tuple(w.lower() for w in fields[1:order + 1])
-        known = grams[order].get(key)
-        if known is None or known[0] < logp:
-            grams[order][key] = (logp, backoff)
-        listed[order] += 1
-    if not ended:
-        raise UserError(f"--lm {path!r} has no \\end\\ line: the file is cut short")
-    for n in (1, 2):
-        if n in declared and listed[n] != declared[n]:
-            raise UserError(f"--lm {path!r}: the header declares {declared[n]} {n}-grams, the file lists {listed[n]}")
-    if ("</s>",) not in grams[1]:
-        raise UserError(f"--lm {path!r} has no </s> unigram, so a line cannot end")
-    return ArpaModel(grams[1], {k: p for k, (p, _) in grams.get(2, {}).items()},
-                     tuple(n for n in sorted(declared) if n > 2))
-
-
-ARPA_SPECIAL = ("<s>", "</s>", "<unk>")
-
-
-def arpa_vocabulary(arpa):
-    """The ARPA model's words, most probable first (<s>, </s> and <unk> left out)."""
-    words = [w for (w,) in arpa.unigram if w not in ARPA_SPECIAL]
-    return tuple(sorted(words, key=lambda w: -arpa.unigram[w,][0]))
-
-
-@functools.lru_cache(maxsize=8)
-def arpa_language_model(path, words, order):
-    """The LanguageModel of an ARPA file over the LM words `words` (a tuple), in ARPA semantics:
-
-        P(w | v) = 10^p(v w) if the pair is listed, else 10^(bo(v) + p(w)),
-
-    with <s> and </s> as listed (first and end). A word the file does not list
-    is <unk>, and UserError if the file has no <unk>."""
-    arpa = read_arpa(path)
-    missing = [w for w in words if (w,) not in arpa.unigram]
-    if missing and ("<unk>",) not in arpa.unigram:
-        raise UserError(f"--lm {path!r} has no <unk>, and {len(missing)} dictionary words are not in it "
-                        f"(e.g. {missing[0]!r})")
-    unk = arpa.unigram.get(("<unk>",), (-99.0, 0.0))
-
-    def uni(w):
-        return arpa.unigram.get((w,), unk)
-
-    index = {w: i for i, w in enumerate(words)}
-    p = 10.0 ** np.array([uni(w)[0] for w in words])  # (V,)
-    bo = 10.0 ** np.array([uni(w)[1] for w in words])
-    pairs = [(index[v], index[w], q) for (v, w), q in arpa.bigram.items() if v in index and w in index]
-    v, w, q = (np.array(x) for x in zip(*pairs)) if pairs else (np.zeros(0, int), np.zeros(0, int), np.zeros(0))
-    key = v.astype(np.int64) * len(words) + w
-    sort = np.argsort(key)
-    # listed part = 10^p(v w) - bo(v) P(w), so that listed + bo(v) P(w) is the ARPA probability
-    bigram = BigramModel(tuple(words), p, key[sort], (10.0 ** q - bo[v] * p[w])[sort], bo, 0.0)
-    bo_start, p_stop = 10.0 ** uni("<s>")[1], 10.0 ** arpa.unigram["</s>",][0]
-    first = np.array([10.0 ** arpa.bigram[("<s>", x)] if ("<s>", x) in arpa.bigram else bo_start * p[i]
-                      for i, x in enumerate(words)])
-    end = np.array([10.0 ** arpa.bigram[(x, "</s>")] if (x, "</s>") in arpa.bigram else bo[i] * p_stop
-                    for i, x in enumerate(words)])
-    return LanguageModel(bigram, p_stop, order if arpa.bigram else 1, first, end)
-
-
-MAX_WORD_LENGTH = 100  # characters in one dictionary word
-
-
-@functools.lru_cache(maxsize=2)
-def read_word_list(path):
-    """A dictionary file: one word per line, most frequent first (the order sizes
-    cut at), blank lines skipped, repeats (after lower-casing) kept once; UserError
-    on anything else."""
-    words, seen = [], set()
-    for i, line in enumerate(read_text_file(path, "--dictionary").split("\n")):
-        word = line.strip()
-        if not word:
-            continue
-        where = f"--dictionary {path!r} line {i + 1}"
-        if len(word.split()) > 1:
-            raise UserError(f"{where} holds more than one word ({word[:60]!r}); the file has one word per line")
-        if len(word) > MAX_WORD_LENGTH or not word.isprintable():
-            raise UserError(f"{where}: {word[:40]!r} is not a word (unprintable or over {MAX_WORD_LENGTH} characters)")
-        if word.lower() not in seen:
-            seen.add(word.lower())
-            words.append(word.lower())
-    if not words:
-        raise UserError(f"--dictionary {path!r} holds no words")
-    return tuple(words)
-
-
-# Which dictionary and LM a run decodes with: the word-list and ARPA files if
-# given, else the real-English model when the task has transcriptions (iam-ondb),
-# else symspellpy's lower-case words (lines).
-
-def ranked_lm_words(cfg, texts):
-    """Every LM word the decoder may use, most probable first (dictionary sizes cut this)."""
-    if cfg.dictionary_file:
-        return read_word_list(cfg.dictionary_file)
-    if cfg.lm_file:
-        return arpa_vocabulary(read_arpa(cfg.lm_file))
-    if texts:
-        return english_counts(texts["train"], texts["validation"]).words
-    return english_words()[0]
-
-
-@functools.lru_cache(maxsize=8)
-def _reading_lexicon(words, alphabet, train, oov):
-    return reading_lexicon(words, alphabet, case_log_probs(train), oov)
-
-
-def decoder_lexicon(cfg, alphabet, texts, size):
-    """The lm decoder's Lexicon: the `size` most probable LM words, in every spelling the alphabet can write."""
-    words = ranked_lm_words(cfg, texts)[:size]
-    if not (cfg.dictionary_file or cfg.lm_file or texts) and cfg.oov == "none":
-        return dictionary_lexicon(size, alphabet)  # symspellpy's lower-case words, the lines task's dictionary
-    return _reading_lexicon(tuple(words), alphabet, texts.get("train", ()) if texts else (), cfg.oov)
-
-
-def decoder_language_model(cfg, texts, size, order):
-    """The LanguageModel (order 1 or 2) over decoder_lexicon's LM words; order 0: None."""
-    if order == 0:
-        return None
-    words = tuple(ranked_lm_words(cfg, texts)[:size])
-    if cfg.lm_file:
-        return arpa_language_model(cfg.lm_file, words, order)
-    if texts:
-        return english_language_model(texts["train"], texts["validation"], words, order)
-    if cfg.dictionary_file:
-        raise UserError("--dictionary without --lm needs transcriptions to estimate the LM from (the iam-ondb "
-                        "task), or --lm-weight 0")
-    return language_model(size, order)
-
-
-# ---------------------------------------------------------------------------
-# Decoding: token passing with a language model
-# ---------------------------------------------------------------------------
-
-class _Histories:
-    """Word histories of a line as a tree: id 0 is the empty history, and every
-    other history is its parent plus one word (a code: lm_decode uses entry * 2 +
-    glued). Each carries its score so far, the sum of word_score(previous, word)."""
-
-    def __init__(self, n_words, word_score):
-        self.parent, self.word, self.score = np.array([-1]), np.array([LM_START]), np.array([0.0])
-        self.keys, self.ids_of_keys = np.empty(0, np.int64), np.empty(0, int)  # sorted (parent, word) keys
-        self.n_words, self.word_score = n_words, word_score
-
-    def extend(self, parent, word):
-        """Ids of the histories parent + word (arrays), created where new."""
-        key = parent.astype(np.int64) * self.n_words + word
-        pos = np.minimum(np.searchsorted(self.keys, key), max(len(self.keys) - 1, 0))
-        known = self.keys[pos] == key if len(self.keys) else np.zeros(len(key), bool)
-        new_keys, first = np.unique(key[~known], return_index=True)
-        if len(new_keys):
-            p, w = parent[~known][first], word[~known][first]
-            self.score = np.concatenate([self.score, self.score[p] + self.word_score(self.word[p], w)])
-            at = np.searchsorted(self.keys, new_keys)
-            self.keys = np.insert(self.keys, at, new_keys)
-            self.ids_of_keys = np.insert(self.ids_of_keys, at, len(self.parent) + np.arange(len(new_keys)))
-            self.parent, self.word = np.concatenate([self.parent, p]), np.concatenate([self.word, w])
-        return self.ids_of_keys[np.searchsorted(self.keys, key)]
-
-    def words(self, h):
-        out = []
-        while h > 0:
-            out.append(int(self.word[h]))
-            h = self.parent[h]
-        return out[::-1]
-
-
-def group_logsumexp(values, starts):
-    """Log-sum-exp of the rows of values (C, J) in each group of consecutive rows
-    starting at `starts` (U,); returns (U, J)."""
-    top = np.maximum.reduceat(values, starts, axis=0)
-    shift = np.where(np.isfinite(top), top, 0.0)
-    size = np.diff(np.append(starts, len(values)))
-    with np.errstate(divide="ignore"):
-        return np.log(np.add.reduceat(np.exp(values - np.repeat(shift, size, axis=0)), starts, axis=0)) + shift
-
-
-def _children_of(lexicon, node):
-    """Every child of every token's node, token by token: (tok (C,), child (C,)).
-
-    Token j's children are children[child_start[node[j]]:child_start[node[j] + 1]];
-    the candidates repeat j once per child, and `offset` counts 0, 1, ... within
-    each token's run, so child_start + offset walks each run."""
-    n_child = lexicon.child_start[node + 1] - lexicon.child_start[node]  # (M,)
-    tok = np.repeat(np.arange(len(node)), n_child)
-    offset = np.arange(len(tok)) - np.repeat(np.cumsum(n_child) - n_child, n_child)
-    return tok, lexicon.children[lexicon.child_start[node[tok]] + offset]
-
-
-def _glue_targets(lexicon, tok, entry, first_letters):
-    """Root children each word-end token may enter with no space: (tok (C,), child (C,)).
-
-    For an entry of kind k, the targets are the first letters whose subtree holds
-    an entry GLUES allows after kind k (lexicon.glue_to); one pass per kind."""
-    out_tok, out_child = [np.zeros(0, int)], [np.zeros(0, int)]
-    for k in range(len(KIND_NAMES)):
-        ok = first_letters[lexicon.glue_to[first_letters, k]]
-        these = tok[lexicon.kind[entry] == k]
-        out_tok.append(np.repeat(these, len(ok)))
-        out_child.append(np.tile(ok, len(these)))
-    return np.concatenate(out_tok), np.concatenate(out_child)
-
-
-def _completions(lexicon, histories, hist, node, glued):
-    """Tokens at the end of an entry they may complete: (tokens (E,), entries (E,)).
-
-    A token glued to the entry before completes only if GLUES allows its entry
-    after that one (the last word of its history)."""
-    entry = lexicon.word_at[node]
-    last = histories.word[hist] >> 1  # -1 (LM_START >> 1) for the empty history
-    prev_kind = np.where(last >= 0, lexicon.kind[np.maximum(last, 0)], 0)
-    allowed = ~glued | ((last >= 0) & GLUES[prev_kind, lexicon.kind[np.maximum(entry, 0)]])
-    tokens = np.flatnonzero((entry >= 0) & allowed)
-    return tokens, entry[tokens]
-
-
-def lm_decode(log_probs, lexicon, lm, lm_weight=1.0, word_penalty=0.0, beam=64, oov_penalty=0.0):
-    """The best reading of one text line: token passing on the prefix tree of the
-    dictionary (Young, Russell and Thornton 1989), with a word language model.
-
-    log_probs (T, K), whose alphabet has the space. A line is dictionary
-    entries, each after a single space or glued to the one before (GLUES: e.g.
-    punctuation), with optionally a space at either edge and blanks anywhere.
-    A reading scores
-
-        log p_CTC(labels | x) + sum over entries of [cost + word_penalty + lm_weight * log P_LM(word | previous)]
-                              + lm_weight * log P_LM(</s> | last word),
-
-    with p_CTC summed over the edge-space variants and all their alignments;
-    cost is the entry's spelling (its case) and P_LM scores its LM word
-    (lexicon.lm_id). A run of glued SPELLED characters (an out-of-dictionary
-    token) scores cost per character, and word_penalty + oov_penalty once,
-    with no LM score; the word after it is scored as a line's first.
-
-    A token is a (history, tree node, glued) triple carrying the CTC
-    log-probabilities of the alignments so far that end on the node's label or
-    in a blank after it (the root's label is the space); glued tokens entered
-    their entry with no space. Tokens with the same triple spell the same
-    labels, and merge by adding probabilities, as in prefix beam search; so
-    with no pruning the scores are exact. At an entry's end a token may emit
-    the space and move to the root, or glue into a first letter, with the
-    entry appended to its history and scored by the language model.
-
-    beam: the number of tokens kept after each time step, the best by score;
-    None keeps every token (exact, and exponential in T: tiny problems only).
-    Once the beam is full, a token also enters only labels more probable than
-    EMISSION_FLOOR at that step (every label alike: letters, the space, and
-    the space out of the all-blank start), and a step where only the blank is
-    (most steps of a trained network) just advances the tokens: most of the
-    speed. A beam that never fills prunes nothing: the exact result.
-    lm: a LanguageModel over the LM words, or None for a uniform word prior.
-    Vectorised over tokens; the Python loop is over time steps. Returns
-    (entries, score, glued) with glued[i] True where entry i follows entry
-    i - 1 with no space; ([], -inf, []) if no reading fits in T steps.
-    """
-    if " " not in lexicon.alphabet:
-        raise ValueError("lm_decode reads lines: the alphabet needs the space")
-    if beam is not None and beam < 1:
-        raise ValueError(f"beam must be at least 1 (or None for no pruning), got {beam}")
-    if lm is not None and lexicon.lm_id.max() >= len(lm.bigram.words):
-        raise ValueError("the lexicon reads words the language model does not have")
-    lp = np.asarray(log_probs, dtype=np.float64)
-    N = len(lexicon.label)
-    space = 1 + lexicon.alphabet.index(" ")
-    node_class = np.where(np.arange(N) == 0, space, lexicon.label)  # the class each node's label emits
-    kind, lm_id = lexicon.kind, lexicon.lm_id
-
-    def context(entry):
-        """The LM context after an entry: its LM word; LM_START after a spelled character or at the start."""
-        spelled = (entry < 0) | (kind[np.maximum(entry, 0)] == SPELLED)
-        return np.where(spelled, LM_START, lm_id[np.maximum(entry, 0)])
-
-    def word_score(prev_code, code):
-        """Score of appending history code (entry * 2 + glued) after prev_code."""
-        entry, glued, prev = code >> 1, (code & 1) == 1, prev_code >> 1
-        spelled = kind[entry] == SPELLED
-        goes_on = spelled & glued & (prev >= 0) & (kind[np.maximum(prev, 0)] == SPELLED)
-        lm_part = lm_log_prob(lm, context(prev), np.maximum(lm_id[entry], 0)) if lm is not None else 0.0
-        new_token = word_penalty + np.where(spelled, oov_penalty, lm_weight * lm_part)
-        return lexicon.cost[entry] + np.where(goes_on, 0.0, new_token)
-
-    histories = _Histories(2 * len(lexicon.words), word_score)
-    hist, node, glued = np.array([0]), np.array([0]), np.array([False])  # (M,) the tokens
-    on_label, in_blank = np.array([-np.inf]), np.array([-np.inf])  # (M,)
-    nothing = 0.0  # log P(only blanks so far): no label emitted yet
-    first_letters = lexicon.children[lexicon.child_start[0]:lexicon.child_start[1]]
-    everything = np.ones(lp.shape[1], bool)
-    for y in lp:
-        full = beam is not None and len(node) >= beam
-        likely = y > np.log(EMISSION_FLOOR) if full else everything  # (K,)
-        if not likely[1:].any():  # only the blank: nothing new can start
-            on_label, in_blank = tree_step(on_label, in_blank, -np.inf, y[node_class[node]], y[BLANK])
-            nothing += y[BLANK]
-            continue
-        # Candidates: every token as it is; every child of a token's node,
-        # entered from it; every entry end, leaving through the space to the
-        # root or glued into a first letter, in the history extended by the
-        # entry; and, from "nothing", the first letters and the leading space.
-        tok, child = _children_of(lexicon, node)
-        tok, child = tok[likely[lexicon.label[child]]], child[likely[lexicon.label[child]]]
-        done, entry = _completions(lexicon, histories, hist, node, glued)
-        done_hist = histories.extend(hist[done], 2 * entry + glued[done])  # (E,)
-        spaced = np.flatnonzero(np.full(len(done), likely[space]))
-        g_at, g_child = _glue_targets(lexicon, np.arange(len(done)), entry, first_letters)
-        g_at, g_child = g_at[likely[lexicon.label[g_child]]], g_child[likely[lexicon.label[g_child]]]
-        starters = first_letters[likely[lexicon.label[first_letters]]]
-        lead = [0] if likely[space] else []
-        c_hist = np.concatenate([hist, hist[tok], done_hist[spaced], done_hist[g_at],
-                                 np.zeros(len(starters) + len(lead), int)])
-        c_node = np.concatenate([node, child, np.zeros(len(spaced), int), g_child, starters, lead]).astype(int)
-        c_glued = np.concatenate([glued, glued[tok], np.zeros(len(spaced), bool), np.ones(len(g_at), bool),
-                                  np.zeros(len(starters) + len(lead), bool)])
-        c_mass = np.full((len(c_node), 3), -np.inf)  # on_label, in_blank, entering
-        c_mass[:len(node), 0], c_mass[:len(node), 1] = on_label, in_blank
-        at = len(node)
-        c_mass[at:at + len(child), 2] = entering(on_label[tok], in_blank[tok], lexicon.skip[child])
-        at += len(child)
-        end_tok = done[spaced]
-        c_mass[at:at + len(spaced), 2] = np.logaddexp(on_label[end_tok], in_blank[end_tok])  # an entry, then the space
-        at += len(spaced)
-        end_tok = done[g_at]  # a glued letter needs a blank between it and an equal last letter
-        c_mass[at:at + len(g_at), 2] = entering(on_label[end_tok], in_blank[end_tok],
-                                                lexicon.label[g_child] != lexicon.label[node[end_tok]])
-        at += len(g_at)
-        c_mass[at:, 2] = nothing
-        # Tokens that spell the same labels merge.
-        key = (c_hist.astype(np.int64) * N + c_node) * 2 + c_glued
-        order = np.argsort(key, kind="stable")
-        starts = np.flatnonzero(np.diff(key[order], prepend=-1) != 0)
-        merged = group_logsumexp(c_mass[order], starts)
-        hist, node, glued = c_hist[order][starts], c_node[order][starts], c_glued[order][starts]
-        on_label, in_blank = tree_step(merged[:, 0], merged[:, 1], merged[:, 2], y[node_class[node]], y[BLANK])
-        nothing += y[BLANK]
-        alive = np.isfinite(on_label) | np.isfinite(in_blank)
-        if beam is not None and alive.sum() > beam:
-            score = np.logaddexp(on_label, in_blank) + histories.score[hist]
-            alive = np.zeros(len(node), bool)
-            alive[np.argpartition(-score, beam - 1)[:beam]] = True
-        hist, node, glued, on_label, in_blank = hist[alive], node[alive], glued[alive], on_label[alive], in_blank[alive]
-
-    # A line ends on an entry (its last one not followed by a space) or on the
-    # space after one; both spell the same entries and are added together.
-    total = np.logaddexp(on_label, in_blank)
-    done, entry = _completions(lexicon, histories, hist, node, glued)
-    after_space = np.flatnonzero((node == 0) & (hist > 0))
-    line_hist = np.concatenate([histories.extend(hist[done], 2 * entry + glued[done]), hist[after_space]])
-    if not len(line_hist):
-        return [], -np.inf, []
-    order = np.argsort(line_hist, kind="stable")
-    starts = np.flatnonzero(np.diff(line_hist[order], prepend=-1) != 0)
-    ctc = group_logsumexp(np.concatenate([total[done], total[after_space]])[order][:, None], starts)[:, 0]
-    line_hist = line_hist[order][starts]
-    end_score = lm_weight * lm_end_log_prob(lm, context(histories.word[line_hist] >> 1)) if lm is not None else 0.0
-    score = ctc + histories.score[line_hist] + end_score
-    best = int(np.argmax(score))
-    codes = histories.words(line_hist[best])
-    return [lexicon.words[c >> 1] for c in codes], float(score[best]), [bool(c & 1) for c in codes]
-
-
-# Decoding time, estimated before any work: lm_decode costs about a fixed
-# overhead per time step plus a cost per token per step. Measured on this
-# machine: 0.8-1.4 us per token-step at beams 256-1024 under load, and 44 ms
-# for an 836-step IAM-OnDB line at beam 64 when idle; the real dictionary
-# experiment at one size took 29 min, about a third of what 0.2 ms per step
-# predicted. The bound refuses only what would take days.
-LM_STEP_SECONDS = 6e-5
-LM_TOKEN_STEP_SECONDS = 1e-6
-TUNING_DECODES = 20  # grid points a coordinate search typically scores (tune_lm_decoder)
-LM_TIME_LIMIT = 48 * 3600.0  # seconds of lm decoding a run may be estimated to need
-LM_TIME_WARNING = 3600.0
-
-
-def lm_decoding_seconds(cfg, data, n_sizes):
-    """Estimated seconds of lm decoding in a run: the final evaluation if it uses
-    the lm decoder, and the dictionary experiment at n_sizes sizes (0: none),
-    from the evaluation lines' lengths and cfg.lm_beam."""
-    lengths = {split: [len(s.traj) for s in samples] for split, samples in data.eval_sets.items()}
-
-    def per_line(split, beam=cfg.lm_beam):
-        n = lengths.get(split)
-        return float(np.mean(n)) * (LM_STEP_SECONDS + beam * LM_TOKEN_STEP_SECONDS) if n else 0.0
-
-    seconds = sum(per_line(s) * len(n) for s, n in lengths.items()) if cfg.decoder == "lm" else 0.0
-    if n_sizes:
-        decoders = 3 * n_sizes + len(OOV_MODES)  # dictionary, unigram, bigram per size; the OOV comparison
-        tuning = min(TUNING_LINES, len(lengths.get("validation", [])) // 2)  # and as many check lines
-        seconds += per_line("validation") * tuning * (TUNING_DECODES * decoders + len(OOV_MODES) + 1)
-        seconds += per_line("validation", BEAM_CHECK_FACTOR * cfg.lm_beam) * tuning  # wider_beam_check
-        seconds += per_line("test") * len(lengths.get("test", [])) * 3 * n_sizes
-    return seconds
-
-
-def check_lm_decoding_time(cfg, data, n_sizes, log=None):
-    """UserError if the run's lm decoding is estimated to take longer than LM_TIME_LIMIT; a log line beyond an hour."""
-    seconds = lm_decoding_seconds(cfg, data, n_sizes)
-    if seconds > LM_TIME_LIMIT:
-        raise UserError(f"--lm-beam {cfg.lm_beam}: the lm decoding would take about {seconds / 3600:.0f} hours "
-                        f"(estimated from {LM_TOKEN_STEP_SECONDS * 1e6:.1f} us per token and time step); the bound "
-                        f"is {LM_TIME_LIMIT / 3600:.0f} hours; use a smaller --lm-beam")
-    if seconds > LM_TIME_WARNING and log:
-        log(f"note: the lm decoding is estimated to take about {seconds / 3600:.1f} hours at --lm-beam {cfg.lm_beam}")
-    return seconds
-
-
-def make_decoder(name, cfg, alphabet, lexicon=None, lm=None, texts=None):
-    """A function from a list of (T_i, K) log-prob arrays to decoded strings.
-
-    lexicon: the dictionary (default: for "lexicon", the words task's whole
-    vocabulary, held-out words included, as in the paper whose test words are
-    in the dictionary; for "lm", decoder_lexicon at cfg.dictionary_size).
-    lm: the language model of the "lm" decoder (default: the bigram
-    decoder_language_model over that dictionary; None when cfg.lm_weight is 0).
-    texts: {"train": lines, "validation": lines} of the task's transcriptions
-    (iam-ondb) for the real-English dictionary and LM, or None.
-    """
-    if name == "greedy":
-        return lambda lps: [decode_labels(d, alphabet) for d in greedy_decode(*pad_log_probs(lps))]
-    if name == "beam":
-        return lambda lps: [decode_labels(beam_search_decode(lp, cfg.beam_width)[0], alphabet) for lp in lps]
-    if name == "lexicon":
-        lex = build_lexicon(VOCAB if lexicon is None else lexicon, alphabet)
-        return lambda lps: lexicon_decode_many(lps, lex)
-    if name == "lm":
-        if lexicon is None:
-            lexicon = decoder_lexicon(cfg, alphabet, texts, cfg.dictionary_size)
-            lm = decoder_language_model(cfg, texts, cfg.dictionary_size, 2 if cfg.lm_weight > 0 else 0)
-
-        def decode(lps):
-            out = []
-            for lp in lps:
-                words, _, glued = lm_decode(lp, lexicon, lm, cfg.lm_weight, cfg.word_penalty, cfg.lm_beam,
-                                            cfg.oov_penalty)
-                out.append(glue_pieces(list(zip(words, glued))))
-            return out
-        return decode
-    raise ValueError(f"unknown decoder {name!r}; choose from {', '.join(DECODERS)}")
-
-
-LEXICON_SEED = 20090501  # fixed: every run sees the same distractor words
-
-
-def distractor_words(n, real_words=VOCAB):
-    """The first n of a fixed sequence of distinct 3-5 letter pseudo-words, none a real word.
-
-    Candidates are drawn in fixed-size chunks, so a lexicon of a given size is
-    the same whatever larger size is also asked for.
-    """
-    rng = np.random.default_rng(LEXICON_SEED)
-    seen, out = set(real_words), []
-    while len(out) < n:
-        lengths = rng.integers(3, 6, size=4096)
-        letters = rng.integers(0, len(ALPHABET), size=(4096, 5))
-        for length, row in zip(lengths, letters):
-            w = "".join(ALPHABET[i] for i in row[:length])
-            if w not in seen:
-                seen.add(w)
-                out.append(w)
-    return out[:n]
-
-
-# ---------------------------------------------------------------------------
-# Optimiser
-# ---------------------------------------------------------------------------
-
-
-def clip_global_norm(grads, max_norm):
-    """Scale all gradients together so their joint L2 norm is at most max_norm.
-
-    Returns the norm before clipping.
-    """
-    norm = float(np.sqrt(sum(float(np.vdot(g, g)) for g in grads.values())))
-    if norm > max_norm:
-        for g in grads.values():
-            g *= max_norm / norm
-    return norm
-
-
-def adam_init(params):
-    return {"t": 0, "m": {k: np.zeros_like(p) for k, p in params.items()},
-            "v": {k: np.zeros_like(p) for k, p in params.items()}}
-
-
-def learning_rate(cfg, step, total_steps):
-    """Linear decay from cfg.lr at step 0 to cfg.lr * cfg.lr_final at the last step."""
-    frac = step / max(total_steps - 1, 1)
-    return cfg.lr * (1.0 - (1.0 - cfg.lr_final) * frac)
-
-
-def adam_step(params, grads, state, lr, beta1=0.9, beta2=0.999, eps=1e-8):
-    """One Adam update of every parameter, in place (Kingma and Ba 2015)."""
-    state["t"] += 1
-    t = state["t"]
-    step = lr * np.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)  # both bias corrections
-    for k, p in params.items():
-        m, v, g = state["m"][k], state["v"][k], grads[k]
-        m *= beta1
-        m += (1 - beta1) * g
-        v *= beta2
-        v += (1 - beta2) * g * g
-        p -= step * m / (np.sqrt(v) + eps)
-
-
-
-
-# ---------------------------------------------------------------------------
-# Training and evaluation
-# ---------------------------------------------------------------------------
-
-STREAMS = ("split", "data", "init", "shuffle", "eval", "noise")  # appended: spawned children keep their seeds
-
-
-def make_streams(seed):
-    """Independent named generators, so e.g. evaluation data never shifts training data."""
-    children = np.random.SeedSequence(seed).spawn(len(STREAMS))
-    return {name: np.random.default_rng(s) for name, s in zip(STREAMS, children)}
-
-
-class Timer:
-    """Accumulates wall seconds per phase."""
-
-    def __init__(self):
-        self.seconds = {}
-
-    def add(self, phase, since):
-        now = time.perf_counter()
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - since
-        return now
-
-
-class Diverged(Exception):
-    """Training produced a non-finite loss or gradient."""
-
-
-def make_batches(samples, batch_size, order, bucket=0, rng=None):
-    """Minibatches of sample indices, each sorted by length so padding is short.
-
-    bucket 0: consecutive chunks of `order`. bucket n: `order` is cut into
-    groups of n batches, each group sorted by length and cut into batches, and
-    the batches are shuffled with `rng`; so a batch holds sequences of similar
-    length, and a step costs its own length rather than its longest outlier.
-    """
-    lengths = np.array([len(s.traj) for s in samples])
-    if bucket:
-        group = bucket * batch_size
-        order = np.concatenate([g[np.argsort(lengths[g], kind="stable")]
-                                for g in (order[i:i + group] for i in range(0, len(order), group))])
-    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    batches = [chunk[np.argsort(lengths[chunk], kind="stable")] for chunk in chunks]
-    return [batches[i] for i in rng.permutation(len(batches))] if bucket else batches
-
-
-def ctc_feasible(lengths, targets):
-    """(B,) bool: can T_b steps carry the labels? Each label needs a step, and
-    each repeated letter a blank between its two copies."""
-    need = [len(y) + sum(a == b for a, b in zip(y, y[1:])) for y in targets]
-    return np.asarray(lengths) >= np.array(need, dtype=int)
-
-
-def part_gradients(params, X, lengths, targets, n_used, timer=None):
-    """Forward, CTC and backward on one part of a batch.
-
-    Returns (grads of the summed nll / n_used, the summed nll, its label
-    count). Runs in worker processes too, so it only reads its arguments.
-    """
-    timer = timer or Timer()
-    t0 = time.perf_counter()
-    log_probs, cache = forward(params, X, lengths)
-    t0 = timer.add("forward", t0)
-    nll, grad = ctc_loss(log_probs, lengths, targets)
-    t0 = timer.add("ctc", t0)
-    grads = backward(params, cache, grad / n_used)
-    timer.add("backward", t0)
-    usable = ctc_feasible(lengths, targets)
-    return grads, float(nll[usable].sum()), sum(len(y) for y, u in zip(targets, usable) if u)
-
-
-def train_step(params, adam, samples, lr, cfg, data, timer, pool=None, noise_rng=None):
-    """Forward, CTC, backward, clip and Adam on one minibatch.
-
-    With a pool, the length-sorted batch is cut into one contiguous part per
-    process and the parts' gradients are summed (equal to one process up to
-    float rounding). With cfg.weight_noise, the gradient is taken at the
-    weights plus Gaussian noise drawn from noise_rng, and applied to the
-    weights without it. Sequences whose labels cannot fit their length are
-    skipped. Returns (summed nll of the usable sequences, their label count,
-    number skipped). Raises Diverged on a non-finite loss or gradient, before
-    the parameters are touched.
-    """
-    t0 = time.perf_counter()
-    dtype = params["out_W"].dtype
-    targets = [s.labels for s in samples]
-    usable = ctc_feasible([len(s.traj) for s in samples], targets)
-    n_used = int(usable.sum())
-    if n_used == 0:
-        return 0.0, 0, len(samples)
-    samples = [s for s, u in zip(samples, usable) if u]
-    n_parts = min(pool.processes if pool else 1, len(samples))
-    bounds = np.linspace(0, len(samples), n_parts + 1).round().astype(int)
-    parts = []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        X, lengths = pad_batch(samples[lo:hi], data.input_shift, data.input_scale, dtype, data.input_squash)
-        parts.append((X, lengths, [s.labels for s in samples[lo:hi]]))
-    t0 = timer.add("data", t0)
-    at = params
-    if cfg.weight_noise:
-        at = {k: v + noise_rng.normal(0.0, cfg.weight_noise, v.shape).astype(v.dtype) for k, v in params.items()}
-    pending = [pool.submit(part_gradients, at, *part, n_used) for part in parts[1:]] if pool else []
-    grads, nll_sum, n_chars = part_gradients(at, *parts[0], n_used, timer)
-    t0 = time.perf_counter()
-    for other in pending:
-        g, s, n = other.get()
-        for k in grads:
-            grads[k] += g[k]
-        nll_sum, n_chars = nll_sum + s, n_chars + n
-    t0 = timer.add("wait", t0)
-    norm = clip_global_norm(grads, cfg.grad_clip)
-    if not (math.isfinite(nll_sum) and math.isfinite(norm)):
-        raise Diverged(f"{'loss' if not math.isfinite(nll_sum) else 'gradient norm'} is "
-                       f"{nll_sum if not math.isfinite(nll_sum) else norm}")
-    adam_step(params, grads, adam, lr)
-    timer.add("optimiser", t0)
-    return nll_sum, n_chars, len(usable) - n_used
-
-
-class WorkerLost(Exception):
-    """A worker process died (the OOM killer, a signal): its share of the work is lost."""
-
-
-def _start_worker():
-    # A forked worker inherits the main process's handlers, and SIGTERM's raises Terminated: on
-    # pool.terminate() that printed a traceback from the worker. A worker dies quietly on SIGTERM
-    # and ignores Ctrl-C, which reaches every process of the group; only the main process reports.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked while Pool forked it
-
-
-def _apply_to_chunk(fn, chunk):
-    return [fn(item) for item in chunk]
-
-
-def _worker_loop(conn):
-    """A worker process: run (sequence number, fn, args) jobs from `conn` until it closes, and
-    send back (sequence number, ok, result or exception)."""
-    _start_worker()
-    while True:
-        try:
-            job = conn.recv()
-        except (EOFError, OSError):
-            return
-        seq, fn, args = job
-        try:
-            reply = (seq, True, fn(*args))
-        except Exception as e:  # noqa: BLE001 - raised again in the main process
-            reply = (seq, False, e)
-        try:
-            conn.send(reply)
-        except (EOFError, OSError):
-            return
-        except Exception as e:  # noqa: BLE001 - an exception that cannot be pickled
-            conn.send((seq, False, RuntimeError(f"{type(e).__name__} in a worker: {e}")))
-
-
-POOL_POLL_SECONDS = 0.25  # a waiting main process looks at signals and dead workers this often
-
-
-class _Worker:
-    """One worker process and its own pipe: no lock is shared with the other workers, so a killed
-    worker cannot leave one held (multiprocessing.Pool then hangs, in get() and in terminate())."""
-
-    def __init__(self, context):
-        self.conn, child = context.Pipe()
-        self.process = context.Process(target=_worker_loop, args=(child,), daemon=True)
-        self.process.start()
-        child.close()
-        self.queued, self.results, self.busy = [], {}, False
-
-    def send_next(self):
-        """Send the next queued job, only to an idle worker: both ends never block sending at once."""
-        if self.queued and not self.busy:
-            self.conn.send(self.queued.pop(0))
-            self.busy = True
-
-    def lost(self):
-        code = self.process.exitcode
-        how = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0
-               and -code in signal.valid_signals() else f"exit status {code}")
-        return WorkerLost(f"worker process {self.process.pid} died ({how}; out of memory?)")
-
-    def wait_for(self, seq):
-        while seq not in self.results:
-            ready = multiprocessing.connection.wait([self.conn, self.process.sentinel], POOL_POLL_SECONDS)
-            if self.conn in ready:
-                try:
-                    done, ok, value = self.conn.recv()
-                except (EOFError, OSError):
-                    self.process.join(1.0)
-                    raise self.lost() from None
-                self.results[done] = (ok, value)
-                self.busy = False
-                self.send_next()
-            elif ready:  # the sentinel alone: the process ended with nothing left to read
-                self.process.join(1.0)
-                raise self.lost()
-        ok, value = self.results.pop(seq)
-        if not ok:
-            raise value
-        return value
-
-
-class _Pending:
-    """A submitted job; get() waits for its result (signals are handled while it waits)."""
-
-    def __init__(self, worker, seq):
-        self.worker, self.seq = worker, seq
-
-    def get(self):
-        return self.worker.wait_for(self.seq)
-
-
-class Pool:
-    """`processes - 1` worker processes that share batches and rendering with this one.
-
-    Workers are forked after the data is built, so they start with the same
-    module state (glyph tables, word statistics). Jobs are module-level
-    functions of their arguments, dealt to the workers in turn; results come
-    back in submission order, so what a run computes does not depend on
-    timing. A worker that dies raises WorkerLost in the waiting process.
-    """
-
-    def __init__(self, processes):
-        self.processes = processes
-        methods = multiprocessing.get_all_start_methods()
-        context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-        # SIGTERM stays blocked from fork until a worker has reset the handler it inherits
-        # (_start_worker); a signal meanwhile waits for this process's unblocking below.
-        masking = hasattr(signal, "pthread_sigmask")
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}) if masking else None
-        self.workers = []
-        try:
-            for _ in range(processes - 1):
-                self.workers.append(_Worker(context))
-        except BaseException:
-            self.close()
-            raise
-        finally:
-            if masking:
-                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-        self.jobs = 0
-
-    def submit(self, fn, *args):
-        worker = self.workers[self.jobs % len(self.workers)]
-        worker.queued.append((self.jobs, fn, args))
-        self.jobs += 1
-        try:
-            worker.send_next()
-        except (EOFError, OSError):
-            raise worker.lost() from None
-        return _Pending(worker, self.jobs - 1)
-
-    def map(self, fn, items):
-        """[fn(item) for item in items], the items split evenly over the processes."""
-        chunks = np.array_split(np.arange(len(items)), self.processes)
-        pending = [self.submit(_apply_to_chunk, fn, [items[i] for i in c]) for c in chunks[1:]]
-        out = _apply_to_chunk(fn, [items[i] for i in chunks[0]])
-        for p in pending:
-            out += p.get()
-        return out
-
-    def close(self):
-        """Stop every worker, even in the middle of a job (they die quietly on SIGTERM)."""
-        for w in self.workers:
-            if w.process.is_alive():
-                w.process.terminate()
-        for w in self.workers:
-            w.process.join(5.0)
-            if w.process.is_alive():
-                w.process.kill()
-                w.process.join()
-            w.conn.close()
-
-
-def serial_map(fn, items):
-    return [fn(item) for item in items]
-
-
-EVAL_BATCH = 64  # measured fastest per frame for the forward pass alone
-EVAL_FRAMES = 32_768  # padded frames per evaluation chunk: at H = 100 about 11 kB each (caches, logits)
-EVAL_THREADS = 2  # numpy releases the GIL in ufuncs and BLAS; chunks are independent
-
-
-def eval_chunks(lengths):
-    """Index chunks of a length-sorted order, each at most EVAL_BATCH sequences
-    and EVAL_FRAMES padded frames (one sequence at least), so that an
-    evaluation's memory is bounded by its longest line, not its number of lines."""
-    order = np.argsort(lengths, kind="stable")
-    sorted_lengths = np.asarray(lengths)[order]
-    chunks, start = [], 0
-    while start < len(order):
-        width = np.arange(1, min(EVAL_BATCH, len(order) - start) + 1)
-        fits = width * sorted_lengths[start:start + len(width)] <= EVAL_FRAMES  # non-increasing: lengths sorted
-        n = max(1, int(fits.sum()))
-        chunks.append(order[start:start + n])
-        start += n
-    return chunks
-
-
-def model_outputs(params, samples, data):
-    """Yield (indices, [(T_i, K) float64 log-probs]) chunk by chunk (eval_chunks),
-    EVAL_THREADS chunks at a time, so that only those chunks' outputs are held."""
-    def run_chunk(idx):
-        X, lengths = pad_batch([samples[i] for i in idx], data.input_shift, data.input_scale, params["out_W"].dtype,
-                               data.input_squash)
-        log_probs, _ = forward(params, X, lengths)
-        return [log_probs[:n, b].astype(np.float64) for b, n in enumerate(lengths)]
-
-    chunks = eval_chunks([len(s.traj) for s in samples])
-    with ThreadPoolExecutor(EVAL_THREADS) as threads:
-        for first in range(0, len(chunks), EVAL_THREADS):
-            group = chunks[first:first + EVAL_THREADS]
-            yield from zip(group, threads.map(run_chunk, group))
-
-
-def run_model(params, samples, data):
-    """Log-probabilities for every sample: a list of (T_i, K) float64 arrays.
-    For small sets; evaluate() and the experiments go chunk by chunk."""
-    out = [None] * len(samples)
-    for idx, lps in model_outputs(params, samples, data):
-        for i, lp in zip(idx, lps):
-            out[i] = lp
-    return out
-
-
-def evaluate(params, samples, data, decode, keep=(), also=None):
-    """Loss, CER, WER and word accuracy of one evaluation set, chunk by chunk.
-
-    `decode` (from make_decoder) maps a list of (T_i, K) log-prob arrays to
-    strings. also: {name: decode} for more decoders, whose rates go under
-    metrics[name] (the greedy reading beside the lm decoder's). Returns
-    (metrics, decoded strings, {i: (T_i, K) log-probs} for the sample indices
-    in `keep`).
-    """
-    n, also = len(samples), also or {}
-    nll, hyps, kept, keep = np.zeros(n), [None] * n, {}, set(keep)
-    more = {name: [None] * n for name in also}
-    for idx, lps in model_outputs(params, samples, data):
-        nll[idx] = -ctc_log_likelihood(*pad_log_probs(lps), [samples[i].labels for i in idx])
-        for i, lp, h in zip(idx, lps, decode(lps)):
-            hyps[i] = h
-            if i in keep:
-                kept[i] = lp
-        for name, other in also.items():
-            for i, h in zip(idx, other(lps)):
-                more[name][i] = h
-    finite = np.isfinite(nll)
-    n_chars = sum(len(s.labels) for s, f in zip(samples, finite) if f)
-    refs = [s.text for s in samples]
-    metrics = {**rates(error_counts(refs, hyps)), **{name: rates(error_counts(refs, h)) for name, h in more.items()}}
-    return {**metrics, "loss": float(nll[finite].sum() / max(n_chars, 1))}, hyps, kept
-
-
-def alignment_record(sample, split, log_probs, alphabet):
-    """What the alignment figures need about one sample, as JSON-ready lists."""
-    decoded = decode_labels(greedy_decode(log_probs[:, None, :], [len(log_probs)])[0], alphabet)
-    return {
-        "text": sample.text, "split": split, "writer": sample.writer,
-        "xy": sample.xy.round(5).tolist(),
-        "pen_up": sample.pen_up.tolist(),
-        "char_of": sample.char_of.tolist() if sample.char_of is not None else None,
-        "log_probs": log_probs.round(4).tolist(),
-        "argmax_path": np.argmax(log_probs, axis=1).tolist(),
-        "decoded": decoded,
-        "cer": cer(decoded, sample.text),
-    }
-
-
-def group_errors(task, eval_sets, hyps_of):
-    """run.json's per-word or per-writer error counts and rates, over every evaluation split."""
-    groups = {}
-    for split, samples in eval_sets.items():
-        for s, h in zip(samples, hyps_of[split]):
-            name = s.text if task.group_by == "word" else s.writer
-            entry = groups.setdefault(name, {"split": split, "n": 0, **dict.fromkeys(error_counts([], []), 0)})
-            entry["n"] += 1
-            for k, v in error_counts([s.text], [h]).items():
-                entry[k] += v
-    return {name: {**e, **rates(e)} for name, e in groups.items()}
-
-
-def final_report(params, cfg, task, data, timer):
-    """The evaluation part of run.json: final metrics, per group, predictions, alignments."""
-    t0 = time.perf_counter()
-    decode = make_decoder(cfg.decoder, cfg, data.alphabet, texts=data.lm_texts or None)
-    final, predictions, hyps_of, log_probs_of = {}, [], {}, {}
-    for split, samples in data.eval_sets.items():
-        picks = [i for pick_split, i in data.alignment_picks if pick_split == split]
-        also = {"greedy": make_decoder("greedy", cfg, data.alphabet)} if cfg.decoder != "greedy" else None
-        final[split], hyps_of[split], log_probs_of[split] = evaluate(params, samples, data, decode, picks, also)
-        predictions += [{"text": s.text, "split": split, "writer": s.writer, "decoded": h}
-                        for s, h in zip(samples, hyps_of[split])]
-    alignments = [alignment_record(data.eval_sets[split][i], split, log_probs_of[split][i], data.alphabet)
-                  for split, i in data.alignment_picks]
-    timer.add("evaluation", t0)
-    return {"final": final, f"per_{task.group_by}": group_errors(task, data.eval_sets, hyps_of),
-            "predictions": predictions, "alignments": alignments}
-
-
-def decoding_experiment(outputs, samples, sizes, fixed, by_size, describe=None):
-    """Decode evaluation splits with each decoder, timing it, chunk by chunk.
-
-    outputs(split) -> (indices, [(T_i, K) arrays]) chunks (model_outputs), so
-    that only one chunk's log-probs are held while every decoder reads it.
-    samples: {split: [Sample]}. fixed: {name: decode} for decoders that ignore
-    the size (run once, reported at every size); by_size(size) -> {name:
-    (decode, extra dict for its rows)}; describe(size, refs, hyps) -> more keys
-    for a row. Returns rows of {size, decoder, split, cer, wer, word_acc,
-    seconds_per_seq, n, ...}.
-    """
-    decoders = {(None, name): (decode, {}) for name, decode in fixed.items()}
-    for size in sizes:
-        decoders.update({(size, name): found for name, found in by_size(size).items()})
-    rows = []
-    for split, split_samples in samples.items():
-        hyps = {key: [None] * len(split_samples) for key in decoders}
-        seconds = dict.fromkeys(decoders, 0.0)
-        for idx, lps in outputs(split):
-            for key, (decode, _) in decoders.items():
-                t0 = time.perf_counter()
-                for i, h in zip(idx, decode(lps)):
-                    hyps[key][i] = h
-                seconds[key] += time.perf_counter() - t0
-        refs = [s.text for s in split_samples]
-        scores = {key: {**rates(error_counts(refs, hyps[key])), "seconds_per_seq": seconds[key] / len(refs),
-                        "n": len(refs)} for key in decoders}
-        for size in sizes:
-            for (at, name), (_, extra) in decoders.items():
-                if at is None or at == size:
-                    more = describe(size, refs, hyps[at, name]) if describe else {}
-                    rows.append({"size": size, "decoder": name, "split": split, **scores[at, name], **extra, **more})
-    return rows
-
-
-def lexicon_experiment(params, cfg, data, sizes, log=print):
-    """Greedy, beam and lexicon decoding of every evaluation word against
-    lexicons of the given sizes: the 47 vocabulary words (held-out words
-    included) plus distractor pseudo-words. Returns run.json's `decoding`."""
-    t_start = time.perf_counter()
-    distractors = distractor_words(max(sizes) - len(VOCAB))
-    rows = decoding_experiment(
-        lambda split: model_outputs(params, data.eval_sets[split], data), data.eval_sets, sizes,
-        {d: make_decoder(d, cfg, data.alphabet) for d in ("greedy", "beam")},
-        lambda size: {"lexicon": (make_decoder("lexicon", cfg, data.alphabet,
-                                               VOCAB + distractors[:size - len(VOCAB)]), {})})
-    decoding = {"kind": "lexicon", "sizes": list(sizes), "beam_width": cfg.beam_width, "rows": rows,
-                "seconds": time.perf_counter() - t_start}
-    log(format_decoding(decoding))
-    return decoding
-
-
-def word_error_breakdown(refs, hyps, dictionary):
-    """Where a corpus's word errors come from.
-
-    Each line's word-level edit alignment splits its word edits into: oov
-    (reference words outside the dictionary, which a closed-vocabulary decoder
-    cannot produce), similar (substitutions by a dictionary word within two
-    letters), other (the remaining substitutions), deleted and inserted; these
-    sum to the word edits. merged (a hypothesis word spelling two consecutive
-    reference words) and split (a reference word read as two consecutive
-    hypothesis words) count segmentation errors, whose edits appear above.
-    """
-    counts = dict.fromkeys(("oov", "similar", "other", "deleted", "inserted", "merged", "split"), 0)
-    for ref, hyp in zip(refs, hyps):
-        r, h = ref.split(), hyp.split()
-        counts["merged"] += sum(w in {a + b for a, b in zip(r, r[1:])} for w in h)
-        counts["split"] += sum(w in {a + b for a, b in zip(h, h[1:])} for w in r)
-        for a, b in edit_alignment(r, h):
-            if a == b:
-                continue
-            kind = ("inserted" if a is None else "oov" if a not in dictionary else "deleted" if b is None
-                    else "similar" if levenshtein(a, b) <= 2 else "other")
-            counts[kind] += 1
-    return counts
-
-
-LM_WEIGHTS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)  # the tuning grid; the search starts at weight 1, penalty 0
-WORD_PENALTIES = (-4.0, -2.0, 0.0, 2.0, 4.0, 6.0, 8.0, 10.0)
-OOV_PENALTIES = (-8.0, -4.0, -2.0, 0.0, 2.0, 4.0, 8.0)  # per spelled token, when the dictionary spells (cfg.oov)
-TUNING_LINES = 100  # validation lines used for tuning (every k-th); the lines after them check the OOV modes
-
-
-def tune_lm_decoder(cfg, log_probs, refs, lex, lm):
-    """(lm_weight, word_penalty, oov_penalty) for the lm decoder, chosen on validation lines.
-
-    A coordinate search on the grid LM_WEIGHTS x WORD_PENALTIES (x OOV_PENALTIES
-    if the lexicon spells out-of-dictionary tokens): from weight 1, penalties 0,
-    move to the neighbour with the lowest (WER, CER) until none is better.
-    With lm None (a uniform word prior) the weight is not tuned.
-    """
-    grids = (LM_WEIGHTS if lm is not None else (0.0,), WORD_PENALTIES,
-             OOV_PENALTIES if (lex.kind == SPELLED).any() else (0.0,))
-    cost = {}
-
-    def evaluate(point):
-        if point not in cost:
-            w, p, o = (grid[i] for grid, i in zip(grids, point))
-            tuned = dataclasses.replace(cfg, lm_weight=w, word_penalty=p, oov_penalty=o)
-            m = rates(error_counts(refs, make_decoder("lm", tuned, lex.alphabet, lex, lm)(log_probs)))
-            cost[point] = (m["wer"], m["cer"])
-        return cost[point]
-
-    here = tuple(grid.index(1.0 if i == 0 and lm is not None else 0.0) for i, grid in enumerate(grids))
-    while True:
-        around = [here[:d] + (here[d] + step,) + here[d + 1:] for d in range(3) for step in (-1, 1)
-                  if 0 <= here[d] + step < len(grids[d])]
-        best = min([here] + around, key=evaluate)  # ties keep the current point
-        if best == here:
-            return tuple(grid[i] for grid, i in zip(grids, here))
-        here = best
-
-
-def in_dictionary_tokens(refs, words):
-    """The reference tokens (as written) every piece of which, lower-cased, is an LM word in `words`."""
-    return {tok for ref in refs for tok in ref.split() if all(p.lower() in words for p in split_token(tok))}
-
-
-def dictionary_experiment(params, cfg, data, sizes, log=print, split="test"):
-    """The paper's comparison, on the test lines (or, with split "validation",
-    on the validation lines not used for tuning): greedy; the dictionary with a
-    uniform word prior; dictionary + unigram; dictionary + bigram; at each
-    dictionary size. The LM weight and penalties of each decoder are tuned on
-    every k-th validation line (TUNING_LINES of them), never on test lines.
-
-    Out-of-dictionary tokens: at the largest size, the bigram decoder is tuned
-    with each OOV mode (none, chars, token) and scored on the validation lines
-    right after the tuning lines; the best (lowest WER, then CER) is used for
-    every size and decoder. Log-probs are computed chunk by chunk
-    (model_outputs), so memory does not grow with the number of lines.
-    Returns run.json's `decoding`."""
-    t_start = time.perf_counter()
-    texts = data.lm_texts or None
-    validation = data.eval_sets["validation"]
-    step = max(2, len(validation) // TUNING_LINES)  # at least 2: the check lines are others
-    tune_samples, check_samples = validation[::step], validation[1::step]
-    tune_lps, check_lps = run_model(params, tune_samples, data), run_model(params, check_samples, data)
-    tune_refs, check_refs = [s.text for s in tune_samples], [s.text for s in check_samples]
-    tuned_on = set(range(0, len(validation), step))
-    report = {"test": data.eval_sets["test"]} if split == "test" else \
-        {"validation": [s for i, s in enumerate(validation) if i not in tuned_on]}
-    report_refs = [s.text for s in report[split]]
-    tokenise = lm_words if (texts or cfg.lm_file or cfg.dictionary_file) else str.split
-
-    largest = max(sizes)
-    oov_modes = {}
-    if texts or cfg.oov != "none":  # the real-English task, or a run that asked for spelling
-        lm = decoder_language_model(cfg, texts, largest, 2)
-        for mode in OOV_MODES:
-            mode_cfg = dataclasses.replace(cfg, oov=mode)
-            lex = decoder_lexicon(mode_cfg, data.alphabet, texts, largest)
-            t0 = time.perf_counter()
-            weight, penalty, oov_penalty = tune_lm_decoder(mode_cfg, tune_lps, tune_refs, lex, lm)
-            chosen = dataclasses.replace(mode_cfg, lm_weight=weight, word_penalty=penalty, oov_penalty=oov_penalty)
-            m = rates(error_counts(check_refs, make_decoder("lm", chosen, data.alphabet, lex, lm)(check_lps)))
-            oov_modes[mode] = {"wer": m["wer"], "cer": m["cer"], "lm_weight": weight, "word_penalty": penalty,
-                               "oov_penalty": oov_penalty, "seconds": time.perf_counter() - t0}
-            log(f"oov {mode}: validation WER {m['wer']:.4f} CER {m['cer']:.4f} on {len(check_refs)} lines "
-                f"(tuned on {len(tune_refs)} others: lm_weight {weight}, word_penalty {penalty}, "
-                f"oov_penalty {oov_penalty})")
-        oov = min(OOV_MODES, key=lambda mode: (oov_modes[mode]["wer"], oov_modes[mode]["cer"]))
-        log(f"oov: {oov} reads the validation lines best; used for every decoder below")
-    else:
-        oov = cfg.oov
-    cfg = dataclasses.replace(cfg, oov=oov)
-    known = oov_modes.get(oov)  # the OOV comparison tuned this decoder already
-    beam_check = wider_beam_check(cfg, data.alphabet, texts, largest, check_lps, tune_lps, tune_refs, log,
-                                  known and (known["lm_weight"], known["word_penalty"], known["oov_penalty"]))
-    tuned, perplexity, oov_rate = {}, {}, {}
-
-    def by_size(size):
-        lex = decoder_lexicon(cfg, data.alphabet, texts, size)
-        lms = {"dictionary": None, "unigram": decoder_language_model(cfg, texts, size, 1),
-               "bigram": decoder_language_model(cfg, texts, size, 2)}
-        perplexity[size] = {name: lm_perplexity(lm, report_refs, tokenise)[0] for name, lm in lms.items() if lm}
-        oov_rate[size] = lm_perplexity(lms["unigram"], report_refs, tokenise)[1]
-        decoders = {}
-        for name, lm in lms.items():
-            t0 = time.perf_counter()
-            weight, penalty, oov_penalty = tune_lm_decoder(cfg, tune_lps, tune_refs, lex, lm)
-            tuned[size, name] = (weight, penalty, oov_penalty)
-            log(f"dictionary {size}, {name}: lm_weight {weight}, word_penalty {penalty}, oov_penalty {oov_penalty} "
-                f"(tuned on {len(tune_refs)} validation lines in {time.perf_counter() - t0:.0f} s)")
-            chosen = dataclasses.replace(cfg, lm_weight=weight, word_penalty=penalty, oov_penalty=oov_penalty)
-            decoders[name] = (make_decoder("lm", chosen, data.alphabet, lex, lm),
-                              {"lm_weight": weight, "word_penalty": penalty, "oov_penalty": oov_penalty})
-        return decoders
-
-    def describe(size, refs, hyps):
-        words = set(ranked_lm_words(cfg, texts)[:size])
-        dictionary = in_dictionary_tokens(refs, words) if tokenise is lm_words else words
-        return {"oov_rate": oov_rate[size], "errors": word_error_breakdown(refs, hyps, dictionary)}
-
-    rows = decoding_experiment(lambda s: model_outputs(params, report[s], data), report, sizes,
-                               {"greedy": make_decoder("greedy", cfg, data.alphabet)}, by_size, describe)
-    decoding = {"kind": "dictionary", "sizes": list(sizes), "lm_beam": cfg.lm_beam, "rows": rows,
-                "perplexity": {str(k): v for k, v in perplexity.items()}, "tuning_lines": len(tune_refs),
-                "oov": oov, "oov_modes": oov_modes, "oov_check_lines": len(check_refs) if oov_modes else 0,
-                "beam_check": beam_check,
-                "dictionary_source": dictionary_source(cfg, texts), "seconds": time.perf_counter() - t_start}
-    log(format_decoding(decoding))
-    return decoding
-
-
-BEAM_CHECK_FACTOR = 16  # the pruning check: how much wider the second beam is
-
-
-def wider_beam_check(cfg, alphabet, texts, size, check_lps, tune_lps, tune_refs, log, weights=None):
-    """How many validation check lines the bigram decoder (tuned, at `size`) reads
-    differently with a BEAM_CHECK_FACTOR times wider beam: pruning that loses the
-    objective's best reading shows here. weights: (lm_weight, word_penalty,
-    oov_penalty) if already tuned. Returns {beam, wider, lines, changed}."""
-    lex, lm = decoder_lexicon(cfg, alphabet, texts, size), decoder_language_model(cfg, texts, size, 2)
-    weight, penalty, oov_penalty = weights or tune_lm_decoder(cfg, tune_lps, tune_refs, lex, lm)
-    tuned = dataclasses.replace(cfg, lm_weight=weight, word_penalty=penalty, oov_penalty=oov_penalty)
-    widest = CONFIG_FIELDS["lm_beam"].metadata["high"]
-    wide = dataclasses.replace(tuned, lm_beam=min(cfg.lm_beam * BEAM_CHECK_FACTOR, widest))
-    shipped, wider = (make_decoder("lm", c, alphabet, lex, lm)(check_lps) for c in (tuned, wide))
-    changed = sum(a != b for a, b in zip(shipped, wider))
-    log(f"beam check: --lm-beam {wide.lm_beam} changes {changed} of {len(check_lps)} validation lines read at "
-        f"{cfg.lm_beam} (dictionary {size}, bigram)")
-    return {"beam": cfg.lm_beam, "wider": wide.lm_beam, "lines": len(check_lps), "changed": changed}
-
-
-def dictionary_source(cfg, texts):
-    """What the lm decoder's dictionary and LM come from, for run.json."""
-    return {"dictionary": cfg.dictionary_file or ("ARPA vocabulary" if cfg.lm_file else "built in"),
-            "lm": cfg.lm_file or ("symspellpy counts + training transcriptions (mixture fitted on validation)"
-                                  if texts else "symspellpy counts"),
-            "tokens": "pieces (split_token), lower-cased, case as log P(case)" if (texts or cfg.lm_file or
-                                                                                 cfg.dictionary_file) else "words"}
-
-
-def format_decoding(decoding):
-    splits = list(dict.fromkeys(r["split"] for r in decoding["rows"]))
-    decoders = list(dict.fromkeys(r["decoder"] for r in decoding["rows"]))
-    lines = [f"{'size':>8} {'decoder':>10}" + "".join(f"   {s[:12]:>12} {'CER':>6} {'WER':>6}" for s in splits)
-             + f"   {'ms/seq':>8}"]
-    by_key = {(r["size"], r["decoder"], r["split"]): r for r in decoding["rows"]}
-    for size in decoding["sizes"]:
-        for d in decoders:
-            rows = [by_key[size, d, s] for s in splits]
-            ms = 1e3 * sum(r["seconds_per_seq"] * r["n"] for r in rows) / sum(r["n"] for r in rows)
-            lines.append(f"{size:8d} {d:>10}" + "".join(f"   {'':>12} {r['cer']:6.4f} {r['wer']:6.3f}" for r in rows)
-                         + f"   {ms:8.2f}")
-    lines.append(f"decoding experiment: {decoding['seconds']:.1f}s")
-    return "\n".join(lines)
-
-
-class Progress:
-    """A live line within an epoch (samples done, frames/s, time left), only on a terminal."""
-
-    def __init__(self, enabled, log):
-        self.enabled, self.log, self.shown = enabled, log, 0.0
-
-    def update(self, epoch, n_epochs, done, total, frames, seconds, steps_left, seconds_per_step):
-        now = time.perf_counter()
-        if not self.enabled or now - self.shown < 0.5:
-            return
-        self.shown = now
-        left = steps_left * seconds_per_step
-        self.log(f"\repoch {epoch}/{n_epochs}  {done}/{total} sequences  {frames / max(seconds, 1e-9):,.0f} frames/s  "
-                 f"about {left / 60:.0f} min {left % 60:02.0f} s of training left ", end="")
-
-    def clear(self):
-        if self.enabled:
-            self.log("\r" + " " * 100 + "\r", end="")
-
-
-@dataclass
-class TrainingState:
-    """Where training stands after an epoch: everything fit() needs to carry on
-    exactly as if it had not stopped (checkpoint files hold one)."""
-
-    epoch: int  # epochs done
-    params: dict
-    adam: dict  # adam_init's layout
-    streams: dict  # stream name -> bit generator state (the data and shuffle streams move each epoch)
-    history: list
-    skipped: int
-    best_epoch: int  # the epoch whose weights are kept (0: none yet)
-    best_params: dict | None  # those weights, when cfg.patience keeps the best epoch; else None
-    train_seconds: float
-
-    def stopped(self, cfg):
-        """True once every epoch ran, or validation has not improved for cfg.patience epochs."""
-        return self.epoch >= cfg.epochs or bool(cfg.patience and self.epoch - self.best_epoch >= cfg.patience)
-
-    def final_params(self):
-        return self.best_params if self.best_params is not None else self.params
-
-
-def better(entry, best, split):
-    """Early stopping's test: a lower (CER, loss) on the monitored split than the best so far."""
-    return best is None or (entry[split]["cer"], entry[split]["loss"]) < (best[split]["cer"], best[split]["loss"])
-
-
-def fit(cfg, task, data, streams, timer, pool=None, log=print, progress=None, status=None, state=None,
-        checkpoint=None):
-    """The training loop: one epoch of training samples at a time, minibatch
-    Adam, and an evaluation of the task's monitored splits after each epoch.
-
-    state: a TrainingState to continue from (a resumed run); checkpoint(state)
-    is called after every epoch. With cfg.patience, the weights of the epoch
-    with the best (CER, loss) on the first monitored split are kept, and
-    training stops after cfg.patience epochs without a better one (the paper's
-    early stopping). Returns the final TrainingState. Raises Diverged with the
-    epoch and step.
-    """
-    dtype = np.dtype(cfg.dtype)
-    if state is None:
-        params = {k: v.astype(dtype) for k, v in init_params(
-            streams["init"], cfg.hidden, cfg.layers, cfg.bidirectional, feature_dim(cfg), n_classes(cfg)).items()}
-        state = TrainingState(0, params, adam_init(params), {}, [], 0, 0, None, 0.0)
-    else:
-        for name, bit_state in state.streams.items():
-            streams[name].bit_generator.state = bit_state
-    params, adam = state.params, state.adam
-    steps_per_epoch = -(-data.epoch_size // cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
-    greedy = make_decoder("greedy", cfg, data.alphabet)
-    parallel_map = pool.map if pool else serial_map
-    status = {} if status is None else status
-    watched = task.monitor[0]
-    while not state.stopped(cfg):
-        epoch = state.epoch + 1
-        status["where"] = f"at epoch {epoch} of {cfg.epochs}"
-        e0 = t0 = time.perf_counter()
-        samples = data.training_samples(streams["data"], parallel_map)
-        order = streams["shuffle"].permutation(len(samples))
-        timer.add("data", t0)
-        loss_sum, n_chars, done, frames = 0.0, 0, 0, 0
-        s0 = time.perf_counter()
-        for step, idx in enumerate(make_batches(samples, cfg.batch_size, order, task.bucket, streams["shuffle"]), 1):
-            lr = learning_rate(cfg, adam["t"], total_steps)
-            try:
-                s, n, k = train_step(params, adam, [samples[i] for i in idx], lr, cfg, data, timer, pool,
-                                     streams["noise"])
-            except Diverged as e:
-                raise Diverged(f"training diverged at epoch {epoch}, step {step}: {e}") from None
-            loss_sum, n_chars, state.skipped = loss_sum + s, n_chars + n, state.skipped + k
-            done, frames = done + len(idx), frames + sum(len(samples[i].traj) for i in idx)
-            if progress:
-                elapsed = time.perf_counter() - s0
-                per_step = (state.train_seconds + elapsed) / (adam["t"] or 1)
-                progress.update(epoch, cfg.epochs, done, len(samples), frames, elapsed, total_steps - adam["t"],
-                                per_step)
-        state.train_seconds += time.perf_counter() - s0
-        if progress:
-            progress.clear()
-        t0 = time.perf_counter()
-        entry = {"epoch": epoch, "train_loss": loss_sum / max(n_chars, 1)}
-        for split in task.monitor:
-            entry[split] = evaluate(params, data.eval_sets[split], data, greedy)[0]
-        timer.add("evaluation", t0)
-        entry["seconds"] = time.perf_counter() - e0
-        improved = better(entry, state.history[state.best_epoch - 1] if state.best_epoch else None, watched)
-        if cfg.patience and improved:
-            state.best_params = {k: v.copy() for k, v in params.items()}
-        if improved or not cfg.patience:
-            state.best_epoch = epoch
-        state.epoch = epoch
-        state.history.append(entry)
-        state.streams = {name: g.bit_generator.state for name, g in streams.items()}
-        log(format_epoch(entry, cfg.epochs, task) + ("  best" if cfg.patience and improved else ""))
-        if checkpoint:
-            status["where"] = f"while writing the checkpoint after epoch {epoch}"
-            checkpoint(state)
-    if cfg.patience and state.history:
-        log(f"kept the weights of epoch {state.best_epoch} (best validation CER "
-            f"{state.history[state.best_epoch - 1][watched]['cer']:.4f})"
-            + (f"; stopped after {cfg.patience} epochs without improvement" if state.epoch < cfg.epochs else ""))
-    return state
-
-
-BASE_BYTES = 64 * 2**20  # the interpreter, numpy and this module, where the resident size cannot be read
-
-
-def sample_bytes(sample):
-    return sample.traj.nbytes + sample.xy.nbytes + sample.pen_up.nbytes
-
-
-def forward_chunk_bytes(cfg, frames, in_dim, n_classes):
-    """Rough peak memory of one evaluation forward pass over `frames` padded frames
-    (model_outputs): per layer and direction 11 H-wide caches, the layer inputs
-    and outputs, the logits and their float64 copies."""
-    R = 2 if cfg.bidirectional else 1
-    itemsize = np.dtype(cfg.dtype).itemsize
-    lstm = cfg.layers * R * frames * 11 * cfg.hidden * itemsize
-    layer_io = 2 * frames * (R * in_dim + 2 * R * cfg.hidden) * itemsize
-    return lstm + layer_io + frames * n_classes * (3 * itemsize + 8)
-
-
-def ctc_chunk_bytes(frames, n_classes, longest_label):
-    """Rough peak memory of ctc_log_likelihood on a chunk of `frames` padded frames:
-    the padded float64 log-probs, the emissions and the forward lattice."""
-    return frames * (2 * n_classes + 2 * (2 * longest_label + 3)) * 8
-
-
-def memory_estimate(cfg, data, training, resident=None):
-    """Predicted peak resident memory of this process, in bytes, by part:
-    held (what the process holds now: `resident` bytes as measured, else
-    BASE_BYTES and the samples of every split), fresh (an epoch of training
-    samples, for tasks that draw them each epoch), work (the larger of a
-    training step and an evaluation: EVAL_THREADS forward chunks and one CTC
-    chunk), and their total."""
-    evals = [s for samples in data.eval_sets.values() for s in samples]
-    per_sample = sum(sample_bytes(s) for s in evals) / max(len(evals), 1)  # training lines are drawn like these
-    # Held training samples cost nothing to fetch, and the longest of them sizes a training step.
-    lines = evals + (list(data.training_samples(None, serial_map)) if data.training_held and training else [])
-    if resident is None:
-        resident = BASE_BYTES + int(per_sample * (len(evals) + (data.epoch_size if data.training_held else 0)))
-    fresh = 0 if data.training_held or not training else int(per_sample * data.epoch_size)
-    longest = max(len(s.traj) for s in lines)
-    eval_label = max(len(s.labels) for s in lines)
-    # Training text is drawn like the evaluation text; twice its longest label leaves a margin.
-    train_label = min(longest, 2 * eval_label)
-    K, D = n_classes(cfg), evals[0].traj.shape[1]
-    part = dataclasses.replace(cfg, batch_size=-(-cfg.batch_size // cfg.workers))  # this process's share
-    step = training_bytes(part, longest, K, train_label) if training else 0
-    frames = max(min(EVAL_FRAMES, EVAL_BATCH * longest), longest)
-    evaluation = EVAL_THREADS * forward_chunk_bytes(cfg, frames, D, K) + ctc_chunk_bytes(frames, K, eval_label)
-    work = max(step, evaluation)
-    return {"held": resident, "fresh": fresh, "work": work, "total": resident + fresh + work}
-
-
-def check_memory(cfg, data, training, log=None):
-    """The run's memory_estimate from what the process holds now; UserError, before
-    any training, if it exceeds MEMORY_LIMIT of the machine's memory, naming the
-    part that is too large."""
-    need = memory_estimate(cfg, data, training, resident_bytes())
-    # Reading and featurising may already have peaked higher (IAM-OnDB); that peak is measured, not predicted.
-    need["total"] = max(need["total"], peak_rss() or 0)
-    have = physical_memory()
-    if log:
-        log(f"memory: about {need['total'] / 2**30:.2f} GiB predicted (held now {need['held'] / 2**30:.2f}, "
-            f"training data drawn per epoch {need['fresh'] / 2**30:.2f}, largest step {need['work'] / 2**30:.2f})")
-    if have and need["held"] + need["fresh"] + need["work"] > MEMORY_LIMIT * have:
-        remedy = ("use a smaller --hidden, --layers or --batch-size" if need["work"] >= max(need["fresh"], need["held"])
-                  else "the training data drawn per epoch is too large; use fewer --lines-per-epoch"
-                  if need["fresh"] >= need["held"] else "the data itself is too large")
-        raise UserError(f"this configuration would need about {need['total'] / 2**30:.1f} GiB, more than "
-                        f"{MEMORY_LIMIT:.0%} of this machine's {have / 2**30:.1f} GiB; {remedy}")
-    return need
-
-
-def resident_bytes():
-    """This process's resident memory now, in bytes (Linux /proc), else None."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError, AttributeError):
-        return None
-
-
-def peak_rss():
-    """This process's peak resident memory so far, in bytes (None where unknown)."""
-    try:
-        import resource
-        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    except (ImportError, OSError):
-        return None
-    return kib if sys.platform == "darwin" else kib * 1024  # macOS reports bytes, Linux KiB
-
-
-def feature_dim(cfg):
-    """D: what the network reads per pen sample."""
-    return {"raw": 3, "graves25": 25}[cfg.features]
-
-
-def train_and_evaluate(cfg, params=None, verbose=True, log=print, status=None, experiment=None, dictionary_size=0,
-                       checkpoint_to=None, resume=False, normalisation=None):
-    """Train a model as configured (or, given `params`, only evaluate them) and report.
-
-    experiment: (params, cfg, data, log=) -> run.json's `decoding`, run on the
-    same data after the final evaluation. dictionary_size: the largest
-    dictionary the experiment decodes with, checked against the alphabet before
-    training. checkpoint_to: a path that receives a checkpoint after every
-    epoch; resume: continue from the checkpoint there (same config), to the
-    same result as a run that was never interrupted. Returns (params,
-    result): result is what run.json holds, less schema_version and env (see
-    run_json). normalisation: {shift, scale, squash} to use instead of the
-    statistics of the task's training data (a loaded model's, load_normalisation).
-    """
-    wall0 = time.perf_counter()
-    task = TASKS[cfg.task]
-    timer = Timer()
-    streams = make_streams(cfg.seed)
-    status = {} if status is None else status
-    status["where"] = "while preparing the data"
-    t0 = time.perf_counter()
-    history, skipped, loaded = [], 0, params is not None
-    pool = Pool(cfg.workers) if cfg.workers > 1 else None
-    try:
-        data = task.make_data(cfg, streams, pool.map if pool else serial_map, log)
-        timer.add("data", t0)
-        if task.alphabet is None:
-            cfg = dataclasses.replace(cfg, alphabet=data.alphabet)  # saved with the model
-        if normalisation:
-            data.input_shift, data.input_scale, data.input_squash = (normalisation[k] for k in ("shift", "scale", "squash"))
-        memory = check_memory(cfg, data, training=params is None, log=log if verbose else None)
-        dictionary_size = max(dictionary_size, cfg.dictionary_size if cfg.decoder == "lm" else 0)
-        if dictionary_size:
-            check_dictionary_alphabet(dictionary_size, data.alphabet)
-        check_lm_decoding_time(cfg, data, len(getattr(experiment, "keywords", {}).get("sizes", ())) if dictionary_size
-                               else 0, log if verbose else None)
-        state = None
-        if params is None:
-            progress = Progress(verbose and sys.stdout.isatty(), log)
-            if resume:
-                state = load_checkpoint(checkpoint_to, cfg)
-                log(f"resuming from {checkpoint_to} after epoch {state.epoch}")
-            save = (lambda st: write_output(checkpoint_to, checkpoint_bytes(st, cfg, data), "checkpoint")) \
-                if checkpoint_to else None
-            state = fit(cfg, task, data, streams, timer, pool, log if verbose else (lambda *a, **k: None),
-                        progress, status, state, save)
-            params, history, skipped = state.final_params(), state.history, state.skipped
-    finally:
-        if pool:
-            pool.close()
-    status["where"] = "during the final evaluation"
-    source = "loaded" if loaded else "trained" if history else "untrained"  # untrained: --epochs 0
-    result = {"config": dataclasses.asdict(cfg), "model_source": source, "history": history,
-              "best_epoch": state.best_epoch if state else None,
-              **final_report(params, cfg, task, data, timer),
-              "split": data.info, "timing": timer.seconds, "skipped": skipped}
-    result["wall_seconds"] = time.perf_counter() - wall0
-    if experiment:
-        status["where"] = "during the decoding experiment"
-        result["decoding"] = experiment(params, cfg, data, log=log)
-    result["input"] = input_normalisation(data)
-    result["memory"] = {"predicted_bytes": memory["total"], "peak_rss_bytes": peak_rss()}
-    return params, result
-
-
-def train(cfg, verbose=True):
-    """Train as configured; returns what run.json holds, as a dict."""
-    return run_json(train_and_evaluate(cfg, verbose=verbose)[1])
-
-
-def format_epoch(e, n_epochs, task):
-    parts = [f"epoch {e['epoch']:3d}/{n_epochs}  loss {e['train_loss']:.4f}"]
-    for split in task.monitor:
-        m = e[split]
-        names = {"cer": "CER", "wer": "WER", "word_acc": "acc"}
-        parts.append(f"{split.replace('_', '-')} " + " ".join(f"{names[k]} {m[k]:.4f}" for k in task.shown))
-    return "  ".join(parts) + f"  {e['seconds']:.2f}s"
 
 
 # ---------------------------------------------------------------------------
