@@ -35,6 +35,42 @@ Shapes: T time steps, B batch, D input features, H hidden units per direction,
 R directions (1 or 2), K classes (blank + the task's characters), L label
 length, S = 2L + 1 extended labels, N prefix-tree nodes, W dictionary words.
 
+Contents. The numbers are those of the rulers below ("# -- name --" lines are
+sub-headings inside a section). The model comes first and the data sources
+after it, so that a reader who opens the file for the model meets it early;
+the data sources are blocks of their own, and section 21 makes each a Task.
+  The model and its training, written once for every task
+     1. Constants, configuration and tasks: RunConfig (every setting, its flag
+        and its valid range), TaskData and Task (the TASKS table is in 21,
+        after the data sources it names)
+     2. Samples, alphabets and pen paths
+     3. Network input
+     4. BLSTM
+     5. CTC
+     6. Decoding and metrics: greedy, CER and WER, prefix beam search, the
+        prefix tree and the dictionary decoder, the word language model
+     7. Decoding: real English (tokens, case, out-of-dictionary tokens, ARPA
+        and word-list files)
+     8. Decoding: token passing with a language model
+     9. Optimiser (Adam)
+    10. Training and evaluation
+  The data sources, each a self-contained block
+    11. Printed words (the seed task)
+    12. Cursive lines: glyphs
+    13. Cursive lines: writers
+    14. Cursive lines: the pen
+    15. Cursive lines: English text
+    16. Cursive lines: the synthetic database
+    17. IAM-OnDB: reading the database
+    18. IAM-OnDB: preprocessing (Liwicki and Bunke 2006)
+    19. IAM-OnDB: the 25 online features
+    20. IAM-OnDB: writing the format
+    21. Tasks: each data source as a Task, and the TASKS table
+  Files and the command line
+    22. Files: run.json, model files, safe writing
+    23. Reading ink: InkML, JSON strokes, pages, --read and --serve
+    24. Command line
+
 Usage:
     python iam_handwriting.py --seed 0 --save-json run.json        # words: headline run
     python iam_handwriting.py --quick --save-json run.json         # CI smoke run
@@ -92,7 +128,7 @@ if __name__ == "__main__":
 import numpy as np  # noqa: E402
 
 # ---------------------------------------------------------------------------
-# Constants and configuration
+# 1. Constants, configuration and tasks
 # ---------------------------------------------------------------------------
 
 BLANK = 0  # class 0 is the CTC blank; character c of a task's alphabet is class 1 + alphabet.index(c)
@@ -258,7 +294,7 @@ def n_classes(cfg):
 
 
 # ---------------------------------------------------------------------------
-# Samples, alphabets and pen paths
+# 2. Samples, alphabets and pen paths
 # ---------------------------------------------------------------------------
 # A pen path is points (N, 2) with stroke ids (N,): one stroke is one pen-down
 # segment, and the ids are non-decreasing in writing order. Every data source
@@ -346,7 +382,7 @@ def pen_trajectory(xy, stroke):
 
 
 # ---------------------------------------------------------------------------
-# Network input
+# 3. Network input
 # ---------------------------------------------------------------------------
 
 
@@ -369,7 +405,7 @@ def pad_batch(samples, shift, scale, dtype=np.float64, squash=0.0):
 
 
 # ---------------------------------------------------------------------------
-# BLSTM
+# 4. BLSTM
 # ---------------------------------------------------------------------------
 # Parameters are a flat dict. Layer l has, for R directions stacked on axis 0,
 #   lstm{l}_Wx (R, D_l, 4H), lstm{l}_Wh (R, H, 4H), lstm{l}_b (R, 4H),
@@ -569,7 +605,7 @@ def backward(params, cache, grad_logits):
 
 
 # ---------------------------------------------------------------------------
-# CTC
+# 5. CTC
 # ---------------------------------------------------------------------------
 # Graves, Fernandez, Gomez, Schmidhuber (2006). The extended label sequence
 # l' puts a blank around every label: S = 2L + 1 states. alpha[t, s] is the
@@ -714,7 +750,7 @@ def ctc_loss(log_probs, input_lengths, targets):
 
 
 # ---------------------------------------------------------------------------
-# Decoding and metrics
+# 6. Decoding and metrics
 # ---------------------------------------------------------------------------
 
 
@@ -1134,7 +1170,7 @@ def check_dictionary_alphabet(size, alphabet):
 
 
 # ---------------------------------------------------------------------------
-# Decoding: real English (tokens, case, out-of-dictionary tokens, ARPA and word-list files)
+# 7. Decoding: real English (tokens, case, out-of-dictionary tokens, ARPA and word-list files)
 # ---------------------------------------------------------------------------
 # IAM-OnDB transcriptions are written text with capitals, digits and
 # punctuation, and their tokens are space-separated as written ("Mr . Gaitskell",
@@ -1580,7 +1616,7 @@ def decoder_language_model(cfg, texts, size, order):
 
 
 # ---------------------------------------------------------------------------
-# Decoding: token passing with a language model
+# 8. Decoding: token passing with a language model
 # ---------------------------------------------------------------------------
 
 class _Histories:
@@ -1888,7 +1924,7 @@ def make_decoder(name, cfg, alphabet, lexicon=None, lm=None, texts=None):
 
 
 # ---------------------------------------------------------------------------
-# Optimiser
+# 9. Optimiser
 # ---------------------------------------------------------------------------
 
 
@@ -1932,7 +1968,7 @@ def adam_step(params, grads, state, lr, beta1=0.9, beta2=0.999, eps=1e-8):
 
 
 # ---------------------------------------------------------------------------
-# Training and evaluation
+# 10. Training and evaluation
 # ---------------------------------------------------------------------------
 
 STREAMS = ("split", "data", "init", "shuffle", "eval", "noise")  # appended: spawned children keep their seeds
@@ -2885,7 +2921,7 @@ def format_epoch(e, n_epochs, task):
 
 
 # ---------------------------------------------------------------------------
-# Printed words (the seed task)
+# 11. Printed words (the seed task)
 # ---------------------------------------------------------------------------
 # Glyphs live in a unit box: baseline y = 0, x-height 0.5, ascenders up to 0.9.
 # Each glyph is a list of strokes (dense polylines) and an advance width.
@@ -3018,7 +3054,7 @@ def distractor_words(n, real_words=VOCAB):
 
 
 # ---------------------------------------------------------------------------
-# Cursive lines: glyphs
+# 12. Cursive lines: glyphs
 # ---------------------------------------------------------------------------
 # Hershey Script Simplex ("scripts"), the 1967 US National Bureau of Standards
 # stroke font, from the PyPI package Hershey-Fonts. Font units: y down,
@@ -3057,7 +3093,7 @@ def script_glyphs():
 
 
 # ---------------------------------------------------------------------------
-# Cursive lines: writers
+# 13. Cursive lines: writers
 # ---------------------------------------------------------------------------
 
 WARP_WAVES = 3  # sinusoids in one letter's deformation field
@@ -3132,7 +3168,7 @@ def draw_writer(rng):
 
 
 # ---------------------------------------------------------------------------
-# Cursive lines: the pen
+# 14. Cursive lines: the pen
 # ---------------------------------------------------------------------------
 
 CONNECTOR_POINTS = 5  # vertices inside the arc that carries the pen from letter to letter
@@ -3312,7 +3348,7 @@ def render_line(text, writer, rng):
 
 
 # ---------------------------------------------------------------------------
-# Cursive lines: English text
+# 15. Cursive lines: English text
 # ---------------------------------------------------------------------------
 # Word and word-pair counts from the PyPI package symspellpy (large web and book
 # corpora): 82,765 words and 242,342 pairs, read as data files. The pair list
@@ -3485,7 +3521,7 @@ def sample_line(rng):
 
 
 # ---------------------------------------------------------------------------
-# Cursive lines: the synthetic database
+# 16. Cursive lines: the synthetic database
 # ---------------------------------------------------------------------------
 # Writers and the validation and test lines are fixed (LINES_DATA_SEED), the
 # same for every run, like a real corpus; the run's seed draws the training
@@ -3561,7 +3597,7 @@ def draw_training_lines(n, rng):
 
 
 # ---------------------------------------------------------------------------
-# IAM-OnDB: reading the database
+# 17. IAM-OnDB: reading the database
 # ---------------------------------------------------------------------------
 # The IAM On-Line Handwriting Database needs a registration and cannot be
 # downloaded here, so the reader follows the on-disk format as public loaders
@@ -3906,7 +3942,7 @@ def _raise_unreadable_folder(err: OSError):
     raise IamOnDbError(f"cannot read folder {err.filename}: {err.strerror or err}")
 
 
-# Finding the data.
+# -- Finding the data --
 
 
 def _subfolders(path: str) -> list[str]:
@@ -3997,7 +4033,7 @@ def find_line_files(strokes_root: str) -> tuple[dict[str, tuple[str, dict[int, s
     return forms, unrecognised, twice
 
 
-# Loading.
+# -- Loading --
 
 
 @dataclass(frozen=True, eq=False)
@@ -4168,7 +4204,7 @@ def format_summary(summary: dict) -> str:
     return "\n".join(out)
 
 # ---------------------------------------------------------------------------
-# IAM-OnDB: preprocessing (Liwicki and Bunke 2006)
+# 18. IAM-OnDB: preprocessing (Liwicki and Bunke 2006)
 # ---------------------------------------------------------------------------
 # The paper's front end for IAM-OnDB: one line of pen samples (sensor units, y
 # down) is cleaned, deskewed, deslanted, normalised to corpus height 1 and
@@ -4225,7 +4261,7 @@ GRAVES25_NAMES = (
 )
 
 
-# Input validation and stroke bookkeeping.
+# -- Input validation and stroke bookkeeping --
 
 def validate_line(points, stroke, times=None):
     """Check one line and return (points (N, 2) float64, stroke (N,) 0..S-1, times (N,)).
@@ -4314,7 +4350,7 @@ def flip_to_y_up(points):
     return points * np.array([1.0, -1.0])
 
 
-# Duplicates and noise.
+# -- Duplicates and noise --
 
 def _drop_consecutive_duplicates(points, stroke, times):
     """Keep the first of any run of identical consecutive points within a stroke."""
@@ -4458,7 +4494,7 @@ def rotate(points, angle, centre):
     return (points - centre) @ np.array([[c, s], [-s, c]]) + centre
 
 
-# Skew.
+# -- Skew --
 
 def correct_skew(points, stroke):
     """Rotate a y-up line so its baseline is level; returns (points (N, 2), skew angle).
@@ -4478,7 +4514,7 @@ def correct_skew(points, stroke):
     return rotate(points, -angle, points.mean(axis=0)), angle
 
 
-# Slant.
+# -- Slant --
 
 def slant_histogram(points, stroke):
     """Weighted, smoothed histogram of pen-down segment angles from the vertical.
@@ -4581,7 +4617,7 @@ def point_speed(points, stroke, times):
     return dist / np.where(dt > 0, dt, np.maximum(n_steps, 1.0) * period)
 
 
-# Delayed strokes and the hat feature.
+# -- Delayed strokes and the hat feature --
 
 def remove_delayed_strokes(points, stroke):
     """Find delayed strokes of a height-normalised line; returns (keep (N,), hat_ranges (R, 2)).
@@ -4614,7 +4650,7 @@ def hat_feature(x, hat_ranges, margin=HAT_MARGIN):
     return under.any(axis=0).astype(np.float64)
 
 
-# The whole preprocessing.
+# -- The whole preprocessing --
 
 @dataclass(frozen=True)
 class Preprocessed:
@@ -4716,7 +4752,7 @@ def preprocess(points, stroke, times=None, spacing=IAM_SPACING, distortion=None)
 
 
 # ---------------------------------------------------------------------------
-# IAM-OnDB: the 25 online features
+# 19. IAM-OnDB: the 25 online features
 # ---------------------------------------------------------------------------
 
 def moving_average(values, half_window):
@@ -4856,7 +4892,7 @@ def features_graves25(pre):
     ])
 
 # ---------------------------------------------------------------------------
-# IAM-OnDB: writing the format
+# 20. IAM-OnDB: writing the format
 # ---------------------------------------------------------------------------
 # So that synthetic cursive lines can be exported and read back through the
 # same loader, preprocessing and features as the real database.
@@ -5063,7 +5099,7 @@ def export_iam_ondb(out_dir, samples_by_split, log=print):
 
 
 # ---------------------------------------------------------------------------
-# Tasks: each data source as a Task, and the TASKS table
+# 21. Tasks: each data source as a Task, and the TASKS table
 # ---------------------------------------------------------------------------
 
 
@@ -5290,7 +5326,7 @@ TASKS = {
 
 
 # ---------------------------------------------------------------------------
-# Files: run.json, model files, safe writing
+# 22. Files: run.json, model files, safe writing
 # ---------------------------------------------------------------------------
 
 
@@ -5757,7 +5793,7 @@ def physical_memory():
 
 
 # ---------------------------------------------------------------------------
-# Reading ink: InkML, JSON strokes, pages, --read and --serve
+# 23. Reading ink: InkML, JSON strokes, pages, --read and --serve
 # ---------------------------------------------------------------------------
 # Ink from outside the database -- a W3C InkML file, an IAM-OnDB lineStrokes
 # file, a JSON list of strokes, or strokes drawn on the pen pad -- becomes pen
@@ -6183,7 +6219,7 @@ def group_lines(points, stroke):
     return [np.flatnonzero(line_of == k) for k in order]
 
 
-# The model and one reading.
+# -- The model and one reading --
 
 def load_reading_model(path=None):
     """(params, cfg, normalisation) of a model that can read new ink: an iam-ondb model
@@ -6531,7 +6567,7 @@ def serve(args, log=print):
 
 
 # ---------------------------------------------------------------------------
-# Command line
+# 24. Command line
 # ---------------------------------------------------------------------------
 
 
