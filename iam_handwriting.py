@@ -144,11 +144,22 @@ class UserError(Exception):
     """A problem with the user's input: reported as one line, exit status 2."""
 
 
-def _setting(default, help, low=None, high=None, above=None, choices=None):
+LM_TASKS = ("lines", "iam-ondb")  # the tasks of English text, which the lm decoder reads
+
+
+def _setting(default, help, low=None, high=None, above=None, choices=None, flag=None, tasks=None,
+             since_schema_1=False, decoding=False):
     """A RunConfig field with its help text and its valid range: one table serves
-    the command line, saved model files and --help."""
+    the command line, saved model files and --help.
+
+    flag: the command-line flag that sets the field (True: --name-with-dashes;
+    None: none; build_parser adds each). tasks: the only tasks whose runs take the flag (None: all).
+    since_schema_1: model files of schema 1 lack the field (it takes its
+    default). decoding: only the final decoding reads it, so a resumed run, a
+    loaded model and --read may change it (DECODING_FIELDS)."""
     return dataclasses.field(default=default, metadata=dict(help=help, low=low, high=high, above=above,
-                                                            choices=choices))
+                                                            choices=choices, flag=flag, tasks=tasks,
+                                                            since_schema_1=since_schema_1, decoding=decoding))
 
 
 @dataclass
@@ -156,9 +167,10 @@ class RunConfig:
     """Every setting of a run. The defaults are the words task's headline run;
     each task overrides some of them (Task.defaults)."""
 
-    seed: int = _setting(0, "root of every random stream (split, data, init, shuffle, eval)", low=0, high=2**32 - 1)
+    seed: int = _setting(0, "root of every random stream (split, data, init, shuffle, eval)", low=0, high=2**32 - 1,
+                         flag=True)
     task: str = _setting("words", "words (printed seed task), lines (cursive text lines), iam-ondb (real data)",
-                         choices=TASK_NAMES)
+                         choices=TASK_NAMES, flag=True, since_schema_1=True)
     # data: printed words
     word_repeats: int = _setting(6, "renderings of each training word per epoch", low=1, high=1000)
     eval_repeats: int = _setting(8, "fresh renderings of each word for evaluation", low=1, high=1000)
@@ -167,60 +179,77 @@ class RunConfig:
     jitter: float = _setting(0.014, "std of per-point Gaussian pen jitter (unit-box units)", low=0.0, high=0.5)
     slant_max: float = _setting(0.15, "per-word shear x += slant * y, slant ~ U(-max, max)", low=0.0, high=2.0)
     # data: cursive lines
-    lines_per_epoch: int = _setting(1200, "fresh training lines rendered per epoch", low=1, high=1_000_000)
-    eval_lines_per_writer: int = _setting(10, "validation and test lines per writer", low=1, high=10)
+    lines_per_epoch: int = _setting(1200, "fresh training lines rendered per epoch", low=1, high=1_000_000,
+                                    flag=True, tasks=("lines",), since_schema_1=True)
+    eval_lines_per_writer: int = _setting(10, "validation and test lines per writer", low=1, high=10,
+                                          since_schema_1=True)
     # data: IAM-OnDB
-    data_dir: str = _setting("", "the IAM-OnDB folder (holding lineStrokes/, ascii/ and the split files)")
+    data_dir: str = _setting("", "the IAM-OnDB folder (holding lineStrokes/, ascii/ and the split files)",
+                             flag=True, tasks=("iam-ondb",), since_schema_1=True)
     features: str = _setting("raw", "network input: raw (dx, dy, pen_up) or graves25 (the paper's 25 features)",
-                             choices=FEATURE_SETS)
-    alphabet: str = _setting("", "iam-ondb: the characters the model reads, set from the training transcriptions")
+                             choices=FEATURE_SETS, flag=True, tasks=("iam-ondb",), since_schema_1=True)
+    alphabet: str = _setting("", "iam-ondb: the characters the model reads, set from the training transcriptions",
+                             since_schema_1=True)
     augment: float = _setting(0.0, "iam-ondb: strength of a fresh random distortion of every training line each "
                                    "epoch (1: shear up to 0.15, x and y scale and resampling step by up to e^0.1, "
                                    "rotation up to 0.02 rad, elastic x warp up to 0.1 corpus heights); 0: none",
-                              low=0.0, high=2.0)
+                              low=0.0, high=2.0, flag=True, tasks=("iam-ondb",), since_schema_1=True)
     # network input
     input_gain: float = _setting(12.0, "one sample spacing of pen movement enters the network as this", above=0.0,
                                  high=1e4)
     # model
-    hidden: int = _setting(64, "LSTM cells per direction", low=1, high=1024)
-    layers: int = _setting(1, "stacked (B)LSTM layers", low=1, high=8)
+    hidden: int = _setting(64, "LSTM cells per direction", low=1, high=1024, flag=True)
+    layers: int = _setting(1, "stacked (B)LSTM layers", low=1, high=8, flag=True)
     bidirectional: bool = _setting(True, "False: the forward-only baseline")
     dtype: str = _setting("float32", "training precision (gradient checks use float64)",
                           choices=("float32", "float64"))
     # optimisation
-    epochs: int = _setting(10, "training epochs", low=0, high=100_000)
-    batch_size: int = _setting(4, "sequences per Adam step", low=1, high=1024)
-    lr: float = _setting(1e-2, "Adam step size at the start", above=0.0, high=1e3)
+    epochs: int = _setting(10, "training epochs", low=0, high=100_000, flag=True)
+    batch_size: int = _setting(4, "sequences per Adam step", low=1, high=1024, flag=True)
+    lr: float = _setting(1e-2, "Adam step size at the start", above=0.0, high=1e3, flag=True)
     lr_final: float = _setting(0.1, "the step size decays linearly to lr * lr_final by the last step", low=0.0,
                                high=1.0)
     grad_clip: float = _setting(5.0, "global-norm gradient clip", above=0.0, high=1e6)
     weight_noise: float = _setting(0.0, "std of Gaussian noise added to every weight for each step's gradient "
-                                        "(Graves 2011; the update applies to the noise-free weights)", low=0.0, high=1.0)
-    workers: int = _setting(1, "processes sharing each training batch (gradients summed)", low=1, high=16)
+                                        "(Graves 2011; the update applies to the noise-free weights)", low=0.0, high=1.0,
+                                        flag=True, since_schema_1=True)
+    workers: int = _setting(1, "processes sharing each training batch (gradients summed)", low=1, high=16,
+                            flag=True, since_schema_1=True)
     patience: int = _setting(0, "early stopping: keep the best validation epoch's weights and stop after this "
                                 "many epochs without a better one (0: train every epoch, keep the last)",
-                             low=0, high=100_000)
+                             low=0, high=100_000, flag=True, since_schema_1=True)
     # decoding
-    decoder: str = _setting("greedy", "how the final evaluation decodes", choices=DECODERS)
-    beam_width: int = _setting(16, "prefixes kept by the beam decoder", low=1, high=4096)
+    decoder: str = _setting("greedy", "how the final evaluation decodes", choices=DECODERS, flag=True, decoding=True)
+    beam_width: int = _setting(16, "prefixes kept by the beam decoder", low=1, high=4096, flag=True, decoding=True)
     dictionary_size: int = _setting(20_000, "words in the lm decoder's dictionary (the most frequent)", low=1,
-                                    high=N_ENGLISH_WORDS)
+                                    high=N_ENGLISH_WORDS, flag=True, tasks=LM_TASKS, since_schema_1=True, decoding=True)
     lm_weight: float = _setting(1.0, "weight of the language model's log-probability in the lm decoder",
-                                low=0.0, high=100.0)
+                                low=0.0, high=100.0, flag=True, tasks=LM_TASKS, since_schema_1=True, decoding=True)
     word_penalty: float = _setting(0.0, "added to the lm decoder's score per word (negative: fewer words)",
-                                   low=-100.0, high=100.0)
+                                   low=-100.0, high=100.0,
+                                   flag=True, tasks=LM_TASKS, since_schema_1=True, decoding=True)
     lm_beam: int = _setting(64, "tokens (history, tree node) kept per time step by the lm decoder", low=1,
-                            high=1_000_000)
+                            high=1_000_000, flag=True, tasks=LM_TASKS, since_schema_1=True, decoding=True)
     oov: str = _setting("none", "lm decoder: out-of-dictionary tokens are not read (none), or spelled with a cost "
-                                "per character (chars) or per token (token)", choices=OOV_MODES)
+                                "per character (chars) or per token (token)", choices=OOV_MODES,
+                                flag=True, tasks=LM_TASKS, since_schema_1=True, decoding=True)
     oov_penalty: float = _setting(0.0, "lm decoder: added per spelled out-of-dictionary token", low=-100.0,
-                                  high=100.0)
-    lm_file: str = _setting("", "lm decoder: an ARPA n-gram file (unigrams and bigrams are used); not given: built in")
+                                  high=100.0, flag=True, tasks=LM_TASKS, since_schema_1=True, decoding=True)
+    lm_file: str = _setting("", "lm decoder: an ARPA n-gram file (unigrams and bigrams are used); not given: built in",
+                            flag="--lm", tasks=LM_TASKS, since_schema_1=True, decoding=True)
     dictionary_file: str = _setting("", "lm decoder: a word list, one word per line, most frequent first; "
-                                        "not given: built in")
+                                        "not given: built in",
+                                        flag="--dictionary", tasks=LM_TASKS, since_schema_1=True, decoding=True)
 
 
 CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+
+def flag_name(name):
+    """The command-line flag of `name`: a RunConfig field's own (--lm for lm_file; None: it has
+    none), else the argparse spelling of another option (dictionary_sizes: --dictionary-sizes)."""
+    flag = CONFIG_FIELDS[name].metadata["flag"] if name in CONFIG_FIELDS else True
+    return "--" + name.replace("_", "-") if flag is True else flag
 
 
 def setting_error(name, value):
@@ -280,12 +309,17 @@ class Task:
     monitor: tuple  # evaluation splits scored after every epoch (all are scored at the end)
     group_by: str  # run.json keeps per-group error counts: "word" (per_word) or "writer" (per_writer)
     decoders: tuple  # decoders the final evaluation may use
-    options: tuple  # command-line options that only this task takes
+    flags: tuple  # command-line options that set no RunConfig field and that only this task takes
     defaults: dict  # RunConfig overrides: the task's headline run
     quick: dict  # further overrides for --quick
     make_data: Callable  # (cfg, streams, parallel_map, log) -> TaskData
     shown: tuple = ("cer", "wer")  # metrics the epoch log lines show
     bucket: int = 16  # training batches of similar length, drawn from groups of this many (0: any lengths)
+
+    @property
+    def options(self):
+        """Command-line options that only this task takes: RunConfig fields whose `tasks` name it, then its flags."""
+        return tuple(n for n, f in CONFIG_FIELDS.items() if self.name in (f.metadata["tasks"] or ())) + self.flags
 
 
 def n_classes(cfg):
@@ -5307,18 +5341,17 @@ def export_lines_task(cfg, out_dir, log=print):
     return n
 
 
-LM_OPTIONS = ("dictionary_sizes", "dictionary_size", "lm_weight", "word_penalty", "lm_beam", "lm_file",
-              "dictionary_file", "oov", "oov_penalty", "experiment_split")
+LM_FLAGS = ("dictionary_sizes", "experiment_split")  # the LM_TASKS' options besides RunConfig fields
 
 TASKS = {
     "words": Task("words", ALPHABET, ("in_vocab", "held_out"), "word", ("greedy", "beam", "lexicon"),
                   ("lexicon_sizes",), {}, dict(hidden=32, epochs=6, batch_size=8), words_data, ("cer", "word_acc"), 0),
     "lines": Task("lines", LINE_ALPHABET, ("validation",), "writer", ("greedy", "beam", "lm"),
-                  LM_OPTIONS + ("lines_per_epoch", "export_iam_ondb"),
+                  LM_FLAGS + ("export_iam_ondb",),
                   dict(hidden=100, batch_size=8, epochs=22, lr=1e-2, lr_final=0.1, workers=2),
                   dict(hidden=32, epochs=2, lines_per_epoch=160, eval_lines_per_writer=2), lines_data),
     "iam-ondb": Task("iam-ondb", None, ("validation",), "writer", ("greedy", "beam", "lm"),
-                     LM_OPTIONS + ("data_dir", "features", "augment"),
+                     LM_FLAGS,
                      dict(hidden=100, batch_size=8, epochs=25, lr=1e-2, lr_final=0.1, workers=2, patience=6,
                           features="graves25"),
                      dict(hidden=32, epochs=2, patience=0), iam_ondb_data),
@@ -5516,8 +5549,7 @@ def checkpoint_path(model_path):
 
 
 # Settings that only the final decoding reads: a resumed run may change them.
-DECODING_FIELDS = ("decoder", "beam_width", "dictionary_size", "lm_weight", "word_penalty", "lm_beam", "oov",
-                   "oov_penalty", "lm_file", "dictionary_file")
+DECODING_FIELDS = tuple(n for n, f in CONFIG_FIELDS.items() if f.metadata["decoding"])
 
 
 def checkpoint_bytes(state, cfg, data):
@@ -5593,9 +5625,7 @@ def load_checkpoint(path, cfg):
 
 # Model files from before the task field existed (schema 1) are words models;
 # the fields added since take their defaults. Any other missing field is refused.
-FIELDS_ADDED_AFTER_SCHEMA_1 = ("task", "lines_per_epoch", "eval_lines_per_writer", "data_dir", "features",
-                               "workers", "dictionary_size", "lm_weight", "word_penalty", "lm_beam", "alphabet", "patience",
-                               "weight_noise", "oov", "oov_penalty", "lm_file", "dictionary_file", "augment")
+FIELDS_ADDED_AFTER_SCHEMA_1 = tuple(n for n, f in CONFIG_FIELDS.items() if f.metadata["since_schema_1"])
 
 
 def config_from_file(saved):
@@ -6629,15 +6659,14 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-# Flags that set a RunConfig field of the same name.
-CONFIG_FLAGS = ("task", "seed", "epochs", "hidden", "layers", "batch_size", "lr", "workers", "patience", "weight_noise",
-                "lines_per_epoch", "augment",
-                "data_dir", "features", "decoder", "beam_width", "lm_weight", "word_penalty", "lm_beam",
-                "dictionary_size", "lm_file", "dictionary_file", "oov", "oov_penalty")
+# Flags that set a RunConfig field (their argparse dest is the field's name).
+CONFIG_FLAGS = tuple(n for n in CONFIG_FIELDS if flag_name(n))
+# Flags that only training reads, refused with --load-model, in the order the refusal names them.
 TRAINING_FLAGS = ("seed", "hidden", "layers", "unidirectional", "epochs", "batch_size", "lr", "quick", "workers",
                   "patience", "weight_noise", "lines_per_epoch", "augment", "resume")
-FLAG_NAMES = {"lm_file": "--lm", "dictionary_file": "--dictionary"}  # flags not spelled like their field
-# Flags only some tasks take (a Task's `options` names the ones it takes).
+# Flags only some tasks take (Task.options), in the order check_task_arguments looks at them: the
+# first given that the task does not take is the one named. Every task-only option is here
+# (check_task_arguments asserts it).
 TASK_FLAGS = ("lexicon_sizes", "dictionary_sizes", "lm_weight", "word_penalty", "lm_beam", "dictionary_size",
               "export_iam_ondb", "data_dir", "features", "lines_per_epoch", "lm_file", "dictionary_file", "oov",
               "oov_penalty", "experiment_split", "augment")
@@ -6653,51 +6682,50 @@ def _default_text(name):
 def build_parser():
     p = OneLineParser(prog="iam_handwriting.py", description=__doc__.split("\n\n")[0])
 
-    def setting(flag, name=None, **kw):
-        name = name or flag.lstrip("-").replace("-", "_")
+    def setting(name, **kw):
         meta = CONFIG_FIELDS[name].metadata
         low = meta["low"] if meta["low"] is not None else meta["above"]
         bounds = f"; {'above ' if meta['above'] is not None else ''}{low:g}..{meta['high']:g}" \
             if meta["high"] is not None else ""
-        p.add_argument(flag, type=_setting_type(name), default=None,
+        p.add_argument(flag_name(name), dest=name, type=_setting_type(name), default=None,
                        help=f"{meta['help']}{bounds} {_default_text(name)}", **kw)
 
-    setting("--task", choices=None, metavar="{" + ",".join(TASK_NAMES) + "}")
-    setting("--seed")
+    setting("task", choices=None, metavar="{" + ",".join(TASK_NAMES) + "}")
+    setting("seed")
     p.add_argument("--quick", action="store_true",
                    help="CI smoke preset: " + "; ".join(f"{t.name}: " + ", ".join(f"{k} {v}" for k, v in t.quick.items())
                                                          for t in TASKS.values()))
-    setting("--epochs")
-    setting("--hidden")
-    setting("--layers")
+    setting("epochs")
+    setting("hidden")
+    setting("layers")
     p.add_argument("--unidirectional", action="store_true", help="forward-only LSTM baseline")
-    setting("--batch-size")
-    setting("--lr")
-    setting("--workers")
-    setting("--patience")
-    setting("--weight-noise")
-    setting("--augment")
-    setting("--lines-per-epoch")
-    setting("--data-dir", metavar="DIR")
-    setting("--features", metavar="{" + ",".join(FEATURE_SETS) + "}")
-    setting("--decoder", metavar="{" + ",".join(DECODERS) + "}")
-    setting("--beam-width")
+    setting("batch_size")
+    setting("lr")
+    setting("workers")
+    setting("patience")
+    setting("weight_noise")
+    setting("augment")
+    setting("lines_per_epoch")
+    setting("data_dir", metavar="DIR")
+    setting("features", metavar="{" + ",".join(FEATURE_SETS) + "}")
+    setting("decoder", metavar="{" + ",".join(DECODERS) + "}")
+    setting("beam_width")
     p.add_argument("--lexicon-sizes", type=_sizes(len(VOCAB), MAX_LEXICON, f"the lexicon holds the {len(VOCAB)} "
                                                   "vocabulary words"), default=None, metavar="N,N,...",
                    help="words: after training or loading, decode with lexicons of these sizes (the vocabulary plus "
                         "pseudo-word distractors), e.g. 47,100,1000,10000")
-    setting("--dictionary-size")
+    setting("dictionary_size")
     p.add_argument("--dictionary-sizes", type=_sizes(1, N_ENGLISH_WORDS, "most frequent English words"),
                    default=None, metavar="N,N,...",
                    help="lines: after training or loading, compare greedy, dictionary, unigram and bigram decoding "
                         "with dictionaries of these sizes, e.g. 1000,5000,20000")
-    setting("--lm-weight")
-    setting("--word-penalty")
-    setting("--lm-beam")
-    setting("--lm", "lm_file", metavar="FILE", dest="lm_file")
-    setting("--dictionary", "dictionary_file", metavar="FILE", dest="dictionary_file")
-    setting("--oov", metavar="{" + ",".join(OOV_MODES) + "}")
-    setting("--oov-penalty")
+    setting("lm_weight")
+    setting("word_penalty")
+    setting("lm_beam")
+    setting("lm_file", metavar="FILE")
+    setting("dictionary_file", metavar="FILE")
+    setting("oov", metavar="{" + ",".join(OOV_MODES) + "}")
+    setting("oov_penalty")
     p.add_argument("--experiment-split", choices=("test", "validation"), default=None,
                    help="--dictionary-sizes: report on the test lines (default), or on the validation lines not "
                         "used for tuning (choosing a recipe without touching the test lines)")
@@ -6777,10 +6805,11 @@ def check_arguments(args):
 
 def check_task_arguments(args, task):
     """One line for flags the task does not take."""
+    assert {n for t in TASKS.values() for n in t.options} <= set(TASK_FLAGS), "a task-only option is not in TASK_FLAGS"
     for name in TASK_FLAGS:
         if flag_given(getattr(args, name)) and name not in task.options:
             takers = [t.name for t in TASKS.values() if name in t.options]
-            raise UserError(f"{FLAG_NAMES.get(name, '--' + name.replace('_', '-'))} is for the {' and '.join(takers)} task"
+            raise UserError(f"{flag_name(name)} is for the {' and '.join(takers)} task"
                             f"{'s' if len(takers) > 1 else ''}, not {task.name}")
     if args.decoder is not None and args.decoder not in task.decoders:
         raise UserError(f"--decoder {args.decoder} is not available for the {task.name} task "
