@@ -252,22 +252,40 @@ def flag_name(name):
     return "--" + name.replace("_", "-") if flag is True else flag
 
 
-def setting_error(name, value):
-    """Why `value` is not valid for RunConfig field `name`, or None if it is."""
-    meta, kind = CONFIG_FIELDS[name].metadata, CONFIG_FIELDS[name].type
-    expected = {"int": int, "float": (int, float), "bool": bool, "str": str}[kind]
-    if not isinstance(value, expected) or (kind != "bool" and isinstance(value, bool)):
-        return f"must be {'a whole number' if kind == 'int' else 'a number' if kind == 'float' else kind}, got {value!r}"
-    if kind == "float" and not math.isfinite(value):
-        return f"must be a finite number, got {value!r}"
-    if meta["choices"] is not None and value not in meta["choices"]:
-        return f"must be one of {', '.join(meta['choices'])}; got {value!r}"
-    low, high, above = meta["low"], meta["high"], meta["above"]
+# How a value of each field type is read from text, and what a message calls the type.
+TEXT_VALUES = {"int": (int, "a whole number"), "float": (float, "a number"),
+               "bool": ({"True": True, "False": False}.__getitem__, "True or False"), "str": (str, "text")}
+
+
+def value_from_text(kind, text):
+    """The value of field type `kind` that `text` spells; ValueError 'expected a whole number, got ...' if none."""
+    read, wanted = TEXT_VALUES[kind]
+    try:
+        return read(text)
+    except (KeyError, ValueError):
+        raise ValueError(f"expected {wanted}, got {text!r}") from None
+
+
+def range_error(value, low=None, high=None, above=None):
+    """Why `value` is outside low..high (above: an exclusive lower bound), or None if it is inside."""
     if (low is not None and value < low) or (above is not None and value <= above) or \
             (high is not None and value > high):
         lo = f"{low}" if low is not None else f"above {above}" if above is not None else ""
         return f"must lie in {lo}..{high}, got {value!r}" if high is not None else f"must be at least {lo}, got {value!r}"
     return None
+
+
+def setting_error(name, value):
+    """Why `value` is not valid for RunConfig field `name`, or None if it is."""
+    meta, kind = CONFIG_FIELDS[name].metadata, CONFIG_FIELDS[name].type
+    expected = {"int": int, "float": (int, float), "bool": bool, "str": str}[kind]
+    if not isinstance(value, expected) or (kind != "bool" and isinstance(value, bool)):
+        return f"must be {TEXT_VALUES[kind][1] if kind in ('int', 'float') else kind}, got {value!r}"
+    if kind == "float" and not math.isfinite(value):
+        return f"must be a finite number, got {value!r}"
+    if meta["choices"] is not None and value not in meta["choices"]:
+        return f"must be one of {', '.join(meta['choices'])}; got {value!r}"
+    return range_error(value, meta["low"], meta["high"], meta["above"])
 
 
 def check_config(cfg):
@@ -6607,10 +6625,9 @@ def _setting_type(name):
 
     def parse(text):
         try:
-            value = {"int": int, "float": float, "str": str}[kind](text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind == 'int' else 'a number'}, "
-                                             f"got {text!r}") from None
+            value = value_from_text(kind, text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
         problem = setting_error(name, value)
         if problem:
             raise argparse.ArgumentTypeError(problem)
@@ -6625,11 +6642,12 @@ def whole_number(low, high):
     """An argparse type: an int in low..high, or a one-line error (also for the benchmark scripts)."""
     def parse(text):
         try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must lie in {low}..{high}, got {value}")
+            value = value_from_text("int", text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        problem = range_error(value, low, high)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
         return value
     return parse
 
