@@ -322,6 +322,8 @@ class TaskData:
 
 @dataclass(frozen=True)
 class Task:
+    """One task; the TASKS table (section 21) builds each with keywords."""
+
     name: str
     alphabet: str | None  # class 1 + i is alphabet[i]; None: read from the data (cfg.alphabet)
     monitor: tuple  # evaluation splits scored after every epoch (all are scored at the end)
@@ -333,6 +335,7 @@ class Task:
     make_data: Callable  # (cfg, streams, parallel_map, log) -> TaskData
     shown: tuple = ("cer", "wer")  # metrics the epoch log lines show
     bucket: int = 16  # training batches of similar length, drawn from groups of this many (0: any lengths)
+    lexicon: tuple = ()  # the "lexicon" decoder's dictionary, unless it is given one (only a task with one offers it)
 
     @property
     def options(self):
@@ -438,6 +441,12 @@ def pen_trajectory(xy, stroke):
 # ---------------------------------------------------------------------------
 
 
+def raw_input_scale(cfg, spacing):
+    """(3,) scale of raw input (dx, dy, pen_up): a pen step of `spacing` (the data's sample
+    spacing) enters the network as cfg.input_gain; pen_up stays 0 or 1."""
+    return np.array([cfg.input_gain / spacing, cfg.input_gain / spacing, 1.0])
+
+
 def pad_batch(samples, shift, scale, dtype=np.float64, squash=0.0):
     """Stack trajectories into zero-padded network inputs x = (traj - shift) * scale,
     then, if squash > 0, x = squash * tanh(x / squash).
@@ -473,7 +482,8 @@ def pad_batch(samples, shift, scale, dtype=np.float64, squash=0.0):
 
 def init_params(rng, hidden=64, layers=1, bidirectional=True, in_dim=None, n_classes=None):
     """Uniform(+-1/sqrt(H)) weights, zero biases except the forget gate at 1.0.
-    in_dim and n_classes default to the words task's (IN_DIM, N_CLASSES)."""
+    in_dim and n_classes default to the words task's (IN_DIM, N_CLASSES): the tests rely on
+    that; the module always passes them."""
     in_dim = IN_DIM if in_dim is None else in_dim
     n_classes = N_CLASSES if n_classes is None else n_classes
     R, H = (2 if bidirectional else 1), hidden
@@ -1944,9 +1954,10 @@ def check_lm_decoding_time(cfg, data, n_sizes, log=None):
 def make_decoder(name, cfg, alphabet, lexicon=None, lm=None, texts=None):
     """A function from a list of (T_i, K) log-prob arrays to decoded strings.
 
-    lexicon: the dictionary (default: for "lexicon", the words task's whole
-    vocabulary, held-out words included, as in the paper whose test words are
-    in the dictionary; for "lm", decoder_lexicon at cfg.dictionary_size).
+    lexicon: the dictionary (default: for "lexicon", the task's Task.lexicon:
+    for words the whole vocabulary, held-out words included, as in the paper
+    whose test words are in the dictionary; for "lm", decoder_lexicon at
+    cfg.dictionary_size).
     lm: the language model of the "lm" decoder (default: the bigram
     decoder_language_model over that dictionary; None when cfg.lm_weight is 0).
     texts: {"train": lines, "validation": lines} of the task's transcriptions
@@ -1957,7 +1968,7 @@ def make_decoder(name, cfg, alphabet, lexicon=None, lm=None, texts=None):
     if name == "beam":
         return lambda lps: [decode_labels(beam_search_decode(lp, cfg.beam_width)[0], alphabet) for lp in lps]
     if name == "lexicon":
-        lex = build_lexicon(VOCAB if lexicon is None else lexicon, alphabet)
+        lex = build_lexicon(TASKS[cfg.task].lexicon if lexicon is None else lexicon, alphabet)
         return lambda lps: lexicon_decode_many(lps, lex)
     if name == "lm":
         if lexicon is None:
@@ -2889,8 +2900,8 @@ def peak_rss():
 
 
 def feature_dim(cfg):
-    """D: what the network reads per pen sample."""
-    return {"raw": 3, "graves25": 25}[cfg.features]
+    """D: what the network reads per pen sample (pen_trajectory or features_graves25)."""
+    return {"raw": IN_DIM, "graves25": len(GRAVES25_NAMES)}[cfg.features]
 
 
 def train_and_evaluate(cfg, params=None, verbose=True, log=print, status=None, experiment=None, dictionary_size=0,
@@ -5164,10 +5175,10 @@ def words_data(cfg, streams, parallel_map, log):
     }
     short, long = pick_alignment_words(train_words)
     picks = [("in_vocab", cfg.eval_repeats * train_words.index(w)) for w in (short, long)]
-    scale = np.array([cfg.input_gain / SAMPLE_SPACING, cfg.input_gain / SAMPLE_SPACING, 1.0])
     return TaskData(ALPHABET, eval_sets,
                     lambda rng, parallel_map: render_words(train_words, cfg.word_repeats, rng, cfg),
-                    len(train_words) * cfg.word_repeats, np.zeros(IN_DIM), scale, 0.0, picks,
+                    len(train_words) * cfg.word_repeats, np.zeros(IN_DIM), raw_input_scale(cfg, SAMPLE_SPACING), 0.0,
+                    picks,
                     {"train_words": train_words, "held_out_words": held_out})
 
 
@@ -5201,11 +5212,11 @@ def lines_data(cfg, streams, parallel_map, log):
         texts, writers, seeds = draw_training_lines(cfg.lines_per_epoch, rng)
         return parallel_map(_render_training_line, list(zip(texts, writers, seeds)))
 
-    scale = np.array([cfg.input_gain / LINE_SAMPLE_SPACING, cfg.input_gain / LINE_SAMPLE_SPACING, 1.0])
     info = {"writers": {split: LINE_WRITERS[split] for split in LINE_WRITERS},
             "lines": {split: len(s) for split, s in eval_sets.items()}, "data_seed": LINES_DATA_SEED,
             "train_lines_per_epoch": cfg.lines_per_epoch}
-    return TaskData(LINE_ALPHABET, eval_sets, training_samples, cfg.lines_per_epoch, np.zeros(3), scale,
+    return TaskData(LINE_ALPHABET, eval_sets, training_samples, cfg.lines_per_epoch, np.zeros(IN_DIM),
+                    raw_input_scale(cfg, LINE_SAMPLE_SPACING),
                     JUMP_SQUASH * cfg.input_gain, short_and_median(eval_sets["test"], "test"), info)
 
 
@@ -5307,7 +5318,7 @@ def iam_ondb_data(cfg, streams, parallel_map, log):
         shift, std = feature_moments([s.traj for s in train])
         scale = cfg.input_gain * np.sqrt(2 / len(shift)) / np.maximum(std, 1e-6)
     else:
-        shift, scale = np.zeros(3), np.array([cfg.input_gain / IAM_SPACING, cfg.input_gain / IAM_SPACING, 1.0])
+        shift, scale = np.zeros(IN_DIM), raw_input_scale(cfg, IAM_SPACING)
     eval_sets = {split: samples[split] for split in IAM_EVAL_SPLITS if split in samples}
     info = {**{k: summary[k] for k in ("lines", "forms", "writers", "skipped", "ignored")},
             "alphabet": alphabet, "unknown_characters": dict(unknown), "features": cfg.features,
@@ -5362,17 +5373,19 @@ def export_lines_task(cfg, out_dir, log=print):
 LM_FLAGS = ("dictionary_sizes", "experiment_split")  # the LM_TASKS' options besides RunConfig fields
 
 TASKS = {
-    "words": Task("words", ALPHABET, ("in_vocab", "held_out"), "word", ("greedy", "beam", "lexicon"),
-                  ("lexicon_sizes",), {}, dict(hidden=32, epochs=6, batch_size=8), words_data, ("cer", "word_acc"), 0),
-    "lines": Task("lines", LINE_ALPHABET, ("validation",), "writer", ("greedy", "beam", "lm"),
-                  LM_FLAGS + ("export_iam_ondb",),
-                  dict(hidden=100, batch_size=8, epochs=22, lr=1e-2, lr_final=0.1, workers=2),
-                  dict(hidden=32, epochs=2, lines_per_epoch=160, eval_lines_per_writer=2), lines_data),
-    "iam-ondb": Task("iam-ondb", None, ("validation",), "writer", ("greedy", "beam", "lm"),
-                     LM_FLAGS,
-                     dict(hidden=100, batch_size=8, epochs=25, lr=1e-2, lr_final=0.1, workers=2, patience=6,
-                          features="graves25"),
-                     dict(hidden=32, epochs=2, patience=0), iam_ondb_data),
+    "words": Task(name="words", alphabet=ALPHABET, monitor=("in_vocab", "held_out"), group_by="word",
+                  decoders=("greedy", "beam", "lexicon"), flags=("lexicon_sizes",), defaults={},
+                  quick=dict(hidden=32, epochs=6, batch_size=8), make_data=words_data, shown=("cer", "word_acc"),
+                  bucket=0, lexicon=tuple(VOCAB)),
+    "lines": Task(name="lines", alphabet=LINE_ALPHABET, monitor=("validation",), group_by="writer",
+                  decoders=("greedy", "beam", "lm"), flags=LM_FLAGS + ("export_iam_ondb",),
+                  defaults=dict(hidden=100, batch_size=8, epochs=22, lr=1e-2, lr_final=0.1, workers=2),
+                  quick=dict(hidden=32, epochs=2, lines_per_epoch=160, eval_lines_per_writer=2), make_data=lines_data),
+    "iam-ondb": Task(name="iam-ondb", alphabet=None, monitor=("validation",), group_by="writer",
+                     decoders=("greedy", "beam", "lm"), flags=LM_FLAGS,
+                     defaults=dict(hidden=100, batch_size=8, epochs=25, lr=1e-2, lr_final=0.1, workers=2, patience=6,
+                                   features="graves25"),
+                     quick=dict(hidden=32, epochs=2, patience=0), make_data=iam_ondb_data),
 }
 
 
