@@ -1763,6 +1763,65 @@ def _completions(lexicon, histories, hist, node, glued):
     return tokens, entry[tokens]
 
 
+# lm_decode's candidates for one time step, one block per CTC case. A block is
+# (hist (C,), node (C,), glued (C,), mass (C, 3)) with mass = [on_label,
+# in_blank, entering] log-probabilities; tree_step then advances them all.
+
+
+def _entered(hist, node, glued, mass):
+    """A block of candidates that enter `node` at this step with log-mass `mass` (C,);
+    nothing of theirs is on the label or in a blank yet."""
+    block = np.full((len(node), 3), -np.inf)
+    block[:, 2] = mass
+    return hist, node, glued, block
+
+
+def _staying(hist, node, glued, on_label, in_blank):
+    """CTC case "repeat the label, or a blank": every token as it is, on its node."""
+    block = np.full((len(node), 3), -np.inf)
+    block[:, 0], block[:, 1] = on_label, in_blank
+    return hist, node, glued, block
+
+
+def _into_children(lexicon, hist, node, glued, on_label, in_blank, likely):
+    """CTC case "the next label of the entry": every child of a token's node whose label is
+    likely, entered from the token's label only if the labels differ, always from a blank
+    (entering with the child's skip)."""
+    tok, child = _children_of(lexicon, node)
+    keep = likely[lexicon.label[child]]
+    tok, child = tok[keep], child[keep]
+    return _entered(hist[tok], child, glued[tok], entering(on_label[tok], in_blank[tok], lexicon.skip[child]))
+
+
+def _out_of_entries(lexicon, histories, hist, node, glued, on_label, in_blank, likely, space, first_letters):
+    """CTC case "the label after a finished entry", in the history extended by the entry:
+    two blocks. Through the space to the root: the space differs from every letter, so the
+    entry's label and a blank both lead to it. Glued into a first letter that GLUES allows:
+    a letter equal to the entry's last one needs a blank between them."""
+    done, entry = _completions(lexicon, histories, hist, node, glued)
+    done_hist = histories.extend(hist[done], 2 * entry + glued[done])  # (E,)
+    spaced = np.flatnonzero(np.full(len(done), likely[space]))
+    g_at, g_child = _glue_targets(lexicon, np.arange(len(done)), entry, first_letters)
+    keep = likely[lexicon.label[g_child]]
+    g_at, g_child = g_at[keep], g_child[keep]
+    end_tok = done[spaced]
+    to_space = _entered(done_hist[spaced], np.zeros(len(spaced), int), np.zeros(len(spaced), bool),
+                        np.logaddexp(on_label[end_tok], in_blank[end_tok]))
+    end_tok = done[g_at]
+    glued_on = _entered(done_hist[g_at], g_child, np.ones(len(g_at), bool),
+                        entering(on_label[end_tok], in_blank[end_tok],
+                                 lexicon.label[g_child] != lexicon.label[node[end_tok]]))
+    return to_space, glued_on
+
+
+def _from_nothing(lexicon, first_letters, likely, space, nothing):
+    """CTC case "the line's first label", after only blanks (log-mass `nothing`): a first
+    letter, or the leading space, in the empty history."""
+    starts = np.concatenate([first_letters[likely[lexicon.label[first_letters]]], [0] if likely[space] else []])
+    return _entered(np.zeros(len(starts), int), starts.astype(int), np.zeros(len(starts), bool),
+                    np.full(len(starts), nothing))
+
+
 def lm_decode(log_probs, lexicon, lm, lm_weight=1.0, word_penalty=0.0, beam=64, oov_penalty=0.0):
     """The best reading of one text line: token passing on the prefix tree of the
     dictionary (Young, Russell and Thornton 1989), with a word language model.
@@ -1841,37 +1900,16 @@ def lm_decode(log_probs, lexicon, lm, lm_weight=1.0, word_penalty=0.0, beam=64, 
             on_label, in_blank = tree_step(on_label, in_blank, -np.inf, y[node_class[node]], y[BLANK])
             nothing += y[BLANK]
             continue
-        # Candidates: every token as it is; every child of a token's node,
-        # entered from it; every entry end, leaving through the space to the
-        # root or glued into a first letter, in the history extended by the
-        # entry; and, from "nothing", the first letters and the leading space.
-        tok, child = _children_of(lexicon, node)
-        tok, child = tok[likely[lexicon.label[child]]], child[likely[lexicon.label[child]]]
-        done, entry = _completions(lexicon, histories, hist, node, glued)
-        done_hist = histories.extend(hist[done], 2 * entry + glued[done])  # (E,)
-        spaced = np.flatnonzero(np.full(len(done), likely[space]))
-        g_at, g_child = _glue_targets(lexicon, np.arange(len(done)), entry, first_letters)
-        g_at, g_child = g_at[likely[lexicon.label[g_child]]], g_child[likely[lexicon.label[g_child]]]
-        starters = first_letters[likely[lexicon.label[first_letters]]]
-        lead = [0] if likely[space] else []
-        c_hist = np.concatenate([hist, hist[tok], done_hist[spaced], done_hist[g_at],
-                                 np.zeros(len(starters) + len(lead), int)])
-        c_node = np.concatenate([node, child, np.zeros(len(spaced), int), g_child, starters, lead]).astype(int)
-        c_glued = np.concatenate([glued, glued[tok], np.zeros(len(spaced), bool), np.ones(len(g_at), bool),
-                                  np.zeros(len(starters) + len(lead), bool)])
-        c_mass = np.full((len(c_node), 3), -np.inf)  # on_label, in_blank, entering
-        c_mass[:len(node), 0], c_mass[:len(node), 1] = on_label, in_blank
-        at = len(node)
-        c_mass[at:at + len(child), 2] = entering(on_label[tok], in_blank[tok], lexicon.skip[child])
-        at += len(child)
-        end_tok = done[spaced]
-        c_mass[at:at + len(spaced), 2] = np.logaddexp(on_label[end_tok], in_blank[end_tok])  # an entry, then the space
-        at += len(spaced)
-        end_tok = done[g_at]  # a glued letter needs a blank between it and an equal last letter
-        c_mass[at:at + len(g_at), 2] = entering(on_label[end_tok], in_blank[end_tok],
-                                                lexicon.label[g_child] != lexicon.label[node[end_tok]])
-        at += len(g_at)
-        c_mass[at:, 2] = nothing
+        # Candidates, one block per CTC case: every token as it is; a child of
+        # its node; out of a finished entry, through the space or glued; and the
+        # line's first label after only blanks.
+        blocks = [_staying(hist, node, glued, on_label, in_blank),
+                  _into_children(lexicon, hist, node, glued, on_label, in_blank, likely),
+                  *_out_of_entries(lexicon, histories, hist, node, glued, on_label, in_blank, likely, space,
+                                   first_letters),
+                  _from_nothing(lexicon, first_letters, likely, space, nothing)]
+        c_hist, c_node, c_glued, c_mass = (np.concatenate(parts) for parts in zip(*blocks))
+        c_node = c_node.astype(int)
         # Tokens that spell the same labels merge.
         key = (c_hist.astype(np.int64) * N + c_node) * 2 + c_glued
         order = np.argsort(key, kind="stable")
