@@ -1120,6 +1120,53 @@ def pad_log_probs(log_probs):
 
 # The paper's decoder: token passing over a dictionary with a word language model.
 
+# -- The word language model --
+
+
+@dataclass(frozen=True)
+class BigramModel:
+    """A smoothed word bigram distribution over a vocabulary: interpolated absolute
+    discounting (Ney, Essen and Kneser 1994),
+
+        P(w | v) = max(c(v, w) - D, 0) / c(v) + backoff(v) P(w),   backoff(v) = D n(v) / c(v),
+
+    with c(v, w) the pair counts in units of the smallest count the list keeps,
+    c(v) their sum over w, n(v) the number of listed followers, P(w) the word
+    frequencies and D = n1 / (n1 + 2 n2) from the pairs counted once and twice
+    (in those units). A word with no listed followers uses P(w) alone. For
+    every v, P(. | v) sums to one over the vocabulary.
+    """
+
+    words: tuple  # (V,) the vocabulary; a word's id is its index
+    unigram: np.ndarray  # (V,) P(w)
+    pair_key: np.ndarray  # (P,) sorted v * V + w of the listed pairs
+    pair_prob: np.ndarray  # (P,) the discounted part max(c(v, w) - D, 0) / c(v)
+    backoff: np.ndarray  # (V,)
+    discount: float  # D
+
+
+def discounted_pairs(v, w, c, V):
+    """Absolute discounting of pair counts c (P,) of word ids v, w < V (BigramModel's
+    formula): returns (sorted keys v * V + w, their discounted part, backoff (V,), D)."""
+    n1, n2 = np.count_nonzero(c < 2), np.count_nonzero((c >= 2) & (c < 3))
+    D = n1 / (n1 + 2 * n2) if n1 + n2 else 0.5
+    c_v = np.bincount(v, weights=c, minlength=V)  # (V,)
+    n_v = np.bincount(v, minlength=V)
+    backoff = np.where(n_v > 0, D * n_v / np.maximum(c_v, 1e-300), 1.0)
+    key = v.astype(np.int64) * V + w
+    order = np.argsort(key)
+    return key[order], (np.maximum(c - D, 0.0) / np.maximum(c_v[v], 1e-300))[order], backoff, D
+
+
+def bigram_prob(model, prev, nxt):
+    """P(nxt | prev) for word-id arrays of one shape."""
+    prev, nxt = np.asarray(prev), np.asarray(nxt)
+    key = prev.astype(np.int64) * len(model.words) + nxt
+    at = np.minimum(np.searchsorted(model.pair_key, key), len(model.pair_key) - 1)
+    listed = np.where(model.pair_key[at] == key, model.pair_prob[at], 0.0)
+    return listed + model.backoff[prev] * model.unigram[nxt]
+
+
 LM_START = -1  # the context of a line's first word
 EMISSION_FLOOR = 1e-4  # with pruning on, labels less probable than this at a step are not entered
 
@@ -2847,6 +2894,31 @@ def fit(cfg, task, data, streams, timer, pool=None, log=print, progress=None, st
     return state
 
 
+MEMORY_LIMIT = 0.5  # of the machine's physical memory: a run estimated to need more is refused up front
+
+
+def training_bytes(cfg, longest, n_classes, longest_label):
+    """Rough peak memory of one training step with sequences of length `longest`
+    and labels of up to `longest_label` characters.
+
+    Per layer and direction, the forward pass caches 11 H-wide arrays per time
+    step and batch entry (gates, cell, tanh(cell), hidden), the backward pass 4
+    more; CTC holds a few float64 (T, 2B, S) arrays, S = 2 L + 1.
+    """
+    R, H, B, T = (2 if cfg.bidirectional else 1), cfg.hidden, cfg.batch_size, longest
+    itemsize = np.dtype(cfg.dtype).itemsize
+    lstm = cfg.layers * R * T * B * 15 * H * itemsize
+    ctc = 6 * T * 2 * B * (2 * longest_label + 1) * 8
+    return lstm + ctc + 4 * T * B * n_classes * 8
+
+
+def physical_memory():
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 BASE_BYTES = 64 * 2**20  # the interpreter, numpy and this module, where the resident size cannot be read
 
 
@@ -3245,8 +3317,7 @@ def apply_warp(points, warp):
 
 
 def draw_writer(rng):
-    """A writer's style. The ranges are the README's table; none is narrower
-    than the issue's minimum."""
+    """A writer's style. The ranges are the README's table (which says why none is narrower)."""
     warp_rms = rng.uniform(0.08, 0.15) * FONT_XHEIGHT
     return WriterStyle(
         slant=rng.uniform(-0.4, 0.4),
@@ -3511,41 +3582,6 @@ def english_pairs():
     return np.array(first), np.array(second), np.array(counts, dtype=float)
 
 
-@dataclass(frozen=True)
-class BigramModel:
-    """A smoothed word bigram distribution over a vocabulary: interpolated absolute
-    discounting (Ney, Essen and Kneser 1994),
-
-        P(w | v) = max(c(v, w) - D, 0) / c(v) + backoff(v) P(w),   backoff(v) = D n(v) / c(v),
-
-    with c(v, w) the pair counts in units of the smallest count the list keeps,
-    c(v) their sum over w, n(v) the number of listed followers, P(w) the word
-    frequencies and D = n1 / (n1 + 2 n2) from the pairs counted once and twice
-    (in those units). A word with no listed followers uses P(w) alone. For
-    every v, P(. | v) sums to one over the vocabulary.
-    """
-
-    words: tuple  # (V,) the vocabulary; a word's id is its index
-    unigram: np.ndarray  # (V,) P(w)
-    pair_key: np.ndarray  # (P,) sorted v * V + w of the listed pairs
-    pair_prob: np.ndarray  # (P,) the discounted part max(c(v, w) - D, 0) / c(v)
-    backoff: np.ndarray  # (V,)
-    discount: float  # D
-
-
-def discounted_pairs(v, w, c, V):
-    """Absolute discounting of pair counts c (P,) of word ids v, w < V (BigramModel's
-    formula): returns (sorted keys v * V + w, their discounted part, backoff (V,), D)."""
-    n1, n2 = np.count_nonzero(c < 2), np.count_nonzero((c >= 2) & (c < 3))
-    D = n1 / (n1 + 2 * n2) if n1 + n2 else 0.5
-    c_v = np.bincount(v, weights=c, minlength=V)  # (V,)
-    n_v = np.bincount(v, minlength=V)
-    backoff = np.where(n_v > 0, D * n_v / np.maximum(c_v, 1e-300), 1.0)
-    key = v.astype(np.int64) * V + w
-    order = np.argsort(key)
-    return key[order], (np.maximum(c - D, 0.0) / np.maximum(c_v[v], 1e-300))[order], backoff, D
-
-
 def build_bigram_model(vocabulary_size=None):
     """The bigram model over the `vocabulary_size` most frequent words (all if None)."""
     words, counts = english_words()
@@ -3555,15 +3591,6 @@ def build_bigram_model(vocabulary_size=None):
     keep = (first < V) & (second < V)
     key, prob, backoff, D = discounted_pairs(first[keep], second[keep], pair_counts[keep] / unit, V)
     return BigramModel(words[:V], counts[:V] / counts[:V].sum(), key, prob, backoff, D)
-
-
-def bigram_prob(model, prev, nxt):
-    """P(nxt | prev) for word-id arrays of one shape."""
-    prev, nxt = np.asarray(prev), np.asarray(nxt)
-    key = prev.astype(np.int64) * len(model.words) + nxt
-    at = np.minimum(np.searchsorted(model.pair_key, key), len(model.pair_key) - 1)
-    listed = np.where(model.pair_key[at] == key, model.pair_prob[at], 0.0)
-    return listed + model.backoff[prev] * model.unigram[nxt]
 
 
 @dataclass(frozen=True)
@@ -3702,73 +3729,14 @@ def draw_training_lines(n, rng):
 # ---------------------------------------------------------------------------
 # The IAM On-Line Handwriting Database needs a registration and cannot be
 # downloaded here, so the reader follows the on-disk format as public loaders
-# describe it (below: what was checked where), and it is tested on files
+# describe it (README.md, References), and it is tested on files
 # written in that format. The files are untrusted: XML is parsed with the
 # standard library's expat with every entity declaration, external entity and
 # external DTD refused, so a "billion laughs" file is rejected unexpanded.
 #
-# Format facts, and where each was checked:
-# No IAM-OnDB file is available here. Each fact was read in public loaders through the code
-# search index (learned from, not copied); "unnamed" means the index showed the file without
-# its repository, so it supports the fact but cannot be cited.
-#
-# Layout. lineStrokes/a01/a01-000/a01-000u-01.xml (one file per text line, numbered from 01),
-#   ascii/a01/a01-000/a01-000u.txt (one per form), original/a01/a01-000/strokesu.xml. The
-#   trailing letter tells apart the copies of text a01-000 by different writers and is not a
-#   writer id; some form ids have no letter ("d04-081", "h02-037"), and then the original file
-#   is strokes.xml.
-#   - sjvasquez/handwriting-synthesis prepare_data.py: lineStrokes and original folders are the
-#     ascii folder with its first part renamed; line files start with "<text id><letter>-";
-#     original file "strokes" + letter, letter "" when the id ends in a digit.
-#   - jan-auer/rnnlib-iam english_online.py and iam_online.py: a split entry maps to
-#     a01/a01-000/a01-000u by the regex ^(((\w+)-\d+)\w?)$ (letter optional), then to
-#     ascii/<that>.txt and lineStrokes/<that>-%02d.xml for line i + 1.
-#   - X-rayLaser/pytorch-handwriting-synthesis-toolkit iam_ondb/_utils.py (PathFinder drops the
-#     letter to find the folder).
-# Split files. trainset.txt, testset_v.txt, testset_t.txt, testset_f.txt in the data root, one
-#   form id per line, written with a leading space (" a01-020x", " d04-081", " f07-088b").
-#   - jan-auer/rnnlib-iam README.md (files beside ascii/ and lineStrokes/; "trainset and
-#     testset_v/testset_t for validation") and minimal.txt (a split file in that format).
-#   - ShigekiKarita/gravesnet src/dataset.py (entries stripped; lineStrokes/<[:3]>/<[:7]>/ then
-#     glob entry + "*.xml").
-#   - unnamed loaders: `line[1:-1]  # Skip the initial space`, and some swap the roles
-#     (testset_f as validation, testset_v as test). We use trainset -> train,
-#     testset_v -> validation, testset_t -> validation2, testset_f -> test.
-#   - The line counts 5,364 (train) and 3,859 (test) come from the paper; they are printed
-#     beside what was read, never asserted. Not found in public code here.
-# ascii files. "OCR:" (the prompt), then "CSR:" (what was written) and a blank line, then one
-#   text line per line file in order. "%%%%%%%%%%%" is replaced by a line break before
-#   splitting; blank lines are dropped; the count must equal the number of line files.
-#   - sjvasquez/handwriting-synthesis prepare_data.py (replace('%%%%%%%%%%%', '\n'), lines from
-#     index('CSR:') + 2, blank lines dropped, assert count == number of line files).
-#   - jan-auer/rnnlib-iam english_online.py (text after "CSR:", split on [\r\n]+, stripped).
-#   - X-rayLaser/pytorch-handwriting-synthesis-toolkit iam_ondb/_transcriptions.py
-#     (extract_transcription_from_txt_file: non-blank lines after "CSR:", line i -> id-%02d).
-#   Where the marker sits in real files (own line or mid-line) was not seen; both read the same.
-# lineStrokes XML. Root WhiteboardCaptureSession; WhiteboardDescription with
-#   SensorLocation@corner and Diagonally/Vertically/HorizontallyOppositeCoords@x,y (integers);
-#   StrokeSet/Stroke/Point@x,y (integers), @time (float seconds).
-#   - X-rayLaser/pytorch-handwriting-synthesis-toolkit iam_ondb/_line_strokes.py (all of these
-#     element and attribute names; int x, y; float time).
-#   - ShigekiKarita/gravesnet src/dataset.py and sjvasquez prepare_data.py (int x, y; float time;
-#     one Stroke = one pen-down segment: an end-of-stroke flag on its last point).
-#   - ISO-8859-1 declaration, Stroke@colour/start_time/end_time, times 20 ms apart with two
-#     decimals ("14978711.86", ".88", ".90"), and a file with only DiagonallyOppositeCoords:
-#     /work/shared/REFERENCE.md and an unnamed IAM-OnDB guide. So Vertically/Horizontally are
-#     optional here.
-# original/**/strokes*.xml. General/Form@writerID; Transcription/TextLine@id,@text.
-#   - sjvasquez/handwriting-synthesis prepare_data.py (root.find('General')[0].attrib['writerID']).
-#   - X-rayLaser/pytorch-handwriting-synthesis-toolkit iam_ondb/_transcriptions.py
-#     (General/Form attributes, Transcription/TextLine@text,@id) and _iam_ondb.py (form.writerID).
-# forms.txt. The FKI download page (fki.tic.heia-fr.ch/databases/download-the-iam-on-line-
-#   handwriting-database) says data/forms.txt "contains the mapping of all forms to the
-#   writers", for forms whose original file has no writer id. Its column layout was NOT found
-#   for IAM-OnDB. We read "form_id writer_id" (first two whitespace-separated columns, "#" lines
-#   skipped): the layout of the offline IAM-DB forms.txt (an unnamed loader: column 0 form,
-#   column 1 writer, "#" header) and of an unnamed IAM-OnDB loader's writer file.
-# Known bad files. a08-551z-08.xml and a08-551z-09.xml are invalid XML; z01-000z has no ascii
-#   file. - sjvasquez prepare_data.py (skips z01-000z); an unnamed loader docstring (all three).
-#   They are skipped and counted by the generic rules, not by name.
+# The format facts the reader relies on (the layout, the split files, the ascii
+# files, lineStrokes and original XML, forms.txt, known bad files), and where
+# each was checked, are in README.md under "References".
 
 IAM_SPLIT_FILES = {  # split name -> IAM-OnDB-t1 file in the data root
     "train": "trainset.txt",
@@ -5864,31 +5832,6 @@ def load_normalisation(path, cfg):
                                                            and (scale > 0).all() and 0 <= squash < math.inf):
         raise UserError(f"model file {path!r} has an input normalisation that does not fit its {D} input features")
     return {"shift": shift, "scale": scale, "squash": squash}
-
-
-MEMORY_LIMIT = 0.5  # of the machine's physical memory: a run estimated to need more is refused up front
-
-
-def training_bytes(cfg, longest, n_classes, longest_label):
-    """Rough peak memory of one training step with sequences of length `longest`
-    and labels of up to `longest_label` characters.
-
-    Per layer and direction, the forward pass caches 11 H-wide arrays per time
-    step and batch entry (gates, cell, tanh(cell), hidden), the backward pass 4
-    more; CTC holds a few float64 (T, 2B, S) arrays, S = 2 L + 1.
-    """
-    R, H, B, T = (2 if cfg.bidirectional else 1), cfg.hidden, cfg.batch_size, longest
-    itemsize = np.dtype(cfg.dtype).itemsize
-    lstm = cfg.layers * R * T * B * 15 * H * itemsize
-    ctc = 6 * T * 2 * B * (2 * longest_label + 1) * 8
-    return lstm + ctc + 4 * T * B * n_classes * 8
-
-
-def physical_memory():
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 # ---------------------------------------------------------------------------
