@@ -387,6 +387,20 @@ def stroke_starts(stroke):
     return np.diff(stroke, prepend=-1) != 0
 
 
+def ragged_arange(counts):
+    """(sum counts,) 0, 1, ..., counts[i] - 1 for each i in turn: every item's place within
+    its run, for runs of counts (S,) items laid end to end."""
+    counts = np.asarray(counts)
+    return np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
+def fill_padded(out, rows, lengths):
+    """out (T, B, ...) with rows (sum lengths, ...), sequence after sequence, written
+    left-aligned into its columns; the rest of out is kept (the padding)."""
+    out[ragged_arange(lengths), np.repeat(np.arange(len(lengths)), lengths)] = rows
+    return out
+
+
 def ink_length(points, stroke):
     """(N,) distance along the ink from the start of each point's stroke."""
     step = np.linalg.norm(np.diff(points, axis=0), axis=1)  # (N-1,)
@@ -408,7 +422,7 @@ def resample_strokes(values, stroke, key, step):
     first = np.flatnonzero(starts)  # (S,)
     span, n = resampled_counts(stroke, key, step)
     new_stroke = np.repeat(np.arange(len(first)), n)
-    k = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
+    k = ragged_arange(n)
     pos = k * np.repeat(span / (n - 1), n)
     pos[np.cumsum(n) - 1] = span  # exactly the stroke's end, as np.linspace does
     # The strokes laid end to end on one axis, a gap apart, so one np.interp serves them all.
@@ -457,11 +471,8 @@ def pad_batch(samples, shift, scale, dtype=np.float64, squash=0.0):
     """
     lengths = np.array([len(s.traj) for s in samples])
     T, B, D = int(lengths.max()), len(samples), samples[0].traj.shape[1]
-    X = np.zeros((T, B, D), dtype=dtype)
-    time_idx = np.concatenate([np.arange(n) for n in lengths])
-    batch_idx = np.repeat(np.arange(B), lengths)
     x = (np.concatenate([s.traj for s in samples]) - shift) * scale
-    X[time_idx, batch_idx] = squash * np.tanh(x / squash) if squash else x
+    X = fill_padded(np.zeros((T, B, D), dtype=dtype), squash * np.tanh(x / squash) if squash else x, lengths)
     return X, lengths
 
 
@@ -689,7 +700,7 @@ def extend_targets(targets):
     if L.sum():
         flat = np.concatenate([np.asarray(y, dtype=int) for y in targets])
         rows = np.repeat(np.arange(B), L)
-        pos = np.arange(len(flat)) - np.repeat(np.cumsum(L) - L, L)
+        pos = ragged_arange(L)
         ext[rows, 2 * pos + 1] = flat
     return ext, L, _skip_mask(ext)
 
@@ -1112,9 +1123,7 @@ def pad_log_probs(log_probs):
     """Stack (T_i, K) arrays into (T, B, K), padding with uniform rows. Returns it and lengths (B,)."""
     lengths = np.array([len(lp) for lp in log_probs])
     K = log_probs[0].shape[1]
-    out = np.full((int(lengths.max()), len(log_probs), K), -np.log(K))
-    time_idx = np.concatenate([np.arange(n) for n in lengths])
-    out[time_idx, np.repeat(np.arange(len(log_probs)), lengths)] = np.concatenate(log_probs)
+    out = fill_padded(np.full((int(lengths.max()), len(log_probs), K), -np.log(K)), np.concatenate(log_probs), lengths)
     return out, lengths
 
 
@@ -1779,7 +1788,7 @@ def _children_of(lexicon, node):
     each token's run, so child_start + offset walks each run."""
     n_child = lexicon.child_start[node + 1] - lexicon.child_start[node]  # (M,)
     tok = np.repeat(np.arange(len(node)), n_child)
-    offset = np.arange(len(tok)) - np.repeat(np.cumsum(n_child) - n_child, n_child)
+    offset = ragged_arange(n_child)
     return tok, lexicon.children[lexicon.child_start[node[tok]] + offset]
 
 
@@ -3461,7 +3470,7 @@ def lowpass_strokes(points, stroke, kernel, settle):
     first = np.flatnonzero(stroke_starts(stroke))
     n = np.diff(np.append(first, len(stroke)))  # (S,)
     padded = n + K + settle
-    local = np.arange(padded.sum()) - np.repeat(np.cumsum(padded) - padded, padded) - K
+    local = ragged_arange(padded) - K
     source = np.clip(local, 0, np.repeat(n - 1, padded)) + np.repeat(first, padded)
     # The start padding is as long as the kernel, so no output sees the previous stroke.
     smooth = np.column_stack([np.convolve(points[source, c], kernel)[:len(source)] for c in range(2)])
