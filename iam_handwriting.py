@@ -1093,6 +1093,8 @@ def lexicon_decode(log_probs, lexicon, word_log_prior=None):
 
     lexicon: a list of words or a Lexicon. Returns (word, log_prob) with
     log_prob the exact CTC log-likelihood of the word plus its prior, if given.
+    The module decodes with lexicon_decode_many; this one-sequence form, with
+    its prior, is kept for the tests, which check the decoder through it.
     """
     lex = lexicon if isinstance(lexicon, Lexicon) else build_lexicon(lexicon)
     lp = np.asarray(log_probs, dtype=np.float64)
@@ -3089,7 +3091,8 @@ def train_and_evaluate(cfg, params=None, verbose=True, log=print, status=None, e
 
 
 def train(cfg, verbose=True):
-    """Train as configured; returns what run.json holds, as a dict."""
+    """Train as configured; returns what run.json holds, as a dict. For the tests and
+    benchmarks/sweep.py: the command line calls train_and_evaluate itself."""
     return run_json(train_and_evaluate(cfg, verbose=verbose)[1])
 
 
