@@ -35,6 +35,42 @@ Shapes: T time steps, B batch, D input features, H hidden units per direction,
 R directions (1 or 2), K classes (blank + the task's characters), L label
 length, S = 2L + 1 extended labels, N prefix-tree nodes, W dictionary words.
 
+Contents. The numbers are those of the rulers below ("# -- name --" lines are
+sub-headings inside a section). The model comes first and the data sources
+after it, so that a reader who opens the file for the model meets it early;
+the data sources are blocks of their own, and section 21 makes each a Task.
+  The model and its training, written once for every task
+     1. Constants, configuration and tasks: RunConfig (every setting, its flag
+        and its valid range), TaskData and Task (the TASKS table is in 21,
+        after the data sources it names)
+     2. Samples, alphabets and pen paths
+     3. Network input
+     4. BLSTM
+     5. CTC
+     6. Decoding and metrics: greedy, CER and WER, prefix beam search, the
+        prefix tree and the dictionary decoder, the word language model
+     7. Decoding: real English (tokens, case, out-of-dictionary tokens, ARPA
+        and word-list files)
+     8. Decoding: token passing with a language model
+     9. Optimiser (Adam)
+    10. Training and evaluation
+  The data sources, each a self-contained block
+    11. Printed words (the seed task)
+    12. Cursive lines: glyphs
+    13. Cursive lines: writers
+    14. Cursive lines: the pen
+    15. Cursive lines: English text
+    16. Cursive lines: the synthetic database
+    17. IAM-OnDB: reading the database
+    18. IAM-OnDB: preprocessing (Liwicki and Bunke 2006)
+    19. IAM-OnDB: the 25 online features
+    20. IAM-OnDB: writing the format
+    21. Tasks: each data source as a Task, and the TASKS table
+  Files and the command line
+    22. Files: run.json, model files, safe writing
+    23. Reading ink: InkML, JSON strokes, pages, --read and --serve
+    24. Command line
+
 Usage:
     python iam_handwriting.py --seed 0 --save-json run.json        # words: headline run
     python iam_handwriting.py --quick --save-json run.json         # CI smoke run
@@ -92,7 +128,7 @@ if __name__ == "__main__":
 import numpy as np  # noqa: E402
 
 # ---------------------------------------------------------------------------
-# Constants and configuration
+# 1. Constants, configuration and tasks
 # ---------------------------------------------------------------------------
 
 BLANK = 0  # class 0 is the CTC blank; character c of a task's alphabet is class 1 + alphabet.index(c)
@@ -108,11 +144,22 @@ class UserError(Exception):
     """A problem with the user's input: reported as one line, exit status 2."""
 
 
-def _setting(default, help, low=None, high=None, above=None, choices=None):
+LM_TASKS = ("lines", "iam-ondb")  # the tasks of English text, which the lm decoder reads
+
+
+def _setting(default, help, low=None, high=None, above=None, choices=None, flag=None, tasks=None,
+             since_schema_1=False, decoding=False):
     """A RunConfig field with its help text and its valid range: one table serves
-    the command line, saved model files and --help."""
+    the command line, saved model files and --help.
+
+    flag: the command-line flag that sets the field (True: --name-with-dashes;
+    None: none; build_parser adds each). tasks: the only tasks whose runs take the flag (None: all).
+    since_schema_1: model files of schema 1 lack the field (it takes its
+    default). decoding: only the final decoding reads it, so a resumed run, a
+    loaded model and --read may change it (DECODING_FIELDS)."""
     return dataclasses.field(default=default, metadata=dict(help=help, low=low, high=high, above=above,
-                                                            choices=choices))
+                                                            choices=choices, flag=flag, tasks=tasks,
+                                                            since_schema_1=since_schema_1, decoding=decoding))
 
 
 @dataclass
@@ -120,9 +167,10 @@ class RunConfig:
     """Every setting of a run. The defaults are the words task's headline run;
     each task overrides some of them (Task.defaults)."""
 
-    seed: int = _setting(0, "root of every random stream (split, data, init, shuffle, eval)", low=0, high=2**32 - 1)
+    seed: int = _setting(0, "root of every random stream (split, data, init, shuffle, eval)", low=0, high=2**32 - 1,
+                         flag=True)
     task: str = _setting("words", "words (printed seed task), lines (cursive text lines), iam-ondb (real data)",
-                         choices=TASK_NAMES)
+                         choices=TASK_NAMES, flag=True, since_schema_1=True)
     # data: printed words
     word_repeats: int = _setting(6, "renderings of each training word per epoch", low=1, high=1000)
     eval_repeats: int = _setting(8, "fresh renderings of each word for evaluation", low=1, high=1000)
@@ -131,63 +179,104 @@ class RunConfig:
     jitter: float = _setting(0.014, "std of per-point Gaussian pen jitter (unit-box units)", low=0.0, high=0.5)
     slant_max: float = _setting(0.15, "per-word shear x += slant * y, slant ~ U(-max, max)", low=0.0, high=2.0)
     # data: cursive lines
-    lines_per_epoch: int = _setting(1200, "fresh training lines rendered per epoch", low=1, high=1_000_000)
-    eval_lines_per_writer: int = _setting(10, "validation and test lines per writer", low=1, high=10)
+    lines_per_epoch: int = _setting(1200, "fresh training lines rendered per epoch", low=1, high=1_000_000,
+                                    flag=True, tasks=("lines",), since_schema_1=True)
+    eval_lines_per_writer: int = _setting(10, "validation and test lines per writer", low=1, high=10,
+                                          since_schema_1=True)
     # data: IAM-OnDB
-    data_dir: str = _setting("", "the IAM-OnDB folder (holding lineStrokes/, ascii/ and the split files)")
+    data_dir: str = _setting("", "the IAM-OnDB folder (holding lineStrokes/, ascii/ and the split files)",
+                             flag=True, tasks=("iam-ondb",), since_schema_1=True)
     features: str = _setting("raw", "network input: raw (dx, dy, pen_up) or graves25 (the paper's 25 features)",
-                             choices=FEATURE_SETS)
-    alphabet: str = _setting("", "iam-ondb: the characters the model reads, set from the training transcriptions")
+                             choices=FEATURE_SETS, flag=True, tasks=("iam-ondb",), since_schema_1=True)
+    alphabet: str = _setting("", "iam-ondb: the characters the model reads, set from the training transcriptions",
+                             since_schema_1=True)
     augment: float = _setting(0.0, "iam-ondb: strength of a fresh random distortion of every training line each "
                                    "epoch (1: shear up to 0.15, x and y scale and resampling step by up to e^0.1, "
                                    "rotation up to 0.02 rad, elastic x warp up to 0.1 corpus heights); 0: none",
-                              low=0.0, high=2.0)
+                              low=0.0, high=2.0, flag=True, tasks=("iam-ondb",), since_schema_1=True)
     # network input
     input_gain: float = _setting(12.0, "one sample spacing of pen movement enters the network as this", above=0.0,
                                  high=1e4)
     # model
-    hidden: int = _setting(64, "LSTM cells per direction", low=1, high=1024)
-    layers: int = _setting(1, "stacked (B)LSTM layers", low=1, high=8)
+    hidden: int = _setting(64, "LSTM cells per direction", low=1, high=1024, flag=True)
+    layers: int = _setting(1, "stacked (B)LSTM layers", low=1, high=8, flag=True)
     bidirectional: bool = _setting(True, "False: the forward-only baseline")
     dtype: str = _setting("float32", "training precision (gradient checks use float64)",
                           choices=("float32", "float64"))
     # optimisation
-    epochs: int = _setting(10, "training epochs", low=0, high=100_000)
-    batch_size: int = _setting(4, "sequences per Adam step", low=1, high=1024)
-    lr: float = _setting(1e-2, "Adam step size at the start", above=0.0, high=1e3)
+    epochs: int = _setting(10, "training epochs", low=0, high=100_000, flag=True)
+    batch_size: int = _setting(4, "sequences per Adam step", low=1, high=1024, flag=True)
+    lr: float = _setting(1e-2, "Adam step size at the start", above=0.0, high=1e3, flag=True)
     lr_final: float = _setting(0.1, "the step size decays linearly to lr * lr_final by the last step", low=0.0,
                                high=1.0)
     grad_clip: float = _setting(5.0, "global-norm gradient clip", above=0.0, high=1e6)
     init_from: str = _setting("", "start training from this saved model's LSTM weights instead of random ones "
                                   "(pretraining, e.g. on synthetic lines); the output weights of the blank and "
-                                  "of the characters both alphabets share are kept, the others drawn afresh")
+                                  "of the characters both alphabets share are kept, the others drawn afresh",
+                              flag=True, since_schema_1=True)
     weight_noise: float = _setting(0.0, "std of Gaussian noise added to every weight for each step's gradient "
-                                        "(Graves 2011; the update applies to the noise-free weights)", low=0.0, high=1.0)
-    workers: int = _setting(1, "processes sharing each training batch (gradients summed)", low=1, high=16)
+                                        "(Graves 2011; the update applies to the noise-free weights)", low=0.0, high=1.0,
+                                        flag=True, since_schema_1=True)
+    workers: int = _setting(1, "processes sharing each training batch (gradients summed)", low=1, high=16,
+                            flag=True, since_schema_1=True)
     patience: int = _setting(0, "early stopping: keep the best validation epoch's weights and stop after this "
                                 "many epochs without a better one (0: train every epoch, keep the last)",
-                             low=0, high=100_000)
+                             low=0, high=100_000, flag=True, since_schema_1=True)
     # decoding
-    decoder: str = _setting("greedy", "how the final evaluation decodes", choices=DECODERS)
-    beam_width: int = _setting(16, "prefixes kept by the beam decoder", low=1, high=4096)
+    decoder: str = _setting("greedy", "how the final evaluation decodes", choices=DECODERS, flag=True, decoding=True)
+    beam_width: int = _setting(16, "prefixes kept by the beam decoder", low=1, high=4096, flag=True, decoding=True)
     dictionary_size: int = _setting(20_000, "words in the lm decoder's dictionary (the most frequent)", low=1,
-                                    high=N_ENGLISH_WORDS)
+                                    high=N_ENGLISH_WORDS, flag=True, tasks=LM_TASKS, since_schema_1=True, decoding=True)
     lm_weight: float = _setting(1.0, "weight of the language model's log-probability in the lm decoder",
-                                low=0.0, high=100.0)
+                                low=0.0, high=100.0, flag=True, tasks=LM_TASKS, since_schema_1=True, decoding=True)
     word_penalty: float = _setting(0.0, "added to the lm decoder's score per word (negative: fewer words)",
-                                   low=-100.0, high=100.0)
+                                   low=-100.0, high=100.0,
+                                   flag=True, tasks=LM_TASKS, since_schema_1=True, decoding=True)
     lm_beam: int = _setting(64, "tokens (history, tree node) kept per time step by the lm decoder", low=1,
-                            high=1_000_000)
+                            high=1_000_000, flag=True, tasks=LM_TASKS, since_schema_1=True, decoding=True)
     oov: str = _setting("none", "lm decoder: out-of-dictionary tokens are not read (none), or spelled with a cost "
-                                "per character (chars) or per token (token)", choices=OOV_MODES)
+                                "per character (chars) or per token (token)", choices=OOV_MODES,
+                                flag=True, tasks=LM_TASKS, since_schema_1=True, decoding=True)
     oov_penalty: float = _setting(0.0, "lm decoder: added per spelled out-of-dictionary token", low=-100.0,
-                                  high=100.0)
-    lm_file: str = _setting("", "lm decoder: an ARPA n-gram file (unigrams and bigrams are used); not given: built in")
+                                  high=100.0, flag=True, tasks=LM_TASKS, since_schema_1=True, decoding=True)
+    lm_file: str = _setting("", "lm decoder: an ARPA n-gram file (unigrams and bigrams are used); not given: built in",
+                            flag="--lm", tasks=LM_TASKS, since_schema_1=True, decoding=True)
     dictionary_file: str = _setting("", "lm decoder: a word list, one word per line, most frequent first; "
-                                        "not given: built in")
+                                        "not given: built in",
+                                        flag="--dictionary", tasks=LM_TASKS, since_schema_1=True, decoding=True)
 
 
 CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+
+def flag_name(name):
+    """The command-line flag of `name`: a RunConfig field's own (--lm for lm_file; None: it has
+    none), else the argparse spelling of another option (dictionary_sizes: --dictionary-sizes)."""
+    flag = CONFIG_FIELDS[name].metadata["flag"] if name in CONFIG_FIELDS else True
+    return "--" + name.replace("_", "-") if flag is True else flag
+
+
+# How a value of each field type is read from text, and what a message calls the type.
+TEXT_VALUES = {"int": (int, "a whole number"), "float": (float, "a number"),
+               "bool": ({"True": True, "False": False}.__getitem__, "True or False"), "str": (str, "text")}
+
+
+def value_from_text(kind, text):
+    """The value of field type `kind` that `text` spells; ValueError 'expected a whole number, got ...' if none."""
+    read, wanted = TEXT_VALUES[kind]
+    try:
+        return read(text)
+    except (KeyError, ValueError):
+        raise ValueError(f"expected {wanted}, got {text!r}") from None
+
+
+def range_error(value, low=None, high=None, above=None):
+    """Why `value` is outside low..high (above: an exclusive lower bound), or None if it is inside."""
+    if (low is not None and value < low) or (above is not None and value <= above) or \
+            (high is not None and value > high):
+        lo = f"{low}" if low is not None else f"above {above}" if above is not None else ""
+        return f"must lie in {lo}..{high}, got {value!r}" if high is not None else f"must be at least {lo}, got {value!r}"
+    return None
 
 
 def setting_error(name, value):
@@ -195,17 +284,12 @@ def setting_error(name, value):
     meta, kind = CONFIG_FIELDS[name].metadata, CONFIG_FIELDS[name].type
     expected = {"int": int, "float": (int, float), "bool": bool, "str": str}[kind]
     if not isinstance(value, expected) or (kind != "bool" and isinstance(value, bool)):
-        return f"must be {'a whole number' if kind == 'int' else 'a number' if kind == 'float' else kind}, got {value!r}"
+        return f"must be {TEXT_VALUES[kind][1] if kind in ('int', 'float') else kind}, got {value!r}"
     if kind == "float" and not math.isfinite(value):
         return f"must be a finite number, got {value!r}"
     if meta["choices"] is not None and value not in meta["choices"]:
         return f"must be one of {', '.join(meta['choices'])}; got {value!r}"
-    low, high, above = meta["low"], meta["high"], meta["above"]
-    if (low is not None and value < low) or (above is not None and value <= above) or \
-            (high is not None and value > high):
-        lo = f"{low}" if low is not None else f"above {above}" if above is not None else ""
-        return f"must lie in {lo}..{high}, got {value!r}" if high is not None else f"must be at least {lo}, got {value!r}"
-    return None
+    return range_error(value, meta["low"], meta["high"], meta["above"])
 
 
 def check_config(cfg):
@@ -217,8 +301,59 @@ def check_config(cfg):
     return cfg
 
 
+# -- Tasks --
+# A task is a small value: its alphabet, how it makes its data, its splits and
+# its default settings. The model, CTC, decoders, training loop, run.json and
+# the figures are written once and take a task.
+
+
+@dataclass
+class TaskData:
+    """One run's data for a task."""
+
+    alphabet: str  # class 1 + i is alphabet[i]; 0 is the blank
+    eval_sets: dict  # split name -> [Sample], in report order
+    training_samples: Callable  # (rng, parallel_map) -> [Sample] for one epoch
+    epoch_size: int  # training samples per epoch
+    input_shift: np.ndarray  # (D,) the network reads (traj - shift) * scale
+    input_scale: np.ndarray  # (D,)
+    input_squash: float  # > 0: inputs pass through squash * tanh(x / squash) (pad_batch); 0: as they are
+    alignment_picks: list  # [(split, index)]: samples whose CTC alignment run.json keeps (short, long)
+    info: dict  # run.json "split": what the splits hold
+    training_held: bool = False  # True: training_samples returns samples already in memory (not drawn per epoch)
+    lm_texts: dict = field(default_factory=dict)  # {"train", "validation": transcriptions} for the real-English LM
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task; the TASKS table (section 21) builds each with keywords."""
+
+    name: str
+    alphabet: str | None  # class 1 + i is alphabet[i]; None: read from the data (cfg.alphabet)
+    monitor: tuple  # evaluation splits scored after every epoch (all are scored at the end)
+    group_by: str  # run.json keeps per-group error counts: "word" (per_word) or "writer" (per_writer)
+    decoders: tuple  # decoders the final evaluation may use
+    flags: tuple  # command-line options that set no RunConfig field and that only this task takes
+    defaults: dict  # RunConfig overrides: the task's headline run
+    quick: dict  # further overrides for --quick
+    make_data: Callable  # (cfg, streams, parallel_map, log) -> TaskData
+    shown: tuple = ("cer", "wer")  # metrics the epoch log lines show
+    bucket: int = 16  # training batches of similar length, drawn from groups of this many (0: any lengths)
+    lexicon: tuple = ()  # the "lexicon" decoder's dictionary, unless it is given one (only a task with one offers it)
+
+    @property
+    def options(self):
+        """Command-line options that only this task takes: RunConfig fields whose `tasks` name it, then its flags."""
+        return tuple(n for n, f in CONFIG_FIELDS.items() if self.name in (f.metadata["tasks"] or ())) + self.flags
+
+
+def n_classes(cfg):
+    """K: the blank plus the task's characters."""
+    return 1 + len(cfg.alphabet or TASKS[cfg.task].alphabet)
+
+
 # ---------------------------------------------------------------------------
-# Samples, alphabets and pen paths
+# 2. Samples, alphabets and pen paths
 # ---------------------------------------------------------------------------
 # A pen path is points (N, 2) with stroke ids (N,): one stroke is one pen-down
 # segment, and the ids are non-decreasing in writing order. Every data source
@@ -256,6 +391,20 @@ def stroke_starts(stroke):
     return np.diff(stroke, prepend=-1) != 0
 
 
+def ragged_arange(counts):
+    """(sum counts,) 0, 1, ..., counts[i] - 1 for each i in turn: every item's place within
+    its run, for runs of counts (S,) items laid end to end."""
+    counts = np.asarray(counts)
+    return np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
+def fill_padded(out, rows, lengths):
+    """out (T, B, ...) with rows (sum lengths, ...), sequence after sequence, written
+    left-aligned into its columns; the rest of out is kept (the padding)."""
+    out[ragged_arange(lengths), np.repeat(np.arange(len(lengths)), lengths)] = rows
+    return out
+
+
 def ink_length(points, stroke):
     """(N,) distance along the ink from the start of each point's stroke."""
     step = np.linalg.norm(np.diff(points, axis=0), axis=1)  # (N-1,)
@@ -277,7 +426,7 @@ def resample_strokes(values, stroke, key, step):
     first = np.flatnonzero(starts)  # (S,)
     span, n = resampled_counts(stroke, key, step)
     new_stroke = np.repeat(np.arange(len(first)), n)
-    k = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
+    k = ragged_arange(n)
     pos = k * np.repeat(span / (n - 1), n)
     pos[np.cumsum(n) - 1] = span  # exactly the stroke's end, as np.linspace does
     # The strokes laid end to end on one axis, a gap apart, so one np.interp serves them all.
@@ -306,2431 +455,14 @@ def pen_trajectory(xy, stroke):
 
 
 # ---------------------------------------------------------------------------
-# Printed words (the seed task)
-# ---------------------------------------------------------------------------
-# Glyphs live in a unit box: baseline y = 0, x-height 0.5, ascenders up to 0.9.
-# Each glyph is a list of strokes (dense polylines) and an advance width.
-
-ALPHABET = "colitnmaeu"
-N_CLASSES = 1 + len(ALPHABET)  # K: blank + letters
-IN_DIM = 3  # (dx, dy, pen_up)
-SAMPLE_SPACING = 0.085  # pen samples are this far apart along the ink
-LETTER_GAP = 0.08  # blank space between consecutive glyph boxes
-
-# The 47 words of the earlier study, kept so results stay comparable.
-VOCAB = (
-    "ant ill tan lot mit nan tic tin out ate eat tea ice lit non nun men mat "
-    "net moo moon loom noon name nice cone tone lane amen main mine lent tent "
-    "team lime time mile tail lion into icon actin tonic milne linen matte atone"
-).split()
-
-
-def _arc(cx, cy, rx, ry, deg_from, deg_to, n=64):
-    """Dense points on an ellipse arc, counter-clockwise if deg_to > deg_from."""
-    a = np.radians(np.linspace(deg_from, deg_to, n))
-    return np.stack([cx + rx * np.cos(a), cy + ry * np.sin(a)], axis=1)
-
-
-def _polyline(*parts):
-    """Join point lists and arrays into one (n, 2) polyline."""
-    return np.concatenate([np.asarray(p, dtype=float).reshape(-1, 2) for p in parts])
-
-
-GLYPH_STROKES = {
-    # c: open ellipse arc, counter-clockwise from upper right to lower right.
-    "c": ([_arc(0.22, 0.25, 0.2, 0.25, 40, 320)], 0.44),
-    # o: closed ellipse from the top.
-    "o": ([_arc(0.22, 0.25, 0.2, 0.25, 90, 455)], 0.44),
-    # l: tall stem with a small exit tick.
-    "l": ([_polyline([(0.12, 0.95), (0.12, 0.06), (0.16, 0.0), (0.24, 0.02)])], 0.30),
-    # i: short stem, then the dot as its own stroke.
-    "i": ([_polyline([(0.1, 0.5), (0.1, 0.05), (0.14, 0.0), (0.22, 0.02)]),
-           _polyline([(0.1, 0.7), (0.12, 0.75)])], 0.28),
-    # t: stem, then the crossbar as its own stroke.
-    "t": ([_polyline([(0.15, 0.82), (0.15, 0.06), (0.19, 0.0), (0.28, 0.02)]),
-           _polyline([(0.0, 0.52), (0.32, 0.52)])], 0.34),
-    # n: down stroke, retrace up, one arch.
-    "n": ([_polyline([(0.05, 0.5), (0.05, 0.0), (0.05, 0.28)],
-                     _arc(0.21, 0.28, 0.16, 0.2, 180, 0), [(0.38, 0.0)])], 0.46),
-    # m: down stroke, two arches.
-    "m": ([_polyline([(0.05, 0.5), (0.05, 0.0), (0.05, 0.28)],
-                     _arc(0.17, 0.28, 0.12, 0.2, 180, 0), [(0.29, 0.0), (0.29, 0.28)],
-                     _arc(0.41, 0.28, 0.12, 0.2, 180, 0), [(0.54, 0.0)])], 0.60),
-    # u: down into a cup, up, then the right stem down.
-    "u": ([_polyline([(0.05, 0.5), (0.05, 0.2)], _arc(0.2, 0.2, 0.15, 0.2, 180, 360),
-                     [(0.35, 0.5), (0.37, 0.0)])], 0.44),
-    # a: closed loop, then a tail down its right side.
-    "a": ([_polyline(_arc(0.2, 0.25, 0.18, 0.24, 10, 370), [(0.39, 0.5), (0.41, 0.0)])], 0.46),
-    # e: horizontal bar into a counter-clockwise loop that stays open.
-    "e": ([_polyline([(0.03, 0.22), (0.38, 0.27)], _arc(0.21, 0.25, 0.18, 0.24, 15, 320))], 0.44),
-}
-
-
-@dataclass(frozen=True)
-class Glyph:
-    points: np.ndarray  # (n, 2) pen samples of all strokes, in drawing order
-    stroke_start: np.ndarray  # (n,) 1.0 on the first sample of each stroke
-    width: float  # advance before the letter gap
-
-
-def _make_glyph(strokes, width):
-    # One stroke at a time: the glyphs, and so the seed task's numbers, stay as they were.
-    pts = [resample_strokes(s, np.zeros(len(s), int), ink_length(s, np.zeros(len(s), int)), SAMPLE_SPACING)[0]
-           for s in strokes]
-    starts = [np.eye(1, len(p)).ravel() for p in pts]
-    return Glyph(np.concatenate(pts), np.concatenate(starts), width)
-
-
-GLYPHS = {c: _make_glyph(*GLYPH_STROKES[c]) for c in ALPHABET}
-
-
-def render_word(word, rng, jitter=0.014, slant_max=0.15):
-    """Draw `word` with one random slant and per-point Gaussian jitter.
-
-    Glyph templates are placed left to right (advance = width + LETTER_GAP),
-    sheared by x += slant * y, then every sample is jittered.
-    """
-    labels = encode(word, ALPHABET)
-    glyphs = [GLYPHS[c] for c in word]
-    offsets = np.cumsum([0.0] + [g.width + LETTER_GAP for g in glyphs[:-1]])
-    xy = np.concatenate([g.points + (dx, 0.0) for g, dx in zip(glyphs, offsets)])  # (T, 2)
-    pen_up = np.concatenate([g.stroke_start for g in glyphs])  # (T,)
-    char_of = np.repeat(np.arange(len(word)), [len(g.points) for g in glyphs])  # (T,)
-    slant = rng.uniform(-slant_max, slant_max)
-    xy[:, 0] += slant * xy[:, 1]
-    xy += rng.normal(0.0, jitter, size=xy.shape)
-    traj = pen_trajectory(xy, np.cumsum(pen_up) - 1)
-    return Sample(word, traj, labels, xy, pen_up, char_of)
-
-
-def render_words(words, repeats, rng, cfg):
-    """`repeats` fresh renderings of every word, word-major order."""
-    return [render_word(w, rng, cfg.jitter, cfg.slant_max) for w in words for _ in range(repeats)]
-
-
-def split_vocab(rng, holdout_frac):
-    """(training words, held-out words): a seeded permutation of VOCAB."""
-    n_held = int(round(holdout_frac * len(VOCAB)))
-    order = rng.permutation(len(VOCAB))
-    held = sorted(VOCAB[i] for i in order[:n_held])
-    return [w for w in VOCAB if w not in held], held
-
-
-# ---------------------------------------------------------------------------
-# Cursive lines: glyphs
-# ---------------------------------------------------------------------------
-# Hershey Script Simplex ("scripts"), the 1967 US National Bureau of Standards
-# stroke font, from the PyPI package Hershey-Fonts. Font units: y down,
-# baseline y = 9, x-height line y = 0, about 17 units per letter; lowercase
-# letters end on the joining point (advance, 4), 16 of them start on it.
-
-LINE_ALPHABET = string.ascii_lowercase + " "  # K = 28 with the blank
-FONT_BASELINE = 9.0
-FONT_XHEIGHT = 9.0
-LINE_UNIT = 0.5 / FONT_XHEIGHT  # font units -> output units (x-height 0.5, as the printed words)
-# Polylines a writer adds after the word, as IAM-OnDB writers do: the i and j
-# dots, the t bar and the x crossing (indices into the glyph's polylines).
-DELAYED_POLYLINES = {"i": (0,), "j": (0,), "t": (2,), "x": (1,)}
-
-
-@functools.lru_cache(maxsize=1)
-def script_glyphs():
-    """{letter: (vertices (n, 2), polyline id (n,), delayed (n,) bool, advance)} for a-z, font units.
-
-    Vertices are in plotter order with the retraces the font has (the second
-    and third polylines of 'm' start on ink already drawn).
-    """
-    try:
-        from HersheyFonts import HersheyFonts
-    except ImportError:
-        raise UserError("the lines task needs the Hershey-Fonts package: pip install Hershey-Fonts") from None
-    font = HersheyFonts()
-    font.load_default_font("scripts")
-    table = {}
-    for c in string.ascii_lowercase:
-        polylines = [np.array(p, dtype=float) for p in font.strokes_for_text(c)]
-        ids = np.repeat(np.arange(len(polylines)), [len(p) for p in polylines])
-        advance = float(next(iter(font.glyphs_for_text(c))).char_width)
-        table[c] = (np.concatenate(polylines), ids, np.isin(ids, DELAYED_POLYLINES.get(c, ())), advance)
-    return table
-
-
-# ---------------------------------------------------------------------------
-# Cursive lines: writers
+# 3. Network input
 # ---------------------------------------------------------------------------
 
-WARP_WAVES = 3  # sinusoids in one letter's deformation field
 
-
-@dataclass(frozen=True)
-class WriterStyle:
-    """One writer's hand, drawn once. Lengths are font units (x-height 9)."""
-
-    slant: float  # shear x += slant * height above the baseline (+ leans right)
-    size: float  # x-height scale
-    width: float  # horizontal scale on top of size
-    letter_spacing: float  # added to every letter's advance
-    word_spacing: float  # gap between words, on top of the letter spacing
-    tilt: float  # baseline angle, radians counter-clockwise
-    drift: tuple  # (amplitude, wavelength): slow vertical wander of the baseline
-    warp: np.ndarray  # (26, WARP_WAVES, 5) per-letter deformation: amplitude (2), wave vector (2), phase
-    warp_rms: float  # RMS displacement of those fields
-    inertia: float  # how far the pen lags behind its path, in output samples
-    ink_per_sample: float  # ink between samples at full speed, per unit of size
-    curve_slowdown: float  # how much the pen slows in tight curves
-    tremor: float  # std of per-sample jitter
-    dot_offset: np.ndarray  # (2,) where i and j dots land, relative to the font's
-    bar_scale: float  # length of t and x crossings relative to the font's
-    bar_offset: np.ndarray  # (2,) where the crossings land
-
-
-def random_warp(rng, n, rms):
-    """(n, WARP_WAVES, 5) smooth displacement fields d(p) = sum_m a_m sin(k_m . p + phi_m).
-
-    Wavelengths of 10-25 font units, about a letter, so a field bends a
-    letter's shape rather than roughening its outline. Each field is scaled to
-    RMS displacement `rms` (a scalar or (n,)).
-    """
-    amp = rng.normal(size=(n, WARP_WAVES, 2))
-    amp *= np.reshape(rms, (-1, 1, 1)) / np.sqrt(0.5 * (amp ** 2).sum(axis=(1, 2), keepdims=True))
-    angle = rng.uniform(0, 2 * np.pi, size=(n, WARP_WAVES))
-    wavenumber = 2 * np.pi / rng.uniform(10.0, 25.0, size=(n, WARP_WAVES))
-    wave = np.stack([np.cos(angle), np.sin(angle)], axis=-1) * wavenumber[..., None]
-    phase = rng.uniform(0, 2 * np.pi, size=(n, WARP_WAVES, 1))
-    return np.concatenate([amp, wave, phase], axis=-1)
-
-
-def apply_warp(points, warp):
-    """Displace points (N, 2) by their own fields warp (N, WARP_WAVES, 5)."""
-    arg = (warp[..., 2:4] * points[:, None, :]).sum(-1) + warp[..., 4]  # (N, M)
-    return points + (warp[..., :2] * np.sin(arg)[..., None]).sum(axis=1)
-
-
-def draw_writer(rng):
-    """A writer's style. The ranges are the README's table; none is narrower
-    than the issue's minimum."""
-    warp_rms = rng.uniform(0.08, 0.15) * FONT_XHEIGHT
-    return WriterStyle(
-        slant=rng.uniform(-0.4, 0.4),
-        size=rng.uniform(0.8, 1.25),
-        width=rng.uniform(0.75, 1.3),
-        letter_spacing=rng.uniform(-1.5, 3.0),
-        word_spacing=rng.uniform(6.0, 14.0),
-        tilt=np.radians(rng.uniform(-3.0, 3.0)),
-        drift=(rng.uniform(0.0, 2.0), rng.uniform(120.0, 400.0)),
-        warp=random_warp(rng, 26, warp_rms),
-        warp_rms=warp_rms,
-        inertia=rng.uniform(0.0, 2.0),
-        ink_per_sample=4.9 * rng.uniform(0.75, 1.25),
-        curve_slowdown=rng.uniform(0.5, 2.0),
-        tremor=rng.uniform(0.05, 0.25),
-        dot_offset=rng.uniform([-1.5, -2.0], [2.5, 1.0]),
-        bar_scale=rng.uniform(0.7, 1.4),
-        bar_offset=rng.uniform([-1.5, -1.5], [2.5, 1.5]),
-    )
-
-
-# ---------------------------------------------------------------------------
-# Cursive lines: the pen
-# ---------------------------------------------------------------------------
-
-CONNECTOR_POINTS = 5  # vertices inside the arc that carries the pen from letter to letter
-DENSE_STEP = 0.25  # font units between points of the ideal pen path
-FINE = 4  # pen positions simulated per output sample
-LINE_SAMPLE_SPACING = 4.9 * LINE_UNIT  # a typical writer's ink per sample on straight ink, output units
-
-
-def add_connectors(x, height, letter_of, polyline, delayed, word_of):
-    """Arc the pen's way from each letter's end to the next letter's start.
-
-    Letters that start on their bowl (a c d e g o q w) start away from the
-    joining point, and a straight connector would cut through the bowl; a
-    writer arcs over it. A quadratic Bezier from the previous letter's last
-    vertex, bulging up by 0.3 of its horizontal span, goes before the letter's
-    first vertex and belongs to that letter. All arrays are per vertex (V,).
-    """
-    main = np.flatnonzero(~delayed)
-    prev, nxt = main[:-1], main[1:]
-    joins = (letter_of[nxt] != letter_of[prev]) & (word_of[letter_of[nxt]] == word_of[letter_of[prev]])
-    gap = np.hypot(x[nxt] - x[prev], height[nxt] - height[prev])
-    at, came_from = nxt[joins & (gap > 1.0)], prev[joins & (gap > 1.0)]  # (J,)
-    x0, h0, x1, h1 = x[came_from], height[came_from], x[at], height[at]
-    cx, ch = (x0 + x1) / 2, np.maximum(h0, h1) + 0.3 * np.abs(x1 - x0)
-    u = np.linspace(0, 1, CONNECTOR_POINTS + 2)[1:-1, None]  # (P, 1)
-    bx = ((1 - u) ** 2 * x0 + 2 * u * (1 - u) * cx + u ** 2 * x1).T.ravel()  # (J * P,)
-    bh = ((1 - u) ** 2 * h0 + 2 * u * (1 - u) * ch + u ** 2 * h1).T.ravel()
-    where = np.repeat(at, CONNECTOR_POINTS)
-    return (np.insert(x, where, bx), np.insert(height, where, bh), np.insert(letter_of, where, letter_of[where]),
-            np.insert(polyline, where, polyline[where]), np.insert(delayed, where, False))
-
-
-def line_layout(text, writer, rng):
-    """The ideal pen path of a line, before any timing: where the pen should go.
-
-    Letters are placed with the writer's spacing and deformed by the writer's
-    field for that letter plus a third as much for this instance; within a
-    word the pen stays down from letter to letter; the dots and crossings are
-    delayed strokes written after their word. Returns points (V, 2) in font
-    units (y up, baseline 0), stroke ids (V,) in writing order, and char_of
-    (V,), the index into `text` of the letter each vertex belongs to.
-    """
-    table = script_glyphs()
-    letter_pos = np.array([i for i, c in enumerate(text) if c != " "])  # (n,) letters' indices into text
-    letters = [text[i] for i in letter_pos]
-    word_of = np.cumsum([c == " " for c in text])[letter_pos]  # (n,)
-    size = writer.size * np.exp(rng.normal(0, 0.04))  # per-line variation on top of the writer's
-    slant = writer.slant + rng.normal(0, 0.03)
-    advance = np.array([table[c][3] for c in letters]) * size * writer.width
-    advance += (writer.letter_spacing + rng.normal(0, 0.5, len(letters))) * size
-    starts_word = np.diff(word_of, prepend=0) > 0
-    gap = np.where(starts_word, (writer.word_spacing + rng.normal(0, 1.0, len(letters))) * size, 0.0)
-    origin = np.cumsum(gap + np.append(0.0, advance[:-1]))  # (n,) left edge of each letter
-
-    glyphs = [table[c] for c in letters]
-    letter_of = np.repeat(np.arange(len(letters)), [len(g[0]) for g in glyphs])  # (V,)
-    local = np.concatenate([g[0] for g in glyphs])  # (V, 2) glyph coordinates
-    polyline = np.concatenate([g[1] for g in glyphs])
-    delayed = np.concatenate([g[2] for g in glyphs])
-    alphabet_index = np.array([ord(c) - ord("a") for c in letters])
-    local = apply_warp(local, writer.warp[alphabet_index[letter_of]])
-    local = apply_warp(local, random_warp(rng, len(letters), writer.warp_rms / 3)[letter_of])
-
-    # Dots land at the writer's offset; crossings are rescaled about their centre and shifted.
-    jitter = rng.normal(0, 0.6, size=(len(letters), 2))[letter_of]
-    is_dot = delayed & np.isin(np.array(letters)[letter_of], ["i", "j"])
-    is_bar = delayed & ~is_dot
-    local[is_dot] += writer.dot_offset + jitter[is_dot]
-    bar_letters, bar_index = np.unique(letter_of[is_bar], return_inverse=True)
-    centre = np.zeros((len(bar_letters), 2))
-    np.add.at(centre, bar_index, local[is_bar])
-    centre /= np.bincount(bar_index, minlength=len(bar_letters))[:, None].clip(1)
-    local[is_bar] = centre[bar_index] + (local[is_bar] - centre[bar_index]) * writer.bar_scale
-    local[is_bar] += writer.bar_offset + jitter[is_bar]
-
-    x = local[:, 0] * size * writer.width + origin[letter_of]
-    height = (FONT_BASELINE - local[:, 1]) * size
-    x, height, letter_of, polyline, delayed = add_connectors(x, height, letter_of, polyline, delayed, word_of)
-    x = x + slant * height
-    tilt = writer.tilt + rng.normal(0, np.radians(0.5))
-    points = np.column_stack([x * np.cos(tilt) - height * np.sin(tilt), x * np.sin(tilt) + height * np.cos(tilt)])
-    amplitude, wavelength = writer.drift
-    points[:, 1] += amplitude * np.sin(2 * np.pi * points[:, 0] / wavelength + rng.uniform(0, 2 * np.pi))
-
-    # Writing order: each word's pen-down stroke, then its delayed polylines one by one.
-    delayed_rank = np.where(delayed, 1 + polyline + 100 * letter_of, 0)
-    word = word_of[letter_of]
-    order = np.lexsort((np.arange(len(points)), delayed_rank, word))
-    key = word[order] * 100_000 + delayed_rank[order]
-    stroke = np.cumsum(np.diff(key, prepend=-1) != 0) - 1
-    return points[order], stroke, letter_pos[letter_of][order]
-
-
-def critically_damped_kernel(tau):
-    """Impulse response of two cascaded one-pole low-passes with time constant tau (steps).
-
-    h[k] = (1 - r)^2 (k + 1) r^k with r = exp(-1 / tau): a pen pulled towards
-    its target without overshoot, lagging it by 2 tau steps.
-    """
-    if tau <= 0:
-        return np.ones(1)
-    r = np.exp(-1.0 / tau)
-    k = np.arange(int(np.ceil(12 * tau)) + 1)
-    h = (1 - r) ** 2 * (k + 1) * r ** k
-    return h / h.sum()
-
-
-def lowpass_strokes(points, stroke, kernel, settle):
-    """Filter each stroke of points (N, 2) causally with `kernel`, strokes independent.
-
-    Each stroke is padded before with copies of its first point (the pen rests
-    there, so the filter starts on the ink) and after with `settle` copies of
-    its last (the pen settles onto the end before lifting). Returns the
-    filtered points, their stroke ids and the index of the input point each
-    output point stands for.
-    """
-    K = len(kernel) - 1
-    first = np.flatnonzero(stroke_starts(stroke))
-    n = np.diff(np.append(first, len(stroke)))  # (S,)
-    padded = n + K + settle
-    local = np.arange(padded.sum()) - np.repeat(np.cumsum(padded) - padded, padded) - K
-    source = np.clip(local, 0, np.repeat(n - 1, padded)) + np.repeat(first, padded)
-    # The start padding is as long as the kernel, so no output sees the previous stroke.
-    smooth = np.column_stack([np.convolve(points[source, c], kernel)[:len(source)] for c in range(2)])
-    keep = local >= 0
-    return smooth[keep], np.repeat(np.arange(len(n)), padded)[keep], source[keep]
-
-
-def time_pen_path(points, stroke, char_of, writer):
-    """Sample the ideal path as a pen would be sampled at a fixed rate.
-
-    The pen moves fast on straight ink and slows in tight curves; it lags
-    behind the path by the writer's inertia (which rounds corners and shrinks
-    small loops). Returns samples (T, 2), stroke ids (T,), char_of (T,).
-    """
-    dense, dense_stroke, source = resample_strokes(points, stroke, ink_length(points, stroke), DENSE_STEP)
-    dense_char = char_of[np.ceil(source).astype(int)]  # a connector belongs to the letter it leads into
-    starts = stroke_starts(dense_stroke)
-    step = np.diff(dense, axis=0, append=dense[-1:])
-    heading = np.arctan2(step[:, 1], step[:, 0])
-    turn = np.abs(np.angle(np.exp(1j * np.diff(heading, prepend=heading[:1]))))  # radians per dense step
-    turn[starts] = 0.0
-    turn[np.append(starts[1:], True)] = 0.0  # a stroke's last point has no heading of its own
-    curvature = np.convolve(turn, np.ones(9) / 9, mode="same") / DENSE_STEP  # per font unit, over ~2 units
-    speed = 1.0 / (1.0 + 2.0 * writer.curve_slowdown * curvature)
-    clock = np.cumsum(np.where(starts, 0.0, DENSE_STEP / speed))
-    spacing = writer.ink_per_sample * writer.size
-    fine, fine_stroke, fine_source = resample_strokes(dense, dense_stroke, clock, spacing / FINE)
-    fine_char = dense_char[np.round(fine_source).astype(int)]
-    lag = writer.inertia * FINE  # in fine steps
-    smooth, smooth_stroke, smooth_source = lowpass_strokes(
-        fine, fine_stroke, critically_damped_kernel(lag / 2), int(np.ceil(lag)))
-    first = np.flatnonzero(stroke_starts(smooth_stroke))
-    local = np.arange(len(smooth_stroke)) - first[np.cumsum(stroke_starts(smooth_stroke)) - 1]
-    keep = local % FINE == 0
-    return smooth[keep], smooth_stroke[keep], fine_char[smooth_source[keep]]
-
-
-def render_line(text, writer, rng):
-    """`text` (a-z and single spaces) in `writer`'s hand.
-
-    Returns a Sample: xy (T, 2) in output units (x-height 0.5, y up), traj
-    (T, 3) = (dx, dy, pen_up), char_of (T,) into `text`. pen_up is 1 on the
-    first sample of every word and of every delayed stroke, and nowhere else.
-    A space draws no ink: its only trace is the pen lift before the next word,
-    so no sample belongs to it.
-    """
-    labels = encode(text, LINE_ALPHABET)
-    if not text.strip(" ") or "  " in text or text != text.strip(" "):
-        raise ValueError(f"a line is words separated by single spaces, got {text!r}")
-    points, stroke, char_of = line_layout(text, writer, rng)
-    samples, sample_stroke, sample_char = time_pen_path(points, stroke, char_of, writer)
-    samples = samples + rng.normal(0, writer.tremor, size=samples.shape)
-    xy = samples * LINE_UNIT
-    return Sample(text, pen_trajectory(xy, sample_stroke), labels, xy, stroke_starts(sample_stroke).astype(float),
-                  sample_char)
-
-
-# ---------------------------------------------------------------------------
-# Cursive lines: English text
-# ---------------------------------------------------------------------------
-# Word and word-pair counts from the PyPI package symspellpy (large web and book
-# corpora): 82,765 words and 242,342 pairs, read as data files. The pair list
-# keeps only pairs counted at least 6,400,000 times, so rare pairs are missing
-# and the model backs off to word frequencies.
-
-UNIGRAM_FILE = "frequency_dictionary_en_82_765.txt"
-BIGRAM_FILE = "frequency_bigramdictionary_en_243_342.txt"
-
-
-def _symspell_text(name):
-    try:
-        return (importlib.resources.files("symspellpy") / name).read_text(encoding="utf-8")
-    except (ModuleNotFoundError, FileNotFoundError, OSError) as e:
-        raise UserError(f"the lines task needs symspellpy's word counts ({e}); pip install 'symspellpy>=6.7.1'") from None
-
-
-# Web-scale counts carry web spam: these explicit, slur and spam words would
-# otherwise turn up in sampled lines and README figures, so they are left out
-# of the statistics (everything else is kept as counted).
-EXCLUDED_WORDS = frozenset("""
-    anal babes bitch bitches bitching blowjob blowjobs bondage boob boobies boobs busty cock cocks cocksucker
-    cocksuckers cum cumming cums cunt cunts dick dicks dildo dildoes dildos erotic erotica escort escorts fetish
-    fuck fucked fucker fuckers fucking fucks hardcore horny hottie hotties incest masturbate masturbates
-    masturbating masturbation milf milfs naked nigger nipple nipples nude nudes nympho orgies orgy porn porno
-    pornographic pornography pussies pussy shit shitting shitty slut sluts slutty spank spanked spanking
-    spankings squirting threesome threesomes tit tits titties titty twat valium viagra voyeur wank wanking
-    whore whores xxx""".split())
-
-
-@functools.lru_cache(maxsize=1)
-def english_words():
-    """(words, counts (V,)): every word over a-z in symspellpy's counts, most frequent first,
-    less EXCLUDED_WORDS."""
-    words, counts = [], []
-    for line in _symspell_text(UNIGRAM_FILE).splitlines():
-        parts = line.split()
-        if len(parts) == 2 and re.fullmatch("[a-z]+", parts[0]) and parts[0] not in EXCLUDED_WORDS:
-            words.append(parts[0])
-            counts.append(int(parts[1]))
-    if len(words) != N_ENGLISH_WORDS:  # symspellpy 6.7.0 shipped an older list: other text, other numbers
-        raise UserError(f"symspellpy's {UNIGRAM_FILE} gives {len(words)} words, not the {N_ENGLISH_WORDS} "
-                        "this code was measured on; pip install 'symspellpy>=6.7.1'")
-    order = np.argsort(-np.array(counts), kind="stable")
-    return tuple(words[i] for i in order), np.array(counts, dtype=float)[order]
-
-
-@functools.lru_cache(maxsize=1)
-def english_pairs():
-    """(first (P,), second (P,), count (P,)): word-pair counts as ids into english_words()."""
-    index = {w: i for i, w in enumerate(english_words()[0])}
-    first, second, counts = [], [], []
-    for line in _symspell_text(BIGRAM_FILE).splitlines():
-        parts = line.split()
-        if len(parts) == 3 and parts[0] in index and parts[1] in index:
-            first.append(index[parts[0]])
-            second.append(index[parts[1]])
-            counts.append(int(parts[2]))
-    return np.array(first), np.array(second), np.array(counts, dtype=float)
-
-
-@dataclass(frozen=True)
-class BigramModel:
-    """A smoothed word bigram distribution over a vocabulary: interpolated absolute
-    discounting (Ney, Essen and Kneser 1994),
-
-        P(w | v) = max(c(v, w) - D, 0) / c(v) + backoff(v) P(w),   backoff(v) = D n(v) / c(v),
-
-    with c(v, w) the pair counts in units of the smallest count the list keeps,
-    c(v) their sum over w, n(v) the number of listed followers, P(w) the word
-    frequencies and D = n1 / (n1 + 2 n2) from the pairs counted once and twice
-    (in those units). A word with no listed followers uses P(w) alone. For
-    every v, P(. | v) sums to one over the vocabulary.
-    """
-
-    words: tuple  # (V,) the vocabulary; a word's id is its index
-    unigram: np.ndarray  # (V,) P(w)
-    pair_key: np.ndarray  # (P,) sorted v * V + w of the listed pairs
-    pair_prob: np.ndarray  # (P,) the discounted part max(c(v, w) - D, 0) / c(v)
-    backoff: np.ndarray  # (V,)
-    discount: float  # D
-
-
-def discounted_pairs(v, w, c, V):
-    """Absolute discounting of pair counts c (P,) of word ids v, w < V (BigramModel's
-    formula): returns (sorted keys v * V + w, their discounted part, backoff (V,), D)."""
-    n1, n2 = np.count_nonzero(c < 2), np.count_nonzero((c >= 2) & (c < 3))
-    D = n1 / (n1 + 2 * n2) if n1 + n2 else 0.5
-    c_v = np.bincount(v, weights=c, minlength=V)  # (V,)
-    n_v = np.bincount(v, minlength=V)
-    backoff = np.where(n_v > 0, D * n_v / np.maximum(c_v, 1e-300), 1.0)
-    key = v.astype(np.int64) * V + w
-    order = np.argsort(key)
-    return key[order], (np.maximum(c - D, 0.0) / np.maximum(c_v[v], 1e-300))[order], backoff, D
-
-
-def build_bigram_model(vocabulary_size=None):
-    """The bigram model over the `vocabulary_size` most frequent words (all if None)."""
-    words, counts = english_words()
-    V = len(words) if vocabulary_size is None else min(vocabulary_size, len(words))
-    first, second, pair_counts = english_pairs()
-    unit = pair_counts.min()
-    keep = (first < V) & (second < V)
-    key, prob, backoff, D = discounted_pairs(first[keep], second[keep], pair_counts[keep] / unit, V)
-    return BigramModel(words[:V], counts[:V] / counts[:V].sum(), key, prob, backoff, D)
-
-
-def bigram_prob(model, prev, nxt):
-    """P(nxt | prev) for word-id arrays of one shape."""
-    prev, nxt = np.asarray(prev), np.asarray(nxt)
-    key = prev.astype(np.int64) * len(model.words) + nxt
-    at = np.minimum(np.searchsorted(model.pair_key, key), len(model.pair_key) - 1)
-    listed = np.where(model.pair_key[at] == key, model.pair_prob[at], 0.0)
-    return listed + model.backoff[prev] * model.unigram[nxt]
-
-
-@dataclass(frozen=True)
-class TextSampler:
-    """Cumulative tables for drawing words from a BigramModel quickly."""
-
-    model: BigramModel
-    unigram_cdf: np.ndarray  # (V,)
-    row_start: np.ndarray  # (V + 1,) the listed followers of v are pairs row_start[v]:row_start[v + 1]
-    pair_cdf: np.ndarray  # (P,) running sum of pair_prob within each row
-
-
-@functools.lru_cache(maxsize=1)
-def english_text_sampler():
-    model = build_bigram_model()
-    V = len(model.words)
-    row_start = np.searchsorted(model.pair_key, np.arange(V + 1, dtype=np.int64) * V)
-    running = np.cumsum(model.pair_prob)
-    before_row = np.concatenate([[0.0], running])[row_start[:-1]]  # (V,)
-    pair_cdf = running - np.repeat(before_row, np.diff(row_start))
-    return TextSampler(model, np.cumsum(model.unigram), row_start, pair_cdf)
-
-
-def next_word(sampler, prev, rng):
-    """Draw w ~ P(w | prev), or from the word frequencies when prev is None."""
-    u = rng.random()
-    if prev is not None:
-        lo, hi = sampler.row_start[prev], sampler.row_start[prev + 1]
-        if hi > lo and u < sampler.pair_cdf[hi - 1]:  # one of the listed followers
-            j = lo + np.searchsorted(sampler.pair_cdf[lo:hi], u, side="right")
-            return int(sampler.model.pair_key[j] % len(sampler.model.words))
-        u = rng.random()
-    return int(min(np.searchsorted(sampler.unigram_cdf, u * sampler.unigram_cdf[-1], side="right"),
-                   len(sampler.unigram_cdf) - 1))
-
-
-LINE_CHARS = (25, 45)  # line length in characters, as IAM-OnDB text lines
-LINE_WORDS = (4, 9)
-
-
-def sample_line(rng):
-    """One line of text: a word-bigram Markov chain started from the word
-    frequencies, run until a length drawn from LINE_CHARS is reached; lines
-    outside LINE_CHARS or LINE_WORDS are drawn again. Sampled, not real text."""
-    sampler = english_text_sampler()
-    words = sampler.model.words
-    while True:
-        target = rng.integers(LINE_CHARS[0], LINE_CHARS[1] + 1)
-        ids = [next_word(sampler, None, rng)]
-        length = len(words[ids[0]])
-        while length < target:
-            ids.append(next_word(sampler, ids[-1], rng))
-            length += 1 + len(words[ids[-1]])
-        if LINE_CHARS[0] <= length <= LINE_CHARS[1] and LINE_WORDS[0] <= len(ids) <= LINE_WORDS[1]:
-            return " ".join(words[i] for i in ids)
-
-
-# ---------------------------------------------------------------------------
-# Cursive lines: the synthetic database
-# ---------------------------------------------------------------------------
-# Writers and the validation and test lines are fixed (LINES_DATA_SEED), the
-# same for every run, like a real corpus; the run's seed draws the training
-# lines. Writers of the three splits are disjoint, as in IAM-OnDB-t1, and so
-# are the texts.
-
-LINES_DATA_SEED = 2009
-LINE_WRITERS = {"train": 200, "validation": 20, "test": 40}
-MAX_EVAL_LINES_PER_WRITER = 10
-LINE_SPLITS = ("validation", "test")
-
-
-def writer_id(split, i):
-    return f"{split[:2]}{i:03d}"
-
-
-def line_writer(split, i):
-    """Writer i of a split, drawn from its own seed: the same style in every run."""
-    code = list(LINE_WRITERS).index(split)
-    return draw_writer(np.random.default_rng([LINES_DATA_SEED, code, i]))
-
-
-@functools.lru_cache(maxsize=None)
-def line_writers(split):
-    return tuple(line_writer(split, i) for i in range(LINE_WRITERS[split]))
-
-
-@functools.lru_cache(maxsize=1)
-def line_eval_texts():
-    """{split: [[text] * MAX_EVAL_LINES_PER_WRITER per writer]} for validation and test.
-
-    Each writer's lines come from the writer's own text stream, so fewer lines
-    per writer are a prefix of more; a line already used elsewhere is drawn again.
-    """
-    seen, texts = set(), {}
-    for code, split in enumerate(LINE_SPLITS, start=1):
-        texts[split] = []
-        for i in range(LINE_WRITERS[split]):
-            rng = np.random.default_rng([LINES_DATA_SEED, code, i, 1])
-            mine = []
-            while len(mine) < MAX_EVAL_LINES_PER_WRITER:
-                text = sample_line(rng)
-                if text not in seen:
-                    seen.add(text)
-                    mine.append(text)
-            texts[split].append(mine)
-    return texts
-
-
-def render_writer_line(text, split, i, seed):
-    """Writer i of `split` writing `text`; `seed` fixes the per-line variation."""
-    sample = render_line(text, line_writers(split)[i], np.random.default_rng(seed))
-    sample.writer = writer_id(split, i)
-    return sample
-
-
-def line_eval_set(split, lines_per_writer):
-    """The fixed validation or test lines: every writer of the split, `lines_per_writer` each."""
-    code = LINE_SPLITS.index(split) + 1
-    return [render_writer_line(text, split, i, [LINES_DATA_SEED, code, i, 2, j])
-            for i, texts in enumerate(line_eval_texts()[split]) for j, text in enumerate(texts[:lines_per_writer])]
-
-
-def draw_training_lines(n, rng):
-    """(texts, writer indices, render seeds) for n fresh training lines; never a validation or test text."""
-    held = {t for split in LINE_SPLITS for texts in line_eval_texts()[split] for t in texts}
-    texts = []
-    while len(texts) < n:
-        text = sample_line(rng)
-        if text not in held:
-            texts.append(text)
-    return texts, rng.integers(LINE_WRITERS["train"], size=n), rng.integers(2**63, size=n)
-
-
-# ---------------------------------------------------------------------------
-# IAM-OnDB: reading the database
-# ---------------------------------------------------------------------------
-# The IAM On-Line Handwriting Database needs a registration and cannot be
-# downloaded here, so the reader follows the on-disk format as public loaders
-# describe it (below: what was checked where), and it is tested on files
-# written in that format. The files are untrusted: XML is parsed with the
-# standard library's expat with every entity declaration, external entity and
-# external DTD refused, so a "billion laughs" file is rejected unexpanded.
-#
-# Format facts, and where each was checked:
-# No IAM-OnDB file is available here. Each fact was read in public loaders through the code
-# search index (learned from, not copied); "unnamed" means the index showed the file without
-# its repository, so it supports the fact but cannot be cited.
-#
-# Layout. lineStrokes/a01/a01-000/a01-000u-01.xml (one file per text line, numbered from 01),
-#   ascii/a01/a01-000/a01-000u.txt (one per form), original/a01/a01-000/strokesu.xml. The
-#   trailing letter tells apart the copies of text a01-000 by different writers and is not a
-#   writer id; some form ids have no letter ("d04-081", "h02-037"), and then the original file
-#   is strokes.xml.
-#   - sjvasquez/handwriting-synthesis prepare_data.py: lineStrokes and original folders are the
-#     ascii folder with its first part renamed; line files start with "<text id><letter>-";
-#     original file "strokes" + letter, letter "" when the id ends in a digit.
-#   - jan-auer/rnnlib-iam english_online.py and iam_online.py: a split entry maps to
-#     a01/a01-000/a01-000u by the regex ^(((\w+)-\d+)\w?)$ (letter optional), then to
-#     ascii/<that>.txt and lineStrokes/<that>-%02d.xml for line i + 1.
-#   - X-rayLaser/pytorch-handwriting-synthesis-toolkit iam_ondb/_utils.py (PathFinder drops the
-#     letter to find the folder).
-# Split files. trainset.txt, testset_v.txt, testset_t.txt, testset_f.txt in the data root, one
-#   form id per line, written with a leading space (" a01-020x", " d04-081", " f07-088b").
-#   - jan-auer/rnnlib-iam README.md (files beside ascii/ and lineStrokes/; "trainset and
-#     testset_v/testset_t for validation") and minimal.txt (a split file in that format).
-#   - ShigekiKarita/gravesnet src/dataset.py (entries stripped; lineStrokes/<[:3]>/<[:7]>/ then
-#     glob entry + "*.xml").
-#   - unnamed loaders: `line[1:-1]  # Skip the initial space`, and some swap the roles
-#     (testset_f as validation, testset_v as test). We use trainset -> train,
-#     testset_v -> validation, testset_t -> validation2, testset_f -> test.
-#   - The line counts 5,364 (train) and 3,859 (test) come from the paper; they are printed
-#     beside what was read, never asserted. Not found in public code here.
-# ascii files. "OCR:" (the prompt), then "CSR:" (what was written) and a blank line, then one
-#   text line per line file in order. "%%%%%%%%%%%" is replaced by a line break before
-#   splitting; blank lines are dropped; the count must equal the number of line files.
-#   - sjvasquez/handwriting-synthesis prepare_data.py (replace('%%%%%%%%%%%', '\n'), lines from
-#     index('CSR:') + 2, blank lines dropped, assert count == number of line files).
-#   - jan-auer/rnnlib-iam english_online.py (text after "CSR:", split on [\r\n]+, stripped).
-#   - X-rayLaser/pytorch-handwriting-synthesis-toolkit iam_ondb/_transcriptions.py
-#     (extract_transcription_from_txt_file: non-blank lines after "CSR:", line i -> id-%02d).
-#   Where the marker sits in real files (own line or mid-line) was not seen; both read the same.
-# lineStrokes XML. Root WhiteboardCaptureSession; WhiteboardDescription with
-#   SensorLocation@corner and Diagonally/Vertically/HorizontallyOppositeCoords@x,y (integers);
-#   StrokeSet/Stroke/Point@x,y (integers), @time (float seconds).
-#   - X-rayLaser/pytorch-handwriting-synthesis-toolkit iam_ondb/_line_strokes.py (all of these
-#     element and attribute names; int x, y; float time).
-#   - ShigekiKarita/gravesnet src/dataset.py and sjvasquez prepare_data.py (int x, y; float time;
-#     one Stroke = one pen-down segment: an end-of-stroke flag on its last point).
-#   - ISO-8859-1 declaration, Stroke@colour/start_time/end_time, times 20 ms apart with two
-#     decimals ("14978711.86", ".88", ".90"), and a file with only DiagonallyOppositeCoords:
-#     /work/shared/REFERENCE.md and an unnamed IAM-OnDB guide. So Vertically/Horizontally are
-#     optional here.
-# original/**/strokes*.xml. General/Form@writerID; Transcription/TextLine@id,@text.
-#   - sjvasquez/handwriting-synthesis prepare_data.py (root.find('General')[0].attrib['writerID']).
-#   - X-rayLaser/pytorch-handwriting-synthesis-toolkit iam_ondb/_transcriptions.py
-#     (General/Form attributes, Transcription/TextLine@text,@id) and _iam_ondb.py (form.writerID).
-# forms.txt. The FKI download page (fki.tic.heia-fr.ch/databases/download-the-iam-on-line-
-#   handwriting-database) says data/forms.txt "contains the mapping of all forms to the
-#   writers", for forms whose original file has no writer id. Its column layout was NOT found
-#   for IAM-OnDB. We read "form_id writer_id" (first two whitespace-separated columns, "#" lines
-#   skipped): the layout of the offline IAM-DB forms.txt (an unnamed loader: column 0 form,
-#   column 1 writer, "#" header) and of an unnamed IAM-OnDB loader's writer file.
-# Known bad files. a08-551z-08.xml and a08-551z-09.xml are invalid XML; z01-000z has no ascii
-#   file. - sjvasquez prepare_data.py (skips z01-000z); an unnamed loader docstring (all three).
-#   They are skipped and counted by the generic rules, not by name.
-
-IAM_SPLIT_FILES = {  # split name -> IAM-OnDB-t1 file in the data root
-    "train": "trainset.txt",
-    "validation": "testset_v.txt",  # validation 1
-    "validation2": "testset_t.txt",  # validation 2
-    "test": "testset_f.txt",  # final test
-}
-PUBLISHED_LINE_COUNTS = {"train": 5364, "test": 3859}  # from the paper; printed, never asserted
-IAM_ENCODING = "iso-8859-1"  # the XML files declare it; the ascii files are read the same way
-IAM_ROOT = "WhiteboardCaptureSession"
-CSR_MARKER = "%" * 11  # in ascii files; public loaders read it as a line break
-LINE_BREAK = re.compile(r"\r\n|\r|\n")  # not str.splitlines: latin-1 byte 0x85 (cp1252 "...") is U+0085
-BLANKS = " \t\r\n\x0b\x0c"  # what .strip() removes here; U+0085 and U+00A0 may be text
-SAMPLE_PERIOD = 0.02  # seconds between pen samples in the real files
-
-FORM_ID = re.compile(r"(?P<prefix>[A-Za-z0-9]+)-(?P<number>\d+)(?P<letter>[A-Za-z]?)")
-LINE_FILE = re.compile(r"(?P<form>[A-Za-z0-9]+-\d+[A-Za-z]?)-(?P<number>\d+)\.xml")
-DATA_FOLDERS = ("lineStrokes", "ascii", "original")
-
-
-class IamOnDbError(UserError):
-    """A problem with the data on disk, said in one line that names the file or folder."""
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))  # one line, whatever was interpolated
-
-
-class IamOnDbBoundError(IamOnDbError):
-    """A file beyond the bounds below: refused outright, never skipped as merely invalid."""
-
-
-MAX_LINE_STROKES = 5_000  # per line file; real lines have at most about 100
-MAX_COORDINATE = 1e7  # |x|, |y| in sensor units; real whiteboards span about 7,000 x 1,500
-MAX_TIME = 1e12  # |time| in seconds; real files count from about 1.5e7
-
-
-# Safe XML: expat with entities refused.
-# The files come from a download, so they are untrusted: a DTD entity could expand
-# exponentially (billion laughs) or pull in a local file. No real IAM-OnDB file needs a DTD,
-# so every entity declaration and every external DTD or entity is refused outright.
-
-
-class _BadContent(Exception):
-    """Raised inside expat handlers; becomes an IamOnDbError naming the file."""
-
-
-def _refuse_entity_declaration(name, *_):
-    raise _BadContent(f"refused DTD entity declaration {name!r}")
-
-
-def _refuse_unparsed_entity(name, *_):
-    raise _BadContent(f"refused unparsed entity {name!r}")
-
-
-def _refuse_external_entity(context, base, system_id, public_id):
-    raise _BadContent(f"refused external entity {system_id or public_id!r}")
-
-
-def _refuse_external_dtd(name, system_id, public_id, has_internal_subset):
-    if system_id or public_id:
-        raise _BadContent(f"refused external DTD {system_id or public_id!r}")
-
-
-def _safe_parser() -> xml.parsers.expat.XMLParserType:
-    parser = xml.parsers.expat.ParserCreate()  # the encoding comes from the XML declaration
-    parser.SetParamEntityParsing(xml.parsers.expat.XML_PARAM_ENTITY_PARSING_NEVER)
-    parser.StartDoctypeDeclHandler = _refuse_external_dtd
-    parser.EntityDeclHandler = _refuse_entity_declaration
-    parser.UnparsedEntityDeclHandler = _refuse_unparsed_entity
-    parser.ExternalEntityRefHandler = _refuse_external_entity
-    return parser
-
-
-def _parse(parser, data: bytes, source: str) -> None:
-    """Run an expat parser over a whole file, turning any failure into an IamOnDbError."""
-    try:
-        parser.Parse(data, True)
-    except xml.parsers.expat.ExpatError as err:
-        raise IamOnDbError(f"{source}: invalid XML ({err})") from None
-    except _BadContent as err:
-        raise IamOnDbError(f"{source}: {err} (line {parser.CurrentLineNumber})") from None
-
-
-# lineStrokes and original files.
-
-
-@dataclass(frozen=True, eq=False)
-class LineInk:
-    """The ink of one lineStrokes file."""
-
-    points: np.ndarray  # (N, 2) float64 x, y in sensor units, y pointing down
-    stroke: np.ndarray  # (N,) int64 pen-down segment of each point, 0..S-1 in drawing order
-    times: np.ndarray  # (N,) float64 seconds
-    corners: dict  # e.g. {"DiagonallyOppositeCoords": (6512.0, 1376.0), ...}; whiteboard corners
-    sensor_corner: str | None  # SensorLocation@corner, "top_left" in every file seen
-
-
-def parse_line_strokes(data: bytes, source: str) -> LineInk:
-    """Points, strokes, times and whiteboard corners of one lineStrokes XML file.
-
-    Points are collected by a start-element handler without building a tree. Strokes without
-    points are dropped, so stroke ids stay 0..S-1. Raises IamOnDbError naming `source` for
-    invalid XML, a refused entity, a wrong root, a missing or non-numeric attribute, or no points.
-    """
-    xs, ys, ts = [], [], []  # attribute strings; numpy converts them in one call each
-    first_point = []  # index into xs of each Stroke's first point
-    corners, sensor = {}, []
-    in_stroke = seen_root = False
-
-    def start(name, attrs):
-        nonlocal in_stroke, seen_root
-        if not seen_root:
-            if name != IAM_ROOT:
-                raise _BadContent(f"root element <{name}>, expected <{IAM_ROOT}>")
-            seen_root = True
-        elif name == "Point":
-            if not in_stroke:
-                raise _BadContent("<Point> outside a <Stroke>")
-            try:
-                xs.append(attrs["x"])
-                ys.append(attrs["y"])
-                ts.append(attrs["time"])
-            except KeyError as missing:
-                raise _BadContent(f"<Point> without the {missing} attribute") from None
-        elif name == "Stroke":
-            in_stroke = True
-            first_point.append(len(xs))
-        elif name.endswith("OppositeCoords"):
-            if "x" not in attrs or "y" not in attrs:
-                raise _BadContent(f"<{name}> without x and y")
-            corners[name] = (attrs["x"], attrs["y"])
-        elif name == "SensorLocation":
-            sensor.append(attrs.get("corner"))
-
-    def end(name):
-        nonlocal in_stroke
-        if name == "Stroke":
-            in_stroke = False
-
-    parser = _safe_parser()
-    parser.StartElementHandler = start
-    parser.EndElementHandler = end
-    _parse(parser, data, source)
-
-    if not xs:
-        raise IamOnDbError(f"{source}: no <Point> elements")
-    try:
-        points = np.array([xs, ys], dtype=np.float64).T  # (N, 2)
-        times = np.array(ts, dtype=np.float64)  # (N,)
-        corners = {k: (float(x), float(y)) for k, (x, y) in corners.items()}
-    except ValueError as err:
-        raise IamOnDbError(f"{source}: non-numeric coordinate or time ({err})") from None
-    if not (np.isfinite(points).all() and np.isfinite(times).all()):
-        raise IamOnDbError(f"{source}: non-finite coordinate or time")
-    if np.abs(points).max() > MAX_COORDINATE or np.abs(times).max() > MAX_TIME:
-        # finite, but differences of such values overflow and the features become NaN
-        raise IamOnDbBoundError(f"{source}: a coordinate beyond +-{MAX_COORDINATE:g} sensor units or a time beyond "
-                                f"+-{MAX_TIME:g} s (largest {np.abs(points).max():g}, {np.abs(times).max():g})")
-    counts = np.diff(np.append(first_point, len(xs)))  # (S_all,) points per Stroke element
-    counts = counts[counts > 0]
-    if len(counts) > MAX_LINE_STROKES:  # noise removal compares strokes pairwise
-        raise IamOnDbBoundError(f"{source}: {len(counts):,} strokes, more than the {MAX_LINE_STROKES:,} a line may have")
-    stroke = np.repeat(np.arange(len(counts)), counts)  # (N,)
-    return LineInk(points, stroke, times, corners, sensor[0] if sensor else None)
-
-
-class _FoundWriter(Exception):
-    """Stops the parse once General/Form is seen: the rest of the file is the form's ink."""
-
-
-def parse_form_writer(data: bytes, source: str) -> str | None:
-    """General/Form@writerID of an original/**/strokes*.xml file, or None when absent.
-
-    Same entity refusals as the line parser; raises IamOnDbError for invalid XML.
-    """
-    path, found = [], []  # open elements; the writer id once seen
-
-    def start(name, attrs):
-        if name == "Form" and path[-1:] == ["General"]:
-            found.append(attrs.get("writerID", "").strip())
-            raise _FoundWriter
-        path.append(name)
-
-    def end(name):
-        path.pop()
-
-    parser = _safe_parser()
-    parser.StartElementHandler = start
-    parser.EndElementHandler = end
-    try:
-        _parse(parser, data, source)
-    except _FoundWriter:
-        pass
-    return found[0] if found and found[0] else None
-
-
-# ascii, split and forms.txt files.
-
-
-def parse_ascii(text: str, source: str) -> list[str]:
-    """The CSR lines of an ascii file: what was written, one entry per lineStrokes file.
-
-    The marker %%%%%%%%%%% counts as a line break, blank lines are dropped and each line is
-    stripped, as public loaders do. Raises IamOnDbError when there is no "CSR:" line.
-    """
-    lines = LINE_BREAK.split(re.sub(CSR_MARKER + "+", "\n", text))
-    heads = [i for i, line in enumerate(lines) if line.strip(BLANKS) == "CSR:"]
-    if not heads:
-        raise IamOnDbError(f"{source}: no 'CSR:' section")
-    return [line.strip(BLANKS) for line in lines[heads[0] + 1:] if line.strip(BLANKS)]
-
-
-def _quoted_prefix(text: str, limit: int = 40) -> str:
-    """repr of text, cut to its first `limit` characters: a bad entry may be a whole file."""
-    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text):,} characters)"
-
-
-def parse_split_file(text: str, source: str) -> list[str]:
-    """Form ids of a split file, in file order without repeats (entries have a leading space)."""
-    form_ids = []
-    for number, line in enumerate(LINE_BREAK.split(text), start=1):
-        entry = line.strip(BLANKS)
-        if not entry:
-            continue
-        if not FORM_ID.fullmatch(entry):  # also keeps "../" out of the paths built from it
-            raise IamOnDbError(f"{source} line {number}: {_quoted_prefix(entry)} is not a form id like a01-000u")
-        if entry not in form_ids:
-            form_ids.append(entry)
-    return form_ids
-
-
-def parse_forms_txt(text: str) -> dict[str, str]:
-    """form id -> writer id from forms.txt: first two whitespace-separated columns, '#' skipped."""
-    writers = {}
-    for line in LINE_BREAK.split(text):
-        columns = line.split()
-        if len(columns) >= 2 and not columns[0].startswith("#"):
-            writers[columns[0]] = columns[1]
-    return writers
-
-
-MAX_FILE_BYTES = 16 * 2**20  # any one file of the database; the largest real line file is about 105 kB
-
-
-def _open_without_waiting(path, flags):
-    # A FIFO would block open() until some writer appears; non-blocking, it opens and is refused below.
-    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
-
-
-def _read_bytes(path: str) -> bytes:
-    """The bytes of a regular file of at most MAX_FILE_BYTES; IamOnDbError naming the file for
-    anything else (a FIFO, a device such as /dev/zero, a symlink to either, an oversized file)."""
-    try:
-        with open(path, "rb", opener=_open_without_waiting) as f:
-            mode = os.fstat(f.fileno()).st_mode
-            if not stat.S_ISREG(mode):
-                kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) \
-                    else "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
-                raise IamOnDbError(f"cannot read {path}: it is {kind}, not a regular file")
-            data = f.read(MAX_FILE_BYTES + 1)
-            if len(data) > MAX_FILE_BYTES:
-                raise IamOnDbError(f"cannot read {path}: larger than {MAX_FILE_BYTES:,} bytes, the most a file of "
-                                   "the database may hold")
-            return data
-    except PermissionError:
-        raise IamOnDbError(f"cannot read {path}: permission denied") from None
-    except OSError as err:
-        raise IamOnDbError(f"cannot read {path}: {err.strerror or err}") from None
-
-
-def _raise_unreadable_folder(err: OSError):
-    raise IamOnDbError(f"cannot read folder {err.filename}: {err.strerror or err}")
-
-
-# Finding the data.
-
-
-def _subfolders(path: str) -> list[str]:
-    try:
-        return sorted(entry.path for entry in os.scandir(path) if entry.is_dir())
-    except OSError:  # only a hint: an unreadable folder is just not searched
-        return []
-
-
-def _layout_hint(data_dir: str) -> str:
-    """Where the data seems to be, when data_dir is not the root (the usual mistakes)."""
-    base = os.path.basename(os.path.normpath(data_dir))
-    if base in DATA_FOLDERS:
-        parent = os.path.dirname(os.path.normpath(data_dir))
-        return f"; {data_dir} looks like the {base}/ folder itself: pass its parent {parent}"
-    found = {name: [] for name in ("lineStrokes", "ascii")}
-    children = _subfolders(data_dir)[:200]  # two levels, bounded: enough for the usual mistakes
-    for folder in children + [grandchild for child in children for grandchild in _subfolders(child)][:2000]:
-        for name in found:
-            if os.path.isdir(os.path.join(folder, name)):
-                found[name].append(folder)
-    together = sorted(set(found["lineStrokes"]) & set(found["ascii"]))
-    if together:
-        return f"; found lineStrokes/ and ascii/ in {together[0]}: pass that folder"
-    if found["lineStrokes"] or found["ascii"]:
-        where = ", ".join(f"{name}/ in {places[0]}" for name, places in found.items() if places)
-        return f"; found {where}: move lineStrokes/, ascii/, original/ and the split files into one folder and pass it"
-    return ""
-
-
-def check_layout(data_dir: str) -> None:
-    """Raise IamOnDbError unless data_dir holds lineStrokes/ and ascii/."""
-    if not os.path.exists(data_dir):
-        raise IamOnDbError(f"IAM-OnDB folder not found: {data_dir}")
-    if not os.path.isdir(data_dir):
-        raise IamOnDbError(f"IAM-OnDB path is not a folder: {data_dir}")
-    missing = [name + "/" for name in ("lineStrokes", "ascii") if not os.path.isdir(os.path.join(data_dir, name))]
-    if missing:
-        raise IamOnDbError(
-            f"{data_dir} is not the IAM-OnDB root: no {' or '.join(missing)} in it (expected lineStrokes/, "
-            f"ascii/, original/ and {', '.join(IAM_SPLIT_FILES.values())} side by side){_layout_hint(data_dir)}")
-
-
-def read_split_files(data_dir: str) -> dict[str, list[str]]:
-    """split name -> form ids, from the IAM-OnDB-t1 files. Train, validation and
-    test are required (missing or empty -> IamOnDbError); validation 2
-    (testset_t.txt) may be missing or empty, as in an export of the lines task."""
-    splits, split_of = {}, {}
-    for split, name in IAM_SPLIT_FILES.items():
-        path = os.path.join(data_dir, name)
-        optional = split == "validation2"
-        if not os.path.isfile(path):
-            if optional:
-                continue
-            elsewhere = [f for f in _subfolders(data_dir) if os.path.isfile(os.path.join(f, name))]
-            hint = f"; found one in {elsewhere[0]}: move the four split files up" if elsewhere else ""
-            raise IamOnDbError(f"missing split file {path} (the IAM-OnDB-t1 files belong in the data root){hint}")
-        form_ids = parse_split_file(_read_bytes(path).decode(IAM_ENCODING), path)
-        if not form_ids:
-            if optional:
-                continue
-            raise IamOnDbError(f"empty split file {path}: no form ids")
-        for form_id in form_ids:
-            if form_id in split_of:  # the splits are writer-disjoint by design
-                raise IamOnDbError(f"{path}: form {form_id} is also in {IAM_SPLIT_FILES[split_of[form_id]]}")
-            split_of[form_id] = split
-        splits[split] = form_ids
-    return splits
-
-
-def find_line_files(strokes_root: str) -> tuple[dict[str, tuple[str, dict[int, str]]], list[str], dict[str, list]]:
-    """form id -> (folder relative to lineStrokes/, {line number: path}); unrecognised files; and
-    form id -> ["<path> and <name>", ...] for every further file of a line number it already has
-    (a01-000u-01.xml and a01-000u-001.xml)."""
-    forms, unrecognised, twice = {}, [], {}
-    for dirpath, dirnames, filenames in os.walk(strokes_root, onerror=_raise_unreadable_folder):
-        dirnames.sort()
-        folder = os.path.relpath(dirpath, strokes_root)
-        for name in sorted(filenames):
-            match = LINE_FILE.fullmatch(name)
-            entry = forms.setdefault(match["form"], (folder, {})) if match else None
-            if entry is None or entry[0] != folder:  # not a line file, or a form in two folders
-                unrecognised.append(os.path.join(dirpath, name))
-                continue
-            if int(match["number"]) in entry[1]:  # which of the two is the line cannot be told
-                twice.setdefault(match["form"], []).append(f"{entry[1][int(match['number'])]} and {name}")
-            entry[1][int(match["number"])] = os.path.join(dirpath, name)
-    return forms, unrecognised, twice
-
-
-# Loading.
-
-
-@dataclass(frozen=True, eq=False)
-class InkLine:
-    """One handwritten text line of IAM-OnDB."""
-
-    line_id: str  # "a01-000u-01"
-    form_id: str  # "a01-000u": text a01-000, copy u
-    writer: str  # General/Form@writerID, else forms.txt, else the form id
-    split: str  # "train", "validation", "validation2" or "test"
-    text: str  # the CSR transcription
-    points: np.ndarray  # (N, 2) float64 x, y sensor units, y down
-    stroke: np.ndarray  # (N,) int64 pen-down segment, 0..S-1
-    times: np.ndarray  # (N,) float64 seconds
-    path: str = ""  # the lineStrokes file it was read from, for messages
-
-
-@dataclass
-class _Tally:
-    """What the loader skipped or ignored, with a few example paths per reason."""
-
-    skipped: Counter = field(default_factory=Counter)  # reason -> files or forms (the name says)
-    lines_lost: int = 0  # line files of split forms not loaded
-    ignored: Counter = field(default_factory=Counter)
-    writer_from: Counter = field(default_factory=Counter)  # where each loaded form's writer came from
-    examples: dict = field(default_factory=dict)  # reason -> up to 3 paths or ids
-
-    def note(self, counter: Counter, reason: str, example: str, count: int = 1):
-        counter[reason] += count
-        self.examples.setdefault(reason, [])
-        if len(self.examples[reason]) < 3:
-            self.examples[reason].append(example)
-
-    def skip(self, reason: str, example: str, lines_lost: int):
-        self.note(self.skipped, reason, example)
-        self.lines_lost += lines_lost
-
-
-def _writer_of(data_dir, form_id, folder, forms_txt, tally) -> str:
-    """General/Form@writerID of the form's original file, else forms.txt, else the form id."""
-    path = os.path.join(data_dir, "original", folder, f"strokes{FORM_ID.fullmatch(form_id)['letter']}.xml")
-    if os.path.isfile(path):
-        raw = _read_bytes(path)  # unreadable: fatal, like every other file
-        try:
-            writer = parse_form_writer(raw, path)
-        except IamOnDbError:  # corrupt: the writer comes from elsewhere
-            writer = None
-            tally.note(tally.ignored, "invalid original files", path)
-        if writer:
-            tally.writer_from["original"] += 1
-            return writer
-    if form_id in forms_txt:
-        tally.writer_from["forms.txt"] += 1
-        return forms_txt[form_id]
-    tally.note(tally.writer_from, "unknown (form id used)", form_id)
-    return form_id
-
-
-def _load_form(data_dir, form_id, folder, numbered, split, forms_txt, tally) -> list[InkLine]:
-    """The loadable lines of one form; skips are counted in tally, unreadable files raise."""
-    ascii_path = os.path.join(data_dir, "ascii", folder, form_id + ".txt")
-    if not os.path.isfile(ascii_path):
-        tally.skip("forms without an ascii file", ascii_path, len(numbered))
-        return []
-    raw = _read_bytes(ascii_path)
-    try:
-        texts = parse_ascii(raw.decode(IAM_ENCODING), ascii_path)
-    except IamOnDbError:
-        tally.skip("forms whose ascii file has no CSR section", ascii_path, len(numbered))
-        return []
-    if sorted(numbered) != list(range(1, len(texts) + 1)):
-        tally.skip("forms whose CSR line count differs from their line files",
-                   f"{form_id} ({len(texts)} CSR lines, {len(numbered)} line files)", len(numbered))
-        return []
-    writer = _writer_of(data_dir, form_id, folder, forms_txt, tally)
-    lines = []
-    for number, path in sorted(numbered.items()):
-        raw = _read_bytes(path)
-        try:
-            ink = parse_line_strokes(raw, path)
-        except IamOnDbBoundError:
-            raise
-        except IamOnDbError:
-            tally.skip("invalid line files", path, 1)
-            continue
-        lines.append(InkLine(f"{form_id}-{number:02d}", form_id, writer, split, texts[number - 1],
-                          ink.points, ink.stroke, ink.times, path))
-    return lines
-
-
-def load_iam_ondb(data_dir, log=print) -> tuple[dict[str, list[InkLine]], dict]:
-    """Every line of the four IAM-OnDB-t1 splits, and a summary of what was read and skipped.
-
-    data_dir holds lineStrokes/, ascii/, optionally original/ and forms.txt, and the split files
-    trainset.txt (-> "train"), testset_v.txt (-> "validation"), testset_t.txt (-> "validation2"),
-    testset_f.txt (-> "test"). A corrupt line file, a form without ascii file or with a CSR line
-    count unlike its line files are skipped and counted. A missing or mislaid folder, a missing
-    or empty split, and an unreadable file raise IamOnDbError. Lines sorted by line id per split.
-    The summary is logged through `log` (one string per call) and returned as a dict.
-    """
-    started = time.perf_counter()
-    data_dir = os.fspath(data_dir)
-    check_layout(data_dir)
-    form_ids_by_split = read_split_files(data_dir)
-    split_of = {form_id: split for split, ids in form_ids_by_split.items() for form_id in ids}
-    forms_txt_path = os.path.join(data_dir, "forms.txt")
-    forms_txt = parse_forms_txt(_read_bytes(forms_txt_path).decode(IAM_ENCODING)) if os.path.isfile(forms_txt_path) else {}
-    line_files, unrecognised, twice = find_line_files(os.path.join(data_dir, "lineStrokes"))
-
-    tally = _Tally()
-    for path in unrecognised:
-        tally.note(tally.ignored, "files in lineStrokes/ that are not line files", path)
-    lines_by_split = {split: [] for split in form_ids_by_split}
-    for form_id in sorted(line_files):
-        folder, numbered = line_files[form_id]
-        if form_id not in split_of:  # not parsed: IAM-OnDB-t1 leaves these forms out
-            tally.note(tally.ignored, "forms in no split file", form_id)
-            tally.ignored["lines of forms in no split file"] += len(numbered)
-            continue
-        split = split_of[form_id]
-        if form_id in twice:
-            tally.skip("forms with two files for one line number", twice[form_id][0], len(numbered) + len(twice[form_id]))
-            continue
-        lines_by_split[split] += _load_form(data_dir, form_id, folder, numbered, split, forms_txt, tally)
-    for form_id in sorted(set(split_of) - set(line_files)):
-        tally.skip("split forms without line files", form_id, 0)
-
-    for split, lines in lines_by_split.items():
-        if not lines:
-            path = os.path.join(data_dir, IAM_SPLIT_FILES[split])
-            n_forms = len(form_ids_by_split[split])
-            raise IamOnDbError(f"{path} lists {n_forms} form{'s' * (n_forms != 1)} but none has a loadable line")
-
-    summary = {
-        "data_dir": data_dir,
-        "lines": {split: len(lines) for split, lines in lines_by_split.items()},
-        "forms": {split: len({l.form_id for l in lines}) for split, lines in lines_by_split.items()},
-        "writers": {split: len({l.writer for l in lines}) for split, lines in lines_by_split.items()},
-        "skipped": dict(tally.skipped),
-        "lines_lost": tally.lines_lost,
-        "ignored": dict(tally.ignored),
-        "writer_from": dict(tally.writer_from),
-        "examples": tally.examples,
-        "seconds": time.perf_counter() - started,
-    }
-    for text in format_summary(summary).splitlines():
-        log(text)
-    return lines_by_split, summary
-
-
-def format_summary(summary: dict) -> str:
-    """A few lines: lines, forms and writers per split, then skips and ignored files with examples."""
-    def counted(counts):
-        return "; ".join(f"{reason}: {n}" + (f" (e.g. {', '.join(summary['examples'][reason])})"
-                                             if reason in summary["examples"] else "")
-                         for reason, n in counts.items())
-
-    out = [f"IAM-OnDB {summary['data_dir']}: {sum(summary['lines'].values())} lines in {summary['seconds']:.2f} s"]
-    for split, n in summary["lines"].items():
-        paper = f"   (paper: {PUBLISHED_LINE_COUNTS[split]:,})" if split in PUBLISHED_LINE_COUNTS else ""
-        out.append(f"  {split:<12}{n:>6} lines {summary['forms'][split]:>5} forms "
-                   f"{summary['writers'][split]:>4} writers{paper}")
-    if summary["skipped"]:
-        out.append(f"  skipped (line files lost: {summary['lines_lost']}): {counted(summary['skipped'])}")
-    if summary["ignored"]:
-        out.append(f"  ignored: {counted(summary['ignored'])}")
-    out.append(f"  writer ids of forms: {counted(summary['writer_from'])}")
-    return "\n".join(out)
-
-# ---------------------------------------------------------------------------
-# IAM-OnDB: preprocessing (Liwicki and Bunke 2006)
-# ---------------------------------------------------------------------------
-# The paper's front end for IAM-OnDB: one line of pen samples (sensor units, y
-# down) is cleaned, deskewed, deslanted, normalised to corpus height 1 and
-# resampled along the ink; delayed strokes are removed and kept as the "hat"
-# feature. Everything after the first step works with y up, in corpus heights:
-# baseline y = 0, corpus line y = 1. Choices where the papers are silent:
-# - strokes stay separate: trajectory features never cross a pen-up (Liwicki
-#   and Bunke join strokes with pen-up lines);
-# - skew: a robust regression line through the baseline's local minima;
-# - slant: 1-degree bins over +-60 degrees, segment length x a Gaussian
-#   (sigma 30 degrees) around the vertical, shear about the mean y;
-# - one scale factor for all three zones (the paper scales each zone);
-# - spacing 0.15 corpus heights: about 20 samples per letter, the 15-25 of
-#   IAM lines after preprocessing;
-# - vicinity: the point and 3 on either side within its stroke; context map:
-#   3x3 pixels of 0.5 corpus heights aligned to the baseline.
-
-IAM_SPACING = 0.15  # resampling step in corpus heights: ~20 points per letter (docstring)
-MAX_LINE_SAMPLES = 20_000  # per line after resampling: about 1,000 letters; real lines have a few thousand at most
-ZERO_LENGTH = 1e-9  # shorter than this (corpus heights) counts as no movement
-
-SPIKE_FACTOR = 10.0  # a step this many times the median step is a tracker glitch, not a hand
-SPECK_MAX_POINTS = 2  # strokes this short may be noise ...
-SPECK_ISOLATION = 1.0  # ... if farther than this many line heights from any other ink
-SPECK_CHUNK = 2**18  # (candidate, stroke) pairs compared at once: about 8 MB
-
-MAX_SKEW = np.radians(45.0)  # beyond this the "line" is not a line; clip the estimate
-ROBUST_TRIM = 2.0  # extrema beyond this many robust sigmas from the fit are ascenders etc.
-ROBUST_ITERATIONS = 3  # refits of the trimmed regression
-
-SLANT_MAX_DEG = 60  # histogram covers -60..60 degrees from the vertical, 1-degree bins
-SLANT_SIGMA_DEG = 30.0  # Gaussian weight around the vertical: near-vertical ink decides
-SLANT_SMOOTHING = np.array([0.25, 0.5, 0.25])  # Liwicki and Bunke's histogram smoothing
-
-DELAYED_MIN_Y = 0.75  # delayed strokes sit high: most points above 3/4 of the corpus height
-DELAYED_MAX_WIDTH = 2.0  # dots and bars are small (corpus heights); longer strokes are words
-DELAYED_MAX_HEIGHT = 1.0
-HAT_MARGIN = 0.2  # a removed stroke's x-range widened by this much, so a dot covers its stem
-
-X_HIGHPASS_HALF = 30  # x minus its moving average over 61 points (~3 letters)
-VICINITY_HALF = 3  # vicinity = 7 points (~1 corpus height of ink)
-ZONE_MARGIN = 0.3  # ascender points are above 1 + margin, descender points below -margin
-ZONE_X_RADIUS = 0.5  # ... counted within this x-distance of the point
-CONTEXT_CELL = 0.5  # side of one cell of the 3x3 context map (corpus heights)
-
-GRAVES25_NAMES = (
-    "pen_up", "hat", "speed", "x_highpass", "y",
-    "dir_cos", "dir_sin", "curv_cos", "curv_sin",
-    "vic_aspect", "vic_slope_cos", "vic_slope_sin", "vic_curliness", "vic_linearity",
-    "ascenders", "descenders",
-    "ctx_top_left", "ctx_top", "ctx_top_right",
-    "ctx_left", "ctx_centre", "ctx_right",
-    "ctx_bottom_left", "ctx_bottom", "ctx_bottom_right",
-)
-
-
-# Input validation and stroke bookkeeping.
-
-def validate_line(points, stroke, times=None):
-    """Check one line and return (points (N, 2) float64, stroke (N,) 0..S-1, times (N,)).
-
-    Stroke ids may be any non-decreasing integers; they are relabelled 0..S-1. times=None
-    means uniform sampling at SAMPLE_PERIOD. Raises ValueError for an empty line,
-    wrong shapes, non-finite values or decreasing stroke ids.
-    """
-    points = np.asarray(points, dtype=np.float64)
-    if points.size == 0:
-        raise ValueError("empty line: no points")
-    if points.ndim != 2 or points.shape[1] != 2:
-        raise ValueError(f"points must have shape (N, 2), got {points.shape}")
-    n = len(points)
-    stroke = np.asarray(stroke)
-    if stroke.shape != (n,):
-        raise ValueError(f"stroke must have shape ({n},), got {stroke.shape}")
-    if not np.issubdtype(stroke.dtype, np.integer):
-        if not np.all(np.isfinite(stroke)) or np.any(stroke != np.round(stroke)):
-            raise ValueError("stroke ids must be integers")
-    if np.any(np.diff(stroke) < 0):
-        raise ValueError("stroke ids must be non-decreasing (points in writing order)")
-    times = (np.arange(n) * SAMPLE_PERIOD if times is None
-             else np.asarray(times, dtype=np.float64))
-    if times.shape != (n,):
-        raise ValueError(f"times must have shape ({n},), got {times.shape}")
-    if not (np.all(np.isfinite(points)) and np.all(np.isfinite(times))):
-        raise ValueError("points and times must be finite")
-    return points, relabel_strokes(stroke), times
-
-
-def relabel_strokes(stroke):
-    """Stroke ids 0..S-1 in order of appearance, (N,) int; gaps from removed strokes close."""
-    return np.cumsum(stroke_starts(stroke)) - 1
-
-
-def stroke_bounds(stroke):
-    """Index of the first and the last point of each point's stroke: (N,), (N,)."""
-    starts = np.flatnonzero(stroke_starts(stroke))
-    ends = np.append(starts[1:] - 1, len(stroke) - 1)
-    which = relabel_strokes(stroke)
-    return starts[which], ends[which]
-
-
-def stroke_steps(points, stroke):
-    """Steps into and out of each point within its stroke.
-
-    Returns (step_in (N, 2) = p[t] - p[t-1], step_out (N, 2) = p[t+1] - p[t], has_in (N,),
-    has_out (N,)); a step across a pen-up or past a stroke end is zero and its flag False.
-    points may also be (N,) (times). Slicing instead of gathering neighbours: this is the
-    hot path of most features.
-    """
-    same = stroke[1:] == stroke[:-1]  # (N-1,)
-    step = (points[1:] - points[:-1]) * same.reshape((-1,) + (1,) * (points.ndim - 1))
-    zero = np.zeros((1,) + points.shape[1:])
-    return (np.concatenate((zero, step)), np.concatenate((step, zero)),
-            np.concatenate(([False], same)), np.concatenate((same, [False])))
-
-
-def _lengths(vectors):
-    """(N,) Euclidean lengths of the rows of vectors (N, 2)."""
-    return np.hypot(vectors[:, 0], vectors[:, 1])
-
-
-def _median(values):
-    """Median of a 1-D array (np.median's checks cost more than the sort at these sizes)."""
-    ordered = np.sort(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
-
-
-def _prefix_sums(values):
-    """(N+1,) [0, v0, v0+v1, ...]: window sums become two lookups."""
-    return np.concatenate(([0.0], np.cumsum(values, dtype=np.float64)))
-
-
-def _safe_divide(num, den, default):
-    """num / den where den > ZERO_LENGTH**2, else default: degenerate geometry stays finite."""
-    num, den = np.broadcast_arrays(np.asarray(num, float), np.asarray(den, float))
-    out = np.full(num.shape, float(default))
-    return np.divide(num, den, out=out, where=den > ZERO_LENGTH ** 2)
-
-
-def flip_to_y_up(points):
-    """(N, 2) with y negated: IAM-OnDB's y grows downwards, everything after this grows up."""
-    return points * np.array([1.0, -1.0])
-
-
-# Duplicates and noise.
-
-def _drop_consecutive_duplicates(points, stroke, times):
-    """Keep the first of any run of identical consecutive points within a stroke."""
-    step_in, _, has_in, _ = stroke_steps(points, stroke)
-    keep = ~(has_in & (step_in[:, 0] == 0) & (step_in[:, 1] == 0))  # (N,)
-    return points[keep], stroke[keep], times[keep]
-
-
-def _spikes(points, stroke):
-    """(N,) bool: interior points that jump out and straight back.
-
-    A spike's steps in and out both exceed SPIKE_FACTOR x the line's median step, and its
-    two neighbours are closer to each other than it is to either of them.
-    """
-    into, out_of, has_in, has_out = stroke_steps(points, stroke)
-    step_in, step_out = _lengths(into), _lengths(out_of)  # (N,) 0 at stroke ends
-    moving = step_in[step_in > 0]
-    if moving.size == 0:
-        return np.zeros(len(points), dtype=bool)
-    big = SPIKE_FACTOR * _median(moving)
-    shortcut = _lengths(into + out_of)  # p[t+1] - p[t-1]
-    return (has_in & has_out & (step_in > big) & (step_out > big)
-            & (shortcut < np.minimum(step_in, step_out)))
-
-
-def _isolated_specks(points, stroke):
-    """(N,) bool: points of strokes of <= SPECK_MAX_POINTS points far from all other ink.
-
-    "Far" = more than SPECK_ISOLATION line heights from the bounding box of every other
-    stroke, the line height being the 5-95 percentile spread of y (about two corpus
-    heights), so i-dots (well under one line height from their stem) stay. Boxes instead of
-    points keep this O(specks x strokes) in time; the comparison runs in chunks of SPECK_CHUNK
-    pairs, so memory stays bounded.
-    """
-    mask = np.zeros(len(points), dtype=bool)
-    counts = np.bincount(stroke)
-    small = counts[stroke] <= SPECK_MAX_POINTS
-    if len(counts) < 2 or not small.any():
-        return mask
-    y_sorted = np.sort(points[:, 1])
-    lo, hi = y_sorted[int(0.05 * (len(y_sorted) - 1))], y_sorted[int(0.95 * (len(y_sorted) - 1))]
-    if hi - lo <= 0:
-        return mask  # a flat line gives no scale to call anything far
-    starts = np.flatnonzero(stroke_starts(stroke))
-    box_min = np.minimum.reduceat(points, starts, axis=0)  # (S, 2)
-    box_max = np.maximum.reduceat(points, starts, axis=0)
-    cand = np.flatnonzero(small)  # (M,)
-    per_chunk = max(1, SPECK_CHUNK // len(starts))  # candidates per (chunk, S, 2) block: memory stays bounded
-    for at in range(0, len(cand), per_chunk):
-        c = cand[at:at + per_chunk]  # (C,)
-        p = points[c, None, :]  # (C, 1, 2)
-        outside = np.maximum(np.maximum(box_min[None] - p, p - box_max[None]), 0.0)  # (C, S, 2)
-        dist = np.hypot(outside[..., 0], outside[..., 1])  # (C, S)
-        dist[np.arange(len(c)), stroke[c]] = np.inf
-        mask[c[dist.min(axis=1) > SPECK_ISOLATION * (hi - lo)]] = True
-    return mask
-
-
-def remove_duplicates_and_noise(points, stroke, times):
-    """Drop duplicate points, spikes and isolated specks.
-
-    Rules, in order: (1) a point equal to the previous point of its stroke is dropped
-    (zero-length steps carry no direction); (2) spikes (`_spikes`: out-and-back jumps over
-    10x the median step) are dropped, then duplicates again; (3) strokes of at most 2 points
-    farther than one line height from all other ink are dropped (`_isolated_specks`). If (3)
-    would empty the line it is skipped. Stroke ids come back relabelled 0..S'-1.
-
-    points (N, 2), stroke (N,), times (N,) -> points (N', 2), stroke (N',), times (N',).
-    """
-    points, stroke, times = _drop_consecutive_duplicates(points, stroke, times)
-    keep = ~_spikes(points, stroke)
-    points, stroke, times = _drop_consecutive_duplicates(
-        points[keep], stroke[keep], times[keep])
-    keep = ~_isolated_specks(points, stroke)
-    if keep.any():
-        points, stroke, times = points[keep], stroke[keep], times[keep]
-    return points, relabel_strokes(stroke), times
-
-
-# Regression lines and local extrema (shared by skew, baseline and corpus line).
-
-class FittedLine(NamedTuple):
-    """y = intercept + slope * x."""
-
-    intercept: float
-    slope: float
-
-    def at(self, x):
-        return self.intercept + self.slope * np.asarray(x, dtype=float)
-
-
-def fit_line_least_squares(x, y):
-    """Least-squares Line through (x, y); slope 0 if x does not vary (a vertical line)."""
-    x_mean, y_mean = x.sum() / len(x), y.sum() / len(y)
-    dx = x - x_mean
-    sxx = dx @ dx
-    if sxx <= ZERO_LENGTH ** 2 * len(x) * (1.0 + abs(x_mean)) ** 2:
-        return FittedLine(float(y_mean), 0.0)
-    slope = (dx @ (y - y_mean)) / sxx
-    return FittedLine(float(y_mean - slope * x_mean), float(slope))
-
-
-def fit_line_robust(x, y):
-    """Least-squares Line after trimming points beyond ROBUST_TRIM robust sigmas, refit.
-
-    The robust sigma is 1.4826 x the median absolute deviation of the residuals, so a
-    minority of outliers (descender bottoms among baseline minima, ascender tops among
-    corpus maxima) does not move the line.
-    """
-    keep = np.ones(len(x), dtype=bool)
-    line = fit_line_least_squares(x, y)
-    exact = ZERO_LENGTH * (1.0 + np.abs(y).max())  # residuals this small count as on the line
-    for _ in range(ROBUST_ITERATIONS):
-        resid = y - (line.intercept + line.slope * x)
-        centre = _median(resid[keep])
-        sigma = 1.4826 * _median(np.abs(resid[keep] - centre))
-        new_keep = np.abs(resid - centre) <= ROBUST_TRIM * sigma + exact
-        if new_keep.sum() < 2 or (new_keep == keep).all():
-            break
-        keep = new_keep
-        line = fit_line_least_squares(x[keep], y[keep])
-    return line
-
-
-def local_extrema(points, stroke):
-    """Interior local minima and maxima of y within each stroke: (N,) bool, (N,) bool.
-
-    Stroke ends are never extrema (a pen-down point is not a turning point). A plateau
-    counts once, at its first point.
-    """
-    step_in, step_out, has_in, has_out = stroke_steps(points, stroke)
-    interior = has_in & has_out
-    rise_in, rise_out = step_in[:, 1], step_out[:, 1]
-    return (interior & (rise_in < 0) & (rise_out >= 0),
-            interior & (rise_in > 0) & (rise_out <= 0))
-
-
-def rotate(points, angle, centre):
-    """(N, 2) rotated counter-clockwise by angle (radians) about centre (2,)."""
-    c, s = np.cos(angle), np.sin(angle)
-    return (points - centre) @ np.array([[c, s], [-s, c]]) + centre
-
-
-# Skew.
-
-def correct_skew(points, stroke):
-    """Rotate a y-up line so its baseline is level; returns (points (N, 2), skew angle).
-
-    The skew is the angle of a robust regression line (`fit_line_robust`) through the local
-    minima of y (the baseline points), chosen over all points because ascenders and
-    descenders spread unevenly along a line and tilt an all-points fit. With fewer than 3
-    minima (very short lines) all points are used. The angle (radians, counter-clockwise =
-    line rising to the right) is clipped to +-45 degrees; the rotation is about the centroid.
-    """
-    minima, _ = local_extrema(points, stroke)
-    if minima.sum() >= 3 and np.ptp(points[minima, 0]) > 0:
-        line = fit_line_robust(points[minima, 0], points[minima, 1])
-    else:
-        line = fit_line_least_squares(points[:, 0], points[:, 1])
-    angle = float(np.clip(np.arctan(line.slope), -MAX_SKEW, MAX_SKEW))
-    return rotate(points, -angle, points.mean(axis=0)), angle
-
-
-# Slant.
-
-def slant_histogram(points, stroke):
-    """Weighted, smoothed histogram of pen-down segment angles from the vertical.
-
-    Returns (centres (B,) degrees, -60..60, histogram (B,)). Each segment between
-    consecutive points of a stroke is oriented upwards, its angle from the vertical is
-    atan2(dx, dy) (positive = leaning right), and it adds
-    length * exp(-angle^2 / (2 * 30deg^2)) to its 1-degree bin: only near-vertical ink
-    says where the writing leans, and weighting by length makes the estimate independent of
-    pen speed. The histogram is smoothed with (0.25, 0.5, 0.25).
-    """
-    seg = np.diff(points, axis=0)  # (N-1, 2)
-    length = _lengths(seg)
-    use = (stroke[1:] == stroke[:-1]) & (length > 0)
-    seg, length = seg[use], length[use]
-    seg = np.where(seg[:, 1:2] < 0, -seg, seg)
-    angle = np.degrees(np.arctan2(seg[:, 0], seg[:, 1]))
-    weight = length * np.exp(-0.5 * (angle / SLANT_SIGMA_DEG) ** 2)
-    bins = np.rint(angle).astype(np.int64) + SLANT_MAX_DEG
-    inside = (bins >= 0) & (bins <= 2 * SLANT_MAX_DEG)
-    hist = np.bincount(bins[inside], weights=weight[inside], minlength=2 * SLANT_MAX_DEG + 1)
-    centres = np.arange(-SLANT_MAX_DEG, SLANT_MAX_DEG + 1, dtype=float)
-    return centres, np.convolve(hist, SLANT_SMOOTHING, mode="same")
-
-
-def correct_slant(points, stroke):
-    """Shear a y-up line upright; returns (points (N, 2), slant angle in radians).
-
-    slant = the argmax of `slant_histogram` (0 if the line has no segment within 60 degrees
-    of the vertical); x <- x - tan(slant) * (y - y_ref) with y_ref the mean y, so the
-    line's centre stays put.
-    """
-    centres, hist = slant_histogram(points, stroke)
-    slant = float(np.radians(centres[np.argmax(hist)])) if hist.max() > 0 else 0.0
-    sheared = points.copy()
-    sheared[:, 0] -= np.tan(slant) * (points[:, 1] - points[:, 1].mean())
-    return sheared, slant
-
-
-# Baseline, corpus line and height normalisation.
-
-def fit_baseline_and_corpus(points, stroke):
-    """Baseline and corpus line of a y-up line: (FittedLine, FittedLine), the corpus line above.
-
-    Baseline = `fit_line_robust` through the local minima of y, corpus line = the same
-    through the local maxima (so descender bottoms and ascender tops are trimmed). With
-    fewer than 2 minima (maxima) the line is horizontal through the lowest (highest) point.
-    If the two lines are then less than 5% of the ink's height apart at the middle of the
-    line (one point, a flat or vertical stroke, a failed fit), the baseline becomes
-    horizontal through the lowest point and the corpus line lies the ink's larger extent
-    (or 1 unit, for a single point) above it.
-    """
-    minima, maxima = local_extrema(points, stroke)
-    x, y = points[:, 0], points[:, 1]
-    baseline = (fit_line_robust(x[minima], y[minima]) if minima.sum() >= 2
-                else FittedLine(float(y.min()), 0.0))
-    corpus = (fit_line_robust(x[maxima], y[maxima]) if maxima.sum() >= 2
-              else FittedLine(float(y.max()), 0.0))
-    x_mid = 0.5 * (x.min() + x.max())
-    height = float(corpus.at(x_mid) - baseline.at(x_mid))
-    if not height > max(0.05 * np.ptp(y), ZERO_LENGTH * (1.0 + np.abs(points).max())):
-        extent = max(np.ptp(x), np.ptp(y))
-        baseline = FittedLine(float(y.min()), 0.0)
-        corpus = FittedLine(float(y.min()) + (extent if extent > 0 else 1.0), 0.0)
-    return baseline, corpus
-
-
-def normalise_height(points, baseline, corpus):
-    """Scale a y-up line to corpus height 1; returns (points (N, 2), corpus height h).
-
-    h = corpus(x_mid) - baseline(x_mid) at the middle of the ink's x-range, and
-    x' = (x - x_min) / h,  y' = (y - baseline(x)) / h,
-    so the baseline becomes y = 0 everywhere and the corpus line y = 1 (exactly, if the two
-    lines are parallel). Raises ValueError unless the corpus line is above the baseline.
-    """
-    x, y = points[:, 0], points[:, 1]
-    x_mid = 0.5 * (x.min() + x.max())
-    h = float(corpus.at(x_mid) - baseline.at(x_mid))
-    if not h > 0:
-        raise ValueError(f"the corpus line must lie above the baseline (height {h})")
-    return np.column_stack([(x - x.min()) / h, (y - baseline.at(x)) / h]), h
-
-
-# Speed (before resampling).
-
-def point_speed(points, stroke, times):
-    """Pen speed at each point, (N,): |p[t+1] - p[t-1]| / (time[t+1] - time[t-1]).
-
-    Central difference within the stroke, one-sided at its ends, 0 for a single-point
-    stroke; units are those of points per second. Non-increasing times (duplicated
-    timestamps) use the line's median sampling period instead.
-    """
-    step_in, step_out, has_in, has_out = stroke_steps(points, stroke)
-    dist = _lengths(step_in + step_out)  # |p[t+1] - p[t-1]|, one-sided at stroke ends
-    dt_in, dt_out, _, _ = stroke_steps(times, stroke)
-    dt = dt_in + dt_out
-    steps = np.diff(times)
-    period = _median(steps[steps > 0]) if np.any(steps > 0) else SAMPLE_PERIOD
-    n_steps = has_in.astype(float) + has_out
-    return dist / np.where(dt > 0, dt, np.maximum(n_steps, 1.0) * period)
-
-
-# Delayed strokes and the hat feature.
-
-def remove_delayed_strokes(points, stroke):
-    """Find delayed strokes of a height-normalised line; returns (keep (N,), hat_ranges (R, 2)).
-
-    A stroke (not the first) is delayed, like an i-dot or a t-bar, if all of:
-    - it is high: more than half its points are above y = 0.75 (t-bars are often crossed
-      just under the corpus line);
-    - it goes back over written ink: the middle of its x-range lies left of the rightmost x
-      of all earlier strokes;
-    - it is small: at most 2 corpus heights wide and 1 high (longer strokes are words).
-    hat_ranges holds (x_min, x_max) of each removed stroke, for `hat_feature`.
-    """
-    x, y = points[:, 0], points[:, 1]
-    starts = np.flatnonzero(stroke_starts(stroke))
-    counts = np.diff(np.append(starts, len(points)))
-    x_min, x_max = np.minimum.reduceat(x, starts), np.maximum.reduceat(x, starts)  # (S,)
-    y_min, y_max = np.minimum.reduceat(y, starts), np.maximum.reduceat(y, starts)
-    high = np.add.reduceat((y > DELAYED_MIN_Y).astype(float), starts) / counts > 0.5
-    written_right_edge = np.concatenate(([-np.inf], np.maximum.accumulate(x_max)[:-1]))
-    delayed = (high & (0.5 * (x_min + x_max) < written_right_edge)
-               & (x_max - x_min <= DELAYED_MAX_WIDTH) & (y_max - y_min <= DELAYED_MAX_HEIGHT))
-    delayed[0] = False
-    return ~delayed[stroke], np.column_stack([x_min[delayed], x_max[delayed]])
-
-
-def hat_feature(x, hat_ranges, margin=HAT_MARGIN):
-    """(T,) 1.0 where x lies within a removed stroke's x-range widened by margin, else 0.0."""
-    lo, hi = hat_ranges[:, :1] - margin, hat_ranges[:, 1:] + margin  # (R, 1)
-    under = (x >= lo) & (x <= hi)  # (R, T): a short leading axis reduces fast
-    return under.any(axis=0).astype(np.float64)
-
-
-# The whole preprocessing.
-
-@dataclass(frozen=True)
-class Preprocessed:
-    """One normalised, resampled line (y up, corpus heights; arrays are read-only)."""
-
-    points: np.ndarray  # (T, 2) equidistant ink; baseline y = 0, corpus line y = 1
-    stroke: np.ndarray  # (T,) int stroke id 0..S-1 (delayed strokes removed and relabelled)
-    pen_up: np.ndarray  # (T,) 1.0 on the first point of each stroke
-    speed: np.ndarray  # (T,) corpus heights / s, measured before resampling, interpolated
-    hat: np.ndarray  # (T,) 1.0 where a delayed stroke was removed at this x
-    hat_ranges: np.ndarray  # (R, 2) x-ranges of the removed delayed strokes
-    baseline: FittedLine  # as used for normalisation: after skew and slant, y-up sensor units
-    corpus: FittedLine  # likewise; corpus(x) - baseline(x) at mid-line = corpus_height
-    corpus_height: float  # sensor units per output unit
-    skew: float  # radians the input line rose to the right (undone by rotation)
-    slant: float  # radians the writing leaned right of vertical (undone by shear)
-    spacing: float  # resampling step, corpus heights
-    source: np.ndarray | None = None  # (T,) fractional index of the input point each point lies at (ink spans)
-
-
-def _read_only(a):
-    a = np.ascontiguousarray(a)
-    a.flags.writeable = False
-    return a
-
-
-@dataclass(frozen=True)
-class Distortion:
-    """A random change of one line's height-normalised ink (corpus heights, baseline y = 0),
-    for training augmentation. It acts after the skew and slant corrections, which would
-    otherwise undo most of it, and before speed, delayed strokes and resampling."""
-
-    matrix: np.ndarray  # (2, 2) applied to every point: shear, x and y scale, a small rotation
-    warp_amplitude: float  # x += a sin(2 pi x / wavelength + phase): letters locally wider or narrower
-    warp_wavelength: float  # corpus heights; a / wavelength is small enough to keep x monotone
-    warp_phase: float
-    spacing_factor: float  # the resampling step times this: the same ink in fewer or more samples
-
-
-def draw_distortion(rng, strength):
-    """A Distortion whose every part scales with `strength` (0..2; see RunConfig.augment)."""
-    def within(r):
-        return rng.uniform(-r, r) * strength
-    shear, x_scale, y_scale, angle = within(0.15), np.exp(within(0.1)), np.exp(within(0.1)), within(0.02)
-    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-    # dx'/dx = 1 + 2 pi a / wavelength cos(...) >= 1 - 2 pi 0.2 / 2 > 0 at strength 2: no ink folds back.
-    return Distortion(rotation @ np.array([[x_scale, shear], [0.0, y_scale]]), rng.uniform(0, 0.1) * strength,
-                      rng.uniform(2.0, 5.0), rng.uniform(0, 2 * np.pi), float(np.exp(within(0.1))))
-
-
-def apply_distortion(points, distortion):
-    """(N, 2) points moved by the Distortion's matrix, then warped along x."""
-    moved = points @ distortion.matrix.T
-    moved[:, 0] += distortion.warp_amplitude * np.sin(2 * np.pi * moved[:, 0] / distortion.warp_wavelength
-                                                      + distortion.warp_phase)
-    return moved
-
-
-def preprocess(points, stroke, times=None, spacing=IAM_SPACING, distortion=None):
-    """Liwicki-Bunke normalisation of one IAM-OnDB line -> Preprocessed.
-
-    points (N, 2) sensor units with y DOWN (as in the XML), stroke (N,) non-decreasing ids,
-    times (N,) seconds (None = every 20 ms). Steps: flip to y up, remove duplicates and
-    noise, correct skew, correct slant, fit baseline and corpus line, normalise height,
-    measure speed, remove delayed strokes (kept as hat ranges), resample every `spacing`
-    corpus heights. A line of one point, identical points or a single vertical stroke gives
-    a short, finite result (T >= 2); an empty line, or one that would resample to more than
-    MAX_LINE_SAMPLES points, raises ValueError. A Distortion (training augmentation) moves
-    the normalised points and scales the resampling step.
-    """
-    points, stroke, times = validate_line(points, stroke, times)
-    points = flip_to_y_up(points)
-    points, stroke, source = remove_duplicates_and_noise(points, stroke, np.arange(len(points)))
-    times = times[source]  # only points are dropped, so the input indices can ride along as "times"
-    points, skew = correct_skew(points, stroke)
-    points, slant = correct_slant(points, stroke)
-    baseline, corpus = fit_baseline_and_corpus(points, stroke)
-    points, corpus_height = normalise_height(points, baseline, corpus)
-    if distortion is not None:
-        points, spacing = apply_distortion(points, distortion), spacing * distortion.spacing_factor
-    speed = point_speed(points, stroke, times)  # (N,) corpus heights / s
-    keep, hat_ranges = remove_delayed_strokes(points, stroke)
-    points, stroke, speed, source = points[keep], relabel_strokes(stroke[keep]), speed[keep], source[keep]
-    ink = ink_length(points, stroke)  # (N,)
-    span, n = resampled_counts(stroke, ink, spacing)
-    if not n.sum() <= MAX_LINE_SAMPLES:
-        raise ValueError(f"the line would resample to {n.sum():,} samples, more than {MAX_LINE_SAMPLES:,}: its ink is "
-                         f"{span.sum():.3g} corpus heights long (corpus height {corpus_height:.3g} sensor units)")
-    new_points, new_stroke, frac = resample_strokes(points, stroke, ink, spacing)
-    new_speed = np.interp(frac, np.arange(len(speed), dtype=float), speed)
-    pen_up = stroke_starts(new_stroke).astype(np.float64)
-    return Preprocessed(
-        points=_read_only(new_points), stroke=_read_only(new_stroke),
-        pen_up=_read_only(pen_up), speed=_read_only(new_speed),
-        hat=_read_only(hat_feature(new_points[:, 0], hat_ranges)),
-        hat_ranges=_read_only(hat_ranges), baseline=baseline, corpus=corpus,
-        corpus_height=corpus_height, skew=skew, slant=slant, spacing=float(spacing),
-        source=_read_only(np.interp(frac, np.arange(len(source), dtype=float), source)))
-
-
-# ---------------------------------------------------------------------------
-# IAM-OnDB: the 25 online features
-# ---------------------------------------------------------------------------
-
-def moving_average(values, half_window):
-    """(T,) centred mean over values[t-h .. t+h], the window clipped at the sequence ends."""
-    n = len(values)
-    csum = _prefix_sums(values)
-    idx = np.arange(n)
-    lo, hi = np.maximum(idx - half_window, 0), np.minimum(idx + half_window + 1, n)
-    return (csum[hi] - csum[lo]) / (hi - lo)
-
-
-def writing_direction(points, stroke):
-    """(T, 2) cos, sin of the chord p[t+1] - p[t-1] (one-sided at stroke ends); (0, 0) if
-    the stroke has one point. The centred chord is the tangent of equidistant ink."""
-    step_in, step_out, _, _ = stroke_steps(points, stroke)
-    chord = step_in + step_out  # p[t+1] - p[t-1]
-    return _safe_divide(chord, _lengths(chord)[:, None], 0.0)
-
-
-def curvature(points, stroke):
-    """(T, 2) cos, sin of the turning angle between u = p[t] - p[t-1] and v = p[t+1] - p[t]:
-    cos = u.v / (|u||v|), sin = (u x v) / (|u||v|) (positive = turning left). (1, 0), no
-    turn, at stroke ends."""
-    u, v, _, _ = stroke_steps(points, stroke)
-    norms = _lengths(u) * _lengths(v)
-    cos = _safe_divide(u[:, 0] * v[:, 0] + u[:, 1] * v[:, 1], norms, 1.0)
-    sin = _safe_divide(u[:, 0] * v[:, 1] - u[:, 1] * v[:, 0], norms, 0.0)
-    return np.column_stack([cos, sin])
-
-
-def vicinity_features(points, stroke, half=VICINITY_HALF):
-    """(T, 5) aspect, slope cos, slope sin, curliness, linearity of each point's vicinity.
-
-    Vicinity = points t-half .. t+half of the same stroke (fewer near its ends); dx, dy =
-    its bounding-box width and height; c = chord from its first to its last point.
-        aspect    = (dy - dx) / (dy + dx)           (0 for a single point)
-        slope     = c / |c|                         ((0, 0) if |c| = 0)
-        curliness = path length / max(dx, dy)       (1 for a single point, as a straight line)
-        linearity = mean over the vicinity of the squared distance to the line through c
-                    (to c's first point when |c| = 0, a closed loop)
-    """
-    first, last = stroke_bounds(stroke)
-    idx = np.arange(len(points))
-    v_first, v_last = np.maximum(idx - half, first), np.minimum(idx + half, last)  # (T,)
-    n_valid = v_last - v_first + 1
-    # (K, T) rather than (T, K): numpy reduces over a short leading axis much faster
-    want = np.arange(-half, half + 1)[:, None] + idx[None, :]  # (K, T)
-    vic = np.minimum(np.maximum(want, v_first), v_last)  # clamped copies repeat the ends
-    x, y = np.ascontiguousarray(points[:, 0]), np.ascontiguousarray(points[:, 1])
-    rx, ry = x[vic] - x[v_first], y[vic] - y[v_first]  # (K, T) relative to the first point
-    dx, dy = rx.max(axis=0) - rx.min(axis=0), ry.max(axis=0) - ry.min(axis=0)  # (T,)
-    aspect = _safe_divide(dy - dx, dy + dx, 0.0)
-    chord = points[v_last] - points[v_first]  # (T, 2)
-    chord_len = _lengths(chord)
-    slope = _safe_divide(chord, chord_len[:, None], 0.0)
-    step = _lengths(points[1:] - points[:-1]) * (stroke[1:] == stroke[:-1])
-    ink = _prefix_sums(step)  # (T,) ink length so far, flat across pen-ups
-    curliness = _safe_divide(ink[v_last] - ink[v_first], np.maximum(dx, dy), 1.0)
-    # squared distance to the chord line = cross(r, c)^2 / |c|^2; sum first, divide once.
-    # The clamped copies repeat the first or last point, which lie on the chord (and are
-    # the first point of a closed loop), so they add 0 and only n_valid must be right.
-    cross_sq = ((rx * chord[:, 1] - ry * chord[:, 0]) ** 2).sum(axis=0)  # (T,)
-    linearity = _safe_divide(cross_sq, chord_len ** 2, 0.0) / n_valid
-    loop = np.flatnonzero(chord_len <= ZERO_LENGTH)
-    linearity[loop] = (rx[:, loop] ** 2 + ry[:, loop] ** 2).sum(axis=0) / n_valid[loop]
-    return np.column_stack([aspect, slope, curliness, linearity])
-
-
-def zone_counts(points, margin=ZONE_MARGIN, x_radius=ZONE_X_RADIUS):
-    """(T, 2) ascender, descender counts: points j with |x_j - x_t| <= x_radius and
-    y_j > 1 + margin (above the corpus line), resp. y_j < -margin (below the baseline).
-    Counts all ink of the line (pseudo-offline), via prefix sums over x-sorted points."""
-    x, y = points[:, 0], points[:, 1]
-    order = np.argsort(x, kind="stable")
-    xs = x[order]
-    lo = np.searchsorted(xs, x - x_radius, side="left")
-    hi = np.searchsorted(xs, x + x_radius, side="right")
-    counts = []
-    for in_zone in (y[order] > 1.0 + margin, y[order] < -margin):
-        csum = _prefix_sums(in_zone)
-        counts.append(csum[hi] - csum[lo])
-    return np.column_stack(counts).astype(np.float64)
-
-
-def context_map(points, cell=CONTEXT_CELL):
-    """(T, 9) the 3x3 neighbourhood, around each point's pixel, of a coarse bitmap of counts.
-
-    The bitmap counts the line's points per cell x cell pixel; pixels are aligned to x = 0
-    and to the baseline y = 0, so with cell = 0.5 pixel rows split the corpus zone in two
-    and the line y = 1 is a pixel border. A point's own pixel is the centre cell (it counts
-    the point itself); the 9 values are in reading order (top row first, left to right).
-    """
-    col = np.floor(points[:, 0] / cell).astype(np.int64)  # (T,)
-    row = np.floor(points[:, 1] / cell).astype(np.int64)
-    col -= col.min() - 1  # one empty pixel of margin on every side
-    row -= row.min() - 1
-    n_rows = int(row.max()) + 2
-    n_cols = int(col.max()) + 2
-    bitmap = np.bincount(col * n_rows + row, minlength=n_cols * n_rows)  # (n_cols * n_rows,)
-    bitmap = bitmap.reshape(n_cols, n_rows)
-    return np.column_stack([bitmap[col + dc, row + dr]
-                            for dr in (1, 0, -1) for dc in (-1, 0, 1)]).astype(np.float64)
-
-
-def features_graves25(pre):
-    """The 25 features of Liwicki and Bunke (2006) per point, (T, 25) float64.
-
-    With p[t] = (x, y) the preprocessed point, stroke-relative neighbours p[t-1], p[t+1]:
-     1 pen_up        1 on the first point of a stroke, else 0
-     2 hat           1 if a delayed stroke was removed at this x (+-0.2), else 0
-     3 speed         |p[t+1]-p[t-1]| / dt before resampling, interpolated (corpus heights/s)
-     4 x_highpass    x - mean(x[t-30 .. t+30])
-     5 y             y (baseline 0, corpus line 1)
-     6 dir_cos       (p[t+1]-p[t-1])_x / |p[t+1]-p[t-1]|
-     7 dir_sin       (p[t+1]-p[t-1])_y / |p[t+1]-p[t-1]|
-     8 curv_cos      u.v / (|u||v|),  u = p[t]-p[t-1], v = p[t+1]-p[t]
-     9 curv_sin      (u x v) / (|u||v|)
-    10 vic_aspect    (dy - dx) / (dy + dx) of the vicinity's bounding box
-    11 vic_slope_cos c_x / |c|, c = last - first vicinity point
-    12 vic_slope_sin c_y / |c|
-    13 vic_curliness vicinity path length / max(dx, dy)
-    14 vic_linearity mean squared distance of vicinity points to the line through c
-    15 ascenders     #points with y > 1.3 and |x_j - x| <= 0.5
-    16 descenders    #points with y < -0.3 and |x_j - x| <= 0.5
-    17-25 ctx_*      #points in the 3x3 pixels around p[t]'s pixel of a 0.5 x 0.5 bitmap
-    Degenerate geometry gives the defaults documented in each helper; all values are finite.
-    """
-    points, stroke = pre.points, pre.stroke
-    return np.column_stack([
-        pre.pen_up, pre.hat, pre.speed,
-        points[:, 0] - moving_average(points[:, 0], X_HIGHPASS_HALF), points[:, 1],
-        writing_direction(points, stroke),
-        curvature(points, stroke),
-        vicinity_features(points, stroke),
-        zone_counts(points),
-        context_map(points),
-    ])
-
-# ---------------------------------------------------------------------------
-# IAM-OnDB: writing the format
-# ---------------------------------------------------------------------------
-# So that synthetic cursive lines can be exported and read back through the
-# same loader, preprocessing and features as the real database.
-
-
-@dataclass(frozen=True, eq=False)
-class Form:
-    """One form to write: one writer's copy of a text, as lines of ink.
-
-    lines: [(text, points (N, 2), stroke (N,), times (N,) or None), ...] for lines 01, 02, ...
-    Points are rounded to integer sensor units (y down); a new <Stroke> starts wherever the
-    stroke id changes; times are written with two decimals, and None means a 20 ms clock.
-    """
-
-    form_id: str  # "a01-000u" (text a01-000, copy u) or "d04-081" (no letter)
-    writer: str  # General/Form@writerID in original/<..>/strokes<letter>.xml (and forms.txt)
-    lines: list
-    prompt: list | None = None  # lines of the OCR section; None: the written texts
-    marker_joins: tuple = ()  # i listed: CSR lines i and i+1 (0-based) are joined by %%%%%%%%%%%
-
-
-def _form_folder(form_id: str) -> str:
-    """'a01-000u' -> 'a01/a01-000': the copy letter is not part of the folder."""
-    parts = FORM_ID.fullmatch(form_id)
-    return os.path.join(parts["prefix"], f"{parts['prefix']}-{parts['number']}")
-
-
-def _checked_line(form_id: str, number: int, line) -> tuple[str, np.ndarray, np.ndarray, np.ndarray | None]:
-    """The line as arrays; ValueError when it would not read back as written."""
-    text, points, stroke, times = line
-    where = f"{form_id} line {number}"
-    if not text or text != text.strip(BLANKS) or LINE_BREAK.search(text) or CSR_MARKER in text:
-        raise ValueError(f"{where}: text {text!r} must be one non-empty line, without surrounding blanks or {CSR_MARKER}")
-    text.encode(IAM_ENCODING)  # UnicodeEncodeError (a ValueError) for text outside ISO-8859-1
-    points = np.asarray(points, dtype=np.float64)
-    stroke = np.asarray(stroke)
-    if points.ndim != 2 or points.shape[1] != 2 or len(points) == 0 or stroke.shape != (len(points),):
-        raise ValueError(f"{where}: need points (N, 2), N >= 1, and stroke (N,); got {points.shape}, {stroke.shape}")
-    if times is not None:
-        times = np.asarray(times, dtype=np.float64)
-        if times.shape != (len(points),):
-            raise ValueError(f"{where}: times {times.shape}, expected ({len(points)},)")
-    return text, points, stroke, times
-
-
-def _stroke_runs(stroke: np.ndarray) -> np.ndarray:
-    """(N,) ids -> (N,) 0..S-1, a new id wherever the id changes: one <Stroke> per run."""
-    return np.cumsum(np.r_[False, stroke[1:] != stroke[:-1]])
-
-
-def _stroke_set_xml(points: np.ndarray, runs: np.ndarray, times: np.ndarray) -> list[str]:
-    """<StrokeSet> lines for points (N, 2), stroke runs (N,) from _stroke_runs, times (N,)."""
-    xy = np.rint(points).astype(np.int64).tolist()
-    stamps = [f"{t:.2f}" for t in times]
-    starts = np.flatnonzero(np.diff(runs, prepend=-1)).tolist() + [len(points)]
-    out = ["  <StrokeSet>"]
-    for begin, end in zip(starts[:-1], starts[1:]):
-        out.append(f'    <Stroke colour="black" start_time="{stamps[begin]}" end_time="{stamps[end - 1]}">')
-        out += [f'      <Point x="{x}" y="{y}" time="{t}"/>' for (x, y), t in zip(xy[begin:end], stamps[begin:end])]
-        out.append("    </Stroke>")
-    out.append("  </StrokeSet>")
-    return out
-
-
-def _whiteboard_xml(corners: dict) -> list[str]:
-    out = ["  <WhiteboardDescription>", '    <SensorLocation corner="top_left"/>']
-    out += [f'    <{name} x="{x}" y="{y}"/>' for name, (x, y) in corners.items()]
-    return out + ["  </WhiteboardDescription>"]
-
-
-def _board_corners(all_points: np.ndarray) -> dict:
-    """Whiteboard corners from the ink's bounding box, as in the real files: the diagonal corner
-    is (max x, max y), the vertical one shares its y, the horizontal one its x."""
-    lo = np.floor(all_points.min(axis=0)).astype(int).tolist()
-    hi = np.ceil(all_points.max(axis=0)).astype(int).tolist()
-    return {"DiagonallyOppositeCoords": (hi[0], hi[1]), "VerticallyOppositeCoords": (lo[0], hi[1]),
-            "HorizontallyOppositeCoords": (hi[0], lo[1])}
-
-
-def _xml_bytes(body: list[str]) -> bytes:
-    lines = ['<?xml version="1.0" encoding="ISO-8859-1"?>', f"<{IAM_ROOT}>", *body, f"</{IAM_ROOT}>", ""]
-    return "\n".join(lines).encode(IAM_ENCODING, errors="xmlcharrefreplace")
-
-
-def _ascii_text(form: Form, texts: list[str]) -> str:
-    csr = "".join(text + (CSR_MARKER if i in form.marker_joins else "\n") for i, text in enumerate(texts))
-    prompt = "\n".join(form.prompt if form.prompt is not None else texts)
-    return f"OCR:\n\n{prompt}\n\nCSR:\n\n{csr}"
-
-
-def _export_file(path, data):
-    # Atomic like every output, but no fsync per file: an export is thousands of small files.
-    write_output(path, data, "export file", durable=False)
-
-
-def _write_form(out_dir: str, form: Form, write_original: bool) -> None:
-    """The lineStrokes, ascii and (if asked) original files of one form."""
-    if not FORM_ID.fullmatch(form.form_id):
-        raise ValueError(f"{form.form_id!r} is not a form id like a01-000u")
-    if not form.lines:
-        raise ValueError(f"{form.form_id}: a form needs at least one line")
-    folder = _form_folder(form.form_id)
-    clock = 1.0  # a 20 ms clock for lines without times, running on through the form
-    lines = []  # (text, points (N, 2), stroke runs (N,), times (N,))
-    for number, line in enumerate(form.lines, start=1):
-        text, points, stroke, times = _checked_line(form.form_id, number, line)
-        if times is None:
-            times = clock + SAMPLE_PERIOD * np.arange(len(points))  # (N,)
-        clock = float(times[-1]) + 1.0
-        lines.append((text, points, _stroke_runs(stroke), times))
-    corners = _board_corners(np.concatenate([points for _, points, _, _ in lines]))  # one board per form
-
-    for number, (_, points, runs, times) in enumerate(lines, start=1):
-        body = _whiteboard_xml(corners) + _stroke_set_xml(points, runs, times)
-        _export_file(os.path.join(out_dir, "lineStrokes", folder, f"{form.form_id}-{number:02d}.xml"), _xml_bytes(body))
-    texts = [text for text, *_ in lines]
-    _export_file(os.path.join(out_dir, "ascii", folder, form.form_id + ".txt"), _ascii_text(form, texts).encode(IAM_ENCODING))
-    if not write_original:
-        return
-    body = ["  <General>", f"    <Form writerID={quoteattr(form.writer)}/>", "  </General>", "  <Transcription>"]
-    body += [f'    <TextLine id="{form.form_id}-{n:02d}" text={quoteattr(t)}/>' for n, t in enumerate(texts, 1)]
-    body += ["  </Transcription>", *_whiteboard_xml(corners)]
-    offsets = np.cumsum([0] + [runs[-1] + 1 for _, _, runs, _ in lines[:-1]])  # keep the lines' strokes apart
-    body += _stroke_set_xml(np.concatenate([points for _, points, _, _ in lines]),
-                            np.concatenate([runs + o for (_, _, runs, _), o in zip(lines, offsets)]),
-                            np.concatenate([times for *_, times in lines]))
-    letter = FORM_ID.fullmatch(form.form_id)["letter"]
-    _export_file(os.path.join(out_dir, "original", folder, f"strokes{letter}.xml"), _xml_bytes(body))
-
-
-def write_iam_ondb(out_dir, forms: list[Form], splits: dict[str, list[str]], *,
-                   write_original: bool = True, write_forms_txt: bool = False) -> None:
-    """Write forms in the IAM-OnDB layout, readable by load_iam_ondb.
-
-    Writes lineStrokes/<p>/<p-nnn>/<form>-NN.xml, ascii/<p>/<p-nnn>/<form>.txt and (unless
-    write_original is False) original/<p>/<p-nnn>/strokes<letter>.xml with General/Form@writerID,
-    Transcription/TextLine and the form's ink; then the four split files from `splits`
-    (split name -> form ids; a missing name gives an empty file), and forms.txt if asked.
-    Input that would not read back as written raises ValueError.
-    """
-    out_dir = os.fspath(out_dir)
-    for form in forms:
-        _write_form(out_dir, form, write_original)
-    for split, name in IAM_SPLIT_FILES.items():
-        bad = [form_id for form_id in splits.get(split, []) if not FORM_ID.fullmatch(form_id)]
-        if bad:
-            raise ValueError(f"split {split}: {bad[0]!r} is not a form id like a01-000u")
-        entries = "".join(f" {form_id}\n" for form_id in splits.get(split, []))  # leading space as in the real files
-        _export_file(os.path.join(out_dir, name), entries.encode(IAM_ENCODING))
-    if write_forms_txt:
-        rows = "".join(f"{form.form_id} {form.writer}\n" for form in forms)
-        _export_file(os.path.join(out_dir, "forms.txt"), rows.encode(IAM_ENCODING))
-
-
-
-SENSOR_SCALE = 200  # sensor units per output unit: an x-height of about 100 units
-LINES_PER_FORM = 8
-
-
-def sensor_points(xy):
-    """Output units (y up) -> integer-valued sensor coordinates (y down), as in the real files."""
-    return np.rint(np.column_stack([500 + SENSOR_SCALE * xy[:, 0], 2000 - SENSOR_SCALE * xy[:, 1]]))
-
-
-def pen_times(xy, pen_up, start):
-    """(T,) seconds: 20 ms between samples, and between strokes 0.1 s plus 20 ms per sample
-    spacing the pen travels in the air, as a writer lifts, moves and lands."""
-    jump = np.linalg.norm(np.diff(xy, axis=0, prepend=xy[:1]), axis=1) / LINE_SAMPLE_SPACING
-    step = np.where(pen_up > 0, 0.1 + SAMPLE_PERIOD * jump, SAMPLE_PERIOD)
-    step[0] = 0.0
-    return start + np.cumsum(step)
-
-
-def export_iam_ondb(out_dir, samples_by_split, log=print):
-    """Write samples (lines task Samples with writers) in the IAM-OnDB layout.
-
-    Each writer's lines become forms of up to LINES_PER_FORM lines; split names
-    map to the IAM-OnDB-t1 split files. Returns the number of lines written.
-    """
-    forms, splits, n_lines = [], {split: [] for split in IAM_SPLIT_FILES}, 0
-    split_of = {}
-    for split, samples in samples_by_split.items():
-        for s in samples:
-            if split_of.setdefault(s.writer, split) != split:  # form ids derive from writers
-                raise ValueError(f"writer {s.writer!r} has lines in {split_of[s.writer]} and {split}; "
-                                 "IAM-OnDB-t1 splits are writer-disjoint")
-    for split, samples in samples_by_split.items():
-        by_writer = {}
-        for s in samples:
-            by_writer.setdefault(s.writer, []).append(s)
-        for writer, mine in sorted(by_writer.items()):
-            for k in range(0, len(mine), LINES_PER_FORM):
-                form_id = f"{writer}-{k // LINES_PER_FORM:03d}"
-                clock, lines = 1.0, []
-                for s in mine[k:k + LINES_PER_FORM]:
-                    times = pen_times(s.xy, s.pen_up, clock)
-                    clock = float(times[-1]) + 2.0
-                    lines.append((s.text, sensor_points(s.xy), np.cumsum(s.pen_up) - 1, times))
-                forms.append(Form(form_id, writer, lines))
-                splits[split].append(form_id)
-                n_lines += len(lines)
-    write_iam_ondb(out_dir, forms, splits)
-    return n_lines
-
-
-# ---------------------------------------------------------------------------
-# Tasks
-# ---------------------------------------------------------------------------
-# A task is a small value: its alphabet, how it makes its data, its splits and
-# its default settings. The model, CTC, decoders, training loop, run.json and
-# the figures are written once and take a task.
-
-
-@dataclass
-class TaskData:
-    """One run's data for a task."""
-
-    alphabet: str  # class 1 + i is alphabet[i]; 0 is the blank
-    eval_sets: dict  # split name -> [Sample], in report order
-    training_samples: Callable  # (rng, parallel_map) -> [Sample] for one epoch
-    epoch_size: int  # training samples per epoch
-    input_shift: np.ndarray  # (D,) the network reads (traj - shift) * scale
-    input_scale: np.ndarray  # (D,)
-    input_squash: float  # > 0: inputs pass through squash * tanh(x / squash) (pad_batch); 0: as they are
-    alignment_picks: list  # [(split, index)]: samples whose CTC alignment run.json keeps (short, long)
-    info: dict  # run.json "split": what the splits hold
-    training_held: bool = False  # True: training_samples returns samples already in memory (not drawn per epoch)
-    lm_texts: dict = field(default_factory=dict)  # {"train", "validation": transcriptions} for the real-English LM
-
-
-@dataclass(frozen=True)
-class Task:
-    name: str
-    alphabet: str | None  # class 1 + i is alphabet[i]; None: read from the data (cfg.alphabet)
-    monitor: tuple  # evaluation splits scored after every epoch (all are scored at the end)
-    group_by: str  # run.json keeps per-group error counts: "word" (per_word) or "writer" (per_writer)
-    decoders: tuple  # decoders the final evaluation may use
-    options: tuple  # command-line options that only this task takes
-    defaults: dict  # RunConfig overrides: the task's headline run
-    quick: dict  # further overrides for --quick
-    make_data: Callable  # (cfg, streams, parallel_map, log) -> TaskData
-    shown: tuple = ("cer", "wer")  # metrics the epoch log lines show
-    bucket: int = 16  # training batches of similar length, drawn from groups of this many (0: any lengths)
-
-
-def n_classes(cfg):
-    """K: the blank plus the task's characters."""
-    return 1 + len(cfg.alphabet or TASKS[cfg.task].alphabet)
-
-
-def words_data(cfg, streams, parallel_map, log):
-    """The seed task: renderings of the 47 words; 38 train, 9 held out entirely."""
-    train_words, held_out = split_vocab(streams["split"], cfg.holdout_frac)
-    eval_sets = {
-        "in_vocab": render_words(train_words, cfg.eval_repeats, streams["eval"], cfg),
-        "held_out": render_words(held_out, cfg.eval_repeats, streams["eval"], cfg),
-    }
-    short, long = pick_alignment_words(train_words)
-    picks = [("in_vocab", cfg.eval_repeats * train_words.index(w)) for w in (short, long)]
-    scale = np.array([cfg.input_gain / SAMPLE_SPACING, cfg.input_gain / SAMPLE_SPACING, 1.0])
-    return TaskData(ALPHABET, eval_sets,
-                    lambda rng, parallel_map: render_words(train_words, cfg.word_repeats, rng, cfg),
-                    len(train_words) * cfg.word_repeats, np.zeros(IN_DIM), scale, 0.0, picks,
-                    {"train_words": train_words, "held_out_words": held_out})
-
-
-def pick_alignment_words(train_words):
-    """A short and a long in-vocab word for alignment pictures ('ant', 'actin' when possible)."""
-    short = "ant" if "ant" in train_words else min(train_words, key=len)
-    long = "actin" if "actin" in train_words else max(train_words, key=len)
-    return short, long
-
-
-JUMP_SQUASH = 3.0  # lines: inputs beyond about 3 sample spacings (times the gain) are squashed, see pad_batch
-
-
-def short_and_median(samples, split):
-    """Alignment picks: the shortest and the median line of a split."""
-    by_length = np.argsort([len(s.text) for s in samples], kind="stable")
-    return [(split, int(by_length[0])), (split, int(by_length[len(samples) // 2]))]
-
-
-def _render_training_line(args):
-    text, writer_index, seed = args
-    return render_writer_line(text, "train", int(writer_index), int(seed))
-
-
-def lines_data(cfg, streams, parallel_map, log):
-    """Cursive lines: fresh training lines by the 200 training writers every
-    epoch; fixed validation and test lines by 20 and 40 other writers."""
-    eval_sets = {split: line_eval_set(split, cfg.eval_lines_per_writer) for split in LINE_SPLITS}
-
-    def training_samples(rng, parallel_map):
-        texts, writers, seeds = draw_training_lines(cfg.lines_per_epoch, rng)
-        return parallel_map(_render_training_line, list(zip(texts, writers, seeds)))
-
-    scale = np.array([cfg.input_gain / LINE_SAMPLE_SPACING, cfg.input_gain / LINE_SAMPLE_SPACING, 1.0])
-    info = {"writers": {split: LINE_WRITERS[split] for split in LINE_WRITERS},
-            "lines": {split: len(s) for split, s in eval_sets.items()}, "data_seed": LINES_DATA_SEED,
-            "train_lines_per_epoch": cfg.lines_per_epoch}
-    return TaskData(LINE_ALPHABET, eval_sets, training_samples, cfg.lines_per_epoch, np.zeros(3), scale,
-                    JUMP_SQUASH * cfg.input_gain, short_and_median(eval_sets["test"], "test"), info)
-
-
-def line_features(pre, features):
-    """(T, D) float32 network input of one preprocessed line: graves25 or raw (dx, dy, pen_up)."""
-    traj = features_graves25(pre) if features == "graves25" else pen_trajectory(pre.points, pre.stroke)
-    # float32 halves the features of the 12k lines (about 1 GB instead of 2); the network reads
-    # float32 anyway, so this rounds each input once before normalisation instead of after it.
-    with np.errstate(over="ignore"):  # an overflow becomes inf, which the callers refuse
-        return traj.astype(np.float32)
-
-
-def _featurise_line(args):
-    """One IAM-OnDB line as a Sample without labels (they need the alphabet); with an
-    augmentation (strength, seed), distorted by the Distortion that seed draws."""
-    line, features, augmentation = args
-    where = line.path or line.line_id
-    distortion = None if augmentation is None else \
-        draw_distortion(np.random.default_rng(augmentation[1]), augmentation[0])
-    try:
-        pre = preprocess(line.points, line.stroke, line.times, distortion=distortion)
-    except ValueError as e:
-        raise IamOnDbBoundError(f"{where}: {e}") from None
-    traj = line_features(pre, features)
-    if not np.isfinite(traj).all():  # a backstop: the reader's bounds should make this impossible
-        raise IamOnDbBoundError(f"{where}: its {features} features are not finite")
-    return Sample(line.text, traj, [], np.asarray(pre.points, np.float32),
-                  np.asarray(pre.pen_up, np.float32), None, line.writer)
-
-
-IAM_EVAL_SPLITS = ("validation", "validation2", "test")
-FEATURISE_BATCH = 500  # lines featurised per parallel_map call
-
-
-def feature_moments(trajs, group=FEATURISE_BATCH):
-    """Mean and standard deviation (D,) of the frames of (T_i, D) arrays, in float64,
-    a group of arrays at a time so that no copy of all frames is made. Shifted by the
-    first group's mean, so that E[x^2] - E[x]^2 does not cancel."""
-    pivot = np.concatenate(trajs[:group]).mean(axis=0, dtype=np.float64)
-    n, total, squares = 0, 0.0, 0.0
-    for i in range(0, len(trajs), group):
-        frames = np.concatenate(trajs[i:i + group]).astype(np.float64) - pivot
-        n, total, squares = n + len(frames), total + frames.sum(axis=0), squares + (frames * frames).sum(axis=0)
-    mean = total / n
-    return pivot + mean, np.sqrt(np.maximum(squares / n - mean * mean, 0.0))
-
-
-def iam_ondb_data(cfg, streams, parallel_map, log):
-    """IAM-OnDB-t1 from cfg.data_dir: the training set every epoch, choices on
-    validation, results on the final test set.
-
-    The alphabet is every character of the training transcriptions (the
-    paper's 80 + blank); a validation or test character outside it cannot be
-    produced, so it counts as an error, and a warning says how many there are.
-    Features are standardised with training-set statistics (graves25), or
-    scaled by the input gain per resampling step (raw). With cfg.augment, each
-    epoch's training lines are featurised afresh from their ink, each under its
-    own Distortion drawn from the epoch's data stream; the normalisation stays
-    that of the undistorted lines.
-    """
-    if not cfg.data_dir:
-        raise UserError("--task iam-ondb needs --data-dir, the IAM-OnDB folder")
-    t0 = time.perf_counter()
-    lines, summary = load_iam_ondb(cfg.data_dir, log)
-    t1 = time.perf_counter()
-
-    def featurise(split_lines, seeds=None):
-        # A few hundred lines at a time, so that the workers' pickled results stay small next to the features.
-        jobs = [(line, cfg.features, None if seeds is None else (cfg.augment, int(seed)))
-                for line, seed in zip(split_lines, [None] * len(split_lines) if seeds is None else seeds)]
-        return [s for i in range(0, len(jobs), FEATURISE_BATCH)
-                for s in parallel_map(_featurise_line, jobs[i:i + FEATURISE_BATCH])]
-
-    samples = {split: featurise(split_lines) for split, split_lines in lines.items() if split_lines}
-    # Augmentation featurises the training ink afresh each epoch, so it keeps the ink.
-    train_lines = lines["train"] if cfg.augment else None
-    del lines
-    t2 = time.perf_counter()
-    n_lines = sum(len(s) for s in samples.values())
-    log(f"preprocessed and featurised {n_lines} lines ({cfg.features}) in {t2 - t1:.1f} s "
-        f"({n_lines / max(t2 - t1, 1e-9):.0f} lines/s; reading the files took {t1 - t0:.1f} s)")
-    alphabet = cfg.alphabet or "".join(sorted({c for s in samples["train"] for c in s.text}))
-
-    def label(split_samples):
-        for s in split_samples:
-            s.labels = encode("".join(c for c in s.text if c in alphabet), alphabet)
-        return split_samples
-
-    unknown = Counter(c for split_samples in samples.values() for s in split_samples for c in s.text
-                      if c not in alphabet)
-    for split_samples in samples.values():
-        label(split_samples)
-    if unknown:
-        log(f"warning: {sum(unknown.values())} characters of the evaluation lines are not in the training "
-            f"alphabet and count as errors: {', '.join(f'{c!r} x{n}' for c, n in unknown.most_common(5))}")
-    train = samples["train"]
-    if cfg.features == "graves25":
-        # Unit variance per feature, scaled so the 25 carry the input power of two raw channels at the gain.
-        shift, std = feature_moments([s.traj for s in train])
-        scale = cfg.input_gain * np.sqrt(2 / len(shift)) / np.maximum(std, 1e-6)
-    else:
-        shift, scale = np.zeros(3), np.array([cfg.input_gain / IAM_SPACING, cfg.input_gain / IAM_SPACING, 1.0])
-    eval_sets = {split: samples[split] for split in IAM_EVAL_SPLITS if split in samples}
-    info = {**{k: summary[k] for k in ("lines", "forms", "writers", "skipped", "ignored")},
-            "alphabet": alphabet, "unknown_characters": dict(unknown), "features": cfg.features,
-            "read_seconds": t1 - t0, "featurise_seconds": t2 - t1}
-    lm_texts = {"train": tuple(s.text for s in train),
-                "validation": tuple(s.text for s in eval_sets.get("validation", []))}  # never the test lines
-    n_train = len(train)
-    if cfg.augment:
-        del train, samples["train"]  # the clean features served only for the normalisation
-
-        def training_samples(rng, parallel_map):
-            return label(featurise(train_lines, rng.integers(2**63, size=len(train_lines))))
-    else:
-        def training_samples(rng, parallel_map):
-            return train
-    return TaskData(alphabet, eval_sets, training_samples, n_train, shift, scale,
-                    JUMP_SQUASH * cfg.input_gain, short_and_median(eval_sets["test"], "test"), info,
-                    training_held=not cfg.augment, lm_texts=lm_texts)
-
-
-def export_lines_task(cfg, out_dir, log=print):
-    """Write the lines task in the IAM-OnDB layout: cfg.lines_per_epoch training
-    lines drawn with the run's seed by the training writers, and the fixed
-    validation and test lines. Returns the number of lines written."""
-    t0 = time.perf_counter()
-    streams = make_streams(cfg.seed)
-    data = lines_data(cfg, streams, serial_map, log)
-    samples = {"train": data.training_samples(streams["data"], serial_map), **data.eval_sets}
-    # Into a temporary sibling, renamed into place at the end: a whole export or none, even after a
-    # full disk or Ctrl-C (out_dir is new or empty: check_export_folder).
-    target = os.path.abspath(out_dir)
-    existed = os.path.isdir(target)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}.tmp-")
-    try:
-        n = export_iam_ondb(tmp, samples)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's folder is private
-        os.replace(tmp, target)  # replaces an empty folder
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not existed and os.path.isdir(target) and not os.listdir(target):
-            os.rmdir(target)  # made by the writability check
-        if isinstance(e, OSError):
-            raise UserError(f"cannot write the export into {out_dir!r}: {e.strerror or e}; nothing written") from None
-        raise
-    log(f"wrote {n} lines ({', '.join(f'{split} {len(s)}' for split, s in samples.items())}) in the IAM-OnDB "
-        f"format to {out_dir} in {time.perf_counter() - t0:.1f} s")
-    return n
-
-
-LM_OPTIONS = ("dictionary_sizes", "dictionary_size", "lm_weight", "word_penalty", "lm_beam", "lm_file",
-              "dictionary_file", "oov", "oov_penalty", "experiment_split")
-
-TASKS = {
-    "words": Task("words", ALPHABET, ("in_vocab", "held_out"), "word", ("greedy", "beam", "lexicon"),
-                  ("lexicon_sizes",), {}, dict(hidden=32, epochs=6, batch_size=8), words_data, ("cer", "word_acc"), 0),
-    "lines": Task("lines", LINE_ALPHABET, ("validation",), "writer", ("greedy", "beam", "lm"),
-                  LM_OPTIONS + ("lines_per_epoch", "export_iam_ondb"),
-                  dict(hidden=100, batch_size=8, epochs=22, lr=1e-2, lr_final=0.1, workers=2),
-                  dict(hidden=32, epochs=2, lines_per_epoch=160, eval_lines_per_writer=2), lines_data),
-    "iam-ondb": Task("iam-ondb", None, ("validation",), "writer", ("greedy", "beam", "lm"),
-                     LM_OPTIONS + ("data_dir", "features", "augment"),
-                     dict(hidden=100, batch_size=8, epochs=25, lr=1e-2, lr_final=0.1, workers=2, patience=6,
-                          features="graves25"),
-                     dict(hidden=32, epochs=2, patience=0), iam_ondb_data),
-}
-
-
-# ---------------------------------------------------------------------------
-# Network input
-# ---------------------------------------------------------------------------
+def raw_input_scale(cfg, spacing):
+    """(3,) scale of raw input (dx, dy, pen_up): a pen step of `spacing` (the data's sample
+    spacing) enters the network as cfg.input_gain; pen_up stays 0 or 1."""
+    return np.array([cfg.input_gain / spacing, cfg.input_gain / spacing, 1.0])
 
 
 def pad_batch(samples, shift, scale, dtype=np.float64, squash=0.0):
@@ -2743,16 +475,13 @@ def pad_batch(samples, shift, scale, dtype=np.float64, squash=0.0):
     """
     lengths = np.array([len(s.traj) for s in samples])
     T, B, D = int(lengths.max()), len(samples), samples[0].traj.shape[1]
-    X = np.zeros((T, B, D), dtype=dtype)
-    time_idx = np.concatenate([np.arange(n) for n in lengths])
-    batch_idx = np.repeat(np.arange(B), lengths)
     x = (np.concatenate([s.traj for s in samples]) - shift) * scale
-    X[time_idx, batch_idx] = squash * np.tanh(x / squash) if squash else x
+    X = fill_padded(np.zeros((T, B, D), dtype=dtype), squash * np.tanh(x / squash) if squash else x, lengths)
     return X, lengths
 
 
 # ---------------------------------------------------------------------------
-# BLSTM
+# 4. BLSTM
 # ---------------------------------------------------------------------------
 # Parameters are a flat dict. Layer l has, for R directions stacked on axis 0,
 #   lstm{l}_Wx (R, D_l, 4H), lstm{l}_Wh (R, H, 4H), lstm{l}_b (R, 4H),
@@ -2766,8 +495,12 @@ def pad_batch(samples, shift, scale, dtype=np.float64, squash=0.0):
 # All four gate nonlinearities are one tanh: sigmoid(z) = 0.5 tanh(z / 2) + 0.5.
 
 
-def init_params(rng, hidden=64, layers=1, bidirectional=True, in_dim=IN_DIM, n_classes=N_CLASSES):
-    """Uniform(+-1/sqrt(H)) weights, zero biases except the forget gate at 1.0."""
+def init_params(rng, hidden=64, layers=1, bidirectional=True, in_dim=None, n_classes=None):
+    """Uniform(+-1/sqrt(H)) weights, zero biases except the forget gate at 1.0.
+    in_dim and n_classes default to the words task's (IN_DIM, N_CLASSES): the tests rely on
+    that; the module always passes them."""
+    in_dim = IN_DIM if in_dim is None else in_dim
+    n_classes = N_CLASSES if n_classes is None else n_classes
     R, H = (2 if bidirectional else 1), hidden
     scale = 1.0 / np.sqrt(H)
     params = {}
@@ -2962,7 +695,7 @@ def backward(params, cache, grad_logits):
 
 
 # ---------------------------------------------------------------------------
-# CTC
+# 5. CTC
 # ---------------------------------------------------------------------------
 # Graves, Fernandez, Gomez, Schmidhuber (2006). The extended label sequence
 # l' puts a blank around every label: S = 2L + 1 states. alpha[t, s] is the
@@ -2984,7 +717,7 @@ def extend_targets(targets):
     if L.sum():
         flat = np.concatenate([np.asarray(y, dtype=int) for y in targets])
         rows = np.repeat(np.arange(B), L)
-        pos = np.arange(len(flat)) - np.repeat(np.cumsum(L) - L, L)
+        pos = ragged_arange(L)
         ext[rows, 2 * pos + 1] = flat
     return ext, L, _skip_mask(ext)
 
@@ -3107,7 +840,7 @@ def ctc_loss(log_probs, input_lengths, targets):
 
 
 # ---------------------------------------------------------------------------
-# Decoding and metrics
+# 6. Decoding and metrics
 # ---------------------------------------------------------------------------
 
 
@@ -3284,11 +1017,13 @@ class Lexicon:
     #                     an entry of that kind with no space (GLUES); False elsewhere
 
 
-def build_lexicon(words, alphabet=ALPHABET, kind=None, lm_id=None, cost=None):
+def build_lexicon(words, alphabet=None, kind=None, lm_id=None, cost=None):
     """Prefix tree of `words`; ValueError for an empty lexicon, an empty or repeated word, or a foreign letter.
 
-    kind, lm_id, cost (W,): how the lm decoder reads each entry (default: each
-    a WORD, its own LM word, at no cost)."""
+    alphabet: default the words task's (ALPHABET). kind, lm_id, cost (W,): how
+    the lm decoder reads each entry (default: each a WORD, its own LM word, at
+    no cost)."""
+    alphabet = ALPHABET if alphabet is None else alphabet
     words = tuple(words)
     if not words:
         raise ValueError("the lexicon is empty")
@@ -3375,6 +1110,8 @@ def lexicon_decode(log_probs, lexicon, word_log_prior=None):
 
     lexicon: a list of words or a Lexicon. Returns (word, log_prob) with
     log_prob the exact CTC log-likelihood of the word plus its prior, if given.
+    The module decodes with lexicon_decode_many; this one-sequence form, with
+    its prior, is kept for the tests, which check the decoder through it.
     """
     lex = lexicon if isinstance(lexicon, Lexicon) else build_lexicon(lexicon)
     lp = np.asarray(log_probs, dtype=np.float64)
@@ -3405,13 +1142,58 @@ def pad_log_probs(log_probs):
     """Stack (T_i, K) arrays into (T, B, K), padding with uniform rows. Returns it and lengths (B,)."""
     lengths = np.array([len(lp) for lp in log_probs])
     K = log_probs[0].shape[1]
-    out = np.full((int(lengths.max()), len(log_probs), K), -np.log(K))
-    time_idx = np.concatenate([np.arange(n) for n in lengths])
-    out[time_idx, np.repeat(np.arange(len(log_probs)), lengths)] = np.concatenate(log_probs)
+    out = fill_padded(np.full((int(lengths.max()), len(log_probs), K), -np.log(K)), np.concatenate(log_probs), lengths)
     return out, lengths
 
 
 # The paper's decoder: token passing over a dictionary with a word language model.
+
+# -- The word language model --
+
+
+@dataclass(frozen=True)
+class BigramModel:
+    """A smoothed word bigram distribution over a vocabulary: interpolated absolute
+    discounting (Ney, Essen and Kneser 1994),
+
+        P(w | v) = max(c(v, w) - D, 0) / c(v) + backoff(v) P(w),   backoff(v) = D n(v) / c(v),
+
+    with c(v, w) the pair counts in units of the smallest count the list keeps,
+    c(v) their sum over w, n(v) the number of listed followers, P(w) the word
+    frequencies and D = n1 / (n1 + 2 n2) from the pairs counted once and twice
+    (in those units). A word with no listed followers uses P(w) alone. For
+    every v, P(. | v) sums to one over the vocabulary.
+    """
+
+    words: tuple  # (V,) the vocabulary; a word's id is its index
+    unigram: np.ndarray  # (V,) P(w)
+    pair_key: np.ndarray  # (P,) sorted v * V + w of the listed pairs
+    pair_prob: np.ndarray  # (P,) the discounted part max(c(v, w) - D, 0) / c(v)
+    backoff: np.ndarray  # (V,)
+    discount: float  # D
+
+
+def discounted_pairs(v, w, c, V):
+    """Absolute discounting of pair counts c (P,) of word ids v, w < V (BigramModel's
+    formula): returns (sorted keys v * V + w, their discounted part, backoff (V,), D)."""
+    n1, n2 = np.count_nonzero(c < 2), np.count_nonzero((c >= 2) & (c < 3))
+    D = n1 / (n1 + 2 * n2) if n1 + n2 else 0.5
+    c_v = np.bincount(v, weights=c, minlength=V)  # (V,)
+    n_v = np.bincount(v, minlength=V)
+    backoff = np.where(n_v > 0, D * n_v / np.maximum(c_v, 1e-300), 1.0)
+    key = v.astype(np.int64) * V + w
+    order = np.argsort(key)
+    return key[order], (np.maximum(c - D, 0.0) / np.maximum(c_v[v], 1e-300))[order], backoff, D
+
+
+def bigram_prob(model, prev, nxt):
+    """P(nxt | prev) for word-id arrays of one shape."""
+    prev, nxt = np.asarray(prev), np.asarray(nxt)
+    key = prev.astype(np.int64) * len(model.words) + nxt
+    at = np.minimum(np.searchsorted(model.pair_key, key), len(model.pair_key) - 1)
+    listed = np.where(model.pair_key[at] == key, model.pair_prob[at], 0.0)
+    return listed + model.backoff[prev] * model.unigram[nxt]
+
 
 LM_START = -1  # the context of a line's first word
 EMISSION_FLOOR = 1e-4  # with pruning on, labels less probable than this at a step are not entered
@@ -3525,7 +1307,7 @@ def check_dictionary_alphabet(size, alphabet):
 
 
 # ---------------------------------------------------------------------------
-# Decoding: real English (tokens, case, out-of-dictionary tokens, ARPA and word-list files)
+# 7. Decoding: real English (tokens, case, out-of-dictionary tokens, ARPA and word-list files)
 # ---------------------------------------------------------------------------
 # IAM-OnDB transcriptions are written text with capitals, digits and
 # punctuation, and their tokens are space-separated as written ("Mr . Gaitskell",
@@ -3971,7 +1753,7 @@ def decoder_language_model(cfg, texts, size, order):
 
 
 # ---------------------------------------------------------------------------
-# Decoding: token passing with a language model
+# 8. Decoding: token passing with a language model
 # ---------------------------------------------------------------------------
 
 class _Histories:
@@ -4025,7 +1807,7 @@ def _children_of(lexicon, node):
     each token's run, so child_start + offset walks each run."""
     n_child = lexicon.child_start[node + 1] - lexicon.child_start[node]  # (M,)
     tok = np.repeat(np.arange(len(node)), n_child)
-    offset = np.arange(len(tok)) - np.repeat(np.cumsum(n_child) - n_child, n_child)
+    offset = ragged_arange(n_child)
     return tok, lexicon.children[lexicon.child_start[node[tok]] + offset]
 
 
@@ -4054,6 +1836,65 @@ def _completions(lexicon, histories, hist, node, glued):
     allowed = ~glued | ((last >= 0) & GLUES[prev_kind, lexicon.kind[np.maximum(entry, 0)]])
     tokens = np.flatnonzero((entry >= 0) & allowed)
     return tokens, entry[tokens]
+
+
+# lm_decode's candidates for one time step, one block per CTC case. A block is
+# (hist (C,), node (C,), glued (C,), mass (C, 3)) with mass = [on_label,
+# in_blank, entering] log-probabilities; tree_step then advances them all.
+
+
+def _entered(hist, node, glued, mass):
+    """A block of candidates that enter `node` at this step with log-mass `mass` (C,);
+    nothing of theirs is on the label or in a blank yet."""
+    block = np.full((len(node), 3), -np.inf)
+    block[:, 2] = mass
+    return hist, node, glued, block
+
+
+def _staying(hist, node, glued, on_label, in_blank):
+    """CTC case "repeat the label, or a blank": every token as it is, on its node."""
+    block = np.full((len(node), 3), -np.inf)
+    block[:, 0], block[:, 1] = on_label, in_blank
+    return hist, node, glued, block
+
+
+def _into_children(lexicon, hist, node, glued, on_label, in_blank, likely):
+    """CTC case "the next label of the entry": every child of a token's node whose label is
+    likely, entered from the token's label only if the labels differ, always from a blank
+    (entering with the child's skip)."""
+    tok, child = _children_of(lexicon, node)
+    keep = likely[lexicon.label[child]]
+    tok, child = tok[keep], child[keep]
+    return _entered(hist[tok], child, glued[tok], entering(on_label[tok], in_blank[tok], lexicon.skip[child]))
+
+
+def _out_of_entries(lexicon, histories, hist, node, glued, on_label, in_blank, likely, space, first_letters):
+    """CTC case "the label after a finished entry", in the history extended by the entry:
+    two blocks. Through the space to the root: the space differs from every letter, so the
+    entry's label and a blank both lead to it. Glued into a first letter that GLUES allows:
+    a letter equal to the entry's last one needs a blank between them."""
+    done, entry = _completions(lexicon, histories, hist, node, glued)
+    done_hist = histories.extend(hist[done], 2 * entry + glued[done])  # (E,)
+    spaced = np.flatnonzero(np.full(len(done), likely[space]))
+    g_at, g_child = _glue_targets(lexicon, np.arange(len(done)), entry, first_letters)
+    keep = likely[lexicon.label[g_child]]
+    g_at, g_child = g_at[keep], g_child[keep]
+    end_tok = done[spaced]
+    to_space = _entered(done_hist[spaced], np.zeros(len(spaced), int), np.zeros(len(spaced), bool),
+                        np.logaddexp(on_label[end_tok], in_blank[end_tok]))
+    end_tok = done[g_at]
+    glued_on = _entered(done_hist[g_at], g_child, np.ones(len(g_at), bool),
+                        entering(on_label[end_tok], in_blank[end_tok],
+                                 lexicon.label[g_child] != lexicon.label[node[end_tok]]))
+    return to_space, glued_on
+
+
+def _from_nothing(lexicon, first_letters, likely, space, nothing):
+    """CTC case "the line's first label", after only blanks (log-mass `nothing`): a first
+    letter, or the leading space, in the empty history."""
+    starts = np.concatenate([first_letters[likely[lexicon.label[first_letters]]], [0] if likely[space] else []])
+    return _entered(np.zeros(len(starts), int), starts.astype(int), np.zeros(len(starts), bool),
+                    np.full(len(starts), nothing))
 
 
 def lm_decode(log_probs, lexicon, lm, lm_weight=1.0, word_penalty=0.0, beam=64, oov_penalty=0.0):
@@ -4134,37 +1975,16 @@ def lm_decode(log_probs, lexicon, lm, lm_weight=1.0, word_penalty=0.0, beam=64, 
             on_label, in_blank = tree_step(on_label, in_blank, -np.inf, y[node_class[node]], y[BLANK])
             nothing += y[BLANK]
             continue
-        # Candidates: every token as it is; every child of a token's node,
-        # entered from it; every entry end, leaving through the space to the
-        # root or glued into a first letter, in the history extended by the
-        # entry; and, from "nothing", the first letters and the leading space.
-        tok, child = _children_of(lexicon, node)
-        tok, child = tok[likely[lexicon.label[child]]], child[likely[lexicon.label[child]]]
-        done, entry = _completions(lexicon, histories, hist, node, glued)
-        done_hist = histories.extend(hist[done], 2 * entry + glued[done])  # (E,)
-        spaced = np.flatnonzero(np.full(len(done), likely[space]))
-        g_at, g_child = _glue_targets(lexicon, np.arange(len(done)), entry, first_letters)
-        g_at, g_child = g_at[likely[lexicon.label[g_child]]], g_child[likely[lexicon.label[g_child]]]
-        starters = first_letters[likely[lexicon.label[first_letters]]]
-        lead = [0] if likely[space] else []
-        c_hist = np.concatenate([hist, hist[tok], done_hist[spaced], done_hist[g_at],
-                                 np.zeros(len(starters) + len(lead), int)])
-        c_node = np.concatenate([node, child, np.zeros(len(spaced), int), g_child, starters, lead]).astype(int)
-        c_glued = np.concatenate([glued, glued[tok], np.zeros(len(spaced), bool), np.ones(len(g_at), bool),
-                                  np.zeros(len(starters) + len(lead), bool)])
-        c_mass = np.full((len(c_node), 3), -np.inf)  # on_label, in_blank, entering
-        c_mass[:len(node), 0], c_mass[:len(node), 1] = on_label, in_blank
-        at = len(node)
-        c_mass[at:at + len(child), 2] = entering(on_label[tok], in_blank[tok], lexicon.skip[child])
-        at += len(child)
-        end_tok = done[spaced]
-        c_mass[at:at + len(spaced), 2] = np.logaddexp(on_label[end_tok], in_blank[end_tok])  # an entry, then the space
-        at += len(spaced)
-        end_tok = done[g_at]  # a glued letter needs a blank between it and an equal last letter
-        c_mass[at:at + len(g_at), 2] = entering(on_label[end_tok], in_blank[end_tok],
-                                                lexicon.label[g_child] != lexicon.label[node[end_tok]])
-        at += len(g_at)
-        c_mass[at:, 2] = nothing
+        # Candidates, one block per CTC case: every token as it is; a child of
+        # its node; out of a finished entry, through the space or glued; and the
+        # line's first label after only blanks.
+        blocks = [_staying(hist, node, glued, on_label, in_blank),
+                  _into_children(lexicon, hist, node, glued, on_label, in_blank, likely),
+                  *_out_of_entries(lexicon, histories, hist, node, glued, on_label, in_blank, likely, space,
+                                   first_letters),
+                  _from_nothing(lexicon, first_letters, likely, space, nothing)]
+        c_hist, c_node, c_glued, c_mass = (np.concatenate(parts) for parts in zip(*blocks))
+        c_node = c_node.astype(int)
         # Tokens that spell the same labels merge.
         key = (c_hist.astype(np.int64) * N + c_node) * 2 + c_glued
         order = np.argsort(key, kind="stable")
@@ -4247,9 +2067,10 @@ def check_lm_decoding_time(cfg, data, n_sizes, log=None):
 def make_decoder(name, cfg, alphabet, lexicon=None, lm=None, texts=None):
     """A function from a list of (T_i, K) log-prob arrays to decoded strings.
 
-    lexicon: the dictionary (default: for "lexicon", the words task's whole
-    vocabulary, held-out words included, as in the paper whose test words are
-    in the dictionary; for "lm", decoder_lexicon at cfg.dictionary_size).
+    lexicon: the dictionary (default: for "lexicon", the task's Task.lexicon:
+    for words the whole vocabulary, held-out words included, as in the paper
+    whose test words are in the dictionary; for "lm", decoder_lexicon at
+    cfg.dictionary_size).
     lm: the language model of the "lm" decoder (default: the bigram
     decoder_language_model over that dictionary; None when cfg.lm_weight is 0).
     texts: {"train": lines, "validation": lines} of the task's transcriptions
@@ -4260,7 +2081,7 @@ def make_decoder(name, cfg, alphabet, lexicon=None, lm=None, texts=None):
     if name == "beam":
         return lambda lps: [decode_labels(beam_search_decode(lp, cfg.beam_width)[0], alphabet) for lp in lps]
     if name == "lexicon":
-        lex = build_lexicon(VOCAB if lexicon is None else lexicon, alphabet)
+        lex = build_lexicon(TASKS[cfg.task].lexicon if lexicon is None else lexicon, alphabet)
         return lambda lps: lexicon_decode_many(lps, lex)
     if name == "lm":
         if lexicon is None:
@@ -4278,30 +2099,8 @@ def make_decoder(name, cfg, alphabet, lexicon=None, lm=None, texts=None):
     raise ValueError(f"unknown decoder {name!r}; choose from {', '.join(DECODERS)}")
 
 
-LEXICON_SEED = 20090501  # fixed: every run sees the same distractor words
-
-
-def distractor_words(n, real_words=VOCAB):
-    """The first n of a fixed sequence of distinct 3-5 letter pseudo-words, none a real word.
-
-    Candidates are drawn in fixed-size chunks, so a lexicon of a given size is
-    the same whatever larger size is also asked for.
-    """
-    rng = np.random.default_rng(LEXICON_SEED)
-    seen, out = set(real_words), []
-    while len(out) < n:
-        lengths = rng.integers(3, 6, size=4096)
-        letters = rng.integers(0, len(ALPHABET), size=(4096, 5))
-        for length, row in zip(lengths, letters):
-            w = "".join(ALPHABET[i] for i in row[:length])
-            if w not in seen:
-                seen.add(w)
-                out.append(w)
-    return out[:n]
-
-
 # ---------------------------------------------------------------------------
-# Optimiser
+# 9. Optimiser
 # ---------------------------------------------------------------------------
 
 
@@ -4345,7 +2144,7 @@ def adam_step(params, grads, state, lr, beta1=0.9, beta2=0.999, eps=1e-8):
 
 
 # ---------------------------------------------------------------------------
-# Training and evaluation
+# 10. Training and evaluation
 # ---------------------------------------------------------------------------
 
 STREAMS = ("split", "data", "init", "shuffle", "eval", "noise")  # appended: spawned children keep their seeds
@@ -5129,6 +2928,31 @@ def fit(cfg, task, data, streams, timer, pool=None, log=print, progress=None, st
     return state
 
 
+MEMORY_LIMIT = 0.5  # of the machine's physical memory: a run estimated to need more is refused up front
+
+
+def training_bytes(cfg, longest, n_classes, longest_label):
+    """Rough peak memory of one training step with sequences of length `longest`
+    and labels of up to `longest_label` characters.
+
+    Per layer and direction, the forward pass caches 11 H-wide arrays per time
+    step and batch entry (gates, cell, tanh(cell), hidden), the backward pass 4
+    more; CTC holds a few float64 (T, 2B, S) arrays, S = 2 L + 1.
+    """
+    R, H, B, T = (2 if cfg.bidirectional else 1), cfg.hidden, cfg.batch_size, longest
+    itemsize = np.dtype(cfg.dtype).itemsize
+    lstm = cfg.layers * R * T * B * 15 * H * itemsize
+    ctc = 6 * T * 2 * B * (2 * longest_label + 1) * 8
+    return lstm + ctc + 4 * T * B * n_classes * 8
+
+
+def physical_memory():
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 BASE_BYTES = 64 * 2**20  # the interpreter, numpy and this module, where the resident size cannot be read
 
 
@@ -5220,8 +3044,8 @@ def peak_rss():
 
 
 def feature_dim(cfg):
-    """D: what the network reads per pen sample."""
-    return {"raw": 3, "graves25": 25}[cfg.features]
+    """D: what the network reads per pen sample (pen_trajectory or features_graves25)."""
+    return {"raw": IN_DIM, "graves25": len(GRAVES25_NAMES)}[cfg.features]
 
 
 def train_and_evaluate(cfg, params=None, verbose=True, log=print, status=None, experiment=None, dictionary_size=0,
@@ -5290,7 +3114,8 @@ def train_and_evaluate(cfg, params=None, verbose=True, log=print, status=None, e
 
 
 def train(cfg, verbose=True):
-    """Train as configured; returns what run.json holds, as a dict."""
+    """Train as configured; returns what run.json holds, as a dict. For the tests and
+    benchmarks/sweep.py: the command line calls train_and_evaluate itself."""
     return run_json(train_and_evaluate(cfg, verbose=verbose)[1])
 
 
@@ -5304,7 +3129,2309 @@ def format_epoch(e, n_epochs, task):
 
 
 # ---------------------------------------------------------------------------
-# Files: run.json, model files, safe writing
+# 11. Printed words (the seed task)
+# ---------------------------------------------------------------------------
+# Glyphs live in a unit box: baseline y = 0, x-height 0.5, ascenders up to 0.9.
+# Each glyph is a list of strokes (dense polylines) and an advance width.
+
+ALPHABET = "colitnmaeu"
+N_CLASSES = 1 + len(ALPHABET)  # K: blank + letters
+IN_DIM = 3  # (dx, dy, pen_up)
+SAMPLE_SPACING = 0.085  # pen samples are this far apart along the ink
+LETTER_GAP = 0.08  # blank space between consecutive glyph boxes
+
+# The 47 words of the earlier study, kept so results stay comparable.
+VOCAB = (
+    "ant ill tan lot mit nan tic tin out ate eat tea ice lit non nun men mat "
+    "net moo moon loom noon name nice cone tone lane amen main mine lent tent "
+    "team lime time mile tail lion into icon actin tonic milne linen matte atone"
+).split()
+
+
+def _arc(cx, cy, rx, ry, deg_from, deg_to, n=64):
+    """Dense points on an ellipse arc, counter-clockwise if deg_to > deg_from."""
+    a = np.radians(np.linspace(deg_from, deg_to, n))
+    return np.stack([cx + rx * np.cos(a), cy + ry * np.sin(a)], axis=1)
+
+
+def _polyline(*parts):
+    """Join point lists and arrays into one (n, 2) polyline."""
+    return np.concatenate([np.asarray(p, dtype=float).reshape(-1, 2) for p in parts])
+
+
+GLYPH_STROKES = {
+    # c: open ellipse arc, counter-clockwise from upper right to lower right.
+    "c": ([_arc(0.22, 0.25, 0.2, 0.25, 40, 320)], 0.44),
+    # o: closed ellipse from the top.
+    "o": ([_arc(0.22, 0.25, 0.2, 0.25, 90, 455)], 0.44),
+    # l: tall stem with a small exit tick.
+    "l": ([_polyline([(0.12, 0.95), (0.12, 0.06), (0.16, 0.0), (0.24, 0.02)])], 0.30),
+    # i: short stem, then the dot as its own stroke.
+    "i": ([_polyline([(0.1, 0.5), (0.1, 0.05), (0.14, 0.0), (0.22, 0.02)]),
+           _polyline([(0.1, 0.7), (0.12, 0.75)])], 0.28),
+    # t: stem, then the crossbar as its own stroke.
+    "t": ([_polyline([(0.15, 0.82), (0.15, 0.06), (0.19, 0.0), (0.28, 0.02)]),
+           _polyline([(0.0, 0.52), (0.32, 0.52)])], 0.34),
+    # n: down stroke, retrace up, one arch.
+    "n": ([_polyline([(0.05, 0.5), (0.05, 0.0), (0.05, 0.28)],
+                     _arc(0.21, 0.28, 0.16, 0.2, 180, 0), [(0.38, 0.0)])], 0.46),
+    # m: down stroke, two arches.
+    "m": ([_polyline([(0.05, 0.5), (0.05, 0.0), (0.05, 0.28)],
+                     _arc(0.17, 0.28, 0.12, 0.2, 180, 0), [(0.29, 0.0), (0.29, 0.28)],
+                     _arc(0.41, 0.28, 0.12, 0.2, 180, 0), [(0.54, 0.0)])], 0.60),
+    # u: down into a cup, up, then the right stem down.
+    "u": ([_polyline([(0.05, 0.5), (0.05, 0.2)], _arc(0.2, 0.2, 0.15, 0.2, 180, 360),
+                     [(0.35, 0.5), (0.37, 0.0)])], 0.44),
+    # a: closed loop, then a tail down its right side.
+    "a": ([_polyline(_arc(0.2, 0.25, 0.18, 0.24, 10, 370), [(0.39, 0.5), (0.41, 0.0)])], 0.46),
+    # e: horizontal bar into a counter-clockwise loop that stays open.
+    "e": ([_polyline([(0.03, 0.22), (0.38, 0.27)], _arc(0.21, 0.25, 0.18, 0.24, 15, 320))], 0.44),
+}
+
+
+@dataclass(frozen=True)
+class Glyph:
+    points: np.ndarray  # (n, 2) pen samples of all strokes, in drawing order
+    stroke_start: np.ndarray  # (n,) 1.0 on the first sample of each stroke
+    width: float  # advance before the letter gap
+
+
+def _make_glyph(strokes, width):
+    # One stroke at a time: the glyphs, and so the seed task's numbers, stay as they were.
+    pts = [resample_strokes(s, np.zeros(len(s), int), ink_length(s, np.zeros(len(s), int)), SAMPLE_SPACING)[0]
+           for s in strokes]
+    starts = [np.eye(1, len(p)).ravel() for p in pts]
+    return Glyph(np.concatenate(pts), np.concatenate(starts), width)
+
+
+GLYPHS = {c: _make_glyph(*GLYPH_STROKES[c]) for c in ALPHABET}
+
+
+def render_word(word, rng, jitter=0.014, slant_max=0.15):
+    """Draw `word` with one random slant and per-point Gaussian jitter.
+
+    Glyph templates are placed left to right (advance = width + LETTER_GAP),
+    sheared by x += slant * y, then every sample is jittered.
+    """
+    labels = encode(word, ALPHABET)
+    glyphs = [GLYPHS[c] for c in word]
+    offsets = np.cumsum([0.0] + [g.width + LETTER_GAP for g in glyphs[:-1]])
+    xy = np.concatenate([g.points + (dx, 0.0) for g, dx in zip(glyphs, offsets)])  # (T, 2)
+    pen_up = np.concatenate([g.stroke_start for g in glyphs])  # (T,)
+    char_of = np.repeat(np.arange(len(word)), [len(g.points) for g in glyphs])  # (T,)
+    slant = rng.uniform(-slant_max, slant_max)
+    xy[:, 0] += slant * xy[:, 1]
+    xy += rng.normal(0.0, jitter, size=xy.shape)
+    traj = pen_trajectory(xy, np.cumsum(pen_up) - 1)
+    return Sample(word, traj, labels, xy, pen_up, char_of)
+
+
+def render_words(words, repeats, rng, cfg):
+    """`repeats` fresh renderings of every word, word-major order."""
+    return [render_word(w, rng, cfg.jitter, cfg.slant_max) for w in words for _ in range(repeats)]
+
+
+def split_vocab(rng, holdout_frac):
+    """(training words, held-out words): a seeded permutation of VOCAB."""
+    n_held = int(round(holdout_frac * len(VOCAB)))
+    order = rng.permutation(len(VOCAB))
+    held = sorted(VOCAB[i] for i in order[:n_held])
+    return [w for w in VOCAB if w not in held], held
+
+
+LEXICON_SEED = 20090501  # fixed: every run sees the same distractor words
+
+
+def distractor_words(n, real_words=VOCAB):
+    """The first n of a fixed sequence of distinct 3-5 letter pseudo-words, none a real word.
+
+    Candidates are drawn in fixed-size chunks, so a lexicon of a given size is
+    the same whatever larger size is also asked for.
+    """
+    rng = np.random.default_rng(LEXICON_SEED)
+    seen, out = set(real_words), []
+    while len(out) < n:
+        lengths = rng.integers(3, 6, size=4096)
+        letters = rng.integers(0, len(ALPHABET), size=(4096, 5))
+        for length, row in zip(lengths, letters):
+            w = "".join(ALPHABET[i] for i in row[:length])
+            if w not in seen:
+                seen.add(w)
+                out.append(w)
+    return out[:n]
+
+
+# ---------------------------------------------------------------------------
+# 12. Cursive lines: glyphs
+# ---------------------------------------------------------------------------
+# Hershey Script Simplex ("scripts"), the 1967 US National Bureau of Standards
+# stroke font, from the PyPI package Hershey-Fonts. Font units: y down,
+# baseline y = 9, x-height line y = 0, about 17 units per letter; lowercase
+# letters end on the joining point (advance, 4), 16 of them start on it.
+
+LINE_ALPHABET = string.ascii_lowercase + " "  # K = 28 with the blank
+FONT_BASELINE = 9.0
+FONT_XHEIGHT = 9.0
+LINE_UNIT = 0.5 / FONT_XHEIGHT  # font units -> output units (x-height 0.5, as the printed words)
+# Polylines a writer adds after the word, as IAM-OnDB writers do: the i and j
+# dots, the t bar and the x crossing (indices into the glyph's polylines).
+DELAYED_POLYLINES = {"i": (0,), "j": (0,), "t": (2,), "x": (1,)}
+
+
+@functools.lru_cache(maxsize=1)
+def script_glyphs():
+    """{letter: (vertices (n, 2), polyline id (n,), delayed (n,) bool, advance)} for a-z, font units.
+
+    Vertices are in plotter order with the retraces the font has (the second
+    and third polylines of 'm' start on ink already drawn).
+    """
+    try:
+        from HersheyFonts import HersheyFonts
+    except ImportError:
+        raise UserError("the lines task needs the Hershey-Fonts package: pip install Hershey-Fonts") from None
+    font = HersheyFonts()
+    font.load_default_font("scripts")
+    table = {}
+    for c in string.ascii_lowercase:
+        polylines = [np.array(p, dtype=float) for p in font.strokes_for_text(c)]
+        ids = np.repeat(np.arange(len(polylines)), [len(p) for p in polylines])
+        advance = float(next(iter(font.glyphs_for_text(c))).char_width)
+        table[c] = (np.concatenate(polylines), ids, np.isin(ids, DELAYED_POLYLINES.get(c, ())), advance)
+    return table
+
+
+# ---------------------------------------------------------------------------
+# 13. Cursive lines: writers
+# ---------------------------------------------------------------------------
+
+WARP_WAVES = 3  # sinusoids in one letter's deformation field
+
+
+@dataclass(frozen=True)
+class WriterStyle:
+    """One writer's hand, drawn once. Lengths are font units (x-height 9)."""
+
+    slant: float  # shear x += slant * height above the baseline (+ leans right)
+    size: float  # x-height scale
+    width: float  # horizontal scale on top of size
+    letter_spacing: float  # added to every letter's advance
+    word_spacing: float  # gap between words, on top of the letter spacing
+    tilt: float  # baseline angle, radians counter-clockwise
+    drift: tuple  # (amplitude, wavelength): slow vertical wander of the baseline
+    warp: np.ndarray  # (26, WARP_WAVES, 5) per-letter deformation: amplitude (2), wave vector (2), phase
+    warp_rms: float  # RMS displacement of those fields
+    inertia: float  # how far the pen lags behind its path, in output samples
+    ink_per_sample: float  # ink between samples at full speed, per unit of size
+    curve_slowdown: float  # how much the pen slows in tight curves
+    tremor: float  # std of per-sample jitter
+    dot_offset: np.ndarray  # (2,) where i and j dots land, relative to the font's
+    bar_scale: float  # length of t and x crossings relative to the font's
+    bar_offset: np.ndarray  # (2,) where the crossings land
+
+
+def random_warp(rng, n, rms):
+    """(n, WARP_WAVES, 5) smooth displacement fields d(p) = sum_m a_m sin(k_m . p + phi_m).
+
+    Wavelengths of 10-25 font units, about a letter, so a field bends a
+    letter's shape rather than roughening its outline. Each field is scaled to
+    RMS displacement `rms` (a scalar or (n,)).
+    """
+    amp = rng.normal(size=(n, WARP_WAVES, 2))
+    amp *= np.reshape(rms, (-1, 1, 1)) / np.sqrt(0.5 * (amp ** 2).sum(axis=(1, 2), keepdims=True))
+    angle = rng.uniform(0, 2 * np.pi, size=(n, WARP_WAVES))
+    wavenumber = 2 * np.pi / rng.uniform(10.0, 25.0, size=(n, WARP_WAVES))
+    wave = np.stack([np.cos(angle), np.sin(angle)], axis=-1) * wavenumber[..., None]
+    phase = rng.uniform(0, 2 * np.pi, size=(n, WARP_WAVES, 1))
+    return np.concatenate([amp, wave, phase], axis=-1)
+
+
+def apply_warp(points, warp):
+    """Displace points (N, 2) by their own fields warp (N, WARP_WAVES, 5)."""
+    arg = (warp[..., 2:4] * points[:, None, :]).sum(-1) + warp[..., 4]  # (N, M)
+    return points + (warp[..., :2] * np.sin(arg)[..., None]).sum(axis=1)
+
+
+def draw_writer(rng):
+    """A writer's style. The ranges are the README's table (which says why none is narrower)."""
+    warp_rms = rng.uniform(0.08, 0.15) * FONT_XHEIGHT
+    return WriterStyle(
+        slant=rng.uniform(-0.4, 0.4),
+        size=rng.uniform(0.8, 1.25),
+        width=rng.uniform(0.75, 1.3),
+        letter_spacing=rng.uniform(-1.5, 3.0),
+        word_spacing=rng.uniform(6.0, 14.0),
+        tilt=np.radians(rng.uniform(-3.0, 3.0)),
+        drift=(rng.uniform(0.0, 2.0), rng.uniform(120.0, 400.0)),
+        warp=random_warp(rng, 26, warp_rms),
+        warp_rms=warp_rms,
+        inertia=rng.uniform(0.0, 2.0),
+        ink_per_sample=4.9 * rng.uniform(0.75, 1.25),
+        curve_slowdown=rng.uniform(0.5, 2.0),
+        tremor=rng.uniform(0.05, 0.25),
+        dot_offset=rng.uniform([-1.5, -2.0], [2.5, 1.0]),
+        bar_scale=rng.uniform(0.7, 1.4),
+        bar_offset=rng.uniform([-1.5, -1.5], [2.5, 1.5]),
+    )
+
+
+# ---------------------------------------------------------------------------
+# 14. Cursive lines: the pen
+# ---------------------------------------------------------------------------
+
+CONNECTOR_POINTS = 5  # vertices inside the arc that carries the pen from letter to letter
+DENSE_STEP = 0.25  # font units between points of the ideal pen path
+FINE = 4  # pen positions simulated per output sample
+LINE_SAMPLE_SPACING = 4.9 * LINE_UNIT  # a typical writer's ink per sample on straight ink, output units
+
+
+def add_connectors(x, height, letter_of, polyline, delayed, word_of):
+    """Arc the pen's way from each letter's end to the next letter's start.
+
+    Letters that start on their bowl (a c d e g o q w) start away from the
+    joining point, and a straight connector would cut through the bowl; a
+    writer arcs over it. A quadratic Bezier from the previous letter's last
+    vertex, bulging up by 0.3 of its horizontal span, goes before the letter's
+    first vertex and belongs to that letter. All arrays are per vertex (V,).
+    """
+    main = np.flatnonzero(~delayed)
+    prev, nxt = main[:-1], main[1:]
+    joins = (letter_of[nxt] != letter_of[prev]) & (word_of[letter_of[nxt]] == word_of[letter_of[prev]])
+    gap = np.hypot(x[nxt] - x[prev], height[nxt] - height[prev])
+    at, came_from = nxt[joins & (gap > 1.0)], prev[joins & (gap > 1.0)]  # (J,)
+    x0, h0, x1, h1 = x[came_from], height[came_from], x[at], height[at]
+    cx, ch = (x0 + x1) / 2, np.maximum(h0, h1) + 0.3 * np.abs(x1 - x0)
+    u = np.linspace(0, 1, CONNECTOR_POINTS + 2)[1:-1, None]  # (P, 1)
+    bx = ((1 - u) ** 2 * x0 + 2 * u * (1 - u) * cx + u ** 2 * x1).T.ravel()  # (J * P,)
+    bh = ((1 - u) ** 2 * h0 + 2 * u * (1 - u) * ch + u ** 2 * h1).T.ravel()
+    where = np.repeat(at, CONNECTOR_POINTS)
+    return (np.insert(x, where, bx), np.insert(height, where, bh), np.insert(letter_of, where, letter_of[where]),
+            np.insert(polyline, where, polyline[where]), np.insert(delayed, where, False))
+
+
+def line_layout(text, writer, rng):
+    """The ideal pen path of a line, before any timing: where the pen should go.
+
+    Letters are placed with the writer's spacing and deformed by the writer's
+    field for that letter plus a third as much for this instance; within a
+    word the pen stays down from letter to letter; the dots and crossings are
+    delayed strokes written after their word. Returns points (V, 2) in font
+    units (y up, baseline 0), stroke ids (V,) in writing order, and char_of
+    (V,), the index into `text` of the letter each vertex belongs to.
+    """
+    table = script_glyphs()
+    letter_pos = np.array([i for i, c in enumerate(text) if c != " "])  # (n,) letters' indices into text
+    letters = [text[i] for i in letter_pos]
+    word_of = np.cumsum([c == " " for c in text])[letter_pos]  # (n,)
+    size = writer.size * np.exp(rng.normal(0, 0.04))  # per-line variation on top of the writer's
+    slant = writer.slant + rng.normal(0, 0.03)
+    advance = np.array([table[c][3] for c in letters]) * size * writer.width
+    advance += (writer.letter_spacing + rng.normal(0, 0.5, len(letters))) * size
+    starts_word = np.diff(word_of, prepend=0) > 0
+    gap = np.where(starts_word, (writer.word_spacing + rng.normal(0, 1.0, len(letters))) * size, 0.0)
+    origin = np.cumsum(gap + np.append(0.0, advance[:-1]))  # (n,) left edge of each letter
+
+    glyphs = [table[c] for c in letters]
+    letter_of = np.repeat(np.arange(len(letters)), [len(g[0]) for g in glyphs])  # (V,)
+    local = np.concatenate([g[0] for g in glyphs])  # (V, 2) glyph coordinates
+    polyline = np.concatenate([g[1] for g in glyphs])
+    delayed = np.concatenate([g[2] for g in glyphs])
+    alphabet_index = np.array([ord(c) - ord("a") for c in letters])
+    local = apply_warp(local, writer.warp[alphabet_index[letter_of]])
+    local = apply_warp(local, random_warp(rng, len(letters), writer.warp_rms / 3)[letter_of])
+
+    # Dots land at the writer's offset; crossings are rescaled about their centre and shifted.
+    jitter = rng.normal(0, 0.6, size=(len(letters), 2))[letter_of]
+    is_dot = delayed & np.isin(np.array(letters)[letter_of], ["i", "j"])
+    is_bar = delayed & ~is_dot
+    local[is_dot] += writer.dot_offset + jitter[is_dot]
+    bar_letters, bar_index = np.unique(letter_of[is_bar], return_inverse=True)
+    centre = np.zeros((len(bar_letters), 2))
+    np.add.at(centre, bar_index, local[is_bar])
+    centre /= np.bincount(bar_index, minlength=len(bar_letters))[:, None].clip(1)
+    local[is_bar] = centre[bar_index] + (local[is_bar] - centre[bar_index]) * writer.bar_scale
+    local[is_bar] += writer.bar_offset + jitter[is_bar]
+
+    x = local[:, 0] * size * writer.width + origin[letter_of]
+    height = (FONT_BASELINE - local[:, 1]) * size
+    x, height, letter_of, polyline, delayed = add_connectors(x, height, letter_of, polyline, delayed, word_of)
+    x = x + slant * height
+    tilt = writer.tilt + rng.normal(0, np.radians(0.5))
+    points = np.column_stack([x * np.cos(tilt) - height * np.sin(tilt), x * np.sin(tilt) + height * np.cos(tilt)])
+    amplitude, wavelength = writer.drift
+    points[:, 1] += amplitude * np.sin(2 * np.pi * points[:, 0] / wavelength + rng.uniform(0, 2 * np.pi))
+
+    # Writing order: each word's pen-down stroke, then its delayed polylines one by one.
+    delayed_rank = np.where(delayed, 1 + polyline + 100 * letter_of, 0)
+    word = word_of[letter_of]
+    order = np.lexsort((np.arange(len(points)), delayed_rank, word))
+    key = word[order] * 100_000 + delayed_rank[order]
+    stroke = np.cumsum(np.diff(key, prepend=-1) != 0) - 1
+    return points[order], stroke, letter_pos[letter_of][order]
+
+
+def critically_damped_kernel(tau):
+    """Impulse response of two cascaded one-pole low-passes with time constant tau (steps).
+
+    h[k] = (1 - r)^2 (k + 1) r^k with r = exp(-1 / tau): a pen pulled towards
+    its target without overshoot, lagging it by 2 tau steps.
+    """
+    if tau <= 0:
+        return np.ones(1)
+    r = np.exp(-1.0 / tau)
+    k = np.arange(int(np.ceil(12 * tau)) + 1)
+    h = (1 - r) ** 2 * (k + 1) * r ** k
+    return h / h.sum()
+
+
+def lowpass_strokes(points, stroke, kernel, settle):
+    """Filter each stroke of points (N, 2) causally with `kernel`, strokes independent.
+
+    Each stroke is padded before with copies of its first point (the pen rests
+    there, so the filter starts on the ink) and after with `settle` copies of
+    its last (the pen settles onto the end before lifting). Returns the
+    filtered points, their stroke ids and the index of the input point each
+    output point stands for.
+    """
+    K = len(kernel) - 1
+    first = np.flatnonzero(stroke_starts(stroke))
+    n = np.diff(np.append(first, len(stroke)))  # (S,)
+    padded = n + K + settle
+    local = ragged_arange(padded) - K
+    source = np.clip(local, 0, np.repeat(n - 1, padded)) + np.repeat(first, padded)
+    # The start padding is as long as the kernel, so no output sees the previous stroke.
+    smooth = np.column_stack([np.convolve(points[source, c], kernel)[:len(source)] for c in range(2)])
+    keep = local >= 0
+    return smooth[keep], np.repeat(np.arange(len(n)), padded)[keep], source[keep]
+
+
+def time_pen_path(points, stroke, char_of, writer):
+    """Sample the ideal path as a pen would be sampled at a fixed rate.
+
+    The pen moves fast on straight ink and slows in tight curves; it lags
+    behind the path by the writer's inertia (which rounds corners and shrinks
+    small loops). Returns samples (T, 2), stroke ids (T,), char_of (T,).
+    """
+    dense, dense_stroke, source = resample_strokes(points, stroke, ink_length(points, stroke), DENSE_STEP)
+    dense_char = char_of[np.ceil(source).astype(int)]  # a connector belongs to the letter it leads into
+    starts = stroke_starts(dense_stroke)
+    step = np.diff(dense, axis=0, append=dense[-1:])
+    heading = np.arctan2(step[:, 1], step[:, 0])
+    turn = np.abs(np.angle(np.exp(1j * np.diff(heading, prepend=heading[:1]))))  # radians per dense step
+    turn[starts] = 0.0
+    turn[np.append(starts[1:], True)] = 0.0  # a stroke's last point has no heading of its own
+    curvature = np.convolve(turn, np.ones(9) / 9, mode="same") / DENSE_STEP  # per font unit, over ~2 units
+    speed = 1.0 / (1.0 + 2.0 * writer.curve_slowdown * curvature)
+    clock = np.cumsum(np.where(starts, 0.0, DENSE_STEP / speed))
+    spacing = writer.ink_per_sample * writer.size
+    fine, fine_stroke, fine_source = resample_strokes(dense, dense_stroke, clock, spacing / FINE)
+    fine_char = dense_char[np.round(fine_source).astype(int)]
+    lag = writer.inertia * FINE  # in fine steps
+    smooth, smooth_stroke, smooth_source = lowpass_strokes(
+        fine, fine_stroke, critically_damped_kernel(lag / 2), int(np.ceil(lag)))
+    first = np.flatnonzero(stroke_starts(smooth_stroke))
+    local = np.arange(len(smooth_stroke)) - first[np.cumsum(stroke_starts(smooth_stroke)) - 1]
+    keep = local % FINE == 0
+    return smooth[keep], smooth_stroke[keep], fine_char[smooth_source[keep]]
+
+
+def render_line(text, writer, rng):
+    """`text` (a-z and single spaces) in `writer`'s hand.
+
+    Returns a Sample: xy (T, 2) in output units (x-height 0.5, y up), traj
+    (T, 3) = (dx, dy, pen_up), char_of (T,) into `text`. pen_up is 1 on the
+    first sample of every word and of every delayed stroke, and nowhere else.
+    A space draws no ink: its only trace is the pen lift before the next word,
+    so no sample belongs to it.
+    """
+    labels = encode(text, LINE_ALPHABET)
+    if not text.strip(" ") or "  " in text or text != text.strip(" "):
+        raise ValueError(f"a line is words separated by single spaces, got {text!r}")
+    points, stroke, char_of = line_layout(text, writer, rng)
+    samples, sample_stroke, sample_char = time_pen_path(points, stroke, char_of, writer)
+    samples = samples + rng.normal(0, writer.tremor, size=samples.shape)
+    xy = samples * LINE_UNIT
+    return Sample(text, pen_trajectory(xy, sample_stroke), labels, xy, stroke_starts(sample_stroke).astype(float),
+                  sample_char)
+
+
+# ---------------------------------------------------------------------------
+# 15. Cursive lines: English text
+# ---------------------------------------------------------------------------
+# Word and word-pair counts from the PyPI package symspellpy (large web and book
+# corpora): 82,765 words and 242,342 pairs, read as data files. The pair list
+# keeps only pairs counted at least 6,400,000 times, so rare pairs are missing
+# and the model backs off to word frequencies.
+
+UNIGRAM_FILE = "frequency_dictionary_en_82_765.txt"
+BIGRAM_FILE = "frequency_bigramdictionary_en_243_342.txt"
+
+
+def _symspell_text(name):
+    try:
+        return (importlib.resources.files("symspellpy") / name).read_text(encoding="utf-8")
+    except (ModuleNotFoundError, FileNotFoundError, OSError) as e:
+        raise UserError(f"the lines task needs symspellpy's word counts ({e}); pip install 'symspellpy>=6.7.1'") from None
+
+
+# Web-scale counts carry web spam: these explicit, slur and spam words would
+# otherwise turn up in sampled lines and README figures, so they are left out
+# of the statistics (everything else is kept as counted).
+EXCLUDED_WORDS = frozenset("""
+    anal babes bitch bitches bitching blowjob blowjobs bondage boob boobies boobs busty cock cocks cocksucker
+    cocksuckers cum cumming cums cunt cunts dick dicks dildo dildoes dildos erotic erotica escort escorts fetish
+    fuck fucked fucker fuckers fucking fucks hardcore horny hottie hotties incest masturbate masturbates
+    masturbating masturbation milf milfs naked nigger nipple nipples nude nudes nympho orgies orgy porn porno
+    pornographic pornography pussies pussy shit shitting shitty slut sluts slutty spank spanked spanking
+    spankings squirting threesome threesomes tit tits titties titty twat valium viagra voyeur wank wanking
+    whore whores xxx""".split())
+
+
+@functools.lru_cache(maxsize=1)
+def english_words():
+    """(words, counts (V,)): every word over a-z in symspellpy's counts, most frequent first,
+    less EXCLUDED_WORDS."""
+    words, counts = [], []
+    for line in _symspell_text(UNIGRAM_FILE).splitlines():
+        parts = line.split()
+        if len(parts) == 2 and re.fullmatch("[a-z]+", parts[0]) and parts[0] not in EXCLUDED_WORDS:
+            words.append(parts[0])
+            counts.append(int(parts[1]))
+    if len(words) != N_ENGLISH_WORDS:  # symspellpy 6.7.0 shipped an older list: other text, other numbers
+        raise UserError(f"symspellpy's {UNIGRAM_FILE} gives {len(words)} words, not the {N_ENGLISH_WORDS} "
+                        "this code was measured on; pip install 'symspellpy>=6.7.1'")
+    order = np.argsort(-np.array(counts), kind="stable")
+    return tuple(words[i] for i in order), np.array(counts, dtype=float)[order]
+
+
+@functools.lru_cache(maxsize=1)
+def english_pairs():
+    """(first (P,), second (P,), count (P,)): word-pair counts as ids into english_words()."""
+    index = {w: i for i, w in enumerate(english_words()[0])}
+    first, second, counts = [], [], []
+    for line in _symspell_text(BIGRAM_FILE).splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] in index and parts[1] in index:
+            first.append(index[parts[0]])
+            second.append(index[parts[1]])
+            counts.append(int(parts[2]))
+    return np.array(first), np.array(second), np.array(counts, dtype=float)
+
+
+def build_bigram_model(vocabulary_size=None):
+    """The bigram model over the `vocabulary_size` most frequent words (all if None)."""
+    words, counts = english_words()
+    V = len(words) if vocabulary_size is None else min(vocabulary_size, len(words))
+    first, second, pair_counts = english_pairs()
+    unit = pair_counts.min()
+    keep = (first < V) & (second < V)
+    key, prob, backoff, D = discounted_pairs(first[keep], second[keep], pair_counts[keep] / unit, V)
+    return BigramModel(words[:V], counts[:V] / counts[:V].sum(), key, prob, backoff, D)
+
+
+@dataclass(frozen=True)
+class TextSampler:
+    """Cumulative tables for drawing words from a BigramModel quickly."""
+
+    model: BigramModel
+    unigram_cdf: np.ndarray  # (V,)
+    row_start: np.ndarray  # (V + 1,) the listed followers of v are pairs row_start[v]:row_start[v + 1]
+    pair_cdf: np.ndarray  # (P,) running sum of pair_prob within each row
+
+
+@functools.lru_cache(maxsize=1)
+def english_text_sampler():
+    model = build_bigram_model()
+    V = len(model.words)
+    row_start = np.searchsorted(model.pair_key, np.arange(V + 1, dtype=np.int64) * V)
+    running = np.cumsum(model.pair_prob)
+    before_row = np.concatenate([[0.0], running])[row_start[:-1]]  # (V,)
+    pair_cdf = running - np.repeat(before_row, np.diff(row_start))
+    return TextSampler(model, np.cumsum(model.unigram), row_start, pair_cdf)
+
+
+def next_word(sampler, prev, rng):
+    """Draw w ~ P(w | prev), or from the word frequencies when prev is None."""
+    u = rng.random()
+    if prev is not None:
+        lo, hi = sampler.row_start[prev], sampler.row_start[prev + 1]
+        if hi > lo and u < sampler.pair_cdf[hi - 1]:  # one of the listed followers
+            j = lo + np.searchsorted(sampler.pair_cdf[lo:hi], u, side="right")
+            return int(sampler.model.pair_key[j] % len(sampler.model.words))
+        u = rng.random()
+    return int(min(np.searchsorted(sampler.unigram_cdf, u * sampler.unigram_cdf[-1], side="right"),
+                   len(sampler.unigram_cdf) - 1))
+
+
+LINE_CHARS = (25, 45)  # line length in characters, as IAM-OnDB text lines
+LINE_WORDS = (4, 9)
+
+
+def sample_line(rng):
+    """One line of text: a word-bigram Markov chain started from the word
+    frequencies, run until a length drawn from LINE_CHARS is reached; lines
+    outside LINE_CHARS or LINE_WORDS are drawn again. Sampled, not real text."""
+    sampler = english_text_sampler()
+    words = sampler.model.words
+    while True:
+        target = rng.integers(LINE_CHARS[0], LINE_CHARS[1] + 1)
+        ids = [next_word(sampler, None, rng)]
+        length = len(words[ids[0]])
+        while length < target:
+            ids.append(next_word(sampler, ids[-1], rng))
+            length += 1 + len(words[ids[-1]])
+        if LINE_CHARS[0] <= length <= LINE_CHARS[1] and LINE_WORDS[0] <= len(ids) <= LINE_WORDS[1]:
+            return " ".join(words[i] for i in ids)
+
+
+# ---------------------------------------------------------------------------
+# 16. Cursive lines: the synthetic database
+# ---------------------------------------------------------------------------
+# Writers and the validation and test lines are fixed (LINES_DATA_SEED), the
+# same for every run, like a real corpus; the run's seed draws the training
+# lines. Writers of the three splits are disjoint, as in IAM-OnDB-t1, and so
+# are the texts.
+
+LINES_DATA_SEED = 2009
+LINE_WRITERS = {"train": 200, "validation": 20, "test": 40}
+MAX_EVAL_LINES_PER_WRITER = 10
+LINE_SPLITS = ("validation", "test")
+
+
+def writer_id(split, i):
+    return f"{split[:2]}{i:03d}"
+
+
+def line_writer(split, i):
+    """Writer i of a split, drawn from its own seed: the same style in every run."""
+    code = list(LINE_WRITERS).index(split)
+    return draw_writer(np.random.default_rng([LINES_DATA_SEED, code, i]))
+
+
+@functools.lru_cache(maxsize=None)
+def line_writers(split):
+    return tuple(line_writer(split, i) for i in range(LINE_WRITERS[split]))
+
+
+@functools.lru_cache(maxsize=1)
+def line_eval_texts():
+    """{split: [[text] * MAX_EVAL_LINES_PER_WRITER per writer]} for validation and test.
+
+    Each writer's lines come from the writer's own text stream, so fewer lines
+    per writer are a prefix of more; a line already used elsewhere is drawn again.
+    """
+    seen, texts = set(), {}
+    for code, split in enumerate(LINE_SPLITS, start=1):
+        texts[split] = []
+        for i in range(LINE_WRITERS[split]):
+            rng = np.random.default_rng([LINES_DATA_SEED, code, i, 1])
+            mine = []
+            while len(mine) < MAX_EVAL_LINES_PER_WRITER:
+                text = sample_line(rng)
+                if text not in seen:
+                    seen.add(text)
+                    mine.append(text)
+            texts[split].append(mine)
+    return texts
+
+
+def render_writer_line(text, split, i, seed):
+    """Writer i of `split` writing `text`; `seed` fixes the per-line variation."""
+    sample = render_line(text, line_writers(split)[i], np.random.default_rng(seed))
+    sample.writer = writer_id(split, i)
+    return sample
+
+
+def line_eval_set(split, lines_per_writer):
+    """The fixed validation or test lines: every writer of the split, `lines_per_writer` each."""
+    code = LINE_SPLITS.index(split) + 1
+    return [render_writer_line(text, split, i, [LINES_DATA_SEED, code, i, 2, j])
+            for i, texts in enumerate(line_eval_texts()[split]) for j, text in enumerate(texts[:lines_per_writer])]
+
+
+def draw_training_lines(n, rng):
+    """(texts, writer indices, render seeds) for n fresh training lines; never a validation or test text."""
+    held = {t for split in LINE_SPLITS for texts in line_eval_texts()[split] for t in texts}
+    texts = []
+    while len(texts) < n:
+        text = sample_line(rng)
+        if text not in held:
+            texts.append(text)
+    return texts, rng.integers(LINE_WRITERS["train"], size=n), rng.integers(2**63, size=n)
+
+
+# ---------------------------------------------------------------------------
+# 17. IAM-OnDB: reading the database
+# ---------------------------------------------------------------------------
+# The IAM On-Line Handwriting Database needs a registration and cannot be
+# downloaded here, so the reader follows the on-disk format as public loaders
+# describe it (README.md, References), and it is tested on files
+# written in that format. The files are untrusted: XML is parsed with the
+# standard library's expat with every entity declaration, external entity and
+# external DTD refused, so a "billion laughs" file is rejected unexpanded.
+#
+# The format facts the reader relies on (the layout, the split files, the ascii
+# files, lineStrokes and original XML, forms.txt, known bad files), and where
+# each was checked, are in README.md under "References".
+
+IAM_SPLIT_FILES = {  # split name -> IAM-OnDB-t1 file in the data root
+    "train": "trainset.txt",
+    "validation": "testset_v.txt",  # validation 1
+    "validation2": "testset_t.txt",  # validation 2
+    "test": "testset_f.txt",  # final test
+}
+PUBLISHED_LINE_COUNTS = {"train": 5364, "test": 3859}  # from the paper; printed, never asserted
+IAM_ENCODING = "iso-8859-1"  # the XML files declare it; the ascii files are read the same way
+IAM_ROOT = "WhiteboardCaptureSession"
+CSR_MARKER = "%" * 11  # in ascii files; public loaders read it as a line break
+LINE_BREAK = re.compile(r"\r\n|\r|\n")  # not str.splitlines: latin-1 byte 0x85 (cp1252 "...") is U+0085
+BLANKS = " \t\r\n\x0b\x0c"  # what .strip() removes here; U+0085 and U+00A0 may be text
+SAMPLE_PERIOD = 0.02  # seconds between pen samples in the real files
+
+FORM_ID = re.compile(r"(?P<prefix>[A-Za-z0-9]+)-(?P<number>\d+)(?P<letter>[A-Za-z]?)")
+LINE_FILE = re.compile(r"(?P<form>[A-Za-z0-9]+-\d+[A-Za-z]?)-(?P<number>\d+)\.xml")
+DATA_FOLDERS = ("lineStrokes", "ascii", "original")
+
+
+class IamOnDbError(UserError):
+    """A problem with the data on disk, said in one line that names the file or folder."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))  # one line, whatever was interpolated
+
+
+class IamOnDbBoundError(IamOnDbError):
+    """A file beyond the bounds below: refused outright, never skipped as merely invalid."""
+
+
+MAX_LINE_STROKES = 5_000  # per line file; real lines have at most about 100
+MAX_COORDINATE = 1e7  # |x|, |y| in sensor units; real whiteboards span about 7,000 x 1,500
+MAX_TIME = 1e12  # |time| in seconds; real files count from about 1.5e7
+
+
+# Safe XML: expat with entities refused.
+# The files come from a download, so they are untrusted: a DTD entity could expand
+# exponentially (billion laughs) or pull in a local file. No real IAM-OnDB file needs a DTD,
+# so every entity declaration and every external DTD or entity is refused outright.
+
+
+class _BadContent(Exception):
+    """Raised inside expat handlers; becomes an IamOnDbError naming the file."""
+
+
+def _refuse_entity_declaration(name, *_):
+    raise _BadContent(f"refused DTD entity declaration {name!r}")
+
+
+def _refuse_unparsed_entity(name, *_):
+    raise _BadContent(f"refused unparsed entity {name!r}")
+
+
+def _refuse_external_entity(context, base, system_id, public_id):
+    raise _BadContent(f"refused external entity {system_id or public_id!r}")
+
+
+def _refuse_external_dtd(name, system_id, public_id, has_internal_subset):
+    if system_id or public_id:
+        raise _BadContent(f"refused external DTD {system_id or public_id!r}")
+
+
+def _safe_parser() -> xml.parsers.expat.XMLParserType:
+    parser = xml.parsers.expat.ParserCreate()  # the encoding comes from the XML declaration
+    parser.SetParamEntityParsing(xml.parsers.expat.XML_PARAM_ENTITY_PARSING_NEVER)
+    parser.StartDoctypeDeclHandler = _refuse_external_dtd
+    parser.EntityDeclHandler = _refuse_entity_declaration
+    parser.UnparsedEntityDeclHandler = _refuse_unparsed_entity
+    parser.ExternalEntityRefHandler = _refuse_external_entity
+    return parser
+
+
+def _parse(parser, data: bytes, source: str) -> None:
+    """Run an expat parser over a whole file, turning any failure into an IamOnDbError."""
+    try:
+        parser.Parse(data, True)
+    except xml.parsers.expat.ExpatError as err:
+        raise IamOnDbError(f"{source}: invalid XML ({err})") from None
+    except _BadContent as err:
+        raise IamOnDbError(f"{source}: {err} (line {parser.CurrentLineNumber})") from None
+
+
+# lineStrokes and original files.
+
+
+@dataclass(frozen=True, eq=False)
+class LineInk:
+    """The ink of one lineStrokes file."""
+
+    points: np.ndarray  # (N, 2) float64 x, y in sensor units, y pointing down
+    stroke: np.ndarray  # (N,) int64 pen-down segment of each point, 0..S-1 in drawing order
+    times: np.ndarray  # (N,) float64 seconds
+    corners: dict  # e.g. {"DiagonallyOppositeCoords": (6512.0, 1376.0), ...}; whiteboard corners
+    sensor_corner: str | None  # SensorLocation@corner, "top_left" in every file seen
+
+
+def parse_line_strokes(data: bytes, source: str) -> LineInk:
+    """Points, strokes, times and whiteboard corners of one lineStrokes XML file.
+
+    Points are collected by a start-element handler without building a tree. Strokes without
+    points are dropped, so stroke ids stay 0..S-1. Raises IamOnDbError naming `source` for
+    invalid XML, a refused entity, a wrong root, a missing or non-numeric attribute, or no points.
+    """
+    xs, ys, ts = [], [], []  # attribute strings; numpy converts them in one call each
+    first_point = []  # index into xs of each Stroke's first point
+    corners, sensor = {}, []
+    in_stroke = seen_root = False
+
+    def start(name, attrs):
+        nonlocal in_stroke, seen_root
+        if not seen_root:
+            if name != IAM_ROOT:
+                raise _BadContent(f"root element <{name}>, expected <{IAM_ROOT}>")
+            seen_root = True
+        elif name == "Point":
+            if not in_stroke:
+                raise _BadContent("<Point> outside a <Stroke>")
+            try:
+                xs.append(attrs["x"])
+                ys.append(attrs["y"])
+                ts.append(attrs["time"])
+            except KeyError as missing:
+                raise _BadContent(f"<Point> without the {missing} attribute") from None
+        elif name == "Stroke":
+            in_stroke = True
+            first_point.append(len(xs))
+        elif name.endswith("OppositeCoords"):
+            if "x" not in attrs or "y" not in attrs:
+                raise _BadContent(f"<{name}> without x and y")
+            corners[name] = (attrs["x"], attrs["y"])
+        elif name == "SensorLocation":
+            sensor.append(attrs.get("corner"))
+
+    def end(name):
+        nonlocal in_stroke
+        if name == "Stroke":
+            in_stroke = False
+
+    parser = _safe_parser()
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    _parse(parser, data, source)
+
+    if not xs:
+        raise IamOnDbError(f"{source}: no <Point> elements")
+    try:
+        points = np.array([xs, ys], dtype=np.float64).T  # (N, 2)
+        times = np.array(ts, dtype=np.float64)  # (N,)
+        corners = {k: (float(x), float(y)) for k, (x, y) in corners.items()}
+    except ValueError as err:
+        raise IamOnDbError(f"{source}: non-numeric coordinate or time ({err})") from None
+    if not (np.isfinite(points).all() and np.isfinite(times).all()):
+        raise IamOnDbError(f"{source}: non-finite coordinate or time")
+    if np.abs(points).max() > MAX_COORDINATE or np.abs(times).max() > MAX_TIME:
+        # finite, but differences of such values overflow and the features become NaN
+        raise IamOnDbBoundError(f"{source}: a coordinate beyond +-{MAX_COORDINATE:g} sensor units or a time beyond "
+                                f"+-{MAX_TIME:g} s (largest {np.abs(points).max():g}, {np.abs(times).max():g})")
+    counts = np.diff(np.append(first_point, len(xs)))  # (S_all,) points per Stroke element
+    counts = counts[counts > 0]
+    if len(counts) > MAX_LINE_STROKES:  # noise removal compares strokes pairwise
+        raise IamOnDbBoundError(f"{source}: {len(counts):,} strokes, more than the {MAX_LINE_STROKES:,} a line may have")
+    stroke = np.repeat(np.arange(len(counts)), counts)  # (N,)
+    return LineInk(points, stroke, times, corners, sensor[0] if sensor else None)
+
+
+class _FoundWriter(Exception):
+    """Stops the parse once General/Form is seen: the rest of the file is the form's ink."""
+
+
+def parse_form_writer(data: bytes, source: str) -> str | None:
+    """General/Form@writerID of an original/**/strokes*.xml file, or None when absent.
+
+    Same entity refusals as the line parser; raises IamOnDbError for invalid XML.
+    """
+    path, found = [], []  # open elements; the writer id once seen
+
+    def start(name, attrs):
+        if name == "Form" and path[-1:] == ["General"]:
+            found.append(attrs.get("writerID", "").strip())
+            raise _FoundWriter
+        path.append(name)
+
+    def end(name):
+        path.pop()
+
+    parser = _safe_parser()
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    try:
+        _parse(parser, data, source)
+    except _FoundWriter:
+        pass
+    return found[0] if found and found[0] else None
+
+
+# ascii, split and forms.txt files.
+
+
+def parse_ascii(text: str, source: str) -> list[str]:
+    """The CSR lines of an ascii file: what was written, one entry per lineStrokes file.
+
+    The marker %%%%%%%%%%% counts as a line break, blank lines are dropped and each line is
+    stripped, as public loaders do. Raises IamOnDbError when there is no "CSR:" line.
+    """
+    lines = LINE_BREAK.split(re.sub(CSR_MARKER + "+", "\n", text))
+    heads = [i for i, line in enumerate(lines) if line.strip(BLANKS) == "CSR:"]
+    if not heads:
+        raise IamOnDbError(f"{source}: no 'CSR:' section")
+    return [line.strip(BLANKS) for line in lines[heads[0] + 1:] if line.strip(BLANKS)]
+
+
+def _quoted_prefix(text: str, limit: int = 40) -> str:
+    """repr of text, cut to its first `limit` characters: a bad entry may be a whole file."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text):,} characters)"
+
+
+def parse_split_file(text: str, source: str) -> list[str]:
+    """Form ids of a split file, in file order without repeats (entries have a leading space)."""
+    form_ids = []
+    for number, line in enumerate(LINE_BREAK.split(text), start=1):
+        entry = line.strip(BLANKS)
+        if not entry:
+            continue
+        if not FORM_ID.fullmatch(entry):  # also keeps "../" out of the paths built from it
+            raise IamOnDbError(f"{source} line {number}: {_quoted_prefix(entry)} is not a form id like a01-000u")
+        if entry not in form_ids:
+            form_ids.append(entry)
+    return form_ids
+
+
+def parse_forms_txt(text: str) -> dict[str, str]:
+    """form id -> writer id from forms.txt: first two whitespace-separated columns, '#' skipped."""
+    writers = {}
+    for line in LINE_BREAK.split(text):
+        columns = line.split()
+        if len(columns) >= 2 and not columns[0].startswith("#"):
+            writers[columns[0]] = columns[1]
+    return writers
+
+
+MAX_FILE_BYTES = 16 * 2**20  # any one file of the database; the largest real line file is about 105 kB
+
+
+def _open_without_waiting(path, flags):
+    # A FIFO would block open() until some writer appears; non-blocking, it opens and is refused below.
+    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
+
+
+def _read_bytes(path: str) -> bytes:
+    """The bytes of a regular file of at most MAX_FILE_BYTES; IamOnDbError naming the file for
+    anything else (a FIFO, a device such as /dev/zero, a symlink to either, an oversized file)."""
+    try:
+        with open(path, "rb", opener=_open_without_waiting) as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) \
+                    else "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+                raise IamOnDbError(f"cannot read {path}: it is {kind}, not a regular file")
+            data = f.read(MAX_FILE_BYTES + 1)
+            if len(data) > MAX_FILE_BYTES:
+                raise IamOnDbError(f"cannot read {path}: larger than {MAX_FILE_BYTES:,} bytes, the most a file of "
+                                   "the database may hold")
+            return data
+    except PermissionError:
+        raise IamOnDbError(f"cannot read {path}: permission denied") from None
+    except OSError as err:
+        raise IamOnDbError(f"cannot read {path}: {err.strerror or err}") from None
+
+
+def _raise_unreadable_folder(err: OSError):
+    raise IamOnDbError(f"cannot read folder {err.filename}: {err.strerror or err}")
+
+
+# -- Finding the data --
+
+
+def _subfolders(path: str) -> list[str]:
+    try:
+        return sorted(entry.path for entry in os.scandir(path) if entry.is_dir())
+    except OSError:  # only a hint: an unreadable folder is just not searched
+        return []
+
+
+def _layout_hint(data_dir: str) -> str:
+    """Where the data seems to be, when data_dir is not the root (the usual mistakes)."""
+    base = os.path.basename(os.path.normpath(data_dir))
+    if base in DATA_FOLDERS:
+        parent = os.path.dirname(os.path.normpath(data_dir))
+        return f"; {data_dir} looks like the {base}/ folder itself: pass its parent {parent}"
+    found = {name: [] for name in ("lineStrokes", "ascii")}
+    children = _subfolders(data_dir)[:200]  # two levels, bounded: enough for the usual mistakes
+    for folder in children + [grandchild for child in children for grandchild in _subfolders(child)][:2000]:
+        for name in found:
+            if os.path.isdir(os.path.join(folder, name)):
+                found[name].append(folder)
+    together = sorted(set(found["lineStrokes"]) & set(found["ascii"]))
+    if together:
+        return f"; found lineStrokes/ and ascii/ in {together[0]}: pass that folder"
+    if found["lineStrokes"] or found["ascii"]:
+        where = ", ".join(f"{name}/ in {places[0]}" for name, places in found.items() if places)
+        return f"; found {where}: move lineStrokes/, ascii/, original/ and the split files into one folder and pass it"
+    return ""
+
+
+def check_layout(data_dir: str) -> None:
+    """Raise IamOnDbError unless data_dir holds lineStrokes/ and ascii/."""
+    if not os.path.exists(data_dir):
+        raise IamOnDbError(f"IAM-OnDB folder not found: {data_dir}")
+    if not os.path.isdir(data_dir):
+        raise IamOnDbError(f"IAM-OnDB path is not a folder: {data_dir}")
+    missing = [name + "/" for name in ("lineStrokes", "ascii") if not os.path.isdir(os.path.join(data_dir, name))]
+    if missing:
+        raise IamOnDbError(
+            f"{data_dir} is not the IAM-OnDB root: no {' or '.join(missing)} in it (expected lineStrokes/, "
+            f"ascii/, original/ and {', '.join(IAM_SPLIT_FILES.values())} side by side){_layout_hint(data_dir)}")
+
+
+def read_split_files(data_dir: str) -> dict[str, list[str]]:
+    """split name -> form ids, from the IAM-OnDB-t1 files. Train, validation and
+    test are required (missing or empty -> IamOnDbError); validation 2
+    (testset_t.txt) may be missing or empty, as in an export of the lines task."""
+    splits, split_of = {}, {}
+    for split, name in IAM_SPLIT_FILES.items():
+        path = os.path.join(data_dir, name)
+        optional = split == "validation2"
+        if not os.path.isfile(path):
+            if optional:
+                continue
+            elsewhere = [f for f in _subfolders(data_dir) if os.path.isfile(os.path.join(f, name))]
+            hint = f"; found one in {elsewhere[0]}: move the four split files up" if elsewhere else ""
+            raise IamOnDbError(f"missing split file {path} (the IAM-OnDB-t1 files belong in the data root){hint}")
+        form_ids = parse_split_file(_read_bytes(path).decode(IAM_ENCODING), path)
+        if not form_ids:
+            if optional:
+                continue
+            raise IamOnDbError(f"empty split file {path}: no form ids")
+        for form_id in form_ids:
+            if form_id in split_of:  # the splits are writer-disjoint by design
+                raise IamOnDbError(f"{path}: form {form_id} is also in {IAM_SPLIT_FILES[split_of[form_id]]}")
+            split_of[form_id] = split
+        splits[split] = form_ids
+    return splits
+
+
+def find_line_files(strokes_root: str) -> tuple[dict[str, tuple[str, dict[int, str]]], list[str], dict[str, list]]:
+    """form id -> (folder relative to lineStrokes/, {line number: path}); unrecognised files; and
+    form id -> ["<path> and <name>", ...] for every further file of a line number it already has
+    (a01-000u-01.xml and a01-000u-001.xml)."""
+    forms, unrecognised, twice = {}, [], {}
+    for dirpath, dirnames, filenames in os.walk(strokes_root, onerror=_raise_unreadable_folder):
+        dirnames.sort()
+        folder = os.path.relpath(dirpath, strokes_root)
+        for name in sorted(filenames):
+            match = LINE_FILE.fullmatch(name)
+            entry = forms.setdefault(match["form"], (folder, {})) if match else None
+            if entry is None or entry[0] != folder:  # not a line file, or a form in two folders
+                unrecognised.append(os.path.join(dirpath, name))
+                continue
+            if int(match["number"]) in entry[1]:  # which of the two is the line cannot be told
+                twice.setdefault(match["form"], []).append(f"{entry[1][int(match['number'])]} and {name}")
+            entry[1][int(match["number"])] = os.path.join(dirpath, name)
+    return forms, unrecognised, twice
+
+
+# -- Loading --
+
+
+@dataclass(frozen=True, eq=False)
+class InkLine:
+    """One handwritten text line of IAM-OnDB."""
+
+    line_id: str  # "a01-000u-01"
+    form_id: str  # "a01-000u": text a01-000, copy u
+    writer: str  # General/Form@writerID, else forms.txt, else the form id
+    split: str  # "train", "validation", "validation2" or "test"
+    text: str  # the CSR transcription
+    points: np.ndarray  # (N, 2) float64 x, y sensor units, y down
+    stroke: np.ndarray  # (N,) int64 pen-down segment, 0..S-1
+    times: np.ndarray  # (N,) float64 seconds
+    path: str = ""  # the lineStrokes file it was read from, for messages
+
+
+@dataclass
+class _Tally:
+    """What the loader skipped or ignored, with a few example paths per reason."""
+
+    skipped: Counter = field(default_factory=Counter)  # reason -> files or forms (the name says)
+    lines_lost: int = 0  # line files of split forms not loaded
+    ignored: Counter = field(default_factory=Counter)
+    writer_from: Counter = field(default_factory=Counter)  # where each loaded form's writer came from
+    examples: dict = field(default_factory=dict)  # reason -> up to 3 paths or ids
+
+    def note(self, counter: Counter, reason: str, example: str, count: int = 1):
+        counter[reason] += count
+        self.examples.setdefault(reason, [])
+        if len(self.examples[reason]) < 3:
+            self.examples[reason].append(example)
+
+    def skip(self, reason: str, example: str, lines_lost: int):
+        self.note(self.skipped, reason, example)
+        self.lines_lost += lines_lost
+
+
+def _writer_of(data_dir, form_id, folder, forms_txt, tally) -> str:
+    """General/Form@writerID of the form's original file, else forms.txt, else the form id."""
+    path = os.path.join(data_dir, "original", folder, f"strokes{FORM_ID.fullmatch(form_id)['letter']}.xml")
+    if os.path.isfile(path):
+        raw = _read_bytes(path)  # unreadable: fatal, like every other file
+        try:
+            writer = parse_form_writer(raw, path)
+        except IamOnDbError:  # corrupt: the writer comes from elsewhere
+            writer = None
+            tally.note(tally.ignored, "invalid original files", path)
+        if writer:
+            tally.writer_from["original"] += 1
+            return writer
+    if form_id in forms_txt:
+        tally.writer_from["forms.txt"] += 1
+        return forms_txt[form_id]
+    tally.note(tally.writer_from, "unknown (form id used)", form_id)
+    return form_id
+
+
+def _load_form(data_dir, form_id, folder, numbered, split, forms_txt, tally) -> list[InkLine]:
+    """The loadable lines of one form; skips are counted in tally, unreadable files raise."""
+    ascii_path = os.path.join(data_dir, "ascii", folder, form_id + ".txt")
+    if not os.path.isfile(ascii_path):
+        tally.skip("forms without an ascii file", ascii_path, len(numbered))
+        return []
+    raw = _read_bytes(ascii_path)
+    try:
+        texts = parse_ascii(raw.decode(IAM_ENCODING), ascii_path)
+    except IamOnDbError:
+        tally.skip("forms whose ascii file has no CSR section", ascii_path, len(numbered))
+        return []
+    if sorted(numbered) != list(range(1, len(texts) + 1)):
+        tally.skip("forms whose CSR line count differs from their line files",
+                   f"{form_id} ({len(texts)} CSR lines, {len(numbered)} line files)", len(numbered))
+        return []
+    writer = _writer_of(data_dir, form_id, folder, forms_txt, tally)
+    lines = []
+    for number, path in sorted(numbered.items()):
+        raw = _read_bytes(path)
+        try:
+            ink = parse_line_strokes(raw, path)
+        except IamOnDbBoundError:
+            raise
+        except IamOnDbError:
+            tally.skip("invalid line files", path, 1)
+            continue
+        lines.append(InkLine(f"{form_id}-{number:02d}", form_id, writer, split, texts[number - 1],
+                          ink.points, ink.stroke, ink.times, path))
+    return lines
+
+
+def load_iam_ondb(data_dir, log=print) -> tuple[dict[str, list[InkLine]], dict]:
+    """Every line of the four IAM-OnDB-t1 splits, and a summary of what was read and skipped.
+
+    data_dir holds lineStrokes/, ascii/, optionally original/ and forms.txt, and the split files
+    trainset.txt (-> "train"), testset_v.txt (-> "validation"), testset_t.txt (-> "validation2"),
+    testset_f.txt (-> "test"). A corrupt line file, a form without ascii file or with a CSR line
+    count unlike its line files are skipped and counted. A missing or mislaid folder, a missing
+    or empty split, and an unreadable file raise IamOnDbError. Lines sorted by line id per split.
+    The summary is logged through `log` (one string per call) and returned as a dict.
+    """
+    started = time.perf_counter()
+    data_dir = os.fspath(data_dir)
+    check_layout(data_dir)
+    form_ids_by_split = read_split_files(data_dir)
+    split_of = {form_id: split for split, ids in form_ids_by_split.items() for form_id in ids}
+    forms_txt_path = os.path.join(data_dir, "forms.txt")
+    forms_txt = parse_forms_txt(_read_bytes(forms_txt_path).decode(IAM_ENCODING)) if os.path.isfile(forms_txt_path) else {}
+    line_files, unrecognised, twice = find_line_files(os.path.join(data_dir, "lineStrokes"))
+
+    tally = _Tally()
+    for path in unrecognised:
+        tally.note(tally.ignored, "files in lineStrokes/ that are not line files", path)
+    lines_by_split = {split: [] for split in form_ids_by_split}
+    for form_id in sorted(line_files):
+        folder, numbered = line_files[form_id]
+        if form_id not in split_of:  # not parsed: IAM-OnDB-t1 leaves these forms out
+            tally.note(tally.ignored, "forms in no split file", form_id)
+            tally.ignored["lines of forms in no split file"] += len(numbered)
+            continue
+        split = split_of[form_id]
+        if form_id in twice:
+            tally.skip("forms with two files for one line number", twice[form_id][0], len(numbered) + len(twice[form_id]))
+            continue
+        lines_by_split[split] += _load_form(data_dir, form_id, folder, numbered, split, forms_txt, tally)
+    for form_id in sorted(set(split_of) - set(line_files)):
+        tally.skip("split forms without line files", form_id, 0)
+
+    for split, lines in lines_by_split.items():
+        if not lines:
+            path = os.path.join(data_dir, IAM_SPLIT_FILES[split])
+            n_forms = len(form_ids_by_split[split])
+            raise IamOnDbError(f"{path} lists {n_forms} form{'s' * (n_forms != 1)} but none has a loadable line")
+
+    summary = {
+        "data_dir": data_dir,
+        "lines": {split: len(lines) for split, lines in lines_by_split.items()},
+        "forms": {split: len({l.form_id for l in lines}) for split, lines in lines_by_split.items()},
+        "writers": {split: len({l.writer for l in lines}) for split, lines in lines_by_split.items()},
+        "skipped": dict(tally.skipped),
+        "lines_lost": tally.lines_lost,
+        "ignored": dict(tally.ignored),
+        "writer_from": dict(tally.writer_from),
+        "examples": tally.examples,
+        "seconds": time.perf_counter() - started,
+    }
+    for text in format_summary(summary).splitlines():
+        log(text)
+    return lines_by_split, summary
+
+
+def format_summary(summary: dict) -> str:
+    """A few lines: lines, forms and writers per split, then skips and ignored files with examples."""
+    def counted(counts):
+        return "; ".join(f"{reason}: {n}" + (f" (e.g. {', '.join(summary['examples'][reason])})"
+                                             if reason in summary["examples"] else "")
+                         for reason, n in counts.items())
+
+    out = [f"IAM-OnDB {summary['data_dir']}: {sum(summary['lines'].values())} lines in {summary['seconds']:.2f} s"]
+    for split, n in summary["lines"].items():
+        paper = f"   (paper: {PUBLISHED_LINE_COUNTS[split]:,})" if split in PUBLISHED_LINE_COUNTS else ""
+        out.append(f"  {split:<12}{n:>6} lines {summary['forms'][split]:>5} forms "
+                   f"{summary['writers'][split]:>4} writers{paper}")
+    if summary["skipped"]:
+        out.append(f"  skipped (line files lost: {summary['lines_lost']}): {counted(summary['skipped'])}")
+    if summary["ignored"]:
+        out.append(f"  ignored: {counted(summary['ignored'])}")
+    out.append(f"  writer ids of forms: {counted(summary['writer_from'])}")
+    return "\n".join(out)
+
+# ---------------------------------------------------------------------------
+# 18. IAM-OnDB: preprocessing (Liwicki and Bunke 2006)
+# ---------------------------------------------------------------------------
+# The paper's front end for IAM-OnDB: one line of pen samples (sensor units, y
+# down) is cleaned, deskewed, deslanted, normalised to corpus height 1 and
+# resampled along the ink; delayed strokes are removed and kept as the "hat"
+# feature. Everything after the first step works with y up, in corpus heights:
+# baseline y = 0, corpus line y = 1. Choices where the papers are silent:
+# - strokes stay separate: trajectory features never cross a pen-up (Liwicki
+#   and Bunke join strokes with pen-up lines);
+# - skew: a robust regression line through the baseline's local minima;
+# - slant: 1-degree bins over +-60 degrees, segment length x a Gaussian
+#   (sigma 30 degrees) around the vertical, shear about the mean y;
+# - one scale factor for all three zones (the paper scales each zone);
+# - spacing 0.15 corpus heights: about 20 samples per letter, the 15-25 of
+#   IAM lines after preprocessing;
+# - vicinity: the point and 3 on either side within its stroke; context map:
+#   3x3 pixels of 0.5 corpus heights aligned to the baseline.
+
+IAM_SPACING = 0.15  # resampling step in corpus heights: ~20 points per letter (docstring)
+MAX_LINE_SAMPLES = 20_000  # per line after resampling: about 1,000 letters; real lines have a few thousand at most
+ZERO_LENGTH = 1e-9  # shorter than this (corpus heights) counts as no movement
+
+SPIKE_FACTOR = 10.0  # a step this many times the median step is a tracker glitch, not a hand
+SPECK_MAX_POINTS = 2  # strokes this short may be noise ...
+SPECK_ISOLATION = 1.0  # ... if farther than this many line heights from any other ink
+SPECK_CHUNK = 2**18  # (candidate, stroke) pairs compared at once: about 8 MB
+
+MAX_SKEW = np.radians(45.0)  # beyond this the "line" is not a line; clip the estimate
+ROBUST_TRIM = 2.0  # extrema beyond this many robust sigmas from the fit are ascenders etc.
+ROBUST_ITERATIONS = 3  # refits of the trimmed regression
+
+SLANT_MAX_DEG = 60  # histogram covers -60..60 degrees from the vertical, 1-degree bins
+SLANT_SIGMA_DEG = 30.0  # Gaussian weight around the vertical: near-vertical ink decides
+SLANT_SMOOTHING = np.array([0.25, 0.5, 0.25])  # Liwicki and Bunke's histogram smoothing
+
+DELAYED_MIN_Y = 0.75  # delayed strokes sit high: most points above 3/4 of the corpus height
+DELAYED_MAX_WIDTH = 2.0  # dots and bars are small (corpus heights); longer strokes are words
+DELAYED_MAX_HEIGHT = 1.0
+HAT_MARGIN = 0.2  # a removed stroke's x-range widened by this much, so a dot covers its stem
+
+X_HIGHPASS_HALF = 30  # x minus its moving average over 61 points (~3 letters)
+VICINITY_HALF = 3  # vicinity = 7 points (~1 corpus height of ink)
+ZONE_MARGIN = 0.3  # ascender points are above 1 + margin, descender points below -margin
+ZONE_X_RADIUS = 0.5  # ... counted within this x-distance of the point
+CONTEXT_CELL = 0.5  # side of one cell of the 3x3 context map (corpus heights)
+
+GRAVES25_NAMES = (
+    "pen_up", "hat", "speed", "x_highpass", "y",
+    "dir_cos", "dir_sin", "curv_cos", "curv_sin",
+    "vic_aspect", "vic_slope_cos", "vic_slope_sin", "vic_curliness", "vic_linearity",
+    "ascenders", "descenders",
+    "ctx_top_left", "ctx_top", "ctx_top_right",
+    "ctx_left", "ctx_centre", "ctx_right",
+    "ctx_bottom_left", "ctx_bottom", "ctx_bottom_right",
+)
+
+
+# -- Input validation and stroke bookkeeping --
+
+def validate_line(points, stroke, times=None):
+    """Check one line and return (points (N, 2) float64, stroke (N,) 0..S-1, times (N,)).
+
+    Stroke ids may be any non-decreasing integers; they are relabelled 0..S-1. times=None
+    means uniform sampling at SAMPLE_PERIOD. Raises ValueError for an empty line,
+    wrong shapes, non-finite values or decreasing stroke ids.
+    """
+    points = np.asarray(points, dtype=np.float64)
+    if points.size == 0:
+        raise ValueError("empty line: no points")
+    if points.ndim != 2 or points.shape[1] != 2:
+        raise ValueError(f"points must have shape (N, 2), got {points.shape}")
+    n = len(points)
+    stroke = np.asarray(stroke)
+    if stroke.shape != (n,):
+        raise ValueError(f"stroke must have shape ({n},), got {stroke.shape}")
+    if not np.issubdtype(stroke.dtype, np.integer):
+        if not np.all(np.isfinite(stroke)) or np.any(stroke != np.round(stroke)):
+            raise ValueError("stroke ids must be integers")
+    if np.any(np.diff(stroke) < 0):
+        raise ValueError("stroke ids must be non-decreasing (points in writing order)")
+    times = (np.arange(n) * SAMPLE_PERIOD if times is None
+             else np.asarray(times, dtype=np.float64))
+    if times.shape != (n,):
+        raise ValueError(f"times must have shape ({n},), got {times.shape}")
+    if not (np.all(np.isfinite(points)) and np.all(np.isfinite(times))):
+        raise ValueError("points and times must be finite")
+    return points, relabel_strokes(stroke), times
+
+
+def relabel_strokes(stroke):
+    """Stroke ids 0..S-1 in order of appearance, (N,) int; gaps from removed strokes close."""
+    return np.cumsum(stroke_starts(stroke)) - 1
+
+
+def stroke_bounds(stroke):
+    """Index of the first and the last point of each point's stroke: (N,), (N,)."""
+    starts = np.flatnonzero(stroke_starts(stroke))
+    ends = np.append(starts[1:] - 1, len(stroke) - 1)
+    which = relabel_strokes(stroke)
+    return starts[which], ends[which]
+
+
+def stroke_steps(points, stroke):
+    """Steps into and out of each point within its stroke.
+
+    Returns (step_in (N, 2) = p[t] - p[t-1], step_out (N, 2) = p[t+1] - p[t], has_in (N,),
+    has_out (N,)); a step across a pen-up or past a stroke end is zero and its flag False.
+    points may also be (N,) (times). Slicing instead of gathering neighbours: this is the
+    hot path of most features.
+    """
+    same = stroke[1:] == stroke[:-1]  # (N-1,)
+    step = (points[1:] - points[:-1]) * same.reshape((-1,) + (1,) * (points.ndim - 1))
+    zero = np.zeros((1,) + points.shape[1:])
+    return (np.concatenate((zero, step)), np.concatenate((step, zero)),
+            np.concatenate(([False], same)), np.concatenate((same, [False])))
+
+
+def _lengths(vectors):
+    """(N,) Euclidean lengths of the rows of vectors (N, 2)."""
+    return np.hypot(vectors[:, 0], vectors[:, 1])
+
+
+def _median(values):
+    """Median of a 1-D array (np.median's checks cost more than the sort at these sizes)."""
+    ordered = np.sort(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+
+
+def _prefix_sums(values):
+    """(N+1,) [0, v0, v0+v1, ...]: window sums become two lookups."""
+    return np.concatenate(([0.0], np.cumsum(values, dtype=np.float64)))
+
+
+def _safe_divide(num, den, default):
+    """num / den where den > ZERO_LENGTH**2, else default: degenerate geometry stays finite."""
+    num, den = np.broadcast_arrays(np.asarray(num, float), np.asarray(den, float))
+    out = np.full(num.shape, float(default))
+    return np.divide(num, den, out=out, where=den > ZERO_LENGTH ** 2)
+
+
+def flip_to_y_up(points):
+    """(N, 2) with y negated: IAM-OnDB's y grows downwards, everything after this grows up."""
+    return points * np.array([1.0, -1.0])
+
+
+# -- Duplicates and noise --
+
+def _drop_consecutive_duplicates(points, stroke, times):
+    """Keep the first of any run of identical consecutive points within a stroke."""
+    step_in, _, has_in, _ = stroke_steps(points, stroke)
+    keep = ~(has_in & (step_in[:, 0] == 0) & (step_in[:, 1] == 0))  # (N,)
+    return points[keep], stroke[keep], times[keep]
+
+
+def _spikes(points, stroke):
+    """(N,) bool: interior points that jump out and straight back.
+
+    A spike's steps in and out both exceed SPIKE_FACTOR x the line's median step, and its
+    two neighbours are closer to each other than it is to either of them.
+    """
+    into, out_of, has_in, has_out = stroke_steps(points, stroke)
+    step_in, step_out = _lengths(into), _lengths(out_of)  # (N,) 0 at stroke ends
+    moving = step_in[step_in > 0]
+    if moving.size == 0:
+        return np.zeros(len(points), dtype=bool)
+    big = SPIKE_FACTOR * _median(moving)
+    shortcut = _lengths(into + out_of)  # p[t+1] - p[t-1]
+    return (has_in & has_out & (step_in > big) & (step_out > big)
+            & (shortcut < np.minimum(step_in, step_out)))
+
+
+def _isolated_specks(points, stroke):
+    """(N,) bool: points of strokes of <= SPECK_MAX_POINTS points far from all other ink.
+
+    "Far" = more than SPECK_ISOLATION line heights from the bounding box of every other
+    stroke, the line height being the 5-95 percentile spread of y (about two corpus
+    heights), so i-dots (well under one line height from their stem) stay. Boxes instead of
+    points keep this O(specks x strokes) in time; the comparison runs in chunks of SPECK_CHUNK
+    pairs, so memory stays bounded.
+    """
+    mask = np.zeros(len(points), dtype=bool)
+    counts = np.bincount(stroke)
+    small = counts[stroke] <= SPECK_MAX_POINTS
+    if len(counts) < 2 or not small.any():
+        return mask
+    y_sorted = np.sort(points[:, 1])
+    lo, hi = y_sorted[int(0.05 * (len(y_sorted) - 1))], y_sorted[int(0.95 * (len(y_sorted) - 1))]
+    if hi - lo <= 0:
+        return mask  # a flat line gives no scale to call anything far
+    starts = np.flatnonzero(stroke_starts(stroke))
+    box_min = np.minimum.reduceat(points, starts, axis=0)  # (S, 2)
+    box_max = np.maximum.reduceat(points, starts, axis=0)
+    cand = np.flatnonzero(small)  # (M,)
+    per_chunk = max(1, SPECK_CHUNK // len(starts))  # candidates per (chunk, S, 2) block: memory stays bounded
+    for at in range(0, len(cand), per_chunk):
+        c = cand[at:at + per_chunk]  # (C,)
+        p = points[c, None, :]  # (C, 1, 2)
+        outside = np.maximum(np.maximum(box_min[None] - p, p - box_max[None]), 0.0)  # (C, S, 2)
+        dist = np.hypot(outside[..., 0], outside[..., 1])  # (C, S)
+        dist[np.arange(len(c)), stroke[c]] = np.inf
+        mask[c[dist.min(axis=1) > SPECK_ISOLATION * (hi - lo)]] = True
+    return mask
+
+
+def remove_duplicates_and_noise(points, stroke, times):
+    """Drop duplicate points, spikes and isolated specks.
+
+    Rules, in order: (1) a point equal to the previous point of its stroke is dropped
+    (zero-length steps carry no direction); (2) spikes (`_spikes`: out-and-back jumps over
+    10x the median step) are dropped, then duplicates again; (3) strokes of at most 2 points
+    farther than one line height from all other ink are dropped (`_isolated_specks`). If (3)
+    would empty the line it is skipped. Stroke ids come back relabelled 0..S'-1.
+
+    points (N, 2), stroke (N,), times (N,) -> points (N', 2), stroke (N',), times (N',).
+    """
+    points, stroke, times = _drop_consecutive_duplicates(points, stroke, times)
+    keep = ~_spikes(points, stroke)
+    points, stroke, times = _drop_consecutive_duplicates(
+        points[keep], stroke[keep], times[keep])
+    keep = ~_isolated_specks(points, stroke)
+    if keep.any():
+        points, stroke, times = points[keep], stroke[keep], times[keep]
+    return points, relabel_strokes(stroke), times
+
+
+# Regression lines and local extrema (shared by skew, baseline and corpus line).
+
+class FittedLine(NamedTuple):
+    """y = intercept + slope * x."""
+
+    intercept: float
+    slope: float
+
+    def at(self, x):
+        return self.intercept + self.slope * np.asarray(x, dtype=float)
+
+
+def fit_line_least_squares(x, y):
+    """Least-squares Line through (x, y); slope 0 if x does not vary (a vertical line)."""
+    x_mean, y_mean = x.sum() / len(x), y.sum() / len(y)
+    dx = x - x_mean
+    sxx = dx @ dx
+    if sxx <= ZERO_LENGTH ** 2 * len(x) * (1.0 + abs(x_mean)) ** 2:
+        return FittedLine(float(y_mean), 0.0)
+    slope = (dx @ (y - y_mean)) / sxx
+    return FittedLine(float(y_mean - slope * x_mean), float(slope))
+
+
+def fit_line_robust(x, y):
+    """Least-squares Line after trimming points beyond ROBUST_TRIM robust sigmas, refit.
+
+    The robust sigma is 1.4826 x the median absolute deviation of the residuals, so a
+    minority of outliers (descender bottoms among baseline minima, ascender tops among
+    corpus maxima) does not move the line.
+    """
+    keep = np.ones(len(x), dtype=bool)
+    line = fit_line_least_squares(x, y)
+    exact = ZERO_LENGTH * (1.0 + np.abs(y).max())  # residuals this small count as on the line
+    for _ in range(ROBUST_ITERATIONS):
+        resid = y - (line.intercept + line.slope * x)
+        centre = _median(resid[keep])
+        sigma = 1.4826 * _median(np.abs(resid[keep] - centre))
+        new_keep = np.abs(resid - centre) <= ROBUST_TRIM * sigma + exact
+        if new_keep.sum() < 2 or (new_keep == keep).all():
+            break
+        keep = new_keep
+        line = fit_line_least_squares(x[keep], y[keep])
+    return line
+
+
+def local_extrema(points, stroke):
+    """Interior local minima and maxima of y within each stroke: (N,) bool, (N,) bool.
+
+    Stroke ends are never extrema (a pen-down point is not a turning point). A plateau
+    counts once, at its first point.
+    """
+    step_in, step_out, has_in, has_out = stroke_steps(points, stroke)
+    interior = has_in & has_out
+    rise_in, rise_out = step_in[:, 1], step_out[:, 1]
+    return (interior & (rise_in < 0) & (rise_out >= 0),
+            interior & (rise_in > 0) & (rise_out <= 0))
+
+
+def rotate(points, angle, centre):
+    """(N, 2) rotated counter-clockwise by angle (radians) about centre (2,)."""
+    c, s = np.cos(angle), np.sin(angle)
+    return (points - centre) @ np.array([[c, s], [-s, c]]) + centre
+
+
+# -- Skew --
+
+def correct_skew(points, stroke):
+    """Rotate a y-up line so its baseline is level; returns (points (N, 2), skew angle).
+
+    The skew is the angle of a robust regression line (`fit_line_robust`) through the local
+    minima of y (the baseline points), chosen over all points because ascenders and
+    descenders spread unevenly along a line and tilt an all-points fit. With fewer than 3
+    minima (very short lines) all points are used. The angle (radians, counter-clockwise =
+    line rising to the right) is clipped to +-45 degrees; the rotation is about the centroid.
+    """
+    minima, _ = local_extrema(points, stroke)
+    if minima.sum() >= 3 and np.ptp(points[minima, 0]) > 0:
+        line = fit_line_robust(points[minima, 0], points[minima, 1])
+    else:
+        line = fit_line_least_squares(points[:, 0], points[:, 1])
+    angle = float(np.clip(np.arctan(line.slope), -MAX_SKEW, MAX_SKEW))
+    return rotate(points, -angle, points.mean(axis=0)), angle
+
+
+# -- Slant --
+
+def slant_histogram(points, stroke):
+    """Weighted, smoothed histogram of pen-down segment angles from the vertical.
+
+    Returns (centres (B,) degrees, -60..60, histogram (B,)). Each segment between
+    consecutive points of a stroke is oriented upwards, its angle from the vertical is
+    atan2(dx, dy) (positive = leaning right), and it adds
+    length * exp(-angle^2 / (2 * 30deg^2)) to its 1-degree bin: only near-vertical ink
+    says where the writing leans, and weighting by length makes the estimate independent of
+    pen speed. The histogram is smoothed with (0.25, 0.5, 0.25).
+    """
+    seg = np.diff(points, axis=0)  # (N-1, 2)
+    length = _lengths(seg)
+    use = (stroke[1:] == stroke[:-1]) & (length > 0)
+    seg, length = seg[use], length[use]
+    seg = np.where(seg[:, 1:2] < 0, -seg, seg)
+    angle = np.degrees(np.arctan2(seg[:, 0], seg[:, 1]))
+    weight = length * np.exp(-0.5 * (angle / SLANT_SIGMA_DEG) ** 2)
+    bins = np.rint(angle).astype(np.int64) + SLANT_MAX_DEG
+    inside = (bins >= 0) & (bins <= 2 * SLANT_MAX_DEG)
+    hist = np.bincount(bins[inside], weights=weight[inside], minlength=2 * SLANT_MAX_DEG + 1)
+    centres = np.arange(-SLANT_MAX_DEG, SLANT_MAX_DEG + 1, dtype=float)
+    return centres, np.convolve(hist, SLANT_SMOOTHING, mode="same")
+
+
+def correct_slant(points, stroke):
+    """Shear a y-up line upright; returns (points (N, 2), slant angle in radians).
+
+    slant = the argmax of `slant_histogram` (0 if the line has no segment within 60 degrees
+    of the vertical); x <- x - tan(slant) * (y - y_ref) with y_ref the mean y, so the
+    line's centre stays put.
+    """
+    centres, hist = slant_histogram(points, stroke)
+    slant = float(np.radians(centres[np.argmax(hist)])) if hist.max() > 0 else 0.0
+    sheared = points.copy()
+    sheared[:, 0] -= np.tan(slant) * (points[:, 1] - points[:, 1].mean())
+    return sheared, slant
+
+
+# Baseline, corpus line and height normalisation.
+
+def fit_baseline_and_corpus(points, stroke):
+    """Baseline and corpus line of a y-up line: (FittedLine, FittedLine), the corpus line above.
+
+    Baseline = `fit_line_robust` through the local minima of y, corpus line = the same
+    through the local maxima (so descender bottoms and ascender tops are trimmed). With
+    fewer than 2 minima (maxima) the line is horizontal through the lowest (highest) point.
+    If the two lines are then less than 5% of the ink's height apart at the middle of the
+    line (one point, a flat or vertical stroke, a failed fit), the baseline becomes
+    horizontal through the lowest point and the corpus line lies the ink's larger extent
+    (or 1 unit, for a single point) above it.
+    """
+    minima, maxima = local_extrema(points, stroke)
+    x, y = points[:, 0], points[:, 1]
+    baseline = (fit_line_robust(x[minima], y[minima]) if minima.sum() >= 2
+                else FittedLine(float(y.min()), 0.0))
+    corpus = (fit_line_robust(x[maxima], y[maxima]) if maxima.sum() >= 2
+              else FittedLine(float(y.max()), 0.0))
+    x_mid = 0.5 * (x.min() + x.max())
+    height = float(corpus.at(x_mid) - baseline.at(x_mid))
+    if not height > max(0.05 * np.ptp(y), ZERO_LENGTH * (1.0 + np.abs(points).max())):
+        extent = max(np.ptp(x), np.ptp(y))
+        baseline = FittedLine(float(y.min()), 0.0)
+        corpus = FittedLine(float(y.min()) + (extent if extent > 0 else 1.0), 0.0)
+    return baseline, corpus
+
+
+def normalise_height(points, baseline, corpus):
+    """Scale a y-up line to corpus height 1; returns (points (N, 2), corpus height h).
+
+    h = corpus(x_mid) - baseline(x_mid) at the middle of the ink's x-range, and
+    x' = (x - x_min) / h,  y' = (y - baseline(x)) / h,
+    so the baseline becomes y = 0 everywhere and the corpus line y = 1 (exactly, if the two
+    lines are parallel). Raises ValueError unless the corpus line is above the baseline.
+    """
+    x, y = points[:, 0], points[:, 1]
+    x_mid = 0.5 * (x.min() + x.max())
+    h = float(corpus.at(x_mid) - baseline.at(x_mid))
+    if not h > 0:
+        raise ValueError(f"the corpus line must lie above the baseline (height {h})")
+    return np.column_stack([(x - x.min()) / h, (y - baseline.at(x)) / h]), h
+
+
+# Speed (before resampling).
+
+def point_speed(points, stroke, times):
+    """Pen speed at each point, (N,): |p[t+1] - p[t-1]| / (time[t+1] - time[t-1]).
+
+    Central difference within the stroke, one-sided at its ends, 0 for a single-point
+    stroke; units are those of points per second. Non-increasing times (duplicated
+    timestamps) use the line's median sampling period instead.
+    """
+    step_in, step_out, has_in, has_out = stroke_steps(points, stroke)
+    dist = _lengths(step_in + step_out)  # |p[t+1] - p[t-1]|, one-sided at stroke ends
+    dt_in, dt_out, _, _ = stroke_steps(times, stroke)
+    dt = dt_in + dt_out
+    steps = np.diff(times)
+    period = _median(steps[steps > 0]) if np.any(steps > 0) else SAMPLE_PERIOD
+    n_steps = has_in.astype(float) + has_out
+    return dist / np.where(dt > 0, dt, np.maximum(n_steps, 1.0) * period)
+
+
+# -- Delayed strokes and the hat feature --
+
+def remove_delayed_strokes(points, stroke):
+    """Find delayed strokes of a height-normalised line; returns (keep (N,), hat_ranges (R, 2)).
+
+    A stroke (not the first) is delayed, like an i-dot or a t-bar, if all of:
+    - it is high: more than half its points are above y = 0.75 (t-bars are often crossed
+      just under the corpus line);
+    - it goes back over written ink: the middle of its x-range lies left of the rightmost x
+      of all earlier strokes;
+    - it is small: at most 2 corpus heights wide and 1 high (longer strokes are words).
+    hat_ranges holds (x_min, x_max) of each removed stroke, for `hat_feature`.
+    """
+    x, y = points[:, 0], points[:, 1]
+    starts = np.flatnonzero(stroke_starts(stroke))
+    counts = np.diff(np.append(starts, len(points)))
+    x_min, x_max = np.minimum.reduceat(x, starts), np.maximum.reduceat(x, starts)  # (S,)
+    y_min, y_max = np.minimum.reduceat(y, starts), np.maximum.reduceat(y, starts)
+    high = np.add.reduceat((y > DELAYED_MIN_Y).astype(float), starts) / counts > 0.5
+    written_right_edge = np.concatenate(([-np.inf], np.maximum.accumulate(x_max)[:-1]))
+    delayed = (high & (0.5 * (x_min + x_max) < written_right_edge)
+               & (x_max - x_min <= DELAYED_MAX_WIDTH) & (y_max - y_min <= DELAYED_MAX_HEIGHT))
+    delayed[0] = False
+    return ~delayed[stroke], np.column_stack([x_min[delayed], x_max[delayed]])
+
+
+def hat_feature(x, hat_ranges, margin=HAT_MARGIN):
+    """(T,) 1.0 where x lies within a removed stroke's x-range widened by margin, else 0.0."""
+    lo, hi = hat_ranges[:, :1] - margin, hat_ranges[:, 1:] + margin  # (R, 1)
+    under = (x >= lo) & (x <= hi)  # (R, T): a short leading axis reduces fast
+    return under.any(axis=0).astype(np.float64)
+
+
+# -- The whole preprocessing --
+
+@dataclass(frozen=True)
+class Preprocessed:
+    """One normalised, resampled line (y up, corpus heights; arrays are read-only)."""
+
+    points: np.ndarray  # (T, 2) equidistant ink; baseline y = 0, corpus line y = 1
+    stroke: np.ndarray  # (T,) int stroke id 0..S-1 (delayed strokes removed and relabelled)
+    pen_up: np.ndarray  # (T,) 1.0 on the first point of each stroke
+    speed: np.ndarray  # (T,) corpus heights / s, measured before resampling, interpolated
+    hat: np.ndarray  # (T,) 1.0 where a delayed stroke was removed at this x
+    hat_ranges: np.ndarray  # (R, 2) x-ranges of the removed delayed strokes
+    baseline: FittedLine  # as used for normalisation: after skew and slant, y-up sensor units
+    corpus: FittedLine  # likewise; corpus(x) - baseline(x) at mid-line = corpus_height
+    corpus_height: float  # sensor units per output unit
+    skew: float  # radians the input line rose to the right (undone by rotation)
+    slant: float  # radians the writing leaned right of vertical (undone by shear)
+    spacing: float  # resampling step, corpus heights
+    source: np.ndarray | None = None  # (T,) fractional index of the input point each point lies at (ink spans)
+
+
+def _read_only(a):
+    a = np.ascontiguousarray(a)
+    a.flags.writeable = False
+    return a
+
+
+@dataclass(frozen=True)
+class Distortion:
+    """A random change of one line's height-normalised ink (corpus heights, baseline y = 0),
+    for training augmentation. It acts after the skew and slant corrections, which would
+    otherwise undo most of it, and before speed, delayed strokes and resampling."""
+
+    matrix: np.ndarray  # (2, 2) applied to every point: shear, x and y scale, a small rotation
+    warp_amplitude: float  # x += a sin(2 pi x / wavelength + phase): letters locally wider or narrower
+    warp_wavelength: float  # corpus heights; a / wavelength is small enough to keep x monotone
+    warp_phase: float
+    spacing_factor: float  # the resampling step times this: the same ink in fewer or more samples
+
+
+def draw_distortion(rng, strength):
+    """A Distortion whose every part scales with `strength` (0..2; see RunConfig.augment)."""
+    def within(r):
+        return rng.uniform(-r, r) * strength
+    shear, x_scale, y_scale, angle = within(0.15), np.exp(within(0.1)), np.exp(within(0.1)), within(0.02)
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    # dx'/dx = 1 + 2 pi a / wavelength cos(...) >= 1 - 2 pi 0.2 / 2 > 0 at strength 2: no ink folds back.
+    return Distortion(rotation @ np.array([[x_scale, shear], [0.0, y_scale]]), rng.uniform(0, 0.1) * strength,
+                      rng.uniform(2.0, 5.0), rng.uniform(0, 2 * np.pi), float(np.exp(within(0.1))))
+
+
+def apply_distortion(points, distortion):
+    """(N, 2) points moved by the Distortion's matrix, then warped along x."""
+    moved = points @ distortion.matrix.T
+    moved[:, 0] += distortion.warp_amplitude * np.sin(2 * np.pi * moved[:, 0] / distortion.warp_wavelength
+                                                      + distortion.warp_phase)
+    return moved
+
+
+def preprocess(points, stroke, times=None, spacing=IAM_SPACING, distortion=None):
+    """Liwicki-Bunke normalisation of one IAM-OnDB line -> Preprocessed.
+
+    points (N, 2) sensor units with y DOWN (as in the XML), stroke (N,) non-decreasing ids,
+    times (N,) seconds (None = every 20 ms). Steps: flip to y up, remove duplicates and
+    noise, correct skew, correct slant, fit baseline and corpus line, normalise height,
+    measure speed, remove delayed strokes (kept as hat ranges), resample every `spacing`
+    corpus heights. A line of one point, identical points or a single vertical stroke gives
+    a short, finite result (T >= 2); an empty line, or one that would resample to more than
+    MAX_LINE_SAMPLES points, raises ValueError. A Distortion (training augmentation) moves
+    the normalised points and scales the resampling step.
+    """
+    points, stroke, times = validate_line(points, stroke, times)
+    points = flip_to_y_up(points)
+    points, stroke, source = remove_duplicates_and_noise(points, stroke, np.arange(len(points)))
+    times = times[source]  # only points are dropped, so the input indices can ride along as "times"
+    points, skew = correct_skew(points, stroke)
+    points, slant = correct_slant(points, stroke)
+    baseline, corpus = fit_baseline_and_corpus(points, stroke)
+    points, corpus_height = normalise_height(points, baseline, corpus)
+    if distortion is not None:
+        points, spacing = apply_distortion(points, distortion), spacing * distortion.spacing_factor
+    speed = point_speed(points, stroke, times)  # (N,) corpus heights / s
+    keep, hat_ranges = remove_delayed_strokes(points, stroke)
+    points, stroke, speed, source = points[keep], relabel_strokes(stroke[keep]), speed[keep], source[keep]
+    ink = ink_length(points, stroke)  # (N,)
+    span, n = resampled_counts(stroke, ink, spacing)
+    if not n.sum() <= MAX_LINE_SAMPLES:
+        raise ValueError(f"the line would resample to {n.sum():,} samples, more than {MAX_LINE_SAMPLES:,}: its ink is "
+                         f"{span.sum():.3g} corpus heights long (corpus height {corpus_height:.3g} sensor units)")
+    new_points, new_stroke, frac = resample_strokes(points, stroke, ink, spacing)
+    new_speed = np.interp(frac, np.arange(len(speed), dtype=float), speed)
+    pen_up = stroke_starts(new_stroke).astype(np.float64)
+    return Preprocessed(
+        points=_read_only(new_points), stroke=_read_only(new_stroke),
+        pen_up=_read_only(pen_up), speed=_read_only(new_speed),
+        hat=_read_only(hat_feature(new_points[:, 0], hat_ranges)),
+        hat_ranges=_read_only(hat_ranges), baseline=baseline, corpus=corpus,
+        corpus_height=corpus_height, skew=skew, slant=slant, spacing=float(spacing),
+        source=_read_only(np.interp(frac, np.arange(len(source), dtype=float), source)))
+
+
+# ---------------------------------------------------------------------------
+# 19. IAM-OnDB: the 25 online features
+# ---------------------------------------------------------------------------
+
+def moving_average(values, half_window):
+    """(T,) centred mean over values[t-h .. t+h], the window clipped at the sequence ends."""
+    n = len(values)
+    csum = _prefix_sums(values)
+    idx = np.arange(n)
+    lo, hi = np.maximum(idx - half_window, 0), np.minimum(idx + half_window + 1, n)
+    return (csum[hi] - csum[lo]) / (hi - lo)
+
+
+def writing_direction(points, stroke):
+    """(T, 2) cos, sin of the chord p[t+1] - p[t-1] (one-sided at stroke ends); (0, 0) if
+    the stroke has one point. The centred chord is the tangent of equidistant ink."""
+    step_in, step_out, _, _ = stroke_steps(points, stroke)
+    chord = step_in + step_out  # p[t+1] - p[t-1]
+    return _safe_divide(chord, _lengths(chord)[:, None], 0.0)
+
+
+def curvature(points, stroke):
+    """(T, 2) cos, sin of the turning angle between u = p[t] - p[t-1] and v = p[t+1] - p[t]:
+    cos = u.v / (|u||v|), sin = (u x v) / (|u||v|) (positive = turning left). (1, 0), no
+    turn, at stroke ends."""
+    u, v, _, _ = stroke_steps(points, stroke)
+    norms = _lengths(u) * _lengths(v)
+    cos = _safe_divide(u[:, 0] * v[:, 0] + u[:, 1] * v[:, 1], norms, 1.0)
+    sin = _safe_divide(u[:, 0] * v[:, 1] - u[:, 1] * v[:, 0], norms, 0.0)
+    return np.column_stack([cos, sin])
+
+
+def vicinity_features(points, stroke, half=VICINITY_HALF):
+    """(T, 5) aspect, slope cos, slope sin, curliness, linearity of each point's vicinity.
+
+    Vicinity = points t-half .. t+half of the same stroke (fewer near its ends); dx, dy =
+    its bounding-box width and height; c = chord from its first to its last point.
+        aspect    = (dy - dx) / (dy + dx)           (0 for a single point)
+        slope     = c / |c|                         ((0, 0) if |c| = 0)
+        curliness = path length / max(dx, dy)       (1 for a single point, as a straight line)
+        linearity = mean over the vicinity of the squared distance to the line through c
+                    (to c's first point when |c| = 0, a closed loop)
+    """
+    first, last = stroke_bounds(stroke)
+    idx = np.arange(len(points))
+    v_first, v_last = np.maximum(idx - half, first), np.minimum(idx + half, last)  # (T,)
+    n_valid = v_last - v_first + 1
+    # (K, T) rather than (T, K): numpy reduces over a short leading axis much faster
+    want = np.arange(-half, half + 1)[:, None] + idx[None, :]  # (K, T)
+    vic = np.minimum(np.maximum(want, v_first), v_last)  # clamped copies repeat the ends
+    x, y = np.ascontiguousarray(points[:, 0]), np.ascontiguousarray(points[:, 1])
+    rx, ry = x[vic] - x[v_first], y[vic] - y[v_first]  # (K, T) relative to the first point
+    dx, dy = rx.max(axis=0) - rx.min(axis=0), ry.max(axis=0) - ry.min(axis=0)  # (T,)
+    aspect = _safe_divide(dy - dx, dy + dx, 0.0)
+    chord = points[v_last] - points[v_first]  # (T, 2)
+    chord_len = _lengths(chord)
+    slope = _safe_divide(chord, chord_len[:, None], 0.0)
+    step = _lengths(points[1:] - points[:-1]) * (stroke[1:] == stroke[:-1])
+    ink = _prefix_sums(step)  # (T,) ink length so far, flat across pen-ups
+    curliness = _safe_divide(ink[v_last] - ink[v_first], np.maximum(dx, dy), 1.0)
+    # squared distance to the chord line = cross(r, c)^2 / |c|^2; sum first, divide once.
+    # The clamped copies repeat the first or last point, which lie on the chord (and are
+    # the first point of a closed loop), so they add 0 and only n_valid must be right.
+    cross_sq = ((rx * chord[:, 1] - ry * chord[:, 0]) ** 2).sum(axis=0)  # (T,)
+    linearity = _safe_divide(cross_sq, chord_len ** 2, 0.0) / n_valid
+    loop = np.flatnonzero(chord_len <= ZERO_LENGTH)
+    linearity[loop] = (rx[:, loop] ** 2 + ry[:, loop] ** 2).sum(axis=0) / n_valid[loop]
+    return np.column_stack([aspect, slope, curliness, linearity])
+
+
+def zone_counts(points, margin=ZONE_MARGIN, x_radius=ZONE_X_RADIUS):
+    """(T, 2) ascender, descender counts: points j with |x_j - x_t| <= x_radius and
+    y_j > 1 + margin (above the corpus line), resp. y_j < -margin (below the baseline).
+    Counts all ink of the line (pseudo-offline), via prefix sums over x-sorted points."""
+    x, y = points[:, 0], points[:, 1]
+    order = np.argsort(x, kind="stable")
+    xs = x[order]
+    lo = np.searchsorted(xs, x - x_radius, side="left")
+    hi = np.searchsorted(xs, x + x_radius, side="right")
+    counts = []
+    for in_zone in (y[order] > 1.0 + margin, y[order] < -margin):
+        csum = _prefix_sums(in_zone)
+        counts.append(csum[hi] - csum[lo])
+    return np.column_stack(counts).astype(np.float64)
+
+
+def context_map(points, cell=CONTEXT_CELL):
+    """(T, 9) the 3x3 neighbourhood, around each point's pixel, of a coarse bitmap of counts.
+
+    The bitmap counts the line's points per cell x cell pixel; pixels are aligned to x = 0
+    and to the baseline y = 0, so with cell = 0.5 pixel rows split the corpus zone in two
+    and the line y = 1 is a pixel border. A point's own pixel is the centre cell (it counts
+    the point itself); the 9 values are in reading order (top row first, left to right).
+    """
+    col = np.floor(points[:, 0] / cell).astype(np.int64)  # (T,)
+    row = np.floor(points[:, 1] / cell).astype(np.int64)
+    col -= col.min() - 1  # one empty pixel of margin on every side
+    row -= row.min() - 1
+    n_rows = int(row.max()) + 2
+    n_cols = int(col.max()) + 2
+    bitmap = np.bincount(col * n_rows + row, minlength=n_cols * n_rows)  # (n_cols * n_rows,)
+    bitmap = bitmap.reshape(n_cols, n_rows)
+    return np.column_stack([bitmap[col + dc, row + dr]
+                            for dr in (1, 0, -1) for dc in (-1, 0, 1)]).astype(np.float64)
+
+
+def features_graves25(pre):
+    """The 25 features of Liwicki and Bunke (2006) per point, (T, 25) float64.
+
+    With p[t] = (x, y) the preprocessed point, stroke-relative neighbours p[t-1], p[t+1]:
+     1 pen_up        1 on the first point of a stroke, else 0
+     2 hat           1 if a delayed stroke was removed at this x (+-0.2), else 0
+     3 speed         |p[t+1]-p[t-1]| / dt before resampling, interpolated (corpus heights/s)
+     4 x_highpass    x - mean(x[t-30 .. t+30])
+     5 y             y (baseline 0, corpus line 1)
+     6 dir_cos       (p[t+1]-p[t-1])_x / |p[t+1]-p[t-1]|
+     7 dir_sin       (p[t+1]-p[t-1])_y / |p[t+1]-p[t-1]|
+     8 curv_cos      u.v / (|u||v|),  u = p[t]-p[t-1], v = p[t+1]-p[t]
+     9 curv_sin      (u x v) / (|u||v|)
+    10 vic_aspect    (dy - dx) / (dy + dx) of the vicinity's bounding box
+    11 vic_slope_cos c_x / |c|, c = last - first vicinity point
+    12 vic_slope_sin c_y / |c|
+    13 vic_curliness vicinity path length / max(dx, dy)
+    14 vic_linearity mean squared distance of vicinity points to the line through c
+    15 ascenders     #points with y > 1.3 and |x_j - x| <= 0.5
+    16 descenders    #points with y < -0.3 and |x_j - x| <= 0.5
+    17-25 ctx_*      #points in the 3x3 pixels around p[t]'s pixel of a 0.5 x 0.5 bitmap
+    Degenerate geometry gives the defaults documented in each helper; all values are finite.
+    """
+    points, stroke = pre.points, pre.stroke
+    return np.column_stack([
+        pre.pen_up, pre.hat, pre.speed,
+        points[:, 0] - moving_average(points[:, 0], X_HIGHPASS_HALF), points[:, 1],
+        writing_direction(points, stroke),
+        curvature(points, stroke),
+        vicinity_features(points, stroke),
+        zone_counts(points),
+        context_map(points),
+    ])
+
+# ---------------------------------------------------------------------------
+# 20. IAM-OnDB: writing the format
+# ---------------------------------------------------------------------------
+# So that synthetic cursive lines can be exported and read back through the
+# same loader, preprocessing and features as the real database.
+
+
+@dataclass(frozen=True, eq=False)
+class Form:
+    """One form to write: one writer's copy of a text, as lines of ink.
+
+    lines: [(text, points (N, 2), stroke (N,), times (N,) or None), ...] for lines 01, 02, ...
+    Points are rounded to integer sensor units (y down); a new <Stroke> starts wherever the
+    stroke id changes; times are written with two decimals, and None means a 20 ms clock.
+    """
+
+    form_id: str  # "a01-000u" (text a01-000, copy u) or "d04-081" (no letter)
+    writer: str  # General/Form@writerID in original/<..>/strokes<letter>.xml (and forms.txt)
+    lines: list
+    prompt: list | None = None  # lines of the OCR section; None: the written texts
+    marker_joins: tuple = ()  # i listed: CSR lines i and i+1 (0-based) are joined by %%%%%%%%%%%
+
+
+def _form_folder(form_id: str) -> str:
+    """'a01-000u' -> 'a01/a01-000': the copy letter is not part of the folder."""
+    parts = FORM_ID.fullmatch(form_id)
+    return os.path.join(parts["prefix"], f"{parts['prefix']}-{parts['number']}")
+
+
+def _checked_line(form_id: str, number: int, line) -> tuple[str, np.ndarray, np.ndarray, np.ndarray | None]:
+    """The line as arrays; ValueError when it would not read back as written."""
+    text, points, stroke, times = line
+    where = f"{form_id} line {number}"
+    if not text or text != text.strip(BLANKS) or LINE_BREAK.search(text) or CSR_MARKER in text:
+        raise ValueError(f"{where}: text {text!r} must be one non-empty line, without surrounding blanks or {CSR_MARKER}")
+    text.encode(IAM_ENCODING)  # UnicodeEncodeError (a ValueError) for text outside ISO-8859-1
+    points = np.asarray(points, dtype=np.float64)
+    stroke = np.asarray(stroke)
+    if points.ndim != 2 or points.shape[1] != 2 or len(points) == 0 or stroke.shape != (len(points),):
+        raise ValueError(f"{where}: need points (N, 2), N >= 1, and stroke (N,); got {points.shape}, {stroke.shape}")
+    if times is not None:
+        times = np.asarray(times, dtype=np.float64)
+        if times.shape != (len(points),):
+            raise ValueError(f"{where}: times {times.shape}, expected ({len(points)},)")
+    return text, points, stroke, times
+
+
+def _stroke_runs(stroke: np.ndarray) -> np.ndarray:
+    """(N,) ids -> (N,) 0..S-1, a new id wherever the id changes: one <Stroke> per run."""
+    return np.cumsum(np.r_[False, stroke[1:] != stroke[:-1]])
+
+
+def _stroke_set_xml(points: np.ndarray, runs: np.ndarray, times: np.ndarray) -> list[str]:
+    """<StrokeSet> lines for points (N, 2), stroke runs (N,) from _stroke_runs, times (N,)."""
+    xy = np.rint(points).astype(np.int64).tolist()
+    stamps = [f"{t:.2f}" for t in times]
+    starts = np.flatnonzero(np.diff(runs, prepend=-1)).tolist() + [len(points)]
+    out = ["  <StrokeSet>"]
+    for begin, end in zip(starts[:-1], starts[1:]):
+        out.append(f'    <Stroke colour="black" start_time="{stamps[begin]}" end_time="{stamps[end - 1]}">')
+        out += [f'      <Point x="{x}" y="{y}" time="{t}"/>' for (x, y), t in zip(xy[begin:end], stamps[begin:end])]
+        out.append("    </Stroke>")
+    out.append("  </StrokeSet>")
+    return out
+
+
+def _whiteboard_xml(corners: dict) -> list[str]:
+    out = ["  <WhiteboardDescription>", '    <SensorLocation corner="top_left"/>']
+    out += [f'    <{name} x="{x}" y="{y}"/>' for name, (x, y) in corners.items()]
+    return out + ["  </WhiteboardDescription>"]
+
+
+def _board_corners(all_points: np.ndarray) -> dict:
+    """Whiteboard corners from the ink's bounding box, as in the real files: the diagonal corner
+    is (max x, max y), the vertical one shares its y, the horizontal one its x."""
+    lo = np.floor(all_points.min(axis=0)).astype(int).tolist()
+    hi = np.ceil(all_points.max(axis=0)).astype(int).tolist()
+    return {"DiagonallyOppositeCoords": (hi[0], hi[1]), "VerticallyOppositeCoords": (lo[0], hi[1]),
+            "HorizontallyOppositeCoords": (hi[0], lo[1])}
+
+
+def _xml_bytes(body: list[str]) -> bytes:
+    lines = ['<?xml version="1.0" encoding="ISO-8859-1"?>', f"<{IAM_ROOT}>", *body, f"</{IAM_ROOT}>", ""]
+    return "\n".join(lines).encode(IAM_ENCODING, errors="xmlcharrefreplace")
+
+
+def _ascii_text(form: Form, texts: list[str]) -> str:
+    csr = "".join(text + (CSR_MARKER if i in form.marker_joins else "\n") for i, text in enumerate(texts))
+    prompt = "\n".join(form.prompt if form.prompt is not None else texts)
+    return f"OCR:\n\n{prompt}\n\nCSR:\n\n{csr}"
+
+
+def _export_file(path, data):
+    # Atomic like every output, but no fsync per file: an export is thousands of small files.
+    write_output(path, data, "export file", durable=False)
+
+
+def _write_form(out_dir: str, form: Form, write_original: bool) -> None:
+    """The lineStrokes, ascii and (if asked) original files of one form."""
+    if not FORM_ID.fullmatch(form.form_id):
+        raise ValueError(f"{form.form_id!r} is not a form id like a01-000u")
+    if not form.lines:
+        raise ValueError(f"{form.form_id}: a form needs at least one line")
+    folder = _form_folder(form.form_id)
+    clock = 1.0  # a 20 ms clock for lines without times, running on through the form
+    lines = []  # (text, points (N, 2), stroke runs (N,), times (N,))
+    for number, line in enumerate(form.lines, start=1):
+        text, points, stroke, times = _checked_line(form.form_id, number, line)
+        if times is None:
+            times = clock + SAMPLE_PERIOD * np.arange(len(points))  # (N,)
+        clock = float(times[-1]) + 1.0
+        lines.append((text, points, _stroke_runs(stroke), times))
+    corners = _board_corners(np.concatenate([points for _, points, _, _ in lines]))  # one board per form
+
+    for number, (_, points, runs, times) in enumerate(lines, start=1):
+        body = _whiteboard_xml(corners) + _stroke_set_xml(points, runs, times)
+        _export_file(os.path.join(out_dir, "lineStrokes", folder, f"{form.form_id}-{number:02d}.xml"), _xml_bytes(body))
+    texts = [text for text, *_ in lines]
+    _export_file(os.path.join(out_dir, "ascii", folder, form.form_id + ".txt"), _ascii_text(form, texts).encode(IAM_ENCODING))
+    if not write_original:
+        return
+    body = ["  <General>", f"    <Form writerID={quoteattr(form.writer)}/>", "  </General>", "  <Transcription>"]
+    body += [f'    <TextLine id="{form.form_id}-{n:02d}" text={quoteattr(t)}/>' for n, t in enumerate(texts, 1)]
+    body += ["  </Transcription>", *_whiteboard_xml(corners)]
+    offsets = np.cumsum([0] + [runs[-1] + 1 for _, _, runs, _ in lines[:-1]])  # keep the lines' strokes apart
+    body += _stroke_set_xml(np.concatenate([points for _, points, _, _ in lines]),
+                            np.concatenate([runs + o for (_, _, runs, _), o in zip(lines, offsets)]),
+                            np.concatenate([times for *_, times in lines]))
+    letter = FORM_ID.fullmatch(form.form_id)["letter"]
+    _export_file(os.path.join(out_dir, "original", folder, f"strokes{letter}.xml"), _xml_bytes(body))
+
+
+def write_iam_ondb(out_dir, forms: list[Form], splits: dict[str, list[str]], *,
+                   write_original: bool = True, write_forms_txt: bool = False) -> None:
+    """Write forms in the IAM-OnDB layout, readable by load_iam_ondb.
+
+    Writes lineStrokes/<p>/<p-nnn>/<form>-NN.xml, ascii/<p>/<p-nnn>/<form>.txt and (unless
+    write_original is False) original/<p>/<p-nnn>/strokes<letter>.xml with General/Form@writerID,
+    Transcription/TextLine and the form's ink; then the four split files from `splits`
+    (split name -> form ids; a missing name gives an empty file), and forms.txt if asked.
+    Input that would not read back as written raises ValueError.
+    """
+    out_dir = os.fspath(out_dir)
+    for form in forms:
+        _write_form(out_dir, form, write_original)
+    for split, name in IAM_SPLIT_FILES.items():
+        bad = [form_id for form_id in splits.get(split, []) if not FORM_ID.fullmatch(form_id)]
+        if bad:
+            raise ValueError(f"split {split}: {bad[0]!r} is not a form id like a01-000u")
+        entries = "".join(f" {form_id}\n" for form_id in splits.get(split, []))  # leading space as in the real files
+        _export_file(os.path.join(out_dir, name), entries.encode(IAM_ENCODING))
+    if write_forms_txt:
+        rows = "".join(f"{form.form_id} {form.writer}\n" for form in forms)
+        _export_file(os.path.join(out_dir, "forms.txt"), rows.encode(IAM_ENCODING))
+
+
+
+SENSOR_SCALE = 200  # sensor units per output unit: an x-height of about 100 units
+LINES_PER_FORM = 8
+
+
+def sensor_points(xy):
+    """Output units (y up) -> integer-valued sensor coordinates (y down), as in the real files."""
+    return np.rint(np.column_stack([500 + SENSOR_SCALE * xy[:, 0], 2000 - SENSOR_SCALE * xy[:, 1]]))
+
+
+def pen_times(xy, pen_up, start):
+    """(T,) seconds: 20 ms between samples, and between strokes 0.1 s plus 20 ms per sample
+    spacing the pen travels in the air, as a writer lifts, moves and lands."""
+    jump = np.linalg.norm(np.diff(xy, axis=0, prepend=xy[:1]), axis=1) / LINE_SAMPLE_SPACING
+    step = np.where(pen_up > 0, 0.1 + SAMPLE_PERIOD * jump, SAMPLE_PERIOD)
+    step[0] = 0.0
+    return start + np.cumsum(step)
+
+
+def export_iam_ondb(out_dir, samples_by_split, log=print):
+    """Write samples (lines task Samples with writers) in the IAM-OnDB layout.
+
+    Each writer's lines become forms of up to LINES_PER_FORM lines; split names
+    map to the IAM-OnDB-t1 split files. Returns the number of lines written.
+    """
+    forms, splits, n_lines = [], {split: [] for split in IAM_SPLIT_FILES}, 0
+    split_of = {}
+    for split, samples in samples_by_split.items():
+        for s in samples:
+            if split_of.setdefault(s.writer, split) != split:  # form ids derive from writers
+                raise ValueError(f"writer {s.writer!r} has lines in {split_of[s.writer]} and {split}; "
+                                 "IAM-OnDB-t1 splits are writer-disjoint")
+    for split, samples in samples_by_split.items():
+        by_writer = {}
+        for s in samples:
+            by_writer.setdefault(s.writer, []).append(s)
+        for writer, mine in sorted(by_writer.items()):
+            for k in range(0, len(mine), LINES_PER_FORM):
+                form_id = f"{writer}-{k // LINES_PER_FORM:03d}"
+                clock, lines = 1.0, []
+                for s in mine[k:k + LINES_PER_FORM]:
+                    times = pen_times(s.xy, s.pen_up, clock)
+                    clock = float(times[-1]) + 2.0
+                    lines.append((s.text, sensor_points(s.xy), np.cumsum(s.pen_up) - 1, times))
+                forms.append(Form(form_id, writer, lines))
+                splits[split].append(form_id)
+                n_lines += len(lines)
+    write_iam_ondb(out_dir, forms, splits)
+    return n_lines
+
+
+# ---------------------------------------------------------------------------
+# 21. Tasks: each data source as a Task, and the TASKS table
+# ---------------------------------------------------------------------------
+
+
+def words_data(cfg, streams, parallel_map, log):
+    """The seed task: renderings of the 47 words; 38 train, 9 held out entirely."""
+    train_words, held_out = split_vocab(streams["split"], cfg.holdout_frac)
+    eval_sets = {
+        "in_vocab": render_words(train_words, cfg.eval_repeats, streams["eval"], cfg),
+        "held_out": render_words(held_out, cfg.eval_repeats, streams["eval"], cfg),
+    }
+    short, long = pick_alignment_words(train_words)
+    picks = [("in_vocab", cfg.eval_repeats * train_words.index(w)) for w in (short, long)]
+    return TaskData(ALPHABET, eval_sets,
+                    lambda rng, parallel_map: render_words(train_words, cfg.word_repeats, rng, cfg),
+                    len(train_words) * cfg.word_repeats, np.zeros(IN_DIM), raw_input_scale(cfg, SAMPLE_SPACING), 0.0,
+                    picks,
+                    {"train_words": train_words, "held_out_words": held_out})
+
+
+def pick_alignment_words(train_words):
+    """A short and a long in-vocab word for alignment pictures ('ant', 'actin' when possible)."""
+    short = "ant" if "ant" in train_words else min(train_words, key=len)
+    long = "actin" if "actin" in train_words else max(train_words, key=len)
+    return short, long
+
+
+JUMP_SQUASH = 3.0  # lines: inputs beyond about 3 sample spacings (times the gain) are squashed, see pad_batch
+
+
+def short_and_median(samples, split):
+    """Alignment picks: the shortest and the median line of a split."""
+    by_length = np.argsort([len(s.text) for s in samples], kind="stable")
+    return [(split, int(by_length[0])), (split, int(by_length[len(samples) // 2]))]
+
+
+def _render_training_line(args):
+    text, writer_index, seed = args
+    return render_writer_line(text, "train", int(writer_index), int(seed))
+
+
+def lines_data(cfg, streams, parallel_map, log):
+    """Cursive lines: fresh training lines by the 200 training writers every
+    epoch; fixed validation and test lines by 20 and 40 other writers."""
+    eval_sets = {split: line_eval_set(split, cfg.eval_lines_per_writer) for split in LINE_SPLITS}
+
+    def training_samples(rng, parallel_map):
+        texts, writers, seeds = draw_training_lines(cfg.lines_per_epoch, rng)
+        return parallel_map(_render_training_line, list(zip(texts, writers, seeds)))
+
+    info = {"writers": {split: LINE_WRITERS[split] for split in LINE_WRITERS},
+            "lines": {split: len(s) for split, s in eval_sets.items()}, "data_seed": LINES_DATA_SEED,
+            "train_lines_per_epoch": cfg.lines_per_epoch}
+    return TaskData(LINE_ALPHABET, eval_sets, training_samples, cfg.lines_per_epoch, np.zeros(IN_DIM),
+                    raw_input_scale(cfg, LINE_SAMPLE_SPACING),
+                    JUMP_SQUASH * cfg.input_gain, short_and_median(eval_sets["test"], "test"), info)
+
+
+def line_features(pre, features):
+    """(T, D) float32 network input of one preprocessed line: graves25 or raw (dx, dy, pen_up)."""
+    traj = features_graves25(pre) if features == "graves25" else pen_trajectory(pre.points, pre.stroke)
+    # float32 halves the features of the 12k lines (about 1 GB instead of 2); the network reads
+    # float32 anyway, so this rounds each input once before normalisation instead of after it.
+    with np.errstate(over="ignore"):  # an overflow becomes inf, which the callers refuse
+        return traj.astype(np.float32)
+
+
+def _featurise_line(args):
+    """One IAM-OnDB line as a Sample without labels (they need the alphabet); with an
+    augmentation (strength, seed), distorted by the Distortion that seed draws."""
+    line, features, augmentation = args
+    where = line.path or line.line_id
+    distortion = None if augmentation is None else \
+        draw_distortion(np.random.default_rng(augmentation[1]), augmentation[0])
+    try:
+        pre = preprocess(line.points, line.stroke, line.times, distortion=distortion)
+    except ValueError as e:
+        raise IamOnDbBoundError(f"{where}: {e}") from None
+    traj = line_features(pre, features)
+    if not np.isfinite(traj).all():  # a backstop: the reader's bounds should make this impossible
+        raise IamOnDbBoundError(f"{where}: its {features} features are not finite")
+    return Sample(line.text, traj, [], np.asarray(pre.points, np.float32),
+                  np.asarray(pre.pen_up, np.float32), None, line.writer)
+
+
+IAM_EVAL_SPLITS = ("validation", "validation2", "test")
+FEATURISE_BATCH = 500  # lines featurised per parallel_map call
+
+
+def feature_moments(trajs, group=FEATURISE_BATCH):
+    """Mean and standard deviation (D,) of the frames of (T_i, D) arrays, in float64,
+    a group of arrays at a time so that no copy of all frames is made. Shifted by the
+    first group's mean, so that E[x^2] - E[x]^2 does not cancel."""
+    pivot = np.concatenate(trajs[:group]).mean(axis=0, dtype=np.float64)
+    n, total, squares = 0, 0.0, 0.0
+    for i in range(0, len(trajs), group):
+        frames = np.concatenate(trajs[i:i + group]).astype(np.float64) - pivot
+        n, total, squares = n + len(frames), total + frames.sum(axis=0), squares + (frames * frames).sum(axis=0)
+    mean = total / n
+    return pivot + mean, np.sqrt(np.maximum(squares / n - mean * mean, 0.0))
+
+
+def iam_ondb_data(cfg, streams, parallel_map, log):
+    """IAM-OnDB-t1 from cfg.data_dir: the training set every epoch, choices on
+    validation, results on the final test set.
+
+    The alphabet is every character of the training transcriptions (the
+    paper's 80 + blank); a validation or test character outside it cannot be
+    produced, so it counts as an error, and a warning says how many there are.
+    Features are standardised with training-set statistics (graves25), or
+    scaled by the input gain per resampling step (raw). With cfg.augment, each
+    epoch's training lines are featurised afresh from their ink, each under its
+    own Distortion drawn from the epoch's data stream; the normalisation stays
+    that of the undistorted lines.
+    """
+    if not cfg.data_dir:
+        raise UserError("--task iam-ondb needs --data-dir, the IAM-OnDB folder")
+    t0 = time.perf_counter()
+    lines, summary = load_iam_ondb(cfg.data_dir, log)
+    t1 = time.perf_counter()
+
+    def featurise(split_lines, seeds=None):
+        # A few hundred lines at a time, so that the workers' pickled results stay small next to the features.
+        jobs = [(line, cfg.features, None if seeds is None else (cfg.augment, int(seed)))
+                for line, seed in zip(split_lines, [None] * len(split_lines) if seeds is None else seeds)]
+        return [s for i in range(0, len(jobs), FEATURISE_BATCH)
+                for s in parallel_map(_featurise_line, jobs[i:i + FEATURISE_BATCH])]
+
+    samples = {split: featurise(split_lines) for split, split_lines in lines.items() if split_lines}
+    # Augmentation featurises the training ink afresh each epoch, so it keeps the ink.
+    train_lines = lines["train"] if cfg.augment else None
+    del lines
+    t2 = time.perf_counter()
+    n_lines = sum(len(s) for s in samples.values())
+    log(f"preprocessed and featurised {n_lines} lines ({cfg.features}) in {t2 - t1:.1f} s "
+        f"({n_lines / max(t2 - t1, 1e-9):.0f} lines/s; reading the files took {t1 - t0:.1f} s)")
+    alphabet = cfg.alphabet or "".join(sorted({c for s in samples["train"] for c in s.text}))
+
+    def label(split_samples):
+        for s in split_samples:
+            s.labels = encode("".join(c for c in s.text if c in alphabet), alphabet)
+        return split_samples
+
+    unknown = Counter(c for split_samples in samples.values() for s in split_samples for c in s.text
+                      if c not in alphabet)
+    for split_samples in samples.values():
+        label(split_samples)
+    if unknown:
+        log(f"warning: {sum(unknown.values())} characters of the evaluation lines are not in the training "
+            f"alphabet and count as errors: {', '.join(f'{c!r} x{n}' for c, n in unknown.most_common(5))}")
+    train = samples["train"]
+    if cfg.features == "graves25":
+        # Unit variance per feature, scaled so the 25 carry the input power of two raw channels at the gain.
+        shift, std = feature_moments([s.traj for s in train])
+        scale = cfg.input_gain * np.sqrt(2 / len(shift)) / np.maximum(std, 1e-6)
+    else:
+        shift, scale = np.zeros(IN_DIM), raw_input_scale(cfg, IAM_SPACING)
+    eval_sets = {split: samples[split] for split in IAM_EVAL_SPLITS if split in samples}
+    info = {**{k: summary[k] for k in ("lines", "forms", "writers", "skipped", "ignored")},
+            "alphabet": alphabet, "unknown_characters": dict(unknown), "features": cfg.features,
+            "read_seconds": t1 - t0, "featurise_seconds": t2 - t1}
+    lm_texts = {"train": tuple(s.text for s in train),
+                "validation": tuple(s.text for s in eval_sets.get("validation", []))}  # never the test lines
+    n_train = len(train)
+    if cfg.augment:
+        del train, samples["train"]  # the clean features served only for the normalisation
+
+        def training_samples(rng, parallel_map):
+            return label(featurise(train_lines, rng.integers(2**63, size=len(train_lines))))
+    else:
+        def training_samples(rng, parallel_map):
+            return train
+    return TaskData(alphabet, eval_sets, training_samples, n_train, shift, scale,
+                    JUMP_SQUASH * cfg.input_gain, short_and_median(eval_sets["test"], "test"), info,
+                    training_held=not cfg.augment, lm_texts=lm_texts)
+
+
+def export_lines_task(cfg, out_dir, log=print):
+    """Write the lines task in the IAM-OnDB layout: cfg.lines_per_epoch training
+    lines drawn with the run's seed by the training writers, and the fixed
+    validation and test lines. Returns the number of lines written."""
+    t0 = time.perf_counter()
+    streams = make_streams(cfg.seed)
+    data = lines_data(cfg, streams, serial_map, log)
+    samples = {"train": data.training_samples(streams["data"], serial_map), **data.eval_sets}
+    # Into a temporary sibling, renamed into place at the end: a whole export or none, even after a
+    # full disk or Ctrl-C (out_dir is new or empty: check_export_folder).
+    target = os.path.abspath(out_dir)
+    existed = os.path.isdir(target)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}.tmp-")
+    try:
+        n = export_iam_ondb(tmp, samples)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's folder is private
+        os.replace(tmp, target)  # replaces an empty folder
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not existed and os.path.isdir(target) and not os.listdir(target):
+            os.rmdir(target)  # made by the writability check
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write the export into {out_dir!r}: {e.strerror or e}; nothing written") from None
+        raise
+    log(f"wrote {n} lines ({', '.join(f'{split} {len(s)}' for split, s in samples.items())}) in the IAM-OnDB "
+        f"format to {out_dir} in {time.perf_counter() - t0:.1f} s")
+    return n
+
+
+LM_FLAGS = ("dictionary_sizes", "experiment_split")  # the LM_TASKS' options besides RunConfig fields
+
+TASKS = {
+    "words": Task(name="words", alphabet=ALPHABET, monitor=("in_vocab", "held_out"), group_by="word",
+                  decoders=("greedy", "beam", "lexicon"), flags=("lexicon_sizes",), defaults={},
+                  quick=dict(hidden=32, epochs=6, batch_size=8), make_data=words_data, shown=("cer", "word_acc"),
+                  bucket=0, lexicon=tuple(VOCAB)),
+    "lines": Task(name="lines", alphabet=LINE_ALPHABET, monitor=("validation",), group_by="writer",
+                  decoders=("greedy", "beam", "lm"), flags=LM_FLAGS + ("export_iam_ondb",),
+                  defaults=dict(hidden=100, batch_size=8, epochs=22, lr=1e-2, lr_final=0.1, workers=2),
+                  quick=dict(hidden=32, epochs=2, lines_per_epoch=160, eval_lines_per_writer=2), make_data=lines_data),
+    "iam-ondb": Task(name="iam-ondb", alphabet=None, monitor=("validation",), group_by="writer",
+                     decoders=("greedy", "beam", "lm"), flags=LM_FLAGS,
+                     defaults=dict(hidden=100, batch_size=8, epochs=25, lr=1e-2, lr_final=0.1, workers=2, patience=6,
+                                   features="graves25"),
+                     quick=dict(hidden=32, epochs=2, patience=0), make_data=iam_ondb_data),
+}
+
+
+# ---------------------------------------------------------------------------
+# 22. Files: run.json, model files, safe writing
 # ---------------------------------------------------------------------------
 
 
@@ -5494,8 +5621,7 @@ def checkpoint_path(model_path):
 
 
 # Settings that only the final decoding reads: a resumed run may change them.
-DECODING_FIELDS = ("decoder", "beam_width", "dictionary_size", "lm_weight", "word_penalty", "lm_beam", "oov",
-                   "oov_penalty", "lm_file", "dictionary_file")
+DECODING_FIELDS = tuple(n for n, f in CONFIG_FIELDS.items() if f.metadata["decoding"])
 
 
 def checkpoint_bytes(state, cfg, data):
@@ -5571,10 +5697,7 @@ def load_checkpoint(path, cfg):
 
 # Model files from before the task field existed (schema 1) are words models;
 # the fields added since take their defaults. Any other missing field is refused.
-FIELDS_ADDED_AFTER_SCHEMA_1 = ("task", "lines_per_epoch", "eval_lines_per_writer", "data_dir", "features",
-                               "workers", "dictionary_size", "lm_weight", "word_penalty", "lm_beam", "alphabet", "patience",
-                               "weight_noise", "oov", "oov_penalty", "lm_file", "dictionary_file", "augment",
-                               "init_from")
+FIELDS_ADDED_AFTER_SCHEMA_1 = tuple(n for n, f in CONFIG_FIELDS.items() if f.metadata["since_schema_1"])
 
 
 def config_from_file(saved):
@@ -5746,33 +5869,8 @@ def load_normalisation(path, cfg):
     return {"shift": shift, "scale": scale, "squash": squash}
 
 
-MEMORY_LIMIT = 0.5  # of the machine's physical memory: a run estimated to need more is refused up front
-
-
-def training_bytes(cfg, longest, n_classes, longest_label):
-    """Rough peak memory of one training step with sequences of length `longest`
-    and labels of up to `longest_label` characters.
-
-    Per layer and direction, the forward pass caches 11 H-wide arrays per time
-    step and batch entry (gates, cell, tanh(cell), hidden), the backward pass 4
-    more; CTC holds a few float64 (T, 2B, S) arrays, S = 2 L + 1.
-    """
-    R, H, B, T = (2 if cfg.bidirectional else 1), cfg.hidden, cfg.batch_size, longest
-    itemsize = np.dtype(cfg.dtype).itemsize
-    lstm = cfg.layers * R * T * B * 15 * H * itemsize
-    ctc = 6 * T * 2 * B * (2 * longest_label + 1) * 8
-    return lstm + ctc + 4 * T * B * n_classes * 8
-
-
-def physical_memory():
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 # ---------------------------------------------------------------------------
-# Reading ink: InkML, JSON strokes, pages, --read and --serve
+# 23. Reading ink: InkML, JSON strokes, pages, --read and --serve
 # ---------------------------------------------------------------------------
 # Ink from outside the database -- a W3C InkML file, an IAM-OnDB lineStrokes
 # file, a JSON list of strokes, or strokes drawn on the pen pad -- becomes pen
@@ -6198,7 +6296,7 @@ def group_lines(points, stroke):
     return [np.flatnonzero(line_of == k) for k in order]
 
 
-# The model and one reading.
+# -- The model and one reading --
 
 def load_reading_model(path=None):
     """(params, cfg, normalisation) of a model that can read new ink: an iam-ondb model
@@ -6546,7 +6644,7 @@ def serve(args, log=print):
 
 
 # ---------------------------------------------------------------------------
-# Command line
+# 24. Command line
 # ---------------------------------------------------------------------------
 
 
@@ -6556,10 +6654,9 @@ def _setting_type(name):
 
     def parse(text):
         try:
-            value = {"int": int, "float": float, "str": str}[kind](text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind == 'int' else 'a number'}, "
-                                             f"got {text!r}") from None
+            value = value_from_text(kind, text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
         problem = setting_error(name, value)
         if problem:
             raise argparse.ArgumentTypeError(problem)
@@ -6574,11 +6671,12 @@ def whole_number(low, high):
     """An argparse type: an int in low..high, or a one-line error (also for the benchmark scripts)."""
     def parse(text):
         try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must lie in {low}..{high}, got {value}")
+            value = value_from_text("int", text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        problem = range_error(value, low, high)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
         return value
     return parse
 
@@ -6608,15 +6706,14 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-# Flags that set a RunConfig field of the same name.
-CONFIG_FLAGS = ("task", "seed", "epochs", "hidden", "layers", "batch_size", "lr", "workers", "patience", "weight_noise",
-                "lines_per_epoch", "augment", "init_from",
-                "data_dir", "features", "decoder", "beam_width", "lm_weight", "word_penalty", "lm_beam",
-                "dictionary_size", "lm_file", "dictionary_file", "oov", "oov_penalty")
+# Flags that set a RunConfig field (their argparse dest is the field's name).
+CONFIG_FLAGS = tuple(n for n in CONFIG_FIELDS if flag_name(n))
+# Flags that only training reads, refused with --load-model, in the order the refusal names them.
 TRAINING_FLAGS = ("seed", "hidden", "layers", "unidirectional", "epochs", "batch_size", "lr", "quick", "workers",
                   "patience", "weight_noise", "lines_per_epoch", "augment", "init_from", "resume")
-FLAG_NAMES = {"lm_file": "--lm", "dictionary_file": "--dictionary"}  # flags not spelled like their field
-# Flags only some tasks take (a Task's `options` names the ones it takes).
+# Flags only some tasks take (Task.options), in the order check_task_arguments looks at them: the
+# first given that the task does not take is the one named. Every task-only option is here
+# (check_task_arguments asserts it).
 TASK_FLAGS = ("lexicon_sizes", "dictionary_sizes", "lm_weight", "word_penalty", "lm_beam", "dictionary_size",
               "export_iam_ondb", "data_dir", "features", "lines_per_epoch", "lm_file", "dictionary_file", "oov",
               "oov_penalty", "experiment_split", "augment")
@@ -6632,52 +6729,51 @@ def _default_text(name):
 def build_parser():
     p = OneLineParser(prog="iam_handwriting.py", description=__doc__.split("\n\n")[0])
 
-    def setting(flag, name=None, **kw):
-        name = name or flag.lstrip("-").replace("-", "_")
+    def setting(name, **kw):
         meta = CONFIG_FIELDS[name].metadata
         low = meta["low"] if meta["low"] is not None else meta["above"]
         bounds = f"; {'above ' if meta['above'] is not None else ''}{low:g}..{meta['high']:g}" \
             if meta["high"] is not None else ""
-        p.add_argument(flag, type=_setting_type(name), default=None,
+        p.add_argument(flag_name(name), dest=name, type=_setting_type(name), default=None,
                        help=f"{meta['help']}{bounds} {_default_text(name)}", **kw)
 
-    setting("--task", choices=None, metavar="{" + ",".join(TASK_NAMES) + "}")
-    setting("--seed")
+    setting("task", choices=None, metavar="{" + ",".join(TASK_NAMES) + "}")
+    setting("seed")
     p.add_argument("--quick", action="store_true",
                    help="CI smoke preset: " + "; ".join(f"{t.name}: " + ", ".join(f"{k} {v}" for k, v in t.quick.items())
                                                          for t in TASKS.values()))
-    setting("--epochs")
-    setting("--hidden")
-    setting("--layers")
+    setting("epochs")
+    setting("hidden")
+    setting("layers")
     p.add_argument("--unidirectional", action="store_true", help="forward-only LSTM baseline")
-    setting("--batch-size")
-    setting("--lr")
-    setting("--workers")
-    setting("--patience")
-    setting("--weight-noise")
-    setting("--init-from", metavar="MODEL")
-    setting("--augment")
-    setting("--lines-per-epoch")
-    setting("--data-dir", metavar="DIR")
-    setting("--features", metavar="{" + ",".join(FEATURE_SETS) + "}")
-    setting("--decoder", metavar="{" + ",".join(DECODERS) + "}")
-    setting("--beam-width")
+    setting("batch_size")
+    setting("lr")
+    setting("workers")
+    setting("patience")
+    setting("weight_noise")
+    setting("init_from", metavar="MODEL")
+    setting("augment")
+    setting("lines_per_epoch")
+    setting("data_dir", metavar="DIR")
+    setting("features", metavar="{" + ",".join(FEATURE_SETS) + "}")
+    setting("decoder", metavar="{" + ",".join(DECODERS) + "}")
+    setting("beam_width")
     p.add_argument("--lexicon-sizes", type=_sizes(len(VOCAB), MAX_LEXICON, f"the lexicon holds the {len(VOCAB)} "
                                                   "vocabulary words"), default=None, metavar="N,N,...",
                    help="words: after training or loading, decode with lexicons of these sizes (the vocabulary plus "
                         "pseudo-word distractors), e.g. 47,100,1000,10000")
-    setting("--dictionary-size")
+    setting("dictionary_size")
     p.add_argument("--dictionary-sizes", type=_sizes(1, N_ENGLISH_WORDS, "most frequent English words"),
                    default=None, metavar="N,N,...",
                    help="lines: after training or loading, compare greedy, dictionary, unigram and bigram decoding "
                         "with dictionaries of these sizes, e.g. 1000,5000,20000")
-    setting("--lm-weight")
-    setting("--word-penalty")
-    setting("--lm-beam")
-    setting("--lm", "lm_file", metavar="FILE", dest="lm_file")
-    setting("--dictionary", "dictionary_file", metavar="FILE", dest="dictionary_file")
-    setting("--oov", metavar="{" + ",".join(OOV_MODES) + "}")
-    setting("--oov-penalty")
+    setting("lm_weight")
+    setting("word_penalty")
+    setting("lm_beam")
+    setting("lm_file", metavar="FILE")
+    setting("dictionary_file", metavar="FILE")
+    setting("oov", metavar="{" + ",".join(OOV_MODES) + "}")
+    setting("oov_penalty")
     p.add_argument("--experiment-split", choices=("test", "validation"), default=None,
                    help="--dictionary-sizes: report on the test lines (default), or on the validation lines not "
                         "used for tuning (choosing a recipe without touching the test lines)")
@@ -6757,10 +6853,11 @@ def check_arguments(args):
 
 def check_task_arguments(args, task):
     """One line for flags the task does not take."""
+    assert {n for t in TASKS.values() for n in t.options} <= set(TASK_FLAGS), "a task-only option is not in TASK_FLAGS"
     for name in TASK_FLAGS:
         if flag_given(getattr(args, name)) and name not in task.options:
             takers = [t.name for t in TASKS.values() if name in t.options]
-            raise UserError(f"{FLAG_NAMES.get(name, '--' + name.replace('_', '-'))} is for the {' and '.join(takers)} task"
+            raise UserError(f"{flag_name(name)} is for the {' and '.join(takers)} task"
                             f"{'s' if len(takers) > 1 else ''}, not {task.name}")
     if args.decoder is not None and args.decoder not in task.decoders:
         raise UserError(f"--decoder {args.decoder} is not available for the {task.name} task "

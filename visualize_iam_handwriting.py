@@ -422,17 +422,20 @@ def draw_ink(ax, xy, pen_up, colours=None, lw=2.2, air=True, zorder=2):
     return ink
 
 
+def value_runs(values):
+    """Maximal runs of one value in values (T,), such as an argmax path: [(value, first, last)]."""
+    change = np.flatnonzero(np.diff(values)) + 1
+    firsts, lasts = np.r_[0, change], np.r_[change, len(values)] - 1
+    return [(int(values[a]), int(a), int(b)) for a, b in zip(firsts, lasts)]
+
+
 def char_runs(char_of):
     """Runs of consecutive samples drawing one character: [(i, first, last)].
 
     char_of (T,) or None. A letter with a delayed stroke (an i dot, a t bar,
     written after its word) has two runs; a space has none.
     """
-    if char_of is None:
-        return []
-    change = np.flatnonzero(np.diff(char_of)) + 1
-    firsts, lasts = np.r_[0, change], np.r_[change, len(char_of)] - 1
-    return [(int(char_of[a]), int(a), int(b)) for a, b in zip(firsts, lasts)]
+    return [] if char_of is None else value_runs(char_of)
 
 
 def probability_cmap(rgb=(0.08, 0.1, 0.35)):
@@ -461,13 +464,6 @@ def draw_softmax(ax, a, alphabet):
     return im
 
 
-def path_runs(path):
-    """Maximal runs of one class in an argmax path (T,): [(class, first, last)]."""
-    change = np.flatnonzero(np.diff(path)) + 1
-    firsts, lasts = np.r_[0, change], np.r_[change, len(path)] - 1
-    return [(int(path[a]), int(a), int(b)) for a, b in zip(firsts, lasts)]
-
-
 def draw_argmax_path(ax, path, alphabet):
     """The most probable class per step as runs: each run of a character class
     is a bar over its steps with the character (gid 'path-char') at its first
@@ -475,7 +471,7 @@ def draw_argmax_path(ax, path, alphabet):
     are the greedy decode (merge repeats, drop blanks)."""
     T = len(path)
     ax.plot([-0.5, T - 0.5], [0.25, 0.25], color="0.75", lw=1.0)
-    runs = [(k, a, b) for k, a, b in path_runs(path) if k != ih.BLANK]
+    runs = [(k, a, b) for k, a, b in value_runs(path) if k != ih.BLANK]
     ax.add_collection(LineCollection([[(a - 0.45, 0.25), (b + 0.45, 0.25)] for _, a, b in runs], colors="black",
                                      linewidths=5, capstyle="butt"))
     steps_per_letter = 10.0 * T / max(ax.get_window_extent().width, 1.0)  # an 11-point letter is ~10 pixels

@@ -33,10 +33,9 @@ def parse_value(name, text):
     """A grid value as the RunConfig field's type, checked against the field's range."""
     kind = ih.CONFIG_FIELDS[name].type
     try:
-        value = {"bool": lambda t: {"True": True, "False": False}[t], "int": int, "float": float, "str": str}[kind](text)
-    except (KeyError, ValueError):
-        wanted = {"bool": "True or False", "int": "a whole number", "float": "a number", "str": "text"}[kind]
-        raise ValueError(f"{name} takes {wanted}, got {text!r}") from None
+        value = ih.value_from_text(kind, text)
+    except ValueError:
+        raise ValueError(f"{name} takes {ih.TEXT_VALUES[kind][1]}, got {text!r}") from None
     problem = ih.setting_error(name, value)
     if problem:
         raise ValueError(f"{name} {problem}")

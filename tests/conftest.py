@@ -1,4 +1,4 @@
-"""Test session setup: one BLAS thread, as the command line runs.
+"""Test session setup: one BLAS thread, as the command line runs; helpers several test files share.
 
 Set before numpy loads BLAS. In-process training tests are several times
 slower with a second BLAS thread fighting the other tests' processes, and
@@ -8,3 +8,11 @@ import os
 
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
+
+import numpy as np  # noqa: E402  (after the BLAS threads are set)
+
+
+def log_softmax(z):
+    """Log-probabilities from scores z (..., K), along the last axis."""
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))

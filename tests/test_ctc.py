@@ -6,11 +6,7 @@ import numpy as np
 import pytest
 
 from iam_handwriting import BLANK, ctc_log_likelihood, ctc_loss
-
-
-def log_softmax(z):
-    z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+from conftest import log_softmax
 
 
 def collapse(path):

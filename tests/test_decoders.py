@@ -8,11 +8,7 @@ import pytest
 import iam_handwriting as ih
 from iam_handwriting import (VOCAB, beam_search_decode, build_lexicon, ctc_loss, distractor_words, encode,
                              greedy_decode, lexicon_decode, lexicon_log_likelihoods)
-
-
-def log_softmax(z):
-    z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+from conftest import log_softmax
 
 
 def labeling_log_probs(lp):

@@ -6,14 +6,10 @@ import numpy as np
 import pytest
 
 import iam_handwriting as ih
+from conftest import log_softmax
 
 ALPHA = "abn "  # a tiny alphabet with the space, K = 5
 WORDS = ["a", "ab", "ba", "nab", "b", "aa"]
-
-
-def log_softmax(z):
-    z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
 def tiny_bigram(rng, V=len(WORDS)):
