@@ -6962,11 +6962,9 @@ def write_results(outputs, log):
 
 
 def main(argv=None):
-    with np.errstate(all="ignore"):  # non-finite numbers are checked for and reported, not warned about
-        return _main(argv)
-
-
-def _main(argv):
+    # No blanket np.errstate here: the few places that make non-finite numbers on purpose (log 0 in
+    # log space, an overflow the caller refuses) say so locally, so that any other floating-point
+    # problem shows as numpy's warning (the tests turn it into an error).
     args = build_parser().parse_args(argv)
     log = safe_log()
     keep_freed_memory()
