@@ -5324,14 +5324,14 @@ def iam_ondb_data(cfg, streams, parallel_map, log):
     lines, summary = load_iam_ondb(cfg.data_dir, log)
     t1 = time.perf_counter()
 
-    def featurise(split_lines, seeds=None):
+    def featurise(split_lines, mapper, seeds=None):
         # A few hundred lines at a time, so that the workers' pickled results stay small next to the features.
         jobs = [(line, cfg.features, None if seeds is None else (cfg.augment, int(seed)))
                 for line, seed in zip(split_lines, [None] * len(split_lines) if seeds is None else seeds)]
         return [s for i in range(0, len(jobs), FEATURISE_BATCH)
-                for s in parallel_map(_featurise_line, jobs[i:i + FEATURISE_BATCH])]
+                for s in mapper(_featurise_line, jobs[i:i + FEATURISE_BATCH])]
 
-    samples = {split: featurise(split_lines) for split, split_lines in lines.items() if split_lines}
+    samples = {split: featurise(split_lines, parallel_map) for split, split_lines in lines.items() if split_lines}
     # Augmentation featurises the training ink afresh each epoch, so it keeps the ink.
     train_lines = lines["train"] if cfg.augment else None
     del lines
@@ -5371,7 +5371,7 @@ def iam_ondb_data(cfg, streams, parallel_map, log):
         del train, samples["train"]  # the clean features served only for the normalisation
 
         def training_samples(rng, parallel_map):
-            return label(featurise(train_lines, rng.integers(2**63, size=len(train_lines))))
+            return label(featurise(train_lines, parallel_map, rng.integers(2**63, size=len(train_lines))))
     else:
         def training_samples(rng, parallel_map):
             return train
