@@ -2862,10 +2862,10 @@ def fit(cfg, task, data, streams, timer, pool=None, log=print, progress=None, st
             streams["init"], cfg.hidden, cfg.layers, cfg.bidirectional, feature_dim(cfg), n_classes(cfg)).items()}
         if cfg.init_from:
             source, source_cfg = load_model(cfg.init_from)
-            params = transfer_params(params, data.alphabet, source, source_cfg.alphabet or TASKS[source_cfg.task].alphabet)
+            source_alphabet = source_cfg.alphabet or TASKS[source_cfg.task].alphabet
+            params = transfer_params(params, data.alphabet, source, source_alphabet)
             log(f"initialised the LSTM from {cfg.init_from} ({source_cfg.task} model; output weights of "
-                f"{len(set(data.alphabet) & set(source_cfg.alphabet or TASKS[source_cfg.task].alphabet))} shared "
-                f"characters and the blank kept)")
+                f"{len(set(data.alphabet) & set(source_alphabet))} shared characters and the blank kept)")
         state = TrainingState(0, params, adam_init(params), {}, [], 0, 0, None, 0.0)
     else:
         for name, bit_state in state.streams.items():

@@ -10,9 +10,24 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import numpy as np  # noqa: E402  (after the BLAS threads are set)
+import pytest  # noqa: E402
 
 
 def log_softmax(z):
     """Log-probabilities from scores z (..., K), along the last axis."""
     z = z - z.max(axis=-1, keepdims=True)
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+@pytest.fixture
+def model_write_fails(monkeypatch):
+    """write_output fails with a full disk for the model file and writes everything else."""
+    import iam_handwriting as ih
+    real_write = ih.write_output
+
+    def disk_full(path, data, what, durable=True):
+        if what == "model file":
+            raise OSError(28, "No space left on device")
+        return real_write(path, data, what, durable)
+
+    monkeypatch.setattr(ih, "write_output", disk_full)

@@ -240,15 +240,7 @@ def test_impossible_alignments_are_counted_apart_from_divergence():
     assert all(np.array_equal(before[k], params[k]) for k in params)  # nothing applied
 
 
-def test_a_failed_final_write_keeps_a_copy_and_says_where(tmp_path, monkeypatch, capsys):
-    real_write = ih.write_output
-
-    def disk_full(path, data, what, durable=True):
-        if what == "model file":
-            raise OSError(28, "No space left on device")
-        return real_write(path, data, what, durable)
-
-    monkeypatch.setattr(ih, "write_output", disk_full)
+def test_a_failed_final_write_keeps_a_copy_and_says_where(tmp_path, monkeypatch, capsys, model_write_fails):
     code, out, err = run_main(monkeypatch, capsys, *QUICK, "--save-model", tmp_path / "m.npz")
     assert code == 2 and err.count("\n") == 1 and "No space left on device" in err
     rescued = err.split("a copy was saved to ")[1].strip()

@@ -456,15 +456,7 @@ def test_load_model_refuses_features_that_contradict_it(iam_model):
 # ---------------------------------------------------------------------------
 
 
-def test_a_failed_model_write_does_not_lose_the_run_summary(tmp_path, monkeypatch):
-    real_write = ih.write_output
-
-    def disk_full(path, data, what, durable=True):
-        if what == "model file":
-            raise OSError(28, "No space left on device")
-        return real_write(path, data, what, durable)
-
-    monkeypatch.setattr(ih, "write_output", disk_full)
+def test_a_failed_model_write_does_not_lose_the_run_summary(tmp_path, model_write_fails):
     logged = []
     outputs = [(str(tmp_path / "m.npz"), b"model", "model file"), (str(tmp_path / "r.json"), b"{}", "run summary")]
     with pytest.raises(ih.UserError) as caught:
