@@ -5829,6 +5829,13 @@ def _read_model_archive(path):
 def load_model(path):
     """(params, RunConfig) from a model file; UserError if missing, not a model file or inconsistent."""
     try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = None  # opening it below says why
+    if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        # Reading a FIFO would block and /dev/zero never ends.
+        raise UserError(f"model file {path!r} is not a regular file")
+    try:
         if zipfile.is_zipfile(path):
             arrays, cfg = _read_model_archive(path)
         else:

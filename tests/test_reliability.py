@@ -642,3 +642,14 @@ def test_a_perplexity_of_1e308_is_refused_naming_its_key():
     assert viz.check_decoding(viz.Field(fake_dictionary_decoding(), "decoding"), task)["kind"] == "dictionary"
     with pytest.raises(viz.Malformed, match=r"decoding.perplexity.1000.bigram is 1e\+308, beyond"):
         viz.check_decoding(viz.Field(dec, "decoding"), task)
+
+
+@pytest.mark.parametrize("flag", ["--load-model", "--init-from"])
+@pytest.mark.parametrize("kind", ["device", "fifo"])
+def test_a_model_file_that_is_a_device_or_fifo_is_refused_at_once(tmp_path, flag, kind):
+    path = "/dev/zero" if kind == "device" else tmp_path / "fifo"
+    if kind == "fifo":
+        os.mkfifo(path)
+    # Capped and timed: without the check, /dev/zero fills memory and a FIFO blocks.
+    line = one_error_line(cli(flag, path, *(["--epochs", "0"] if flag == "--init-from" else []), capped=True, timeout=60))
+    assert "is not a regular file" in line
