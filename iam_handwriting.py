@@ -239,6 +239,9 @@ class RunConfig:
                                 flag=True, tasks=LM_TASKS, since_schema_1=True, decoding=True)
     oov_penalty: float = _setting(0.0, "lm decoder: added per spelled out-of-dictionary token", low=-100.0,
                                   high=100.0, flag=True, tasks=LM_TASKS, since_schema_1=True, decoding=True)
+    lm_tuning: int = _setting(0, "lm decoder: choose lm_weight, word_penalty and oov_penalty on about this many "
+                                 "validation lines (every k-th) before the final evaluation; 0: use them as given",
+                              low=0, high=100_000, flag=True, tasks=LM_TASKS, since_schema_1=True, decoding=True)
     lm_file: str = _setting("", "lm decoder: an ARPA n-gram file (unigrams and bigrams are used); not given: built in",
                             flag="--lm", tasks=LM_TASKS, since_schema_1=True, decoding=True)
     dictionary_file: str = _setting("", "lm decoder: a word list, one word per line, most frequent first; "
@@ -2043,6 +2046,8 @@ def lm_decoding_seconds(cfg, data, n_sizes):
         return float(np.mean(n)) * (LM_STEP_SECONDS + beam * LM_TOKEN_STEP_SECONDS) if n else 0.0
 
     seconds = sum(per_line(s) * len(n) for s, n in lengths.items()) if cfg.decoder == "lm" else 0.0
+    if cfg.decoder == "lm" and cfg.lm_tuning:  # tune_final_decoder
+        seconds += per_line("validation") * min(cfg.lm_tuning, len(lengths.get("validation", []))) * TUNING_DECODES
     if n_sizes:
         decoders = 3 * n_sizes + len(OOV_MODES)  # dictionary, unigram, bigram per size; the OOV comparison
         tuning = min(TUNING_LINES, len(lengths.get("validation", [])) // 2)  # and as many check lines
@@ -2660,6 +2665,31 @@ def tune_lm_decoder(cfg, log_probs, refs, lex, lm):
         here = best
 
 
+def tuning_split(validation, n):
+    """(tuning lines, check lines): about n validation lines, every k-th, and the n lines
+    right after them (k at least 2, so the two sets never share a line)."""
+    step = max(2, len(validation) // n)
+    return validation[::step], validation[1::step]
+
+
+def tune_final_decoder(params, cfg, data, log=print):
+    """cfg with the lm decoder's weight and penalties chosen (tune_lm_decoder) on
+    about cfg.lm_tuning validation lines, at cfg's dictionary, LM file and OOV
+    mode; and run.json's `lm_tuning` record of what was chosen on which lines."""
+    t0 = time.perf_counter()
+    samples = tuning_split(data.eval_sets["validation"], cfg.lm_tuning)[0]
+    texts = data.lm_texts or None
+    lexicon = decoder_lexicon(cfg, data.alphabet, texts, cfg.dictionary_size)
+    lm = decoder_language_model(cfg, texts, cfg.dictionary_size, 2)
+    weight, penalty, oov_penalty = tune_lm_decoder(cfg, run_model(params, samples, data), [s.text for s in samples],
+                                                   lexicon, lm)
+    record = {"lines": len(samples), "lm_weight": weight, "word_penalty": penalty, "oov_penalty": oov_penalty,
+              "seconds": time.perf_counter() - t0}
+    log(f"lm decoder tuned on {len(samples)} validation lines in {record['seconds']:.0f} s: lm_weight {weight}, "
+        f"word_penalty {penalty}, oov_penalty {oov_penalty}")
+    return dataclasses.replace(cfg, lm_weight=weight, word_penalty=penalty, oov_penalty=oov_penalty), record
+
+
 def in_dictionary_tokens(refs, words):
     """The reference tokens (as written) every piece of which, lower-cased, is an LM word in `words`."""
     return {tok for ref in refs for tok in ref.split() if all(p.lower() in words for p in split_token(tok))}
@@ -2681,13 +2711,12 @@ def dictionary_experiment(params, cfg, data, sizes, log=print, split="test"):
     t_start = time.perf_counter()
     texts = data.lm_texts or None
     validation = data.eval_sets["validation"]
-    step = max(2, len(validation) // TUNING_LINES)  # at least 2: the check lines are others
-    tune_samples, check_samples = validation[::step], validation[1::step]
+    tune_samples, check_samples = tuning_split(validation, TUNING_LINES)
     tune_lps, check_lps = run_model(params, tune_samples, data), run_model(params, check_samples, data)
     tune_refs, check_refs = [s.text for s in tune_samples], [s.text for s in check_samples]
-    tuned_on = set(range(0, len(validation), step))
+    tuned_on = set(map(id, tune_samples))
     report = {"test": data.eval_sets["test"]} if split == "test" else \
-        {"validation": [s for i, s in enumerate(validation) if i not in tuned_on]}
+        {"validation": [s for s in validation if id(s) not in tuned_on]}
     report_refs = [s.text for s in report[split]]
     tokenise = lm_words if (texts or cfg.lm_file or cfg.dictionary_file) else str.split
 
@@ -3098,10 +3127,14 @@ def train_and_evaluate(cfg, params=None, verbose=True, log=print, status=None, e
     finally:
         if pool:
             pool.close()
+    lm_tuning = None
+    if cfg.decoder == "lm" and cfg.lm_tuning:
+        status["where"] = "while tuning the lm decoder"
+        cfg, lm_tuning = tune_final_decoder(params, cfg, data, log if verbose else (lambda *a, **k: None))
     status["where"] = "during the final evaluation"
     source = "loaded" if loaded else "trained" if history else "untrained"  # untrained: --epochs 0
     result = {"config": dataclasses.asdict(cfg), "model_source": source, "history": history,
-              "best_epoch": state.best_epoch if state else None,
+              "best_epoch": state.best_epoch if state else None, "lm_tuning": lm_tuning,
               **final_report(params, cfg, task, data, timer),
               "split": data.info, "timing": timer.seconds, "skipped": skipped}
     result["wall_seconds"] = time.perf_counter() - wall0
@@ -5424,8 +5457,8 @@ TASKS = {
                   quick=dict(hidden=32, epochs=2, lines_per_epoch=160, eval_lines_per_writer=2), make_data=lines_data),
     "iam-ondb": Task(name="iam-ondb", alphabet=None, monitor=("validation",), group_by="writer",
                      decoders=("greedy", "beam", "lm"), flags=LM_FLAGS,
-                     defaults=dict(hidden=100, batch_size=8, epochs=25, lr=1e-2, lr_final=0.1, workers=2, patience=6,
-                                   features="graves25"),
+                     defaults=dict(hidden=100, layers=2, batch_size=8, epochs=10, lr=1e-2, lr_final=0.1, workers=2,
+                                   patience=6, features="graves25", oov="chars", lm_tuning=TUNING_LINES),
                      quick=dict(hidden=32, epochs=2, patience=0), make_data=iam_ondb_data),
 }
 
@@ -6723,7 +6756,7 @@ TRAINING_FLAGS = ("seed", "hidden", "layers", "unidirectional", "epochs", "batch
 # (check_task_arguments asserts it).
 TASK_FLAGS = ("lexicon_sizes", "dictionary_sizes", "lm_weight", "word_penalty", "lm_beam", "dictionary_size",
               "export_iam_ondb", "data_dir", "features", "lines_per_epoch", "lm_file", "dictionary_file", "oov",
-              "oov_penalty", "experiment_split", "augment")
+              "oov_penalty", "lm_tuning", "experiment_split", "augment")
 
 
 def _default_text(name):
@@ -6781,6 +6814,7 @@ def build_parser():
     setting("dictionary_file", metavar="FILE")
     setting("oov", metavar="{" + ",".join(OOV_MODES) + "}")
     setting("oov_penalty")
+    setting("lm_tuning", metavar="N")
     p.add_argument("--experiment-split", choices=("test", "validation"), default=None,
                    help="--dictionary-sizes: report on the test lines (default), or on the validation lines not "
                         "used for tuning (choosing a recipe without touching the test lines)")
@@ -6869,6 +6903,14 @@ def check_task_arguments(args, task):
     if args.decoder is not None and args.decoder not in task.decoders:
         raise UserError(f"--decoder {args.decoder} is not available for the {task.name} task "
                         f"(choose from {', '.join(task.decoders)})")
+
+
+def check_tuning_arguments(args, cfg):
+    """One line if a weight or penalty of the lm decoder is given while the run tunes it on validation."""
+    given = [flag_name(n) for n in ("lm_weight", "word_penalty", "oov_penalty") if flag_given(getattr(args, n))]
+    if cfg.decoder == "lm" and cfg.lm_tuning and given:
+        raise UserError(f"{', '.join(given)}: the lm decoder's weight and penalties are tuned on validation lines in "
+                        f"this run (--lm-tuning {cfg.lm_tuning}); add --lm-tuning 0 to use given values")
 
 
 def check_init_model(cfg):
@@ -7002,6 +7044,7 @@ def main(argv=None):
         for flag, path in (("--lm", args.lm_file), ("--dictionary", args.dictionary_file)):
             if path == "":
                 raise UserError(f"{flag} '': the path is empty")
+        check_tuning_arguments(args, cfg)
         check_lm_files(cfg)
         check_init_model(cfg)
         if args.export_iam_ondb:

@@ -3,6 +3,7 @@ import dataclasses
 import json
 import os
 import re
+import string
 import subprocess
 import sys
 import types
@@ -300,3 +301,57 @@ def test_the_dictionary_experiment_decodes_chunk_by_chunk_and_reports_oov_modes_
     task = {"name": "iam-ondb", "alphabet": alphabet, "splits": ["validation", "test"], "monitor": ["validation"]}
     checked = viz.check_decoding(viz.Field(json.loads(json.dumps(dec)), "decoding"), task)
     assert len(checked["rows"]) == 8 and set(checked["perplexity"]) == {30, 80}
+
+
+# The headline run's lm decoder is tuned on validation lines (--lm-tuning)
+
+def tiny_real_english(rng):
+    """(params, data): a tiny untrained network and real-English validation and test lines of noise."""
+    alphabet = "".join(sorted(set("".join(TRAIN + VALID) + "019 " + string.ascii_lowercase)))
+    params = ih.init_params(rng, hidden=4, in_dim=3, n_classes=len(alphabet) + 1)
+
+    def sample(text):
+        T = 2 * len(text) + 2
+        return ih.Sample(text, rng.normal(size=(T, 3)).astype(np.float32), ih.encode(text, alphabet), np.zeros((T, 2)),
+                         np.zeros(T), None, "w1")
+    validation = [sample(t) for t in VALID + ["the cat 19 .", "a dog ."]]
+    test = [sample(t) for t in ("the dog 's hat .", "on the mat")]
+    data = ih.TaskData(alphabet, {"validation": validation, "test": test}, None, 0, np.zeros(3), np.ones(3), 0.0, [],
+                       {}, lm_texts={"train": tuple(TRAIN), "validation": tuple(VALID)})
+    return params, data
+
+
+def test_the_final_lm_decoder_is_tuned_on_every_kth_validation_line_and_run_json_keeps_the_choice(monkeypatch):
+    params, data = tiny_real_english(np.random.default_rng(0))
+    seen = []
+
+    def tune(cfg, log_probs, refs, lex, lm):
+        seen.append(refs)
+        return 2.0, -4.0, 8.0  # values no default has
+    monkeypatch.setattr(ih, "tune_lm_decoder", tune)
+    task = dataclasses.replace(ih.TASKS["iam-ondb"], make_data=lambda cfg, streams, pmap, log: data)
+    monkeypatch.setitem(ih.TASKS, "iam-ondb", task)
+    cfg = ih.RunConfig(task="iam-ondb", decoder="lm", lm_tuning=2, lm_beam=4, dictionary_size=80, oov="chars")
+    _, result = ih.train_and_evaluate(cfg, params, verbose=False)
+    validation = data.eval_sets["validation"]
+    assert seen == [[s.text for s in validation[::2]]]  # 5 lines // 2: every 2nd
+    assert (result["config"]["lm_weight"], result["config"]["word_penalty"], result["config"]["oov_penalty"]) == \
+        (2.0, -4.0, 8.0)  # what decoded the final evaluation, and what a saved model carries
+    assert {k: result["lm_tuning"][k] for k in ("lines", "lm_weight", "word_penalty", "oov_penalty")} == \
+        {"lines": 3, "lm_weight": 2.0, "word_penalty": -4.0, "oov_penalty": 8.0}
+    assert set(result["final"]["test"]) >= {"cer", "wer", "greedy"}  # the greedy reading beside the lm decoder's
+    _, untuned = ih.train_and_evaluate(dataclasses.replace(cfg, lm_tuning=0), params, verbose=False)
+    assert untuned["lm_tuning"] is None and untuned["config"]["lm_weight"] == 1.0 and len(seen) == 1
+
+
+def test_the_iam_ondb_headline_is_the_chosen_recipe_and_a_given_weight_needs_tuning_off(tmp_path):
+    defaults = ih.TASKS["iam-ondb"].defaults
+    assert (defaults["layers"], defaults["epochs"], defaults["oov"], defaults["lm_tuning"]) == (2, 10, "chars", 100)
+    r = run_cli("--task", "iam-ondb", "--data-dir", tmp_path, "--decoder", "lm", "--lm-weight", "2", "--quiet")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "add --lm-tuning 0" in lines[0], r.stderr
+    r = run_cli("--task", "iam-ondb", "--data-dir", tmp_path / "none", "--decoder", "lm", "--lm-weight", "2",
+                "--lm-tuning", "0", "--quiet")
+    assert r.returncode == 2 and "folder not found" in r.stderr, r.stderr  # past the check, to the data
+    r = run_cli("--task", "words", "--lm-tuning", "5")
+    assert r.returncode == 2 and "--lm-tuning is for the lines and iam-ondb tasks" in r.stderr, r.stderr
