@@ -1900,6 +1900,33 @@ def _from_nothing(lexicon, first_letters, likely, space, nothing):
                     np.full(len(starts), nothing))
 
 
+def _dominated(histories, hist, node, glued, on_label, in_blank, n_nodes):
+    """(M,) True for tokens that can never win: another token has the same future
+    and scores at least as much in both CTC states.
+
+    Two tokens with the same last entry, node and glued flag differ only in the
+    words before: every continuation adds the same to both, in proportion to
+    their on-label and in-blank masses (the LM sees only the last entry). If
+    token A's history score plus each of its masses is at least token B's,
+    every continuation of B scores at most the same continuation of A. This is
+    the recombination of equal futures in token passing (the paper keeps one
+    token per word state), and exact for a Viterbi score; for the sum over
+    alignments it is not: B's reading may also hold mass in other tokens (its
+    alignments that are still in the previous word), which A's may lack. So
+    lm_decode drops dominated tokens only where the beam prunes anyway, to
+    free their slots for readings that differ. Each group is compared with
+    its best token."""
+    score = histories.score[hist]
+    a, b = on_label + score, in_blank + score  # (M,)
+    key = ((histories.word[hist].astype(np.int64) + 1) * n_nodes + node) * 2 + glued  # LM_START is -1
+    order = np.lexsort((-np.logaddexp(a, b), key))  # by group, best first
+    first = np.flatnonzero(np.diff(key[order], prepend=-1) != 0)
+    leader = order[np.repeat(first, np.diff(np.append(first, len(order))))]  # (M,) each token's group leader, by order
+    dominated = np.zeros(len(hist), bool)
+    dominated[order] = (a[order] <= a[leader]) & (b[order] <= b[leader]) & (order != leader)
+    return dominated
+
+
 def lm_decode(log_probs, lexicon, lm, lm_weight=1.0, word_penalty=0.0, beam=64, oov_penalty=0.0):
     """The best reading of one text line: token passing on the prefix tree of the
     dictionary (Young, Russell and Thornton 1989), with a word language model.
@@ -1997,6 +2024,8 @@ def lm_decode(log_probs, lexicon, lm, lm_weight=1.0, word_penalty=0.0, beam=64, 
         on_label, in_blank = tree_step(merged[:, 0], merged[:, 1], merged[:, 2], y[node_class[node]], y[BLANK])
         nothing += y[BLANK]
         alive = np.isfinite(on_label) | np.isfinite(in_blank)
+        if beam is not None and alive.sum() > beam:
+            alive &= ~_dominated(histories, hist, node, glued, on_label, in_blank, N)
         if beam is not None and alive.sum() > beam:
             score = np.logaddexp(on_label, in_blank) + histories.score[hist]
             alive = np.zeros(len(node), bool)

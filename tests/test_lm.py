@@ -1,6 +1,7 @@
 """The language model and the token-passing line decoder, against brute force."""
 import dataclasses
 import itertools
+import types
 
 import numpy as np
 import pytest
@@ -151,6 +152,22 @@ def test_a_wider_beam_can_report_a_lower_score_for_the_same_line():
     assert narrow[0] == wider[0] == exact[0] == ["a"]
     np.testing.assert_allclose(np.exp([narrow[1], wider[1], exact[1]]), [0.154902, 0.139776, 0.156924], atol=1e-6)
     assert wider[1] < narrow[1] < exact[1]
+
+
+def test_a_token_is_dominated_only_by_its_groups_best_with_the_same_future_and_both_masses_at_least_its():
+    """Histories 1 = [w0] and 2 = [w1, w0] end on the same entry, so tokens on one
+    node with either history have the same future; history 0 (empty) has another."""
+    histories = types.SimpleNamespace(word=np.array([ih.LM_START, 0, 0]), score=np.array([0.0, -1.0, -2.0]))
+    #                   A     B     C     D     E     F     G
+    hist = np.array([1, 2, 2, 2, 2, 1, 0])
+    node = np.array([3, 3, 3, 3, 4, 3, 3])
+    glued = np.array([0, 0, 0, 0, 0, 1, 0])
+    on_label = np.array([-1.0, -1.5, 0.0, -3.0, -9.0, -9.0, -9.0])
+    in_blank = np.array([-2.0, -3.0, -5.0, -0.5, -9.0, -9.0, -9.0])
+    # A leads its group (A-D); B is below it in both masses, C ties its on-label mass and is
+    # below in the other; D is above it in the in-blank mass; E, F and G have other futures.
+    dominated = ih._dominated(histories, hist, node, glued, on_label, in_blank, n_nodes=5)
+    assert dominated.tolist() == [False, True, True, False, False, False, False]
 
 
 # Real English: case spellings, punctuation and clitics glued to words, spelled out-of-dictionary tokens.
