@@ -6754,18 +6754,18 @@ class OneLineParser(argparse.ArgumentParser):
 
 # Flags that set a RunConfig field (their argparse dest is the field's name).
 CONFIG_FLAGS = tuple(n for n in CONFIG_FIELDS if flag_name(n))
-# Flags that only training reads, refused with --load-model, in the order the refusal names them.
-TRAINING_FLAGS = ("seed", "hidden", "layers", "unidirectional", "epochs", "batch_size", "lr", "quick", "workers",
-                  "patience", "weight_noise", "lines_per_epoch", "augment", "init_from", "resume", "word_repeats",
-                  "eval_repeats", "holdout_frac", "jitter", "slant_max", "eval_lines_per_writer", "input_gain", "dtype",
-                  "lr_final", "grad_clip")
+# Config flags a loaded model may take: main checks --task and --features against the file and
+# reads the data from --data-dir (the folder may have moved since training).
+LOADED_MODEL_FIELDS = ("task", "data_dir", "features")
+# Flags that only training reads, refused with --load-model, in the order the refusal names them:
+# every config flag but the decoding ones and LOADED_MODEL_FIELDS, then the training switches.
+TRAINING_FLAGS = tuple(n for n in CONFIG_FLAGS if not CONFIG_FIELDS[n].metadata["decoding"]
+                       and n not in LOADED_MODEL_FIELDS) + ("unidirectional", "quick", "resume")
 # Flags only some tasks take (Task.options), in the order check_task_arguments looks at them: the
-# first given that the task does not take is the one named. Every task-only option is here
-# (check_task_arguments asserts it).
-TASK_FLAGS = ("lexicon_sizes", "dictionary_sizes", "lm_weight", "word_penalty", "lm_beam", "dictionary_size",
-              "export_iam_ondb", "data_dir", "features", "lines_per_epoch", "lm_file", "dictionary_file", "oov",
-              "oov_penalty", "lm_tuning", "experiment_split", "augment", "word_repeats", "eval_repeats",
-              "holdout_frac", "jitter", "slant_max", "eval_lines_per_writer")
+# first given that the task does not take is the one named. The config fields whose `tasks` name
+# some, then the tasks' own options (Task.flags).
+TASK_FLAGS = tuple(n for n, f in CONFIG_FIELDS.items() if f.metadata["tasks"]) + \
+    tuple(dict.fromkeys(n for t in TASKS.values() for n in t.flags))
 
 
 def _default_text(name):
@@ -6917,7 +6917,6 @@ def check_arguments(args):
 
 def check_task_arguments(args, task):
     """One line for flags the task does not take."""
-    assert {n for t in TASKS.values() for n in t.options} <= set(TASK_FLAGS), "a task-only option is not in TASK_FLAGS"
     for name in TASK_FLAGS:
         if flag_given(getattr(args, name)) and name not in task.options:
             takers = [t.name for t in TASKS.values() if name in t.options]
