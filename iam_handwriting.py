@@ -396,8 +396,12 @@ def decode_labels(labels, alphabet):
 
 
 def stroke_starts(stroke):
-    """(N,) bool, True on the first point of every stroke."""
-    return np.diff(stroke, prepend=-1) != 0
+    """(N,) bool, True on the first point of every stroke: wherever the id changes, and on the
+    first point whatever its id (a prepended -1 would miss a first id of -1)."""
+    stroke = np.asarray(stroke)
+    starts = np.ones(len(stroke), dtype=bool)
+    starts[1:] = stroke[1:] != stroke[:-1]
+    return starts
 
 
 def ragged_arange(counts):
@@ -4437,7 +4441,8 @@ def validate_line(points, stroke, times=None):
 
 
 def relabel_strokes(stroke):
-    """Stroke ids 0..S-1 in order of appearance, (N,) int; gaps from removed strokes close."""
+    """Stroke ids 0..S-1 in order of appearance, (N,) int: a new id wherever the id changes, so
+    gaps from removed strokes close (and the export writes one <Stroke> per run)."""
     return np.cumsum(stroke_starts(stroke)) - 1
 
 
@@ -5081,16 +5086,11 @@ def _checked_line(form_id: str, number: int, line) -> tuple[str, np.ndarray, np.
     return text, points, stroke, times
 
 
-def _stroke_runs(stroke: np.ndarray) -> np.ndarray:
-    """(N,) ids -> (N,) 0..S-1, a new id wherever the id changes: one <Stroke> per run."""
-    return np.cumsum(np.r_[False, stroke[1:] != stroke[:-1]])
-
-
 def _stroke_set_xml(points: np.ndarray, runs: np.ndarray, times: np.ndarray) -> list[str]:
-    """<StrokeSet> lines for points (N, 2), stroke runs (N,) from _stroke_runs, times (N,)."""
+    """<StrokeSet> lines for points (N, 2), stroke runs (N,) from relabel_strokes, times (N,)."""
     xy = np.rint(points).astype(np.int64).tolist()
     stamps = [f"{t:.2f}" for t in times]
-    starts = np.flatnonzero(np.diff(runs, prepend=-1)).tolist() + [len(points)]
+    starts = np.flatnonzero(stroke_starts(runs)).tolist() + [len(points)]
     out = ["  <StrokeSet>"]
     for begin, end in zip(starts[:-1], starts[1:]):
         out.append(f'    <Stroke colour="black" start_time="{stamps[begin]}" end_time="{stamps[end - 1]}">')
@@ -5145,7 +5145,7 @@ def _write_form(out_dir: str, form: Form, write_original: bool) -> None:
         if times is None:
             times = clock + SAMPLE_PERIOD * np.arange(len(points))  # (N,)
         clock = float(times[-1]) + 1.0
-        lines.append((text, points, _stroke_runs(stroke), times))
+        lines.append((text, points, relabel_strokes(stroke), times))
     corners = _board_corners(np.concatenate([points for _, points, _, _ in lines]))  # one board per form
 
     for number, (_, points, runs, times) in enumerate(lines, start=1):
