@@ -5611,6 +5611,15 @@ def write_output(path, data: bytes, what, durable=True):
         raise
 
 
+def write_or_refuse(path, data: bytes, what):
+    """write_output for the figure scripts: a failure the checks before the work could not
+    foresee (a full disk) is one UserError line, and the previous file stays."""
+    try:
+        write_output(path, data, what)
+    except OSError as e:
+        raise UserError(f"cannot write {what} {path!r}: {e.strerror or e}") from None
+
+
 def env_info():
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,

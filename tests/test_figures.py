@@ -581,6 +581,18 @@ def test_an_unwritable_figure_path_fails_before_any_figure_is_written(run_files,
     assert os.listdir(out) == ["training_curves.png"]
 
 
+@pytest.mark.parametrize("script,out,what", [(viz, "viz", "figure"), (gif_script, "run.gif", "GIF")])
+def test_a_full_disk_is_one_line_naming_the_output_and_leaves_no_file(run_files, tmp_path, capsys, monkeypatch,
+                                                                      script, out, what):
+    def disk_full(path, data, what, durable=True):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(ih, "write_output", disk_full)
+    assert script.main([str(run_files["words"]), "--out", str(tmp_path / out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: cannot write {what} " in err and "No space left on device" in err, err
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
 def test_each_script_process_given_a_nan_reports_one_line_and_no_traceback(bad_inputs, tmp_path):
     path = bad_inputs["nan_in_history"][0]
     scripts = ("visualize_iam_handwriting.py", "make_iam_handwriting_gif.py")
