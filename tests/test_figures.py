@@ -206,6 +206,21 @@ def test_iam_ondb_run_without_character_positions_draws_without_spans(runs):
     assert any("not known" in t for t in texts(fig))
 
 
+def test_the_reader_takes_the_run_json_of_an_iam_ondb_run(tmp_path):
+    """The writer and the reader cannot drift for any task: the words and lines run.json files
+    of `made` go through load_run in every test here; an iam-ondb one, of the IAM-OnDB tests'
+    six-line reference folder, does here."""
+    from test_iamondb_io import write_reference_db
+    out = tmp_path / "iam.json"
+    (r,) = run_chains([[script_cmd("iam_handwriting.py", "--task", "iam-ondb", "--data-dir",
+                                   write_reference_db(tmp_path / "db"), "--quick", "--epochs", "1", "--workers", "1",
+                                   "--quiet", "--save-json", out)]])[0]
+    assert r.returncode == 0, r.stderr
+    run = viz.load_run(out)
+    assert run["task"]["name"] == "iam-ondb" and run["task"]["splits"] == ["validation", "validation2", "test"]
+    assert [n for n, _ in viz.figures(run)] == [n for n in EXPECTED_PNGS["lines"] if n != "six_writers.png"]
+
+
 # ---------------------------------------------------------------------------
 # Plotted data equals run.json
 # ---------------------------------------------------------------------------
