@@ -172,22 +172,27 @@ class RunConfig:
     task: str = _setting("words", "words (printed seed task), lines (cursive text lines), iam-ondb (real data)",
                          choices=TASK_NAMES, flag=True, since_schema_1=True)
     # data: printed words
-    word_repeats: int = _setting(6, "renderings of each training word per epoch", low=1, high=1000)
-    eval_repeats: int = _setting(8, "fresh renderings of each word for evaluation", low=1, high=1000)
-    holdout_frac: float = _setting(0.2, "share of the 47 words held out for the compositional test", above=0.0,
-                                   high=0.9)
-    jitter: float = _setting(0.014, "std of per-point Gaussian pen jitter (unit-box units)", low=0.0, high=0.5)
-    slant_max: float = _setting(0.15, "per-word shear x += slant * y, slant ~ U(-max, max)", low=0.0, high=2.0)
+    word_repeats: int = _setting(6, "words: renderings of each training word per epoch", low=1, high=1000,
+                                 flag=True, tasks=("words",))
+    eval_repeats: int = _setting(8, "words: fresh renderings of each word for evaluation", low=1, high=1000,
+                                 flag=True, tasks=("words",))
+    holdout_frac: float = _setting(0.2, "words: share of the 47 words held out for the compositional test", above=0.0,
+                                   high=0.9, flag=True, tasks=("words",))
+    jitter: float = _setting(0.014, "words: std of per-point Gaussian pen jitter (unit-box units)", low=0.0, high=0.5,
+                             flag=True, tasks=("words",))
+    slant_max: float = _setting(0.15, "words: per-word shear x += slant * y, slant ~ U(-max, max)", low=0.0, high=2.0,
+                                flag=True, tasks=("words",))
     # data: cursive lines
     lines_per_epoch: int = _setting(1200, "fresh training lines rendered per epoch", low=1, high=1_000_000,
                                     flag=True, tasks=("lines",), since_schema_1=True)
-    eval_lines_per_writer: int = _setting(10, "validation and test lines per writer", low=1, high=10,
-                                          since_schema_1=True)
+    eval_lines_per_writer: int = _setting(10, "lines: validation and test lines per writer", low=1, high=10,
+                                          flag=True, tasks=("lines",), since_schema_1=True)
     # data: IAM-OnDB
     data_dir: str = _setting("", "the IAM-OnDB folder (holding lineStrokes/, ascii/ and the split files)",
                              flag=True, tasks=("iam-ondb",), since_schema_1=True)
     features: str = _setting("raw", "network input: raw (dx, dy, pen_up) or graves25 (the paper's 25 features)",
                              choices=FEATURE_SETS, flag=True, tasks=("iam-ondb",), since_schema_1=True)
+    # No flag: the model's output classes follow from the data, so a given alphabet could only contradict it.
     alphabet: str = _setting("", "iam-ondb: the characters the model reads, set from the training transcriptions",
                              since_schema_1=True)
     augment: float = _setting(0.0, "iam-ondb: strength of a fresh random distortion of every training line each "
@@ -196,20 +201,21 @@ class RunConfig:
                               low=0.0, high=2.0, flag=True, tasks=("iam-ondb",), since_schema_1=True)
     # network input
     input_gain: float = _setting(12.0, "one sample spacing of pen movement enters the network as this", above=0.0,
-                                 high=1e4)
+                                 high=1e4, flag=True)
     # model
     hidden: int = _setting(64, "LSTM cells per direction", low=1, high=1024, flag=True)
     layers: int = _setting(1, "stacked (B)LSTM layers", low=1, high=8, flag=True)
+    # No flag of its own: the default is on, so the command line turns it off with the switch --unidirectional.
     bidirectional: bool = _setting(True, "False: the forward-only baseline")
     dtype: str = _setting("float32", "training precision (gradient checks use float64)",
-                          choices=("float32", "float64"))
+                          choices=("float32", "float64"), flag=True)
     # optimisation
     epochs: int = _setting(10, "training epochs", low=0, high=100_000, flag=True)
     batch_size: int = _setting(4, "sequences per Adam step", low=1, high=1024, flag=True)
     lr: float = _setting(1e-2, "Adam step size at the start", above=0.0, high=1e3, flag=True)
     lr_final: float = _setting(0.1, "the step size decays linearly to lr * lr_final by the last step", low=0.0,
-                               high=1.0)
-    grad_clip: float = _setting(5.0, "global-norm gradient clip", above=0.0, high=1e6)
+                               high=1.0, flag=True)
+    grad_clip: float = _setting(5.0, "global-norm gradient clip", above=0.0, high=1e6, flag=True)
     init_from: str = _setting("", "start training from this saved model's LSTM weights instead of random ones "
                                   "(pretraining, e.g. on synthetic lines); the output weights of the blank and "
                                   "of the characters both alphabets share are kept, the others drawn afresh",
@@ -390,8 +396,12 @@ def decode_labels(labels, alphabet):
 
 
 def stroke_starts(stroke):
-    """(N,) bool, True on the first point of every stroke."""
-    return np.diff(stroke, prepend=-1) != 0
+    """(N,) bool, True on the first point of every stroke: wherever the id changes, and on the
+    first point whatever its id (a prepended -1 would miss a first id of -1)."""
+    stroke = np.asarray(stroke)
+    starts = np.ones(len(stroke), dtype=bool)
+    starts[1:] = stroke[1:] != stroke[:-1]
+    return starts
 
 
 def ragged_arange(counts):
@@ -4460,7 +4470,8 @@ def validate_line(points, stroke, times=None):
 
 
 def relabel_strokes(stroke):
-    """Stroke ids 0..S-1 in order of appearance, (N,) int; gaps from removed strokes close."""
+    """Stroke ids 0..S-1 in order of appearance, (N,) int: a new id wherever the id changes, so
+    gaps from removed strokes close (and the export writes one <Stroke> per run)."""
     return np.cumsum(stroke_starts(stroke)) - 1
 
 
@@ -5104,16 +5115,11 @@ def _checked_line(form_id: str, number: int, line) -> tuple[str, np.ndarray, np.
     return text, points, stroke, times
 
 
-def _stroke_runs(stroke: np.ndarray) -> np.ndarray:
-    """(N,) ids -> (N,) 0..S-1, a new id wherever the id changes: one <Stroke> per run."""
-    return np.cumsum(np.r_[False, stroke[1:] != stroke[:-1]])
-
-
 def _stroke_set_xml(points: np.ndarray, runs: np.ndarray, times: np.ndarray) -> list[str]:
-    """<StrokeSet> lines for points (N, 2), stroke runs (N,) from _stroke_runs, times (N,)."""
+    """<StrokeSet> lines for points (N, 2), stroke runs (N,) from relabel_strokes, times (N,)."""
     xy = np.rint(points).astype(np.int64).tolist()
     stamps = [f"{t:.2f}" for t in times]
-    starts = np.flatnonzero(np.diff(runs, prepend=-1)).tolist() + [len(points)]
+    starts = np.flatnonzero(stroke_starts(runs)).tolist() + [len(points)]
     out = ["  <StrokeSet>"]
     for begin, end in zip(starts[:-1], starts[1:]):
         out.append(f'    <Stroke colour="black" start_time="{stamps[begin]}" end_time="{stamps[end - 1]}">')
@@ -5168,7 +5174,7 @@ def _write_form(out_dir: str, form: Form, write_original: bool) -> None:
         if times is None:
             times = clock + SAMPLE_PERIOD * np.arange(len(points))  # (N,)
         clock = float(times[-1]) + 1.0
-        lines.append((text, points, _stroke_runs(stroke), times))
+        lines.append((text, points, relabel_strokes(stroke), times))
     corners = _board_corners(np.concatenate([points for _, points, _, _ in lines]))  # one board per form
 
     for number, (_, points, runs, times) in enumerate(lines, start=1):
@@ -5632,6 +5638,15 @@ def write_output(path, data: bytes, what, durable=True):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_or_refuse(path, data: bytes, what):
+    """write_output for the figure scripts: a failure the checks before the work could not
+    foresee (a full disk) is one UserError line, and the previous file stays."""
+    try:
+        write_output(path, data, what)
+    except OSError as e:
+        raise UserError(f"cannot write {what} {path!r}: {e.strerror or e}") from None
 
 
 def env_info():
@@ -6778,15 +6793,18 @@ class OneLineParser(argparse.ArgumentParser):
 
 # Flags that set a RunConfig field (their argparse dest is the field's name).
 CONFIG_FLAGS = tuple(n for n in CONFIG_FIELDS if flag_name(n))
-# Flags that only training reads, refused with --load-model, in the order the refusal names them.
-TRAINING_FLAGS = ("seed", "hidden", "layers", "unidirectional", "epochs", "batch_size", "lr", "quick", "workers",
-                  "patience", "weight_noise", "lines_per_epoch", "augment", "init_from", "resume")
+# Config flags a loaded model may take: main checks --task and --features against the file and
+# reads the data from --data-dir (the folder may have moved since training).
+LOADED_MODEL_FIELDS = ("task", "data_dir", "features")
+# Flags that only training reads, refused with --load-model, in the order the refusal names them:
+# every config flag but the decoding ones and LOADED_MODEL_FIELDS, then the training switches.
+TRAINING_FLAGS = tuple(n for n in CONFIG_FLAGS if not CONFIG_FIELDS[n].metadata["decoding"]
+                       and n not in LOADED_MODEL_FIELDS) + ("unidirectional", "quick", "resume")
 # Flags only some tasks take (Task.options), in the order check_task_arguments looks at them: the
-# first given that the task does not take is the one named. Every task-only option is here
-# (check_task_arguments asserts it).
-TASK_FLAGS = ("lexicon_sizes", "dictionary_sizes", "lm_weight", "word_penalty", "lm_beam", "dictionary_size",
-              "export_iam_ondb", "data_dir", "features", "lines_per_epoch", "lm_file", "dictionary_file", "oov",
-              "oov_penalty", "lm_tuning", "experiment_split", "augment")
+# first given that the task does not take is the one named. The config fields whose `tasks` name
+# some, then the tasks' own options (Task.flags).
+TASK_FLAGS = tuple(n for n, f in CONFIG_FIELDS.items() if f.metadata["tasks"]) + \
+    tuple(dict.fromkeys(n for t in TASKS.values() for n in t.flags))
 
 
 def _default_text(name):
@@ -6804,10 +6822,12 @@ def build_parser():
         low = meta["low"] if meta["low"] is not None else meta["above"]
         bounds = f"; {'above ' if meta['above'] is not None else ''}{low:g}..{meta['high']:g}" \
             if meta["high"] is not None else ""
+        if meta["choices"] is not None:
+            kw.setdefault("metavar", "{" + ",".join(meta["choices"]) + "}")
         p.add_argument(flag_name(name), dest=name, type=_setting_type(name), default=None,
                        help=f"{meta['help']}{bounds} {_default_text(name)}", **kw)
 
-    setting("task", choices=None, metavar="{" + ",".join(TASK_NAMES) + "}")
+    setting("task")
     setting("seed")
     p.add_argument("--quick", action="store_true",
                    help="CI smoke preset: " + "; ".join(f"{t.name}: " + ", ".join(f"{k} {v}" for k, v in t.quick.items())
@@ -6816,17 +6836,27 @@ def build_parser():
     setting("hidden")
     setting("layers")
     p.add_argument("--unidirectional", action="store_true", help="forward-only LSTM baseline")
+    setting("input_gain")
+    setting("dtype")
     setting("batch_size")
     setting("lr")
+    setting("lr_final")
+    setting("grad_clip")
     setting("workers")
     setting("patience")
     setting("weight_noise")
     setting("init_from", metavar="MODEL")
     setting("augment")
+    setting("word_repeats")
+    setting("eval_repeats")
+    setting("holdout_frac")
+    setting("jitter")
+    setting("slant_max")
     setting("lines_per_epoch")
+    setting("eval_lines_per_writer")
     setting("data_dir", metavar="DIR")
-    setting("features", metavar="{" + ",".join(FEATURE_SETS) + "}")
-    setting("decoder", metavar="{" + ",".join(DECODERS) + "}")
+    setting("features")
+    setting("decoder")
     setting("beam_width")
     p.add_argument("--lexicon-sizes", type=_sizes(len(VOCAB), MAX_LEXICON, f"the lexicon holds the {len(VOCAB)} "
                                                   "vocabulary words"), default=None, metavar="N,N,...",
@@ -6842,7 +6872,7 @@ def build_parser():
     setting("lm_beam")
     setting("lm_file", metavar="FILE")
     setting("dictionary_file", metavar="FILE")
-    setting("oov", metavar="{" + ",".join(OOV_MODES) + "}")
+    setting("oov")
     setting("oov_penalty")
     setting("lm_tuning", metavar="N")
     p.add_argument("--experiment-split", choices=("test", "validation"), default=None,
@@ -6891,7 +6921,8 @@ def flag_given(value):
 
 
 PATH_FLAGS = ("load_model", "save_json", "save_model", "export_iam_ondb", "data_dir", "init_from")
-EXPORT_FLAGS = ("task", "seed", "lines_per_epoch", "quick", "quiet", "export_iam_ondb")  # what an export reads
+# What an export reads.
+EXPORT_FLAGS = ("task", "seed", "lines_per_epoch", "eval_lines_per_writer", "quick", "quiet", "export_iam_ondb")
 
 
 def check_arguments(args):
@@ -6903,7 +6934,8 @@ def check_arguments(args):
         ignored = [f"--{n.replace('_', '-')}" for n in vars(args) if n not in EXPORT_FLAGS and flag_given(getattr(args, n))]
         if ignored:
             raise UserError(f"{', '.join(ignored)} cannot be combined with --export-iam-ondb (the export writes the "
-                            "lines and stops; it takes only --task lines, --seed, --lines-per-epoch and --quick)")
+                            "lines and stops; it takes only --task lines, --seed, --lines-per-epoch, "
+                            "--eval-lines-per-writer and --quick)")
     if flag_given(args.load_model):
         given_flags = [f"--{n.replace('_', '-')}" for n in TRAINING_FLAGS if flag_given(getattr(args, n))]
         if given_flags:
@@ -6924,7 +6956,6 @@ def check_arguments(args):
 
 def check_task_arguments(args, task):
     """One line for flags the task does not take."""
-    assert {n for t in TASKS.values() for n in t.options} <= set(TASK_FLAGS), "a task-only option is not in TASK_FLAGS"
     for name in TASK_FLAGS:
         if flag_given(getattr(args, name)) and name not in task.options:
             takers = [t.name for t in TASKS.values() if name in t.options]

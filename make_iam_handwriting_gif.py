@@ -169,10 +169,7 @@ def main(argv=None):
         data, n_frames = make_gif(run)
         if len(data) > MAX_BYTES:
             raise ih.UserError(f"the GIF would be {len(data)} bytes, over the {MAX_BYTES}-byte limit")
-        try:
-            ih.write_output(args.out, data, "GIF")
-        except OSError as e:
-            raise ih.UserError(f"cannot write GIF {args.out!r}: {e.strerror or e}") from None
+        ih.write_or_refuse(args.out, data, "GIF")
     except ih.UserError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

@@ -1060,10 +1060,7 @@ def main(argv=None):
             ih.output_target(path, "figure")  # a folder or read-only file in the way fails before any drawing
         pngs = {name: png_bytes(make()) for name, make in figures(run)}  # all drawn before any is written
         for name, data in pngs.items():
-            try:
-                ih.write_output(paths[name], data, "figure")
-            except OSError as e:
-                raise ih.UserError(f"cannot write figure {paths[name]!r}: {e.strerror or e}") from None
+            ih.write_or_refuse(paths[name], data, "figure")
     except ih.UserError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

@@ -5,6 +5,9 @@ slower with a second BLAS thread fighting the other tests' processes, and
 float32 results depend on the thread count.
 """
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
@@ -31,3 +34,14 @@ def model_write_fails(monkeypatch):
         return real_write(path, data, what, durable)
 
     monkeypatch.setattr(ih, "write_output", disk_full)
+
+
+@pytest.fixture(scope="session")
+def quick_model_file(tmp_path_factory):
+    """A words model of one --quick epoch, for tests that load it or alter copies of it (never it)."""
+    path = tmp_path_factory.mktemp("model") / "m.npz"
+    r = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "iam_handwriting.py"), "--quick",
+                        "--epochs", "1", "--quiet", "--save-model", str(path)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    return path

@@ -206,3 +206,50 @@ def test_init_from_is_checked_before_an_iam_ondb_run_reads_its_alphabet(quick_ru
     ih.check_init_model(ih.RunConfig(task="iam-ondb", features="raw", hidden=32, init_from=model))  # fits
     with pytest.raises(ih.UserError, match="does not fit"):
         ih.check_init_model(ih.RunConfig(task="iam-ondb", features="graves25", hidden=32, init_from=model))
+
+
+NEW_FLAGS = [  # (task, flag, value, field): RunConfig fields that had no flag before
+    ("words", "--word-repeats", "3", "word_repeats"), ("words", "--eval-repeats", "2", "eval_repeats"),
+    ("words", "--holdout-frac", "0.3", "holdout_frac"), ("words", "--jitter", "0.02", "jitter"),
+    ("words", "--slant-max", "0.5", "slant_max"), ("lines", "--eval-lines-per-writer", "3", "eval_lines_per_writer"),
+    ("words", "--input-gain", "6", "input_gain"), ("words", "--dtype", "float64", "dtype"),
+    ("words", "--lr-final", "0.5", "lr_final"), ("words", "--grad-clip", "1.5", "grad_clip"),
+]
+
+
+@pytest.mark.parametrize("task,flag,value,field", NEW_FLAGS)
+def test_every_config_flag_reaches_the_config(task, flag, value, field):
+    import iam_handwriting as ih
+    args = ih.build_parser().parse_args(["--task", task, flag, value])
+    ih.check_task_arguments(args, ih.TASKS[task])
+    cfg = ih.config_from_args(args)
+    kind = ih.CONFIG_FIELDS[field].type
+    assert getattr(cfg, field) == ih.value_from_text(kind, value) != ih.CONFIG_FIELDS[field].default
+
+
+@pytest.mark.parametrize("task,flag,value,field", NEW_FLAGS)
+def test_every_training_flag_is_refused_with_load_model(task, flag, value, field):
+    import iam_handwriting as ih
+    with pytest.raises(ih.UserError, match=f"^{flag} cannot be combined with --load-model"):
+        ih.check_arguments(ih.build_parser().parse_args(["--load-model", "m.npz", flag, value]))
+
+
+def test_every_config_field_has_a_flag_or_a_reason():
+    import iam_handwriting as ih
+    # alphabet comes from the data; bidirectional is switched off with --unidirectional
+    assert [n for n in ih.CONFIG_FIELDS if not ih.flag_name(n)] == ["alphabet", "bidirectional"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--jitter", "0.6"], "--jitter: must lie in 0.0..0.5, got 0.6"),
+    (["--holdout-frac", "0"], "--holdout-frac: must lie in above 0.0..0.9, got 0.0"),
+    (["--lr-final", "1.5"], "--lr-final: must lie in 0.0..1.0, got 1.5"),
+    (["--dtype", "float16"], "--dtype: must be one of float32, float64"),
+    (["--task", "lines", "--jitter", "0.01"], "--jitter is for the words task, not lines"),
+    (["--eval-lines-per-writer", "2"], "--eval-lines-per-writer is for the lines task, not words"),
+])
+def test_a_bad_or_misplaced_new_flag_exits_2_with_one_line(args, message):
+    r = cli(*args, "--epochs", "0", "--quiet")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert message in lines[0] and "error" in lines[0]

@@ -261,12 +261,10 @@ def test_the_real_english_decoder_reads_back_capitals_punctuation_and_a_spelled_
     assert "1953" not in without([confident(text, alphabet, rng)])[0]  # no digit string is in the dictionary
 
 
-def test_the_dictionary_experiment_decodes_chunk_by_chunk_and_reports_oov_modes_oov_rates_and_perplexity(monkeypatch):
-    """A tiny untrained network on real-English lines: every row, the OOV comparison on
-    validation, perplexity and OOV rate per size, and a block the figure script accepts."""
-    import visualize_iam_handwriting as viz
-    rng = np.random.default_rng(0)
-    alphabet = "".join(sorted(set("".join(TRAIN + VALID) + "019 ")))
+def tiny_real_english(rng, letters=string.ascii_lowercase, test_texts=("the dog 's hat .", "on the mat")):
+    """(params, data): a tiny untrained network and real-English validation and test lines
+    (test_texts) of noise; the alphabet holds their characters and `letters`."""
+    alphabet = "".join(sorted(set("".join(TRAIN + VALID) + "019 " + letters)))
     params = ih.init_params(rng, hidden=4, in_dim=3, n_classes=len(alphabet) + 1)
 
     def sample(text):
@@ -274,9 +272,19 @@ def test_the_dictionary_experiment_decodes_chunk_by_chunk_and_reports_oov_modes_
         return ih.Sample(text, rng.normal(size=(T, 3)).astype(np.float32), ih.encode(text, alphabet), np.zeros((T, 2)),
                          np.zeros(T), None, "w1")
     validation = [sample(t) for t in VALID + ["the cat 19 .", "a dog ."]]
-    test = [sample(t) for t in ("the dog 's hat .", "A cat 10 sat", "on the mat")]
+    test = [sample(t) for t in test_texts]
     data = ih.TaskData(alphabet, {"validation": validation, "test": test}, None, 0, np.zeros(3), np.ones(3), 0.0, [],
                        {}, lm_texts={"train": tuple(TRAIN), "validation": tuple(VALID)})
+    return params, data
+
+
+def test_the_dictionary_experiment_decodes_chunk_by_chunk_and_reports_oov_modes_oov_rates_and_perplexity(monkeypatch):
+    """A tiny untrained network on real-English lines: every row, the OOV comparison on
+    validation, perplexity and OOV rate per size, and a block the figure script accepts."""
+    import visualize_iam_handwriting as viz
+    params, data = tiny_real_english(np.random.default_rng(0), letters="",
+                                     test_texts=("the dog 's hat .", "A cat 10 sat", "on the mat"))
+    alphabet, test = data.alphabet, data.eval_sets["test"]
     chunks = []
     real_outputs = ih.model_outputs
 
@@ -304,21 +312,6 @@ def test_the_dictionary_experiment_decodes_chunk_by_chunk_and_reports_oov_modes_
 
 
 # The headline run's lm decoder is tuned on validation lines (--lm-tuning)
-
-def tiny_real_english(rng):
-    """(params, data): a tiny untrained network and real-English validation and test lines of noise."""
-    alphabet = "".join(sorted(set("".join(TRAIN + VALID) + "019 " + string.ascii_lowercase)))
-    params = ih.init_params(rng, hidden=4, in_dim=3, n_classes=len(alphabet) + 1)
-
-    def sample(text):
-        T = 2 * len(text) + 2
-        return ih.Sample(text, rng.normal(size=(T, 3)).astype(np.float32), ih.encode(text, alphabet), np.zeros((T, 2)),
-                         np.zeros(T), None, "w1")
-    validation = [sample(t) for t in VALID + ["the cat 19 .", "a dog ."]]
-    test = [sample(t) for t in ("the dog 's hat .", "on the mat")]
-    data = ih.TaskData(alphabet, {"validation": validation, "test": test}, None, 0, np.zeros(3), np.ones(3), 0.0, [],
-                       {}, lm_texts={"train": tuple(TRAIN), "validation": tuple(VALID)})
-    return params, data
 
 
 def test_the_final_lm_decoder_is_tuned_on_every_kth_validation_line_and_run_json_keeps_the_choice(monkeypatch):

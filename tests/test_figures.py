@@ -206,6 +206,21 @@ def test_iam_ondb_run_without_character_positions_draws_without_spans(runs):
     assert any("not known" in t for t in texts(fig))
 
 
+def test_the_reader_takes_the_run_json_of_an_iam_ondb_run(tmp_path):
+    """The writer and the reader cannot drift for any task: the words and lines run.json files
+    of `made` go through load_run in every test here; an iam-ondb one, of the IAM-OnDB tests'
+    six-line reference folder, does here."""
+    from test_iamondb_io import write_reference_db
+    out = tmp_path / "iam.json"
+    (r,) = run_chains([[script_cmd("iam_handwriting.py", "--task", "iam-ondb", "--data-dir",
+                                   write_reference_db(tmp_path / "db"), "--quick", "--epochs", "1", "--workers", "1",
+                                   "--quiet", "--save-json", out)]])[0]
+    assert r.returncode == 0, r.stderr
+    run = viz.load_run(out)
+    assert run["task"]["name"] == "iam-ondb" and run["task"]["splits"] == ["validation", "validation2", "test"]
+    assert [n for n, _ in viz.figures(run)] == [n for n in EXPECTED_PNGS["lines"] if n != "six_writers.png"]
+
+
 # ---------------------------------------------------------------------------
 # Plotted data equals run.json
 # ---------------------------------------------------------------------------
@@ -579,6 +594,18 @@ def test_an_unwritable_figure_path_fails_before_any_figure_is_written(run_files,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "training_curves.png" in err
     assert os.listdir(out) == ["training_curves.png"]
+
+
+@pytest.mark.parametrize("script,out,what", [(viz, "viz", "figure"), (gif_script, "run.gif", "GIF")])
+def test_a_full_disk_is_one_line_naming_the_output_and_leaves_no_file(run_files, tmp_path, capsys, monkeypatch,
+                                                                      script, out, what):
+    def disk_full(path, data, what, durable=True):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(ih, "write_output", disk_full)
+    assert script.main([str(run_files["words"]), "--out", str(tmp_path / out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: cannot write {what} " in err and "No space left on device" in err, err
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
 
 
 def test_each_script_process_given_a_nan_reports_one_line_and_no_traceback(bad_inputs, tmp_path):

@@ -254,14 +254,6 @@ def test_a_failed_final_write_keeps_a_copy_and_says_where(tmp_path, monkeypatch,
 # ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "m.npz"
-    r = cli("--quick", "--epochs", "1", "--quiet", "--save-model", path)
-    assert r.returncode == 0, r.stderr
-    return path
-
-
 def altered(model_file, tmp_path, drop=(), **changes):
     with np.load(model_file, allow_pickle=False) as f:
         arrays = {k: f[k] for k in f.files}
@@ -282,13 +274,13 @@ def altered(model_file, tmp_path, drop=(), **changes):
     (("hidden",), {}, "missing config keys: hidden"),
     ((), {"task": "poetry"}, "task must be one of"),
 ])
-def test_bad_model_configs_are_refused_in_one_line(model_file, tmp_path, drop, changes, message):
-    line = one_error_line(cli("--load-model", altered(model_file, tmp_path, drop, **changes)))
+def test_bad_model_configs_are_refused_in_one_line(quick_model_file, tmp_path, drop, changes, message):
+    line = one_error_line(cli("--load-model", altered(quick_model_file, tmp_path, drop, **changes)))
     assert "invalid config" in line and message in line
 
 
-def test_a_model_file_from_before_tasks_loads_as_a_words_model(model_file, tmp_path):
-    path = altered(model_file, tmp_path, drop=ih.FIELDS_ADDED_AFTER_SCHEMA_1)
+def test_a_model_file_from_before_tasks_loads_as_a_words_model(quick_model_file, tmp_path):
+    path = altered(quick_model_file, tmp_path, drop=ih.FIELDS_ADDED_AFTER_SCHEMA_1)
     params, cfg = ih.load_model(str(path))
     assert cfg.task == "words" and cfg.features == "raw"
 

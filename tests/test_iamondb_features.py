@@ -119,6 +119,11 @@ def test_unusable_input_raises_a_clear_value_error(points, stroke, message):
 def test_stroke_ids_are_relabelled_to_consecutive_integers():
     _, stroke, _ = ih.validate_line(np.zeros((5, 2)), np.array([3, 3, 7, 9, 9]))
     assert stroke.tolist() == [0, 0, 1, 2, 2]
+    _, stroke, _ = ih.validate_line(np.zeros((3, 2)), np.array([-1, -1, 0]))  # a first id of -1 too
+    assert stroke.tolist() == [0, 0, 1]
+    # the export's ids need not increase: one stroke per run
+    assert ih.relabel_strokes(np.array([5, 5, 2, -1, -1, 5])).tolist() == [0, 0, 1, 2, 2, 3]
+    assert ih.relabel_strokes(np.array([], dtype=int)).tolist() == []
 
 
 # ---------------------------------------------------------------------------

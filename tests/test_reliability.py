@@ -401,17 +401,9 @@ def test_a_zero_valued_task_flag_counts_as_given(args, message):
     assert message in one_error_line(cli("--quick", "--epochs", "0", *args))
 
 
-@pytest.fixture(scope="module")
-def words_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("words") / "m.npz"
-    r = cli("--quick", "--epochs", "0", "--quiet", "--save-model", path)
-    assert r.returncode == 0, r.stderr
-    return path
-
-
 @pytest.mark.parametrize("flag,value", [("--epochs", "0"), ("--seed", "0"), ("--patience", "0")])
-def test_a_zero_valued_training_flag_is_refused_with_load_model(words_model, flag, value):
-    line = one_error_line(cli("--load-model", words_model, flag, value))
+def test_a_zero_valued_training_flag_is_refused_with_load_model(quick_model_file, flag, value):
+    line = one_error_line(cli("--load-model", quick_model_file, flag, value))
     assert f"{flag} cannot be combined with --load-model" in line
 
 
