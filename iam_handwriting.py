@@ -2085,11 +2085,12 @@ def lm_decoding_seconds(cfg, data, n_sizes):
         return float(np.mean(n)) * (LM_STEP_SECONDS + beam * LM_TOKEN_STEP_SECONDS) if n else 0.0
 
     seconds = sum(per_line(s) * len(n) for s, n in lengths.items()) if cfg.decoder == "lm" else 0.0
+    validation = lengths.get("validation", [])
     if cfg.decoder == "lm" and cfg.lm_tuning:  # tune_final_decoder
-        seconds += per_line("validation") * min(cfg.lm_tuning, len(lengths.get("validation", []))) * TUNING_DECODES
+        seconds += per_line("validation") * len(tuning_split(validation, cfg.lm_tuning)[0]) * TUNING_DECODES
     if n_sizes:
         decoders = 3 * n_sizes + len(OOV_MODES)  # dictionary, unigram, bigram per size; the OOV comparison
-        tuning = min(TUNING_LINES, len(lengths.get("validation", [])) // 2)  # and as many check lines
+        tuning = len(tuning_split(validation, TUNING_LINES)[0])  # and about as many check lines
         seconds += per_line("validation") * tuning * (TUNING_DECODES * decoders + len(OOV_MODES) + 1)
         seconds += per_line("validation", BEAM_CHECK_FACTOR * cfg.lm_beam) * tuning  # wider_beam_check
         seconds += per_line("test") * len(lengths.get("test", [])) * 3 * n_sizes
