@@ -1923,9 +1923,12 @@ def _dominated(histories, hist, node, glued, on_label, in_blank, n_nodes):
     token per word state), and exact for a Viterbi score; for the sum over
     alignments it is not: B's reading may also hold mass in other tokens (its
     alignments that are still in the previous word), which A's may lack. So
-    lm_decode drops dominated tokens only where the beam prunes anyway, to
-    free their slots for readings that differ. Each group is compared with
-    its best token."""
+    lm_decode drops dominated tokens only where the beam would prune anyway.
+    As written, they are dropped only if that brings the tokens down to the
+    beam; if more are still alive, the best `beam` are chosen among all
+    tokens, the dominated ones included (the README's numbers were measured
+    so; choosing among the survivors measured better and is not yet in).
+    Each group is compared with its best token."""
     score = histories.score[hist]
     a, b = on_label + score, in_blank + score  # (M,)
     key = ((histories.word[hist].astype(np.int64) + 1) * n_nodes + node) * 2 + glued  # LM_START is -1
