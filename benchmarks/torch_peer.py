@@ -266,8 +266,9 @@ def load_iam_ondb(cfg, streams, log=print):
 
 
 def iam_config(args, **more):
-    base = dict(ih.TASKS["iam-ondb"].defaults, seed=args.seed, hidden=args.hidden, layers=args.layers,
-                batch_size=args.batch_size)
+    base = dict(ih.TASKS["iam-ondb"].defaults, seed=args.seed, hidden=args.hidden, batch_size=args.batch_size)
+    if args.layers:
+        base["layers"] = args.layers
     base.update(more)
     return ih.RunConfig(task="iam-ondb", data_dir=args.data_dir or "", **base)
 
@@ -569,7 +570,8 @@ def main(argv=None):
     p.add_argument("--steps", type=ih.whole_number(1, 100_000), default=20, help="step: timed steps per side")
     p.add_argument("--warmup", type=ih.whole_number(0, 1000), default=2, help="step: untimed steps per side first")
     p.add_argument("--hidden", type=ih.whole_number(1, 1024), default=100, help="LSTM cells per direction (100)")
-    p.add_argument("--layers", type=ih.whole_number(1, 8), default=1, help="BLSTM layers (1)")
+    p.add_argument("--layers", type=ih.whole_number(1, 8), default=None,
+                   help="BLSTM layers (the project's iam-ondb default, 2)")
     p.add_argument("--batch-size", type=ih.whole_number(1, 1024), default=8, help="sequences per step (8)")
     p.add_argument("--classes", type=ih.whole_number(2, 96), default=81, help="step, synthetic: K with the blank (81)")
     p.add_argument("--dim", type=ih.whole_number(1, 1024), default=25, help="step, synthetic: features per sample (25)")
@@ -578,7 +580,7 @@ def main(argv=None):
     p.add_argument("--torch-lstm", choices=TORCH_LSTMS, default="pair",
                    help="pair: two one-way nn.LSTMs per layer (default); bidirectional: one over a packed batch")
     p.add_argument("--seed", type=ih.whole_number(0, 2**32 - 1), default=0, help="the project's seed (0)")
-    p.add_argument("--epochs", type=ih.whole_number(1, 100_000), default=None, help="train: epochs (the project's 25)")
+    p.add_argument("--epochs", type=ih.whole_number(1, 100_000), default=None, help="train: epochs (the project's iam-ondb default, 10)")
     p.add_argument("--patience", type=ih.whole_number(0, 100_000), default=None,
                    help="train: early stopping patience (the project's 6; 0: none)")
     p.add_argument("--init", choices=("project", "torch"), default="project",
