@@ -6940,13 +6940,13 @@ def check_arguments(args):
         if getattr(args, name) == "":
             raise UserError(f"--{name.replace('_', '-')} needs a path, got an empty one")
     if flag_given(args.export_iam_ondb):
-        ignored = [f"--{n.replace('_', '-')}" for n in vars(args) if n not in EXPORT_FLAGS and flag_given(getattr(args, n))]
+        ignored = [flag_name(n) for n in vars(args) if n not in EXPORT_FLAGS and flag_given(getattr(args, n))]
         if ignored:
             raise UserError(f"{', '.join(ignored)} cannot be combined with --export-iam-ondb (the export writes the "
                             "lines and stops; it takes only --task lines, --seed, --lines-per-epoch, "
                             "--eval-lines-per-writer and --quick)")
     if flag_given(args.load_model):
-        given_flags = [f"--{n.replace('_', '-')}" for n in TRAINING_FLAGS if flag_given(getattr(args, n))]
+        given_flags = [flag_name(n) for n in TRAINING_FLAGS if flag_given(getattr(args, n))]
         if given_flags:
             raise UserError(f"{', '.join(given_flags)} cannot be combined with --load-model "
                             "(the model file holds its config)")

@@ -385,6 +385,7 @@ def test_an_empty_path_is_a_bad_value(flag):
     (["--save-json", "x.json", "--save-model", "y.npz"], "--save-json, --save-model"),
     (["--epochs", "3"], "--epochs"), (["--hidden", "8"], "--hidden"), (["--decoder", "beam"], "--decoder"),
     (["--workers", "2"], "--workers"),
+    (["--lm", "x.arpa"], "--lm cannot"), (["--dictionary", "x.txt"], "--dictionary cannot"),  # flags named as typed
 ])
 def test_flags_an_export_would_ignore_are_refused(tmp_path, args, named):
     line = one_error_line(cli("--task", "lines", "--quick", "--export-iam-ondb", tmp_path / "db", *args))
