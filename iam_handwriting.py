@@ -1928,12 +1928,8 @@ def _dominated(histories, hist, node, glued, on_label, in_blank, n_nodes):
     token per word state), and exact for a Viterbi score; for the sum over
     alignments it is not: B's reading may also hold mass in other tokens (its
     alignments that are still in the previous word), which A's may lack. So
-    lm_decode drops dominated tokens only where the beam would prune anyway.
-    As written, they are dropped only if that brings the tokens down to the
-    beam; if more are still alive, the best `beam` are chosen among all
-    tokens, the dominated ones included (the README's numbers were measured
-    so; choosing among the survivors measured better and is not yet in).
-    Each group is compared with its best token."""
+    lm_decode drops dominated tokens only where the beam would prune anyway
+    (_beam_survivors). Each group is compared with its best token."""
     score = histories.score[hist]
     a, b = on_label + score, in_blank + score  # (M,)
     key = ((histories.word[hist].astype(np.int64) + 1) * n_nodes + node) * 2 + glued  # LM_START is -1
@@ -1943,6 +1939,23 @@ def _dominated(histories, hist, node, glued, on_label, in_blank, n_nodes):
     dominated = np.zeros(len(hist), bool)
     dominated[order] = (a[order] <= a[leader]) & (b[order] <= b[leader]) & (order != leader)
     return dominated
+
+
+def _beam_survivors(histories, hist, node, glued, on_label, in_blank, n_nodes, beam):
+    """(M,) True for the tokens lm_decode keeps after a step: every reachable
+    token when at most `beam` are (or beam is None); else the dominated ones
+    (_dominated) go first, and the best `beam` by history score plus CTC mass
+    are chosen among those that remain."""
+    alive = np.isfinite(on_label) | np.isfinite(in_blank)
+    if beam is None or alive.sum() <= beam:
+        return alive
+    alive &= ~_dominated(histories, hist, node, glued, on_label, in_blank, n_nodes)
+    if alive.sum() <= beam:
+        return alive
+    score = np.where(alive, np.logaddexp(on_label, in_blank) + histories.score[hist], -np.inf)
+    kept = np.zeros(len(node), bool)
+    kept[np.argpartition(-score, beam - 1)[:beam]] = True
+    return kept
 
 
 def lm_decode(log_probs, lexicon, lm, lm_weight=1.0, word_penalty=0.0, beam=64, oov_penalty=0.0):
@@ -2041,13 +2054,7 @@ def lm_decode(log_probs, lexicon, lm, lm_weight=1.0, word_penalty=0.0, beam=64, 
         hist, node, glued = c_hist[order][starts], c_node[order][starts], c_glued[order][starts]
         on_label, in_blank = tree_step(merged[:, 0], merged[:, 1], merged[:, 2], y[node_class[node]], y[BLANK])
         nothing += y[BLANK]
-        alive = np.isfinite(on_label) | np.isfinite(in_blank)
-        if beam is not None and alive.sum() > beam:
-            alive &= ~_dominated(histories, hist, node, glued, on_label, in_blank, N)
-        if beam is not None and alive.sum() > beam:
-            score = np.logaddexp(on_label, in_blank) + histories.score[hist]
-            alive = np.zeros(len(node), bool)
-            alive[np.argpartition(-score, beam - 1)[:beam]] = True
+        alive = _beam_survivors(histories, hist, node, glued, on_label, in_blank, N, beam)
         hist, node, glued, on_label, in_blank = hist[alive], node[alive], glued[alive], on_label[alive], in_blank[alive]
 
     # A line ends on an entry (its last one not followed by a space) or on the

@@ -170,6 +170,27 @@ def test_a_token_is_dominated_only_by_its_groups_best_with_the_same_future_and_b
     assert dominated.tolist() == [False, True, True, False, False, False, False]
 
 
+def test_the_beam_is_chosen_among_the_tokens_that_are_not_dominated():
+    """Six tokens on one node with one future, plus two with others: B and C are
+    dominated by A, but even without them more than a beam of 2 remain. The two
+    kept must be the best of the rest, not B and C, which outscore D and E."""
+    histories = types.SimpleNamespace(word=np.array([ih.LM_START, 0, 0]), score=np.array([0.0, 0.0, 0.0]))
+    #                   A     B     C     D     E
+    hist = np.array([1, 2, 2, 0, 0])
+    node = np.array([3, 3, 3, 3, 4])
+    glued = np.zeros(5, int)
+    on_label = np.array([0.0, -0.1, -0.2, -5.0, -6.0])
+    in_blank = np.array([0.0, -0.1, -0.2, -5.0, -6.0])
+    kept = ih._beam_survivors(histories, hist, node, glued, on_label, in_blank, 5, beam=2)
+    assert kept.tolist() == [True, False, False, True, False]
+    # Where dropping the dominated is enough, all the rest stay; with no beam, everything reachable.
+    assert ih._beam_survivors(histories, hist, node, glued, on_label, in_blank, 5, beam=3).tolist() == \
+        [True, False, False, True, True]
+    on_label[4] = in_blank[4] = -np.inf
+    assert ih._beam_survivors(histories, hist, node, glued, on_label, in_blank, 5, beam=None).tolist() == \
+        [True, True, True, True, False]
+
+
 # Real English: case spellings, punctuation and clitics glued to words, spelled out-of-dictionary tokens.
 
 EN_ALPHA = "adA',1 "  # K = 8 with the blank
