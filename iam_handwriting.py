@@ -2297,16 +2297,20 @@ def train_step(params, adam, samples, lr, cfg, data, timer, pool=None, noise_rng
     samples = [s for s, u in zip(samples, usable) if u]
     n_parts = min(pool.processes if pool else 1, len(samples))
     bounds = np.linspace(0, len(samples), n_parts + 1).round().astype(int)
-    parts = []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        X, lengths = pad_batch(samples[lo:hi], data.input_shift, data.input_scale, dtype, data.input_squash)
-        parts.append((X, lengths, [s.labels for s in samples[lo:hi]]))
-    t0 = timer.add("data", t0)
+
+    def part(i):
+        part_samples = samples[bounds[i]:bounds[i + 1]]
+        X, lengths = pad_batch(part_samples, data.input_shift, data.input_scale, dtype, data.input_squash)
+        return X, lengths, [s.labels for s in part_samples]
+
     at = params
     if cfg.weight_noise:
         at = {k: v + noise_rng.normal(0.0, cfg.weight_noise, v.shape).astype(v.dtype) for k, v in params.items()}
-    pending = [pool.submit(part_gradients, at, *part, n_used) for part in parts[1:]] if pool else []
-    grads, nll_sum, n_chars = part_gradients(at, *parts[0], n_used, timer)
+    # The workers' parts go out first, so that they start while this process pads its own.
+    pending = [pool.submit(part_gradients, at, *part(i), n_used) for i in range(1, n_parts)] if pool else []
+    own = part(0)
+    t0 = timer.add("data", t0)
+    grads, nll_sum, n_chars = part_gradients(at, *own, n_used, timer)
     t0 = time.perf_counter()
     for other in pending:
         g, s, n = other.get()

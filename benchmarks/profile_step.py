@@ -13,8 +13,9 @@ and reports, in ms per step and % of the step:
    process waits for its worker, and the hand-off itself: pickling the
    parameters and a part's inputs to the worker and its gradients back;
 3. the floor: numpy calls per time step in each loop times the measured
-   fixed cost of one call at the loop's array sizes, against the time the
-   loop's arithmetic alone takes (its matmuls at their real sizes).
+   fixed cost of one call, against the time the loop's recurrent matmuls
+   take at their real sizes; and the step's FLOP-bound time, its matmuls'
+   floating-point operations at the speed of one large matmul.
 
 Run from the repository root, on an idle machine:
 
@@ -167,7 +168,14 @@ def floor(cfg, data, batches):
                      "us_per_recurrent_matmul": 1e6 * matmul,
                      "floor_ms": 1e3 * loops * T * LOOP_CALLS[name] * small,
                      "matmul_ms": 1e3 * loops * T * matmul}
-    return T, S, out
+    # The step's arithmetic: every matmul of forward and backward (each done once forward and
+    # twice backward, for the data and the weight gradients), at the speed of one large matmul.
+    K, D = 1 + len(data.alphabet), ih.feature_dim(cfg)
+    in_dims = [D] + [R * H] * (cfg.layers - 1)
+    flops = 3 * 2 * T * B * (sum(R * (d + H) * 4 * H for d in in_dims) + R * H * K)
+    x, w = np.ones((8192, 200), cfg.dtype), np.ones((200, 400), cfg.dtype)
+    gflops = 2 * 8192 * 200 * 400 / per_call(lambda: x @ w, 50) / 1e9
+    return T, S, out, {"gflop_per_step": flops / 1e9, "gflops_one_core": gflops, "flop_bound_ms": 1e3 * flops / 1e9 / gflops}
 
 
 def main(argv=None):
@@ -181,7 +189,7 @@ def main(argv=None):
     cfg = ih.RunConfig(task="iam-ondb", data_dir=args.data_dir, **ih.TASKS["iam-ondb"].defaults)
     data, streams, batches = real_batches(cfg, args.warmup + args.steps)
     cfg = dataclasses.replace(cfg, alphabet=data.alphabet)
-    T, S, loops = floor(cfg, data, batches[args.warmup:])
+    T, S, loops, arithmetic = floor(cfg, data, batches[args.warmup:])
     print(f"numpy {np.__version__}, OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}; "
           f"B = {cfg.batch_size}, layers {cfg.layers}, H = {cfg.hidden}, K = {1 + len(data.alphabet)}, {cfg.dtype}; "
           f"{args.steps} real training batches, mean longest T {T:.0f}, mean S {S}", flush=True)
@@ -199,12 +207,14 @@ def main(argv=None):
         print(f"  {name:14s} {f['calls_per_step']:3d} calls/step x {f['us_per_empty_call']:.2f} us (a call on a "
               f"1-wide view; {f['us_per_call']:.2f} us at the loop's size) = {f['floor_ms']:6.1f} ms of fixed cost; "
               f"recurrent matmuls alone {f['matmul_ms']:6.1f} ms")
+    print(f"  the step's matmuls: {arithmetic['gflop_per_step']:.1f} GFLOP at {arithmetic['gflops_one_core']:.0f} GFLOP/s "
+          f"(one large float32 matmul on one core) = {arithmetic['flop_bound_ms']:.0f} ms on one core, half that on two")
     if args.save_json:
         ih.write_output(args.save_json, json.dumps({
             "argv": sys.argv[1:], "numpy": np.__version__, "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
             "mean_T": T, "mean_S": S, "one_process_ms": step, "one_process_rows": rows,
             "two_process_ms": wall, "two_process_phases_ms": phases, "hand_off_ms": hand_off,
-            "hand_off_bytes": sizes, "loops": loops}, indent=1).encode(), "profile")
+            "hand_off_bytes": sizes, "loops": loops, "arithmetic": arithmetic}, indent=1).encode(), "profile")
     return 0
 
 
