@@ -726,11 +726,24 @@ def test_distortion_of_strength_zero_changes_nothing_and_strength_two_keeps_x_mo
         assert (np.diff(moved[:, 0]) > 0).all()  # the warp never folds the ink back
 
 
-def augmented_epochs(folder, augment, seed=0, epochs=2):
+def augmented_epochs(folder, augment, seed=0, epochs=2, parallel_map=ih.serial_map):
     cfg = ih.RunConfig(task="iam-ondb", data_dir=str(folder), features="graves25", augment=augment)
-    data = ih.iam_ondb_data(cfg, ih.make_streams(seed), ih.serial_map, quiet)
+    data = ih.iam_ondb_data(cfg, ih.make_streams(seed), parallel_map, quiet)
     rng = np.random.default_rng(seed)
-    return data, [data.training_samples(rng, ih.serial_map) for _ in range(epochs)]
+    return data, [data.training_samples(rng, parallel_map) for _ in range(epochs)]
+
+
+def test_augmented_epochs_featurised_by_two_processes_equal_one_process(augment_folder):
+    """Each line's distortion is drawn before the lines are dealt out, so the pool cannot change them."""
+    _, serial = augmented_epochs(augment_folder, 1.0)
+    pool = ih.Pool(2)
+    try:
+        _, pooled = augmented_epochs(augment_folder, 1.0, parallel_map=pool.map)
+    finally:
+        pool.close()
+    for one, two in zip(serial, pooled):
+        assert [s.labels for s in one] == [s.labels for s in two]
+        assert all(np.array_equal(a.traj, b.traj) for a, b in zip(one, two))
 
 
 def test_augmentation_draws_fresh_labelled_lines_each_epoch_and_repeats_with_the_seed(augment_folder):
