@@ -5,8 +5,8 @@ headline recipe: B = 8, two BLSTM layers of 100, graves25, K = 81, float32)
 and reports, in ms per step and % of the step:
 
 1. one process: the step under cProfile (standard library), by function:
-   pad_batch, the LSTM forward and backward time loops (lstm_forward,
-   lstm_backward, both layers and directions), the rest of forward and
+   pad_batch, lstm_forward and lstm_backward (both layers and directions:
+   the time loops and the matmuls over all steps), the rest of forward and
    backward (the output layer, log-softmax, the direction gathers), CTC
    (the alpha/beta recursion and the rest of ctc_loss), clip and Adam;
 2. two processes (the CLI's default): the step's wall time, what the main
@@ -101,11 +101,11 @@ def profile_one_process(cfg, data, streams, batches, warmup):
     cum = {name: 1e3 * v[1] / n for name, v in own.items()}
     rows = [
         ("pad_batch (inputs)", cum.get("pad_batch", 0.0)),
-        ("LSTM forward time loop (lstm_forward)", cum["lstm_forward"]),
+        ("lstm_forward (input matmul, time loop)", cum["lstm_forward"]),
         ("rest of forward (output layer, log-softmax, gathers)", cum["forward"] - cum["lstm_forward"]),
         ("CTC recursion (ctc_alpha, alpha and beta)", cum["ctc_alpha"]),
         ("rest of CTC (gathers, posteriors, gradient)", cum["ctc_loss"] - cum["ctc_alpha"]),
-        ("LSTM backward time loop (lstm_backward)", cum["lstm_backward"]),
+        ("lstm_backward (time loop, weight and input matmuls)", cum["lstm_backward"]),
         ("rest of backward (output layer, gathers)", cum["backward"] - cum["lstm_backward"]),
         ("clip and Adam", cum.get("clip_global_norm", 0.0) + cum.get("adam_step", 0.0)),
     ]
