@@ -66,7 +66,8 @@ def main(argv=None):
     p.add_argument("--beams", type=ih.whole_number(1, 100_000), nargs="+", default=[16, 64, 1024],
                    help="beams to time; the last is the reference for agreement")
     p.add_argument("--lines", type=line_count, default=None,
-                   help="lines to decode: N (the first N), all, or check (iam-ondb default: the check lines; lines: 200)")
+                   help="lines to decode: N (the first N), all, or check (iam-ondb default: the check lines; "
+                        "lines: 200)")
     p.add_argument("--lm-weight", type=float, default=None, help="language-model weight (the model's)")
     p.add_argument("--word-penalty", type=float, default=None, help="word insertion penalty (the model's)")
     args = p.parse_args(argv)

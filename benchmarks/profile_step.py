@@ -175,7 +175,8 @@ def floor(cfg, data, batches):
     flops = 3 * 2 * T * B * (sum(R * (d + H) * 4 * H for d in in_dims) + R * H * K)
     x, w = np.ones((8192, 200), cfg.dtype), np.ones((200, 400), cfg.dtype)
     gflops = 2 * 8192 * 200 * 400 / per_call(lambda: x @ w, 50) / 1e9
-    return T, S, out, {"gflop_per_step": flops / 1e9, "gflops_one_core": gflops, "flop_bound_ms": 1e3 * flops / 1e9 / gflops}
+    return T, S, out, {"gflop_per_step": flops / 1e9, "gflops_one_core": gflops,
+                       "flop_bound_ms": 1e3 * flops / 1e9 / gflops}
 
 
 def main(argv=None):

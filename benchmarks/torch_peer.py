@@ -580,7 +580,8 @@ def main(argv=None):
     p.add_argument("--torch-lstm", choices=TORCH_LSTMS, default="pair",
                    help="pair: two one-way nn.LSTMs per layer (default); bidirectional: one over a packed batch")
     p.add_argument("--seed", type=ih.whole_number(0, 2**32 - 1), default=0, help="the project's seed (0)")
-    p.add_argument("--epochs", type=ih.whole_number(1, 100_000), default=None, help="train: epochs (the project's iam-ondb default, 10)")
+    p.add_argument("--epochs", type=ih.whole_number(1, 100_000), default=None,
+                   help="train: epochs (the project's iam-ondb default, 10)")
     p.add_argument("--patience", type=ih.whole_number(0, 100_000), default=None,
                    help="train: early stopping patience (the project's 6; 0: none)")
     p.add_argument("--init", choices=("project", "torch"), default="project",
