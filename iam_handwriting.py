@@ -6576,7 +6576,7 @@ def check_read_arguments(args):
     if args.y_up and not args.read:
         raise UserError("--y-up goes with --read (the pad sends y down)")
     taken = ("read", "serve", "json", "y_up", "load_model", "quiet") + READ_SETTINGS
-    given = [f"--{n.replace('_', '-')}" for n, v in vars(args).items() if n not in taken and v not in (None, False)]
+    given = [flag_name(n) for n, v in vars(args).items() if n not in taken and v not in (None, False)]
     if given:
         raise UserError(f"{', '.join(given)} cannot be combined with --read or --serve")
     if args.decoder is not None and args.decoder not in READ_DECODERS:
@@ -6949,7 +6949,7 @@ def check_arguments(args):
     """One line for flag combinations and output paths that cannot work, before any work."""
     for name in PATH_FLAGS:
         if getattr(args, name) == "":
-            raise UserError(f"--{name.replace('_', '-')} needs a path, got an empty one")
+            raise UserError(f"{flag_name(name)} needs a path, got an empty one")
     if flag_given(args.export_iam_ondb):
         ignored = [flag_name(n) for n in vars(args) if n not in EXPORT_FLAGS and flag_given(getattr(args, n))]
         if ignored:
