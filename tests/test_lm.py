@@ -171,9 +171,10 @@ def test_a_token_is_dominated_only_by_its_groups_best_with_the_same_future_and_b
 
 
 def test_the_beam_is_chosen_among_the_tokens_that_are_not_dominated():
-    """Six tokens on one node with one future, plus two with others: B and C are
-    dominated by A, but even without them more than a beam of 2 remain. The two
-    kept must be the best of the rest, not B and C, which outscore D and E."""
+    """Five tokens: A, B and C share one future and B and C are dominated by A; D
+    (another history) and E (another node) have futures of their own. Even without
+    B and C more than a beam of 2 remain; the two kept must be the best of the
+    rest, A and D, not B and C, which outscore D."""
     histories = types.SimpleNamespace(word=np.array([ih.LM_START, 0, 0]), score=np.array([0.0, 0.0, 0.0]))
     #                   A     B     C     D     E
     hist = np.array([1, 2, 2, 0, 0])
