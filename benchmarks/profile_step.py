@@ -188,7 +188,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     ih.keep_freed_memory()
     cfg = ih.RunConfig(task="iam-ondb", data_dir=args.data_dir, **ih.TASKS["iam-ondb"].defaults)
-    data, streams, batches = real_batches(cfg, args.warmup + args.steps)
+    try:
+        if args.save_json:
+            ih.check_writable(args.save_json, "profile")  # refused before the work, not after it
+        data, streams, batches = real_batches(cfg, args.warmup + args.steps)
+    except ih.UserError as e:
+        p.exit(2, f"profile_step.py: error: {e}\n")
     cfg = dataclasses.replace(cfg, alphabet=data.alphabet)
     T, S, loops, arithmetic = floor(cfg, data, batches[args.warmup:])
     print(f"numpy {np.__version__}, OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}; "
