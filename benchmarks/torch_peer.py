@@ -592,7 +592,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.check:
         return check(args)
-    return train(args) if args.mode == "train" else step_benchmark(args)
+    try:
+        return train(args) if args.mode == "train" else step_benchmark(args)
+    except ih.UserError as e:  # a missing or broken data folder: one line, as the project gives
+        p.exit(2, f"torch_peer.py: error: {e}\n")
 
 
 if __name__ == "__main__":
