@@ -223,6 +223,10 @@ class RunConfig:
     weight_noise: float = _setting(0.0, "std of Gaussian noise added to every weight for each step's gradient "
                                         "(Graves 2011; the update applies to the noise-free weights)", low=0.0, high=1.0,
                                         flag=True, since_schema_1=True)
+    dropout: float = _setting(0.0, "share of each BLSTM layer's outputs zeroed for each training step, before the "
+                                   "next layer and the output layer (Pham et al. 2014; the rest are scaled by "
+                                   "1 / (1 - dropout), so evaluation uses them all as they are)", low=0.0, high=0.9,
+                              flag=True, since_schema_1=True)
     workers: int = _setting(1, "processes sharing each training batch (gradients summed)", low=1, high=16,
                             flag=True, since_schema_1=True)
     patience: int = _setting(0, "early stopping: keep the best validation epoch's weights and stop after this "
@@ -659,11 +663,14 @@ def lstm_backward(Wx, Wh, cache, dHs):
     return dX, (dWx, dWh, db)
 
 
-def forward(params, X, lengths):
+def forward(params, X, lengths, keep=None):
     """BLSTM -> linear -> log-softmax.
 
-    X (T, B, D), lengths (B,). Returns log_probs (T, B, K) and a cache for
-    `backward`. Rows beyond a sequence's length are finite but meaningless.
+    X (T, B, D), lengths (B,). keep: dropout, None in evaluation; else
+    (layers, T, B, R*H) factors (0 or 1 / (1 - dropout)) multiplying each
+    layer's outputs before the next layer or the output layer reads them.
+    Returns log_probs (T, B, K) and a cache for `backward`. Rows beyond a
+    sequence's length are finite but meaningless.
     """
     layers, R, H = model_shape(params)
     dtype = params["out_W"].dtype
@@ -681,11 +688,13 @@ def forward(params, X, lengths):
         outs = [Hs[0], Hs[1][rev, cols]] if R == 2 else [Hs[0]]  # back to forward time
         layer_caches.append((inp, lc))
         inp = np.concatenate(outs, axis=-1)  # (T, B, R*H)
+        if keep is not None:
+            inp *= keep[layer]
     logits = inp @ params["out_W"] + params["out_b"]  # (T, B, K)
     logits -= logits.max(axis=-1, keepdims=True)
     log_probs = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
     mask = np.arange(T)[:, None] < lengths  # (T, B)
-    return log_probs, (layer_caches, inp, rev, mask)
+    return log_probs, (layer_caches, inp, rev, mask, keep)
 
 
 def backward(params, cache, grad_logits):
@@ -693,7 +702,7 @@ def backward(params, cache, grad_logits):
 
     Steps beyond each sequence's length are ignored.
     """
-    layer_caches, top, rev, mask = cache
+    layer_caches, top, rev, mask, keep = cache
     layers, R, H = model_shape(params)
     T, B, K = grad_logits.shape
     cols = np.arange(B)
@@ -705,6 +714,8 @@ def backward(params, cache, grad_logits):
     dinp = dlogits @ params["out_W"].T  # (T, B, R*H)
     for layer in reversed(range(layers)):
         inp, lc = layer_caches[layer]
+        if keep is not None:
+            dinp = dinp * keep[layer]
         dHs = np.stack([dinp[..., :H], dinp[rev, cols, H:]] if R == 2 else [dinp])  # (R, T, B, H)
         dX, (dWx, dWh, db) = lstm_backward(params[f"lstm{layer}_Wx"], params[f"lstm{layer}_Wh"], lc, dHs)
         grads[f"lstm{layer}_Wx"], grads[f"lstm{layer}_Wh"], grads[f"lstm{layer}_b"] = dWx, dWh, db
@@ -2257,15 +2268,18 @@ def ctc_feasible(lengths, targets):
     return np.asarray(lengths) >= np.array(need, dtype=int)
 
 
-def part_gradients(params, X, lengths, targets, n_used, timer=None):
+def part_gradients(params, X, lengths, targets, n_used, timer=None, kept=None, dropout=0.0):
     """Forward, CTC and backward on one part of a batch.
 
-    Returns (grads of the summed nll / n_used, the summed nll, its label
-    count). Runs in worker processes too, so it only reads its arguments.
+    kept: None, or the part's dropout draw, (layers, T, B, R*H) booleans, True
+    for the outputs kept (a boolean array is an eighth of the factors to send
+    to a worker). Returns (grads of the summed nll / n_used, the summed nll,
+    its label count). Runs in worker processes too, so it only reads its arguments.
     """
     timer = timer or Timer()
     t0 = time.perf_counter()
-    log_probs, cache = forward(params, X, lengths)
+    keep = None if kept is None else kept.astype(params["out_W"].dtype) / (1.0 - dropout)
+    log_probs, cache = forward(params, X, lengths, keep)
     t0 = timer.add("forward", t0)
     nll, grad = ctc_loss(log_probs, lengths, targets)
     t0 = timer.add("ctc", t0)
@@ -2282,8 +2296,10 @@ def train_step(params, adam, samples, lr, cfg, data, timer, pool=None, noise_rng
     process and the parts' gradients are summed (equal to one process up to
     float rounding). With cfg.weight_noise, the gradient is taken at the
     weights plus Gaussian noise drawn from noise_rng, and applied to the
-    weights without it. Sequences whose labels cannot fit their length are
-    skipped. Returns (summed nll of the usable sequences, their label count,
+    weights without it. With cfg.dropout, one draw from noise_rng (after the
+    weight noise) covers the whole batch and each part gets its slice, so the
+    parts see what one process would. Sequences whose labels cannot fit their
+    length are skipped. Returns (summed nll of the usable sequences, their label count,
     number skipped). Raises Diverged on a non-finite loss or gradient, before
     the parameters are touched.
     """
@@ -2298,19 +2314,30 @@ def train_step(params, adam, samples, lr, cfg, data, timer, pool=None, noise_rng
     n_parts = min(pool.processes if pool else 1, len(samples))
     bounds = np.linspace(0, len(samples), n_parts + 1).round().astype(int)
 
-    def part(i):
-        part_samples = samples[bounds[i]:bounds[i + 1]]
-        X, lengths = pad_batch(part_samples, data.input_shift, data.input_scale, dtype, data.input_squash)
-        return X, lengths, [s.labels for s in part_samples]
-
     at = params
     if cfg.weight_noise:
         at = {k: v + noise_rng.normal(0.0, cfg.weight_noise, v.shape).astype(v.dtype) for k, v in params.items()}
+    kept = None
+    if cfg.dropout:
+        layers, R, H = model_shape(params)
+        kept = noise_rng.random((layers, max(len(s.traj) for s in samples), len(samples), R * H),
+                                dtype=np.float32) >= cfg.dropout
+
+    def part(i):
+        part_samples = samples[bounds[i]:bounds[i + 1]]
+        X, lengths = pad_batch(part_samples, data.input_shift, data.input_scale, dtype, data.input_squash)
+        part_kept = None if kept is None else kept[:, :X.shape[0], bounds[i]:bounds[i + 1]]
+        return X, lengths, [s.labels for s in part_samples], part_kept
+
     # The workers' parts go out first, so that they start while this process pads its own.
-    pending = [pool.submit(part_gradients, at, *part(i), n_used) for i in range(1, n_parts)] if pool else []
-    own = part(0)
+    pending = []
+    for i in range(1, n_parts):
+        X, lengths, part_targets, part_kept = part(i)
+        pending.append(pool.submit(part_gradients, at, X, lengths, part_targets, n_used, None, part_kept,
+                                   cfg.dropout))
+    X, lengths, part_targets, part_kept = part(0)
     t0 = timer.add("data", t0)
-    grads, nll_sum, n_chars = part_gradients(at, *own, n_used, timer)
+    grads, nll_sum, n_chars = part_gradients(at, X, lengths, part_targets, n_used, timer, part_kept, cfg.dropout)
     t0 = time.perf_counter()
     for other in pending:
         g, s, n = other.get()
@@ -6865,6 +6892,7 @@ def build_parser():
     setting("workers")
     setting("patience")
     setting("weight_noise")
+    setting("dropout")
     setting("init_from", metavar="MODEL")
     setting("augment")
     setting("word_repeats")

@@ -148,10 +148,12 @@ def small_lines_model():
     return params, result, ih.TASKS["lines"].make_data(cfg, ih.make_streams(cfg.seed), ih.serial_map, print)
 
 
-def test_a_step_split_over_two_processes_equals_one_process():
-    """The pool sends each process a contiguous part of the batch and sums the
-    gradients: in float64 the step must equal the one-process step to rounding."""
-    cfg = ih.RunConfig(task="lines", hidden=16, batch_size=7, eval_lines_per_writer=1)
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_a_step_split_over_two_processes_equals_one_process(dropout):
+    """The pool sends each process a contiguous part of the batch (and its slice
+    of the dropout draw) and sums the gradients: in float64 the step must equal
+    the one-process step to rounding."""
+    cfg = ih.RunConfig(task="lines", hidden=16, batch_size=7, eval_lines_per_writer=1, dropout=dropout)
     data = ih.TASKS["lines"].make_data(cfg, ih.make_streams(0), ih.serial_map, lambda *a: None)
     batch = data.eval_sets["validation"][:7]  # odd, so the parts differ in size
     start = ih.init_params(np.random.default_rng(3), hidden=16, in_dim=3, n_classes=28)
@@ -159,7 +161,8 @@ def test_a_step_split_over_two_processes_equals_one_process():
     for pool in (None, ih.Pool(2)):
         params = {k: v.copy() for k, v in start.items()}
         try:
-            loss = ih.train_step(params, ih.adam_init(params), batch, 1e-2, cfg, data, ih.Timer(), pool)
+            loss = ih.train_step(params, ih.adam_init(params), batch, 1e-2, cfg, data, ih.Timer(), pool,
+                                 np.random.default_rng(5))
         finally:
             if pool:
                 pool.close()

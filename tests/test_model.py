@@ -93,6 +93,38 @@ def test_every_parameter_gradient_equals_central_finite_differences(arch):
         assert np.abs(numeric).max() > 1e-3, name  # the check compares something non-trivial
 
 
+def test_dropout_gradients_equal_central_finite_differences_for_a_fixed_draw():
+    """Dropout on both layers' outputs: with the draw held fixed the loss is a
+    smooth function of the weights, and backward must be its gradient."""
+    rng = np.random.default_rng(4)
+    params = init_params(rng, hidden=3, **ARCHITECTURES["two_layers"])
+    for k in params:
+        params[k] = params[k] + rng.normal(scale=0.3, size=params[k].shape)
+    X, lengths = batch(rng, lengths=(6, 4, 5))
+    targets = [[1, 2], [3], [2, 2]]
+    keep = (rng.random((2, 6, 3, 6)) >= 0.4) / 0.6  # (layers, T, B, R*H)
+
+    def loss(p):
+        return ctc_loss(forward(p, X, lengths, keep)[0], lengths, targets)[0].sum()
+
+    log_probs, cache = forward(params, X, lengths, keep)
+    grads = backward(params, cache, ctc_loss(log_probs, lengths, targets)[1])
+    plain_lp, plain_cache = forward(params, X, lengths)
+    plain = backward(params, plain_cache, ctc_loss(plain_lp, lengths, targets)[1])
+    eps = 1e-6
+    for name, p in params.items():
+        numeric = np.zeros_like(p)
+        for idx in np.ndindex(p.shape):
+            orig = p[idx]
+            p[idx] = orig + eps
+            up = loss(params)
+            p[idx] = orig - eps
+            numeric[idx] = (up - loss(params)) / (2 * eps)
+            p[idx] = orig
+        np.testing.assert_allclose(grads[name], numeric, atol=1e-7, rtol=1e-5, err_msg=name)
+        assert not np.allclose(grads[name], plain[name]), name  # the draw changes every gradient
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_padding_does_not_change_outputs_or_gradients(arch):
     rng = np.random.default_rng(2)
@@ -165,6 +197,29 @@ def test_weight_noise_takes_the_gradient_at_noisy_weights_and_updates_the_clean_
     ih.train_step(clean, ih.adam_init(clean), samples, 0.01, dataclasses.replace(cfg, weight_noise=0.0), data,
                   ih.Timer(), None, np.random.default_rng(7))
     assert not np.allclose(clean["out_W"], noisy_run["out_W"])
+
+
+def test_dropout_takes_the_gradient_under_the_steps_draw_from_the_noise_stream():
+    import dataclasses
+    import iam_handwriting as ih
+    rng = np.random.default_rng(0)
+    params = init_params(rng, hidden=4, layers=2, in_dim=3, n_classes=4)
+    samples = [ih.Sample("ab", rng.normal(size=(n, 3)), [1, 2], np.zeros((n, 2)), np.zeros(n), None) for n in (6, 9)]
+    data = ih.TaskData("abc", {}, None, 2, np.zeros(3), np.ones(3), 0.0, [], {})
+    cfg = dataclasses.replace(ih.RunConfig(), dropout=0.3, grad_clip=1e6)
+    run = {k: v.copy() for k, v in params.items()}
+    ih.train_step(run, ih.adam_init(run), samples, 0.01, cfg, data, ih.Timer(), None, np.random.default_rng(7))
+    kept = np.random.default_rng(7).random((2, 9, 2, 8), dtype=np.float32) >= 0.3  # (layers, T, B, R*H)
+    X, lengths = ih.pad_batch(samples, data.input_shift, data.input_scale)
+    grads = ih.part_gradients(params, X, lengths, [s.labels for s in samples], 2, None, kept, 0.3)[0]
+    by_hand = {k: v.copy() for k, v in params.items()}
+    ih.adam_step(by_hand, grads, ih.adam_init(by_hand), 0.01)
+    for k in params:
+        np.testing.assert_allclose(run[k], by_hand[k], rtol=1e-12, atol=1e-15)
+    clean = {k: v.copy() for k, v in params.items()}
+    ih.train_step(clean, ih.adam_init(clean), samples, 0.01, dataclasses.replace(cfg, dropout=0.0), data,
+                  ih.Timer(), None, np.random.default_rng(7))
+    assert not np.allclose(clean["out_W"], run["out_W"])
 
 
 def test_transfer_params_keeps_the_lstm_and_the_output_of_shared_characters():
