@@ -3,13 +3,16 @@
 Runs the network over evaluation lines (timed: the forward pass in lines/s),
 decodes them with the token-passing decoder (dictionary + bigram LM, the
 model's own weights and penalties) at several dictionary sizes and beams, and
-prints milliseconds per line, CER/WER, and how often each beam returns the
-same words as the widest beam given. Run from the repository root:
+prints milliseconds per line, CER/WER, how often each beam returns the same
+words as the widest beam given, and, for each beam whose 16x is also given,
+how many lines the 16x wider beam reads differently. Run from the repository
+root:
 
     python iam_handwriting.py --task lines --save-model lines.npz
     python benchmarks/decoding.py lines.npz                              # 20,000 words, beams 16 64 1024
     python benchmarks/decoding.py lines.npz --sizes 1000 20000 --beams 64 256 --lines 100
     python benchmarks/decoding.py models/iam_ondb.npz --data-dir DIR --beams 64 1024      # the 103 check lines
+    python benchmarks/decoding.py models/iam_ondb.npz --data-dir DIR --beams 64 256 1024 4096 16384
     python benchmarks/decoding.py models/iam_ondb.npz --data-dir DIR --split validation2 --lines all --beams 64
 
 An IAM-OnDB model reads DIR with its own features and normalisation and
@@ -97,7 +100,7 @@ def main(argv=None):
           f"samples per line; forward pass {len(samples) / forward:.1f} lines/s ({ih.EVAL_THREADS} threads); "
           f"lm_weight {cfg.lm_weight}, word_penalty {cfg.word_penalty}, oov {cfg.oov} (penalty {cfg.oov_penalty})")
     print(f"{'size':>6} {'beam':>6} {'ms/line':>8} {'lines/s':>8} {'CER':>7} {'WER':>7} "
-          f"{'same words as beam ' + str(args.beams[-1]):>26}")
+          f"{'same words as beam ' + str(args.beams[-1]):>26} {'changed by a 16x beam':>22}")
     for size in args.sizes:
         lex = ih.decoder_lexicon(cfg, data.alphabet, texts, size)
         lm = ih.decoder_language_model(cfg, texts, size, 2)
@@ -110,9 +113,12 @@ def main(argv=None):
         for beam in args.beams:
             m = ih.rates(ih.error_counts(refs, found[beam]))
             same = sum(a == b for a, b in zip(found[beam], found[args.beams[-1]]))
+            wider = found.get(ih.BEAM_CHECK_FACTOR * beam)  # the check: beam against 16x beam
+            changed = "" if wider is None else sum(a != b for a, b in zip(found[beam], wider))
+            changed = "" if wider is None else f"{changed:d}/{len(samples)} ({changed / len(samples):.1%})"
             print(f"{size:6d} {beam:6d} {1e3 * found[beam, 's'] / len(samples):8.1f} "
                   f"{len(samples) / found[beam, 's']:8.2f} {m['cer']:7.4f} {m['wer']:7.4f} "
-                  f"{same:>18d}/{len(samples)} ({same / len(samples):.1%})", flush=True)
+                  f"{same:>18d}/{len(samples)} ({same / len(samples):.1%}) {changed:>22}", flush=True)
 
 
 if __name__ == "__main__":
