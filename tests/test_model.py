@@ -62,6 +62,20 @@ def test_batched_forward_equals_step_by_step_reference(arch):
         np.testing.assert_allclose(log_probs[:n, b], reference_forward(params, X[:n, b]), atol=1e-12)
 
 
+def central_differences(params, loss, name, eps=1e-6):
+    """d loss(params) / d params[name] by central finite differences (float64)."""
+    p = params[name]
+    numeric = np.zeros_like(p)
+    for idx in np.ndindex(p.shape):
+        orig = p[idx]
+        p[idx] = orig + eps
+        up = loss(params)
+        p[idx] = orig - eps
+        numeric[idx] = (up - loss(params)) / (2 * eps)
+        p[idx] = orig
+    return numeric
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_every_parameter_gradient_equals_central_finite_differences(arch):
     rng = np.random.default_rng(1)
@@ -78,16 +92,8 @@ def test_every_parameter_gradient_equals_central_finite_differences(arch):
     log_probs, cache = forward(params, X, lengths)
     grads = backward(params, cache, ctc_loss(log_probs, lengths, targets)[1])
     assert grads.keys() == params.keys()
-    eps = 1e-6
     for name, p in params.items():
-        numeric = np.zeros_like(p)
-        for idx in np.ndindex(p.shape):
-            orig = p[idx]
-            p[idx] = orig + eps
-            up = loss(params)
-            p[idx] = orig - eps
-            numeric[idx] = (up - loss(params)) / (2 * eps)
-            p[idx] = orig
+        numeric = central_differences(params, loss, name)
         assert grads[name].shape == p.shape
         np.testing.assert_allclose(grads[name], numeric, atol=1e-7, rtol=1e-5, err_msg=name)
         assert np.abs(numeric).max() > 1e-3, name  # the check compares something non-trivial
@@ -111,16 +117,8 @@ def test_dropout_gradients_equal_central_finite_differences_for_a_fixed_draw():
     grads = backward(params, cache, ctc_loss(log_probs, lengths, targets)[1])
     plain_lp, plain_cache = forward(params, X, lengths)
     plain = backward(params, plain_cache, ctc_loss(plain_lp, lengths, targets)[1])
-    eps = 1e-6
     for name, p in params.items():
-        numeric = np.zeros_like(p)
-        for idx in np.ndindex(p.shape):
-            orig = p[idx]
-            p[idx] = orig + eps
-            up = loss(params)
-            p[idx] = orig - eps
-            numeric[idx] = (up - loss(params)) / (2 * eps)
-            p[idx] = orig
+        numeric = central_differences(params, loss, name)
         np.testing.assert_allclose(grads[name], numeric, atol=1e-7, rtol=1e-5, err_msg=name)
         assert not np.allclose(grads[name], plain[name]), name  # the draw changes every gradient
 
