@@ -2272,7 +2272,7 @@ def part_gradients(params, X, lengths, targets, n_used, timer=None, kept=None, d
     """Forward, CTC and backward on one part of a batch.
 
     kept: None, or the part's dropout draw, (layers, T, B, R*H) booleans, True
-    for the outputs kept (a boolean array is an eighth of the factors to send
+    for the outputs kept (a quarter of the bytes of float32 factors, to send
     to a worker). Returns (grads of the summed nll / n_used, the summed nll,
     its label count). Runs in worker processes too, so it only reads its arguments.
     """

@@ -113,9 +113,10 @@ def main(argv=None):
         for beam in args.beams:
             m = ih.rates(ih.error_counts(refs, found[beam]))
             same = sum(a == b for a, b in zip(found[beam], found[args.beams[-1]]))
-            wider = found.get(ih.BEAM_CHECK_FACTOR * beam)  # the check: beam against 16x beam
-            changed = "" if wider is None else sum(a != b for a, b in zip(found[beam], wider))
-            changed = "" if wider is None else f"{changed:d}/{len(samples)} ({changed / len(samples):.1%})"
+            wider, changed = found.get(ih.BEAM_CHECK_FACTOR * beam), ""  # the check: beam against 16x beam
+            if wider is not None:
+                n_changed = sum(a != b for a, b in zip(found[beam], wider))
+                changed = f"{n_changed:d}/{len(samples)} ({n_changed / len(samples):.1%})"
             print(f"{size:6d} {beam:6d} {1e3 * found[beam, 's'] / len(samples):8.1f} "
                   f"{len(samples) / found[beam, 's']:8.2f} {m['cer']:7.4f} {m['wer']:7.4f} "
                   f"{same:>18d}/{len(samples)} ({same / len(samples):.1%}) {changed:>22}", flush=True)

@@ -172,13 +172,19 @@ def test_float32_forward_follows_float64_closely():
     np.testing.assert_allclose(lp32[mask], lp64[mask], atol=1e-5)
 
 
+def one_step_case(layers):
+    """(params, samples, data) for one training step by hand: two sequences of 6 and 9 steps, 3 features."""
+    import iam_handwriting as ih
+    rng = np.random.default_rng(0)
+    params = init_params(rng, hidden=4, layers=layers, in_dim=3, n_classes=4)
+    samples = [ih.Sample("ab", rng.normal(size=(n, 3)), [1, 2], np.zeros((n, 2)), np.zeros(n), None) for n in (6, 9)]
+    return params, samples, ih.TaskData("abc", {}, None, 2, np.zeros(3), np.ones(3), 0.0, [], {})
+
+
 def test_weight_noise_takes_the_gradient_at_noisy_weights_and_updates_the_clean_ones():
     import dataclasses
     import iam_handwriting as ih
-    rng = np.random.default_rng(0)
-    params = init_params(rng, hidden=4, in_dim=3, n_classes=4)
-    samples = [ih.Sample("ab", rng.normal(size=(n, 3)), [1, 2], np.zeros((n, 2)), np.zeros(n), None) for n in (6, 9)]
-    data = ih.TaskData("abc", {}, None, 2, np.zeros(3), np.ones(3), 0.0, [], {})
+    params, samples, data = one_step_case(layers=1)
     cfg = dataclasses.replace(ih.RunConfig(), weight_noise=0.1, grad_clip=1e6)
     noisy_run = {k: v.copy() for k, v in params.items()}
     ih.train_step(noisy_run, ih.adam_init(noisy_run), samples, 0.01, cfg, data, ih.Timer(), None,
@@ -200,10 +206,7 @@ def test_weight_noise_takes_the_gradient_at_noisy_weights_and_updates_the_clean_
 def test_dropout_takes_the_gradient_under_the_steps_draw_from_the_noise_stream():
     import dataclasses
     import iam_handwriting as ih
-    rng = np.random.default_rng(0)
-    params = init_params(rng, hidden=4, layers=2, in_dim=3, n_classes=4)
-    samples = [ih.Sample("ab", rng.normal(size=(n, 3)), [1, 2], np.zeros((n, 2)), np.zeros(n), None) for n in (6, 9)]
-    data = ih.TaskData("abc", {}, None, 2, np.zeros(3), np.ones(3), 0.0, [], {})
+    params, samples, data = one_step_case(layers=2)
     cfg = dataclasses.replace(ih.RunConfig(), dropout=0.3, grad_clip=1e6)
     run = {k: v.copy() for k, v in params.items()}
     ih.train_step(run, ih.adam_init(run), samples, 0.01, cfg, data, ih.Timer(), None, np.random.default_rng(7))
