@@ -5539,8 +5539,8 @@ TASKS = {
                   quick=dict(hidden=32, epochs=2, lines_per_epoch=160, eval_lines_per_writer=2), make_data=lines_data),
     "iam-ondb": Task(name="iam-ondb", alphabet=None, monitor=("validation",), group_by="writer",
                      decoders=("greedy", "beam", "lm"), flags=LM_FLAGS,
-                     defaults=dict(hidden=100, layers=2, batch_size=8, epochs=10, lr=1e-2, lr_final=0.1, workers=2,
-                                   patience=6, features="graves25", oov="chars", lm_tuning=TUNING_LINES),
+                     defaults=dict(hidden=100, layers=2, batch_size=8, epochs=15, lr=1e-2, lr_final=0.1, workers=2,
+                                   patience=6, augment=1.0, features="graves25", oov="chars", lm_tuning=TUNING_LINES),
                      quick=dict(hidden=32, epochs=2, patience=0), make_data=iam_ondb_data),
 }
 
