@@ -190,7 +190,8 @@ def test_a_closed_stdout_does_not_stop_the_run_or_lose_results(tmp_path):
 def test_interrupting_training_is_one_line_and_writes_nothing(tmp_path, sig, code):
     out = tmp_path / "run.json"
     proc = subprocess.Popen([sys.executable, str(ROOT / "iam_handwriting.py"), "--epochs", "50", "--save-json",
-                             str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a background job ignores it
     assert proc.stdout.readline().startswith("memory:")
     assert proc.stdout.readline().startswith("epoch")  # training is under way
     proc.send_signal(sig)
