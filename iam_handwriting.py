@@ -21,7 +21,8 @@ Three tasks share one model, one CTC, one set of decoders and one training loop:
   (2006) that the paper uses, and early stopping on validation.
 
 What is scaled down: the synthetic data, the network (one BLSTM layer by
-default), the optimiser (Adam on minibatches). Decoding: greedy best path,
+default; the real IAM-OnDB's recipe stacks two and trains them on freshly
+distorted ink each epoch), the optimiser (Adam on minibatches). Decoding: greedy best path,
 prefix beam search, a single-word dictionary decoder, and the paper's token
 passing over a dictionary with a word bigram language model (for real English:
 punctuation and clitics split off, case variants, spelled out-of-dictionary
