@@ -5,6 +5,7 @@ slower with a second BLAS thread fighting the other tests' processes, and
 float32 results depend on the thread count.
 """
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,11 @@ def log_softmax(z):
     """Log-probabilities from scores z (..., K), along the last axis."""
     z = z - z.max(axis=-1, keepdims=True)
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def with_ctrl_c():
+    """preexec_fn for a child a test sends Ctrl-C: a background job (nohup ... &) starts it ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture

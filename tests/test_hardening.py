@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import with_ctrl_c
 
 import iam_handwriting as ih
 
@@ -191,7 +192,7 @@ def test_interrupting_training_is_one_line_and_writes_nothing(tmp_path, sig, cod
     out = tmp_path / "run.json"
     proc = subprocess.Popen([sys.executable, str(ROOT / "iam_handwriting.py"), "--epochs", "50", "--save-json",
                              str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a background job ignores it
+                            preexec_fn=with_ctrl_c)
     assert proc.stdout.readline().startswith("memory:")
     assert proc.stdout.readline().startswith("epoch")  # training is under way
     proc.send_signal(sig)

@@ -19,6 +19,7 @@ import urllib.parse
 
 import numpy as np
 import pytest
+from conftest import with_ctrl_c
 
 import iam_handwriting as ih
 
@@ -512,7 +513,7 @@ def test_serve_stops_cleanly_on_ctrl_c(tiny_model, fixture_db):
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "iam_handwriting.py"), "--serve", "0",
                              "--load-model", tiny_model[0]], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # not ignored
+                            preexec_fn=with_ctrl_c)
     try:
         seen = [proc.stdout.readline()]  # "no LM reading: ..." first: the tiny alphabet cannot spell English
         while seen[-1] and "pen pad at" not in seen[-1]:
