@@ -41,15 +41,26 @@ def test_an_evaluation_of_many_long_lines_is_chunked(monkeypatch):
 
 
 def test_the_estimate_fits_a_measured_quick_run(tmp_path):
-    """run.json's memory block: the measured peak of a quick lines run lies within a factor
-    of 1.5 of what check_memory predicted before training."""
+    """run.json's memory block: the measured peak of a quick lines run, its worker's added, lies
+    within a factor of 1.5 of what check_memory predicted before training."""
     out = tmp_path / "run.json"
     r = subprocess.run([sys.executable, str(ROOT / "iam_handwriting.py"), "--task", "lines", "--quick", "--epochs", "1",
                         "--quiet", "--save-json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     memory = json.loads(out.read_text())["memory"]
-    ratio = memory["peak_rss_bytes"] / memory["predicted_bytes"]
+    assert memory["worker_peak_rss_bytes"] > 0  # the lines task trains with two processes
+    ratio = (memory["peak_rss_bytes"] + memory["worker_peak_rss_bytes"]) / memory["predicted_bytes"]
     assert 1 / 1.5 <= ratio <= 1.5, memory
+
+
+def test_the_estimate_counts_every_training_process():
+    """Each worker holds the interpreter and its share of the largest step through training."""
+    cfg = ih.check_config(dataclasses.replace(ih.RunConfig(), task="lines", hidden=64, batch_size=16))
+    data = ih.TaskData("abc", {"validation": long_lines(4)}, None, 100, np.zeros(3), np.ones(3), 0.0, [], {})
+    one, four = (ih.memory_estimate(dataclasses.replace(cfg, workers=w), data, training=True) for w in (1, 4))
+    assert one["workers"] == 0 and four["workers"] > 3 * ih.BASE_BYTES
+    assert four["total"] == four["held"] + four["fresh"] + four["work"] + four["workers"]
+    assert ih.memory_estimate(dataclasses.replace(cfg, workers=4), data, training=False)["workers"] == 0
 
 
 def test_the_estimate_counts_the_training_data():
