@@ -935,32 +935,45 @@ def plain_words(text):
     return [w for w in words if w]
 
 
+def piece_words(text):
+    """The words of `text` as the LM reads them (split_line): clitics and punctuation marks
+    are words of their own, case is kept, and so `Mr . Brown,` and `Mr. Brown ,` are both
+    Mr . Brown , (the LOB corpus's tokenisation, which the IAM transcriptions follow on some
+    forms and not on others)."""
+    return [piece for piece, _ in split_line(text)]
+
+
 def error_counts(refs, hyps):
     """Edit counts over a corpus: characters, character edits, words, word edits, and
-    the words and word edits of plain_words.
+    the words and word edits of plain_words and of piece_words.
 
     Words are the transcription's space-separated tokens, case and punctuation
     kept (`said,` is one word); word edits are the Levenshtein distance between
     the word sequences (substitutions, deletions, insertions), as for the
     paper's word accuracy. The plain counts ignore case and punctuation, as
-    some papers do.
+    some papers do; the piece counts ignore only whether a space comes before
+    a punctuation mark or a clitic.
     """
     return {"chars": sum(len(r) for r in refs), "edits": sum(levenshtein(r, h) for r, h in zip(refs, hyps)),
             "words": sum(len(r.split()) for r in refs),
             "word_edits": sum(levenshtein(r.split(), h.split()) for r, h in zip(refs, hyps)),
             "plain_words": sum(len(plain_words(r)) for r in refs),
-            "plain_word_edits": sum(levenshtein(plain_words(r), plain_words(h)) for r, h in zip(refs, hyps))}
+            "plain_word_edits": sum(levenshtein(plain_words(r), plain_words(h)) for r, h in zip(refs, hyps)),
+            "piece_words": sum(len(piece_words(r)) for r in refs),
+            "piece_word_edits": sum(levenshtein(piece_words(r), piece_words(h)) for r, h in zip(refs, hyps))}
 
 
 def rates(counts):
     """CER = edits / characters, WER = word edits / words and word accuracy = 1 - WER
     (the paper's measure; for single words it is the share read exactly); wer_plain
-    likewise over plain_words (when counted)."""
+    and wer_pieces likewise over plain_words and piece_words (when counted)."""
     words = max(counts["words"], 1)
     out = {"cer": counts["edits"] / max(counts["chars"], 1), "wer": counts["word_edits"] / words,
            "word_acc": (counts["words"] - counts["word_edits"]) / words}
     if "plain_words" in counts:
         out["wer_plain"] = counts["plain_word_edits"] / max(counts["plain_words"], 1)
+    if "piece_words" in counts:
+        out["wer_pieces"] = counts["piece_word_edits"] / max(counts["piece_words"], 1)
     return out
 
 

@@ -40,10 +40,10 @@ def test_quick_run_writes_a_complete_run_json(quick_run):
     cfg = doc["config"]
     assert cfg["seed"] == 3 and cfg["epochs"] == len(doc["history"]) > 0
     for split in ("in_vocab", "held_out"):
-        assert set(doc["final"][split]) == {"cer", "wer", "word_acc", "wer_plain", "loss"}
+        assert set(doc["final"][split]) == {"cer", "wer", "word_acc", "wer_plain", "wer_pieces", "loss"}
         assert doc["final"][split]["word_acc"] == pytest.approx(1 - doc["final"][split]["wer"])
         assert 0.0 <= doc["final"][split]["word_acc"] <= 1.0
-    assert len(doc["history"][0]["in_vocab"]) == 5 and "train_loss" in doc["history"][0]
+    assert len(doc["history"][0]["in_vocab"]) == 6 and "train_loss" in doc["history"][0]
     train, held = doc["split"]["train_words"], doc["split"]["held_out_words"]
     assert len(train) == 38 and len(held) == 9
     n_eval = cfg["eval_repeats"] * 47

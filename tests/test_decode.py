@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+import iam_handwriting as ih
 from iam_handwriting import (adam_init, adam_step, cer, clip_global_norm, edit_alignment,
                              greedy_decode, levenshtein)
 
@@ -61,6 +62,18 @@ def test_cer_is_edits_over_target_length():
     assert cer("an", "ant") == pytest.approx(1 / 3)
     assert cer("", "moon") == 1.0
     assert cer("xy", "") == 2.0
+
+
+def test_the_three_word_error_rates_on_a_hand_worked_line():
+    """Strict: tokens as written; plain: case and punctuation gone; pieces: only the space before
+    a punctuation mark or a clitic ignored (the transcriptions write `Mr . Brown` and `it.`)."""
+    ref, hyp = 'Mr . Brown said, "he\'s here.', "Mr. brown said , \"he's here ."
+    counts = ih.error_counts([ref], [hyp])
+    assert (counts["words"], counts["word_edits"]) == (6, 6)  # only "he's matches as written
+    assert (counts["plain_words"], counts["plain_word_edits"]) == (5, 0)
+    assert ih.piece_words(ref) == ["Mr", ".", "Brown", "said", ",", '"', "he", "'s", "here", "."]
+    assert (counts["piece_words"], counts["piece_word_edits"]) == (10, 1)  # Brown -> brown only
+    assert ih.rates(counts)["wer_pieces"] == pytest.approx(0.1)
 
 
 def test_clip_global_norm_scales_all_gradients_together():
