@@ -43,6 +43,8 @@ def main(argv=None):
             predictions = json.load(f)["predictions"]
         by_split = defaultdict(list)
         for p in predictions:
+            if not all(isinstance(p[k], str) for k in ("split", "text", "decoded")):
+                raise TypeError(f"a prediction's split, text and decoded must be strings, not {p!r:.80}")
             by_split[p["split"]].append((p["text"], p["decoded"]))
     except (OSError, ValueError, KeyError, TypeError) as e:
         sys.exit(f"rescore.py: cannot read the predictions of {args.run_json}: {e}")

@@ -29,6 +29,9 @@ def test_rescore_gives_each_split_its_three_word_error_rates(tmp_path):
 def test_rescore_refuses_a_missing_file_and_an_absent_split(tmp_path):
     r = rescore(tmp_path / "none.json")
     assert r.returncode != 0 and "cannot read" in r.stderr and len(r.stderr.splitlines()) == 1
+    (tmp_path / "run.json").write_text(json.dumps({"predictions": [{"split": "test", "text": 1, "decoded": "a"}]}))
+    r = rescore(tmp_path / "run.json")
+    assert r.returncode != 0 and "must be strings" in r.stderr and len(r.stderr.splitlines()) == 1
     (tmp_path / "run.json").write_text(json.dumps({"predictions": []}))
     r = rescore(tmp_path / "run.json", "--splits", "test")
     assert r.returncode != 0 and "holds no readings of test" in r.stderr and len(r.stderr.splitlines()) == 1
