@@ -664,14 +664,16 @@ def lstm_backward(Wx, Wh, cache, dHs):
     return dX, (dWx, dWh, db)
 
 
-def forward(params, X, lengths, keep=None):
+def forward(params, X, lengths, keep=None, cache=True):
     """BLSTM -> linear -> log-softmax.
 
     X (T, B, D), lengths (B,). keep: dropout, None in evaluation; else
     (layers, T, B, R*H) factors (0 or 1 / (1 - dropout)) multiplying each
     layer's outputs before the next layer or the output layer reads them.
-    Returns log_probs (T, B, K) and a cache for `backward`. Rows beyond a
-    sequence's length are finite but meaningless.
+    Returns log_probs (T, B, K) and a cache for `backward` (None with
+    cache=False: evaluation, which then holds one layer's activations at a
+    time instead of every layer's). Rows beyond a sequence's length are
+    finite but meaningless.
     """
     layers, R, H = model_shape(params)
     dtype = params["out_W"].dtype
@@ -687,13 +689,17 @@ def forward(params, X, lengths, keep=None):
         Hs, lc = lstm_forward(params[f"lstm{layer}_Wx"], params[f"lstm{layer}_Wh"],
                               params[f"lstm{layer}_b"], X_dirs)
         outs = [Hs[0], Hs[1][rev, cols]] if R == 2 else [Hs[0]]  # back to forward time
-        layer_caches.append((inp, lc))
+        if cache:
+            layer_caches.append((inp, lc))
+        del X_dirs, Hs, lc  # without a cache, nothing of this layer but its outputs outlives it
         inp = np.concatenate(outs, axis=-1)  # (T, B, R*H)
         if keep is not None:
             inp *= keep[layer]
     logits = inp @ params["out_W"] + params["out_b"]  # (T, B, K)
     logits -= logits.max(axis=-1, keepdims=True)
     log_probs = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+    if not cache:
+        return log_probs, None
     mask = np.arange(T)[:, None] < lengths  # (T, B)
     return log_probs, (layer_caches, inp, rev, mask, keep)
 
@@ -2563,7 +2569,7 @@ def model_outputs(params, samples, data):
     def run_chunk(idx):
         X, lengths = pad_batch([samples[i] for i in idx], data.input_shift, data.input_scale, params["out_W"].dtype,
                                data.input_squash)
-        log_probs, _ = forward(params, X, lengths)
+        log_probs, _ = forward(params, X, lengths, cache=False)
         return [log_probs[:n, b].astype(np.float64) for b, n in enumerate(lengths)]
 
     chunks = eval_chunks([len(s.traj) for s in samples])
@@ -3096,11 +3102,12 @@ def sample_bytes(sample):
 
 def forward_chunk_bytes(cfg, frames, in_dim, n_classes):
     """Rough peak memory of one evaluation forward pass over `frames` padded frames
-    (model_outputs): per layer and direction 11 H-wide caches, the layer inputs
-    and outputs, the logits and their float64 copies."""
+    (model_outputs): one layer's 11 H-wide activations per direction (forward
+    with cache=False frees each layer's before the next), the layer inputs and
+    outputs, the logits and their float64 copies."""
     R = 2 if cfg.bidirectional else 1
     itemsize = np.dtype(cfg.dtype).itemsize
-    lstm = cfg.layers * R * frames * 11 * cfg.hidden * itemsize
+    lstm = R * frames * 11 * cfg.hidden * itemsize
     layer_io = 2 * frames * (R * in_dim + 2 * R * cfg.hidden) * itemsize
     return lstm + layer_io + frames * n_classes * (3 * itemsize + 8)
 
@@ -6557,7 +6564,7 @@ def line_log_probs(reader, traj):
     n = reader.normalisation
     X, lengths = pad_batch([Sample("", traj, [], None, None, None)], n["shift"], n["scale"],
                            reader.params["out_W"].dtype, n["squash"])
-    log_probs, _ = forward(reader.params, X, lengths)
+    log_probs, _ = forward(reader.params, X, lengths, cache=False)
     return log_probs[:, 0].astype(np.float64)
 
 

@@ -40,6 +40,30 @@ def test_an_evaluation_of_many_long_lines_is_chunked(monkeypatch):
     assert many < 1.1 * few, (few, many)
 
 
+def test_an_evaluation_holds_one_layer_at_a_time(monkeypatch):
+    """A three-layer network evaluates in about the memory of a one-layer one (forward with
+    cache=False frees each layer's activations before the next layer runs; with the training
+    cache the LSTM part would triple), and forward_chunk_bytes predicts both within 1.5x."""
+    monkeypatch.setattr(ih, "EVAL_THREADS", 1)
+    samples = long_lines(16, T=1000)
+    data = ih.TaskData("abc", {}, None, 0, np.zeros(3), np.ones(3), 0.0, [], {})
+    peaks = {}
+    for layers in (1, 3):
+        params = {k: v.astype(np.float32) for k, v in
+                  ih.init_params(np.random.default_rng(0), 32, layers, True, 3, 4).items()}
+        tracemalloc.start()
+        try:
+            for _ in ih.model_outputs(params, samples, data):
+                pass
+            peaks[layers] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        cfg = dataclasses.replace(ih.RunConfig(), hidden=32, layers=layers, dtype="float32")
+        predicted = ih.forward_chunk_bytes(cfg, 16 * 1000, 3, 4)
+        assert 1 / 1.5 <= peaks[layers] / predicted <= 1.5, (layers, peaks[layers], predicted)
+    assert peaks[3] < 1.6 * peaks[1], peaks
+
+
 def test_the_estimate_fits_a_measured_quick_run(tmp_path):
     """run.json's memory block: the measured peak of a quick lines run, its worker's added, lies
     within a factor of 1.5 of what check_memory predicted before training."""
