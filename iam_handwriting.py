@@ -2155,7 +2155,14 @@ def check_lm_decoding_time(cfg, data, n_sizes, log=None):
     return seconds
 
 
-def make_decoder(name, cfg, alphabet, lexicon=None, lm=None, texts=None):
+def lm_read(log_probs, lexicon, lm, lm_weight, word_penalty, beam, oov_penalty):
+    """One line's lm_decode reading, its pieces glued back into a string; a
+    module-level function, so that a worker process can run it (make_decoder)."""
+    words, _, glued = lm_decode(log_probs, lexicon, lm, lm_weight, word_penalty, beam, oov_penalty)
+    return glue_pieces(list(zip(words, glued)))
+
+
+def make_decoder(name, cfg, alphabet, lexicon=None, lm=None, texts=None, parallel_map=None):
     """A function from a list of (T_i, K) log-prob arrays to decoded strings.
 
     lexicon: the dictionary (default: for "lexicon", the task's Task.lexicon:
@@ -2166,6 +2173,9 @@ def make_decoder(name, cfg, alphabet, lexicon=None, lm=None, texts=None):
     decoder_language_model over that dictionary; None when cfg.lm_weight is 0).
     texts: {"train": lines, "validation": lines} of the task's transcriptions
     (iam-ondb) for the real-English dictionary and LM, or None.
+    parallel_map: a Pool's map, over which the "lm" decoder deals its lines
+    (each reading is independent of the others, so the result is the same);
+    None reads them in this process.
     """
     if name == "greedy":
         return lambda lps: [decode_labels(d, alphabet) for d in greedy_decode(*pad_log_probs(lps))]
@@ -2179,14 +2189,11 @@ def make_decoder(name, cfg, alphabet, lexicon=None, lm=None, texts=None):
             lexicon = decoder_lexicon(cfg, alphabet, texts, cfg.dictionary_size)
             lm = decoder_language_model(cfg, texts, cfg.dictionary_size, 2 if cfg.lm_weight > 0 else 0)
 
-        def decode(lps):
-            out = []
-            for lp in lps:
-                words, _, glued = lm_decode(lp, lexicon, lm, cfg.lm_weight, cfg.word_penalty, cfg.lm_beam,
-                                            cfg.oov_penalty)
-                out.append(glue_pieces(list(zip(words, glued))))
-            return out
-        return decode
+        # The lexicon and LM travel with every map (about 13 MB pickled at 20,000 words, 55 ms),
+        # a small price against seconds of decoding per half of a chunk.
+        read = functools.partial(lm_read, lexicon=lexicon, lm=lm, lm_weight=cfg.lm_weight,
+                                 word_penalty=cfg.word_penalty, beam=cfg.lm_beam, oov_penalty=cfg.oov_penalty)
+        return lambda lps: (parallel_map or serial_map)(read, list(lps))
     raise ValueError(f"unknown decoder {name!r}; choose from {', '.join(DECODERS)}")
 
 
@@ -2645,10 +2652,11 @@ def group_errors(task, eval_sets, hyps_of):
     return {name: {**e, **rates(e)} for name, e in groups.items()}
 
 
-def final_report(params, cfg, task, data, timer):
-    """The evaluation part of run.json: final metrics, per group, predictions, alignments."""
+def final_report(params, cfg, task, data, timer, parallel_map=None):
+    """The evaluation part of run.json: final metrics, per group, predictions,
+    alignments. parallel_map: as in make_decoder."""
     t0 = time.perf_counter()
-    decode = make_decoder(cfg.decoder, cfg, data.alphabet, texts=data.lm_texts or None)
+    decode = make_decoder(cfg.decoder, cfg, data.alphabet, texts=data.lm_texts or None, parallel_map=parallel_map)
     final, predictions, hyps_of, log_probs_of = {}, [], {}, {}
     for split, samples in data.eval_sets.items():
         picks = [i for pick_split, i in data.alignment_picks if pick_split == split]
@@ -2698,10 +2706,12 @@ def decoding_experiment(outputs, samples, sizes, fixed, by_size, describe=None):
     return rows
 
 
-def lexicon_experiment(params, cfg, data, sizes, log=print):
+def lexicon_experiment(params, cfg, data, sizes, log=print, parallel_map=None):
     """Greedy, beam and lexicon decoding of every evaluation word against
     lexicons of the given sizes: the 47 vocabulary words (held-out words
-    included) plus distractor pseudo-words. Returns run.json's `decoding`."""
+    included) plus distractor pseudo-words. Returns run.json's `decoding`.
+    parallel_map is not used: these decoders are vectorised over the words
+    already, and take milliseconds."""
     t_start = time.perf_counter()
     distractors = distractor_words(max(sizes) - len(VOCAB))
     rows = decoding_experiment(
@@ -2746,13 +2756,14 @@ OOV_PENALTIES = (-8.0, -4.0, -2.0, 0.0, 2.0, 4.0, 8.0)  # per spelled token, whe
 TUNING_LINES = 100  # validation lines used for tuning (every k-th); the lines after them check the OOV modes
 
 
-def tune_lm_decoder(cfg, log_probs, refs, lex, lm):
+def tune_lm_decoder(cfg, log_probs, refs, lex, lm, parallel_map=None):
     """(lm_weight, word_penalty, oov_penalty) for the lm decoder, chosen on validation lines.
 
     A coordinate search on the grid LM_WEIGHTS x WORD_PENALTIES (x OOV_PENALTIES
     if the lexicon spells out-of-dictionary tokens): from weight 1, penalties 0,
     move to the neighbour with the lowest (WER, CER) until none is better.
-    With lm None (a uniform word prior) the weight is not tuned.
+    With lm None (a uniform word prior) the weight is not tuned. parallel_map:
+    as in make_decoder.
     """
     grids = (LM_WEIGHTS if lm is not None else (0.0,), WORD_PENALTIES,
              OOV_PENALTIES if (lex.kind == SPELLED).any() else (0.0,))
@@ -2762,7 +2773,8 @@ def tune_lm_decoder(cfg, log_probs, refs, lex, lm):
         if point not in cost:
             w, p, o = (grid[i] for grid, i in zip(grids, point))
             tuned = dataclasses.replace(cfg, lm_weight=w, word_penalty=p, oov_penalty=o)
-            m = rates(error_counts(refs, make_decoder("lm", tuned, lex.alphabet, lex, lm)(log_probs)))
+            m = rates(error_counts(refs, make_decoder("lm", tuned, lex.alphabet, lex, lm,
+                                                     parallel_map=parallel_map)(log_probs)))
             cost[point] = (m["wer"], m["cer"])
         return cost[point]
 
@@ -2783,17 +2795,18 @@ def tuning_split(validation, n):
     return validation[::step], validation[1::step]
 
 
-def tune_final_decoder(params, cfg, data, log=print):
+def tune_final_decoder(params, cfg, data, log=print, parallel_map=None):
     """cfg with the lm decoder's weight and penalties chosen (tune_lm_decoder) on
     about cfg.lm_tuning validation lines, at cfg's dictionary, LM file and OOV
-    mode; and run.json's `lm_tuning` record of what was chosen on which lines."""
+    mode; and run.json's `lm_tuning` record of what was chosen on which lines.
+    parallel_map: as in make_decoder."""
     t0 = time.perf_counter()
     samples = tuning_split(data.eval_sets["validation"], cfg.lm_tuning)[0]
     texts = data.lm_texts or None
     lexicon = decoder_lexicon(cfg, data.alphabet, texts, cfg.dictionary_size)
     lm = decoder_language_model(cfg, texts, cfg.dictionary_size, 2)
     weight, penalty, oov_penalty = tune_lm_decoder(cfg, run_model(params, samples, data), [s.text for s in samples],
-                                                   lexicon, lm)
+                                                   lexicon, lm, parallel_map)
     record = {"lines": len(samples), "lm_weight": weight, "word_penalty": penalty, "oov_penalty": oov_penalty,
               "seconds": time.perf_counter() - t0}
     log(f"lm decoder tuned on {len(samples)} validation lines in {record['seconds']:.0f} s: lm_weight {weight}, "
@@ -2806,7 +2819,7 @@ def in_dictionary_tokens(refs, words):
     return {tok for ref in refs for tok in ref.split() if all(p.lower() in words for p in split_token(tok))}
 
 
-def dictionary_experiment(params, cfg, data, sizes, log=print, split="test"):
+def dictionary_experiment(params, cfg, data, sizes, log=print, split="test", parallel_map=None):
     """The paper's comparison, on the test lines (or, with split "validation",
     on the validation lines not used for tuning): greedy; the dictionary with a
     uniform word prior; dictionary + unigram; dictionary + bigram; at each
@@ -2818,7 +2831,7 @@ def dictionary_experiment(params, cfg, data, sizes, log=print, split="test"):
     right after the tuning lines; the best (lowest WER, then CER) is used for
     every size and decoder. Log-probs are computed chunk by chunk
     (model_outputs), so memory does not grow with the number of lines.
-    Returns run.json's `decoding`."""
+    parallel_map: as in make_decoder. Returns run.json's `decoding`."""
     t_start = time.perf_counter()
     texts = data.lm_texts or None
     validation = data.eval_sets["validation"]
@@ -2839,9 +2852,10 @@ def dictionary_experiment(params, cfg, data, sizes, log=print, split="test"):
             mode_cfg = dataclasses.replace(cfg, oov=mode)
             lex = decoder_lexicon(mode_cfg, data.alphabet, texts, largest)
             t0 = time.perf_counter()
-            weight, penalty, oov_penalty = tune_lm_decoder(mode_cfg, tune_lps, tune_refs, lex, lm)
+            weight, penalty, oov_penalty = tune_lm_decoder(mode_cfg, tune_lps, tune_refs, lex, lm, parallel_map)
             chosen = dataclasses.replace(mode_cfg, lm_weight=weight, word_penalty=penalty, oov_penalty=oov_penalty)
-            m = rates(error_counts(check_refs, make_decoder("lm", chosen, data.alphabet, lex, lm)(check_lps)))
+            m = rates(error_counts(check_refs, make_decoder("lm", chosen, data.alphabet, lex, lm,
+                                                           parallel_map=parallel_map)(check_lps)))
             oov_modes[mode] = {"wer": m["wer"], "cer": m["cer"], "lm_weight": weight, "word_penalty": penalty,
                                "oov_penalty": oov_penalty, "seconds": time.perf_counter() - t0}
             log(f"oov {mode}: validation WER {m['wer']:.4f} CER {m['cer']:.4f} on {len(check_refs)} lines "
@@ -2854,7 +2868,8 @@ def dictionary_experiment(params, cfg, data, sizes, log=print, split="test"):
     cfg = dataclasses.replace(cfg, oov=oov)
     known = oov_modes.get(oov)  # the OOV comparison tuned this decoder already
     beam_check = wider_beam_check(cfg, data.alphabet, texts, largest, check_lps, tune_lps, tune_refs, log,
-                                  known and (known["lm_weight"], known["word_penalty"], known["oov_penalty"]))
+                                  known and (known["lm_weight"], known["word_penalty"], known["oov_penalty"]),
+                                  parallel_map)
     tuned, perplexity, oov_rate = {}, {}, {}
 
     def by_size(size):
@@ -2866,12 +2881,12 @@ def dictionary_experiment(params, cfg, data, sizes, log=print, split="test"):
         decoders = {}
         for name, lm in lms.items():
             t0 = time.perf_counter()
-            weight, penalty, oov_penalty = tune_lm_decoder(cfg, tune_lps, tune_refs, lex, lm)
+            weight, penalty, oov_penalty = tune_lm_decoder(cfg, tune_lps, tune_refs, lex, lm, parallel_map)
             tuned[size, name] = (weight, penalty, oov_penalty)
             log(f"dictionary {size}, {name}: lm_weight {weight}, word_penalty {penalty}, oov_penalty {oov_penalty} "
                 f"(tuned on {len(tune_refs)} validation lines in {time.perf_counter() - t0:.0f} s)")
             chosen = dataclasses.replace(cfg, lm_weight=weight, word_penalty=penalty, oov_penalty=oov_penalty)
-            decoders[name] = (make_decoder("lm", chosen, data.alphabet, lex, lm),
+            decoders[name] = (make_decoder("lm", chosen, data.alphabet, lex, lm, parallel_map=parallel_map),
                               {"lm_weight": weight, "word_penalty": penalty, "oov_penalty": oov_penalty})
         return decoders
 
@@ -2894,17 +2909,20 @@ def dictionary_experiment(params, cfg, data, sizes, log=print, split="test"):
 BEAM_CHECK_FACTOR = 16  # the pruning check: how much wider the second beam is
 
 
-def wider_beam_check(cfg, alphabet, texts, size, check_lps, tune_lps, tune_refs, log, weights=None):
+def wider_beam_check(cfg, alphabet, texts, size, check_lps, tune_lps, tune_refs, log, weights=None,
+                     parallel_map=None):
     """How many validation check lines the bigram decoder (tuned, at `size`) reads
     differently with a BEAM_CHECK_FACTOR times wider beam: pruning that loses the
     objective's best reading shows here. weights: (lm_weight, word_penalty,
-    oov_penalty) if already tuned. Returns {beam, wider, lines, changed}."""
+    oov_penalty) if already tuned; parallel_map: as in make_decoder. Returns
+    {beam, wider, lines, changed}."""
     lex, lm = decoder_lexicon(cfg, alphabet, texts, size), decoder_language_model(cfg, texts, size, 2)
-    weight, penalty, oov_penalty = weights or tune_lm_decoder(cfg, tune_lps, tune_refs, lex, lm)
+    weight, penalty, oov_penalty = weights or tune_lm_decoder(cfg, tune_lps, tune_refs, lex, lm, parallel_map)
     tuned = dataclasses.replace(cfg, lm_weight=weight, word_penalty=penalty, oov_penalty=oov_penalty)
     widest = CONFIG_FIELDS["lm_beam"].metadata["high"]
     wide = dataclasses.replace(tuned, lm_beam=min(cfg.lm_beam * BEAM_CHECK_FACTOR, widest))
-    shipped, wider = (make_decoder("lm", c, alphabet, lex, lm)(check_lps) for c in (tuned, wide))
+    shipped, wider = (make_decoder("lm", c, alphabet, lex, lm, parallel_map=parallel_map)(check_lps)
+                      for c in (tuned, wide))
     changed = sum(a != b for a, b in zip(shipped, wider))
     log(f"beam check: --lm-beam {wide.lm_beam} changes {changed} of {len(check_lps)} validation lines read at "
         f"{cfg.lm_beam} (dictionary {size}, bigram)")
@@ -3124,7 +3142,7 @@ def memory_estimate(cfg, data, training, resident=None):
     the samples of every split), fresh (an epoch of training samples, for
     tasks that draw them each epoch), work (the larger of a training step and
     an evaluation: EVAL_THREADS forward chunks and one CTC chunk), workers (the
-    other training processes, each holding its share of the largest step all
+    other processes, each holding its share of the largest training step all
     through training, the per-epoch validation included), and their total."""
     evals = [s for samples in data.eval_sets.values() for s in samples]
     per_sample = sum(sample_bytes(s) for s in evals) / max(len(evals), 1)  # training lines are drawn like these
@@ -3143,8 +3161,9 @@ def memory_estimate(cfg, data, training, resident=None):
     frames = max(min(EVAL_FRAMES, EVAL_BATCH * longest), longest)
     evaluation = EVAL_THREADS * forward_chunk_bytes(cfg, frames, D, K) + ctc_chunk_bytes(frames, K, eval_label)
     work = max(step, evaluation)
-    # keep_freed_memory leaves a worker's heap at its largest step while this process validates.
-    workers = (cfg.workers - 1) * (BASE_BYTES + step) if training else 0
+    # keep_freed_memory leaves a worker's heap at its largest step while this process validates;
+    # a worker of a run that does not train only featurises and decodes, in little memory.
+    workers = (cfg.workers - 1) * (BASE_BYTES + step)
     return {"held": resident, "fresh": fresh, "work": work, "workers": workers,
             "total": resident + fresh + work + workers}
 
@@ -3246,23 +3265,26 @@ def train_and_evaluate(cfg, params=None, verbose=True, log=print, status=None, e
             state = fit(cfg, task, data, streams, timer, pool, log if verbose else (lambda *a, **k: None),
                         progress, status, state, save)
             params, history, skipped = state.final_params(), state.history, state.skipped
+        # The workers stay for the decoding: the lm decoder deals its lines over them.
+        parallel_map = pool.map if pool else None
+        lm_tuning = None
+        if cfg.decoder == "lm" and cfg.lm_tuning:
+            status["where"] = "while tuning the lm decoder"
+            cfg, lm_tuning = tune_final_decoder(params, cfg, data, log if verbose else (lambda *a, **k: None),
+                                                parallel_map)
+        status["where"] = "during the final evaluation"
+        source = "loaded" if loaded else "trained" if history else "untrained"  # untrained: --epochs 0
+        result = {"config": dataclasses.asdict(cfg), "model_source": source, "history": history,
+                  "best_epoch": state.best_epoch if state else None, "lm_tuning": lm_tuning,
+                  **final_report(params, cfg, task, data, timer, parallel_map),
+                  "split": data.info, "timing": timer.seconds, "skipped": skipped}
+        result["wall_seconds"] = time.perf_counter() - wall0
+        if experiment:
+            status["where"] = "during the decoding experiment"
+            result["decoding"] = experiment(params, cfg, data, log=log, parallel_map=parallel_map)
     finally:
         if pool:
             pool.close()
-    lm_tuning = None
-    if cfg.decoder == "lm" and cfg.lm_tuning:
-        status["where"] = "while tuning the lm decoder"
-        cfg, lm_tuning = tune_final_decoder(params, cfg, data, log if verbose else (lambda *a, **k: None))
-    status["where"] = "during the final evaluation"
-    source = "loaded" if loaded else "trained" if history else "untrained"  # untrained: --epochs 0
-    result = {"config": dataclasses.asdict(cfg), "model_source": source, "history": history,
-              "best_epoch": state.best_epoch if state else None, "lm_tuning": lm_tuning,
-              **final_report(params, cfg, task, data, timer),
-              "split": data.info, "timing": timer.seconds, "skipped": skipped}
-    result["wall_seconds"] = time.perf_counter() - wall0
-    if experiment:
-        status["where"] = "during the decoding experiment"
-        result["decoding"] = experiment(params, cfg, data, log=log)
     result["input"] = input_normalisation(data)
     # Peaks of the whole run: this process's and its largest worker's (the workers have been joined).
     result["memory"] = {"predicted_bytes": memory["total"], "peak_rss_bytes": peak_rss(),

@@ -14,6 +14,7 @@ root:
     python benchmarks/decoding.py models/iam_ondb.npz --data-dir DIR --beams 64 1024      # the 103 check lines
     python benchmarks/decoding.py models/iam_ondb.npz --data-dir DIR --beams 64 256 1024 4096 16384
     python benchmarks/decoding.py models/iam_ondb.npz --data-dir DIR --split validation2 --lines all --beams 64
+    python benchmarks/decoding.py models/iam_ondb.npz --data-dir DIR --beams 64 1024 --workers 2   # lines dealt over 2 processes
 
 An IAM-OnDB model reads DIR with its own features and normalisation and
 decodes with the real-English dictionary and LM that the iam-ondb task builds
@@ -73,6 +74,8 @@ def main(argv=None):
                         "lines: 200)")
     p.add_argument("--lm-weight", type=float, default=None, help="language-model weight (the model's)")
     p.add_argument("--word-penalty", type=float, default=None, help="word insertion penalty (the model's)")
+    p.add_argument("--workers", type=ih.whole_number(1, 64), default=1,
+                   help="processes the lines are dealt over, as the lm decoder of a run deals them (1)")
     args = p.parse_args(argv)
     try:
         params, cfg, data = model_and_data(args)
@@ -101,25 +104,36 @@ def main(argv=None):
           f"lm_weight {cfg.lm_weight}, word_penalty {cfg.word_penalty}, oov {cfg.oov} (penalty {cfg.oov_penalty})")
     print(f"{'size':>6} {'beam':>6} {'ms/line':>8} {'lines/s':>8} {'CER':>7} {'WER':>7} "
           f"{'same words as beam ' + str(args.beams[-1]):>26} {'changed by a 16x beam':>22}")
-    for size in args.sizes:
-        lex = ih.decoder_lexicon(cfg, data.alphabet, texts, size)
-        lm = ih.decoder_language_model(cfg, texts, size, 2)
-        found = {}
-        for beam in args.beams:
-            decode = ih.make_decoder("lm", dataclasses.replace(cfg, lm_beam=beam), data.alphabet, lex, lm)
-            t0 = time.perf_counter()
-            found[beam] = decode(log_probs)
-            found[beam, "s"] = time.perf_counter() - t0
-        for beam in args.beams:
-            m = ih.rates(ih.error_counts(refs, found[beam]))
-            same = sum(a == b for a, b in zip(found[beam], found[args.beams[-1]]))
-            wider, changed = found.get(ih.BEAM_CHECK_FACTOR * beam), ""  # the issue's check: beam against 16x beam
-            if wider is not None:
-                n_changed = sum(a != b for a, b in zip(found[beam], wider))
-                changed = f"{n_changed:d}/{len(samples)} ({n_changed / len(samples):.1%})"
-            print(f"{size:6d} {beam:6d} {1e3 * found[beam, 's'] / len(samples):8.1f} "
-                  f"{len(samples) / found[beam, 's']:8.2f} {m['cer']:7.4f} {m['wer']:7.4f} "
-                  f"{same:>18d}/{len(samples)} ({same / len(samples):.1%}) {changed:>22}", flush=True)
+    pool = ih.Pool(args.workers) if args.workers > 1 else None
+    try:
+        for size in args.sizes:
+            compare_beams(args, cfg, data, texts, size, log_probs, refs, pool and pool.map)
+    finally:
+        if pool:
+            pool.close()
+
+
+def compare_beams(args, cfg, data, texts, size, log_probs, refs, parallel_map):
+    """Decode the lines at every beam of args.beams, at one dictionary size, and print a row per beam."""
+    n = len(refs)
+    lex = ih.decoder_lexicon(cfg, data.alphabet, texts, size)
+    lm = ih.decoder_language_model(cfg, texts, size, 2)
+    found = {}
+    for beam in args.beams:
+        decode = ih.make_decoder("lm", dataclasses.replace(cfg, lm_beam=beam), data.alphabet, lex, lm,
+                                 parallel_map=parallel_map)
+        t0 = time.perf_counter()
+        found[beam] = decode(log_probs)
+        found[beam, "s"] = time.perf_counter() - t0
+    for beam in args.beams:
+        m = ih.rates(ih.error_counts(refs, found[beam]))
+        same = sum(a == b for a, b in zip(found[beam], found[args.beams[-1]]))
+        wider, changed = found.get(ih.BEAM_CHECK_FACTOR * beam), ""  # the issue's check: beam against 16x beam
+        if wider is not None:
+            n_changed = sum(a != b for a, b in zip(found[beam], wider))
+            changed = f"{n_changed:d}/{n} ({n_changed / n:.1%})"
+        print(f"{size:6d} {beam:6d} {1e3 * found[beam, 's'] / n:8.1f} {n / found[beam, 's']:8.2f} "
+              f"{m['cer']:7.4f} {m['wer']:7.4f} {same:>18d}/{n} ({same / n:.1%}) {changed:>22}", flush=True)
 
 
 if __name__ == "__main__":

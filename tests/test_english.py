@@ -311,6 +311,28 @@ def test_the_dictionary_experiment_decodes_chunk_by_chunk_and_reports_oov_modes_
     assert len(checked["rows"]) == 8 and set(checked["perplexity"]) == {30, 80}
 
 
+def test_the_lm_decoding_dealt_over_a_pool_reads_every_line_as_one_process_does():
+    """The dictionary experiment (its tuning, OOV comparison, beam check and every decoder) with
+    the lm decoder's lines dealt over two processes: the same rows, and the worker did take jobs."""
+    params, data = tiny_real_english(np.random.default_rng(0), letters="",
+                                     test_texts=("the dog 's hat .", "A cat 10 sat", "on the mat", "a dog ."))
+    cfg = ih.RunConfig(task="iam-ondb", lm_beam=4)
+    alone = ih.dictionary_experiment(params, cfg, data, [30], log=lambda *a: None)
+    pool = ih.Pool(2)
+    try:
+        dealt = ih.dictionary_experiment(params, cfg, data, [30], log=lambda *a: None, parallel_map=pool.map)
+        jobs = pool.jobs
+    finally:
+        pool.close()
+    assert jobs > 30  # every tuning point and decoder sent half its lines to the worker
+
+    def strip(decoding):
+        return [{k: v for k, v in r.items() if k != "seconds_per_seq"} for r in decoding["rows"]]
+    assert strip(dealt) == strip(alone)
+    assert dealt["beam_check"] == alone["beam_check"] and dealt["oov_modes"].keys() == alone["oov_modes"].keys()
+    assert all(dealt["oov_modes"][m]["wer"] == alone["oov_modes"][m]["wer"] for m in ih.OOV_MODES)
+
+
 # The headline run's lm decoder is tuned on validation lines (--lm-tuning)
 
 
@@ -318,7 +340,7 @@ def test_the_final_lm_decoder_is_tuned_on_every_kth_validation_line_and_run_json
     params, data = tiny_real_english(np.random.default_rng(0))
     seen = []
 
-    def tune(cfg, log_probs, refs, lex, lm):
+    def tune(cfg, log_probs, refs, lex, lm, parallel_map=None):
         seen.append(refs)
         return 2.0, -4.0, 8.0  # values no default has
     monkeypatch.setattr(ih, "tune_lm_decoder", tune)

@@ -78,13 +78,14 @@ def test_the_estimate_fits_a_measured_quick_run(tmp_path):
 
 
 def test_the_estimate_counts_every_training_process():
-    """Each worker holds the interpreter and its share of the largest step through training."""
+    """Each worker holds the interpreter and its share of the largest step through training; a run
+    that does not train keeps its workers for featurising and decoding, with the interpreter alone."""
     cfg = ih.check_config(dataclasses.replace(ih.RunConfig(), task="lines", hidden=64, batch_size=16))
     data = ih.TaskData("abc", {"validation": long_lines(4)}, None, 100, np.zeros(3), np.ones(3), 0.0, [], {})
     one, four = (ih.memory_estimate(dataclasses.replace(cfg, workers=w), data, training=True) for w in (1, 4))
     assert one["workers"] == 0 and four["workers"] > 3 * ih.BASE_BYTES
     assert four["total"] == four["held"] + four["fresh"] + four["work"] + four["workers"]
-    assert ih.memory_estimate(dataclasses.replace(cfg, workers=4), data, training=False)["workers"] == 0
+    assert ih.memory_estimate(dataclasses.replace(cfg, workers=4), data, training=False)["workers"] == 3 * ih.BASE_BYTES
 
 
 def test_the_estimate_counts_the_training_data():
