@@ -2123,7 +2123,7 @@ LM_TIME_WARNING = 3600.0
 def lm_decoding_seconds(cfg, data, n_sizes):
     """Estimated seconds of lm decoding in a run: the final evaluation if it uses
     the lm decoder, and the dictionary experiment at n_sizes sizes (0: none),
-    from the evaluation lines' lengths and cfg.lm_beam."""
+    from the evaluation lines' lengths, cfg.lm_beam and cfg.workers."""
     lengths = {split: [len(s.traj) for s in samples] for split, samples in data.eval_sets.items()}
 
     def per_line(split, beam=cfg.lm_beam):
@@ -2140,7 +2140,7 @@ def lm_decoding_seconds(cfg, data, n_sizes):
         seconds += per_line("validation") * tuning * (TUNING_DECODES * decoders + len(OOV_MODES) + 1)
         seconds += per_line("validation", BEAM_CHECK_FACTOR * cfg.lm_beam) * tuning  # wider_beam_check
         seconds += per_line("test") * len(lengths.get("test", [])) * 3 * n_sizes
-    return seconds
+    return seconds / cfg.workers  # make_decoder deals the lines over the run's processes
 
 
 def check_lm_decoding_time(cfg, data, n_sizes, log=None):

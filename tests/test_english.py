@@ -227,6 +227,8 @@ def test_an_lm_beam_whose_decoding_would_take_days_is_refused_with_its_estimate(
     # the estimate grows with the beam, the lines and the experiment's sizes
     seconds = [ih.lm_decoding_seconds(dataclasses.replace(cfg, lm_beam=b), data, n) for b, n in ((64, 0), (640, 0), (64, 3))]
     assert seconds[0] < seconds[1] and seconds[0] < seconds[2]
+    # and the lines are dealt over the run's processes
+    assert ih.lm_decoding_seconds(dataclasses.replace(cfg, workers=2), data, 0) == pytest.approx(seconds[0] / 2)
 
 
 @pytest.mark.skipif(not os.environ.get("IAM_ONDB_DIR"), reason="set IAM_ONDB_DIR to the IAM-OnDB folder to run")
