@@ -2109,12 +2109,13 @@ def lm_decode(log_probs, lexicon, lm, lm_weight=1.0, word_penalty=0.0, beam=64, 
 
 # Decoding time, estimated before any work: lm_decode costs about a fixed
 # overhead per time step plus a cost per token per step. Measured on this
-# machine: 0.8-1.4 us per token-step at beams 256-1024 under load, and 44 ms
-# for an 836-step IAM-OnDB line at beam 64 when idle; the real dictionary
-# experiment at one size took 29 min, about a third of what 0.2 ms per step
-# predicted. The bound refuses only what would take days.
+# machine when idle: 44 ms for an 836-step IAM-OnDB line at beam 64, and 369 ms
+# a line at beam 1,024 on the 103 check lines of 776 steps (0.4 us per
+# token-step beyond the step overhead; 1 us, the earlier constant, was measured
+# under load and overestimated the beam-1,024 headline's decoding 2x). The
+# bound refuses only what would take days.
 LM_STEP_SECONDS = 6e-5
-LM_TOKEN_STEP_SECONDS = 1e-6
+LM_TOKEN_STEP_SECONDS = 4e-7
 TUNING_DECODES = 20  # grid points a coordinate search typically scores (tune_lm_decoder)
 LM_TIME_LIMIT = 48 * 3600.0  # seconds of lm decoding a run may be estimated to need
 LM_TIME_WARNING = 3600.0
