@@ -32,6 +32,33 @@ def test_rescore_refuses_a_missing_file_and_an_absent_split(tmp_path):
     (tmp_path / "run.json").write_text(json.dumps({"predictions": [{"split": "test", "text": 1, "decoded": "a"}]}))
     r = rescore(tmp_path / "run.json")
     assert r.returncode != 0 and "must be strings" in r.stderr and len(r.stderr.splitlines()) == 1
+    (tmp_path / "run.json").write_text(json.dumps({"config": [], "predictions": []}))
+    r = rescore(tmp_path / "run.json")
+    assert r.returncode != 0 and "config is not an object" in r.stderr and len(r.stderr.splitlines()) == 1
     (tmp_path / "run.json").write_text(json.dumps({"predictions": []}))
     r = rescore(tmp_path / "run.json", "--splits", "test")
     assert r.returncode != 0 and "holds no readings of test" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_rescore_splits_the_word_errors_against_the_dictionary_rebuilt_from_the_folder(tmp_path):
+    import iam_handwriting as ih
+
+    texts = {"train": "the cat zxqv", "validation": "qqzj said zxqv", "test": "a dog"}
+    samples = {split: [ih.render_writer_line(text, split, 0, 100 + i)] for i, (split, text) in enumerate(texts.items())}
+    ih.export_iam_ondb(tmp_path / "db", samples, log=lambda message: None)
+    run = tmp_path / "run.json"
+    # qqzj is in no dictionary and read wrong; said is in it and read wrong; zxqv, read right, is in the
+    # dictionary only as a training token
+    run.write_text(json.dumps({"config": {"dictionary_size": 20000}, "predictions": [
+        {"split": "validation", "text": "qqzj said zxqv", "decoded": "qqz sand zxqv"},
+        {"split": "test", "text": "a dog", "decoded": "a dog zxqv"}]}))
+    r = rescore(run, "--data-dir", tmp_path / "db")
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[0]: line.split() for line in r.stdout.split("word edits")[1].splitlines()[2:]}
+    # tokens, oov tokens, read right, edits, oov, similar, other, deleted, inserted, oov share
+    assert rows["validation"][1:11] == ["3", "1", "0", "2", "1", "1", "0", "0", "0", "50.0%"]
+    assert rows["test"][1:11] == ["2", "0", "0", "1", "0", "0", "0", "0", "1", "0.0%"]
+    # readings of other transcriptions than the folder's are refused in one line
+    run.write_text(json.dumps({"predictions": [{"split": "validation", "text": "the end", "decoded": "the end"}]}))
+    r = rescore(run, "--data-dir", tmp_path / "db")
+    assert r.returncode != 0 and "are not the ones the run read" in r.stderr and len(r.stderr.splitlines()) == 1
