@@ -100,6 +100,10 @@ def run_dictionary(data_dir, config, by_split):
         if split in lines and sorted(t for t, _ in pairs) != sorted(line.text for line in lines[split]):
             raise ih.UserError(f"the {split} transcriptions of {data_dir} are not the ones the run read")
     settings = {k: config[k] for k in ("dictionary_size", "dictionary_file", "lm_file") if config.get(k) is not None}
+    for name, value in settings.items():
+        error = ih.setting_error(name, value)
+        if error:
+            raise ih.UserError(f"the run's config: {name} {error}")
     cfg = ih.RunConfig(task="iam-ondb", **settings)
     return set(ih.ranked_lm_words(cfg, texts)[:cfg.dictionary_size])
 

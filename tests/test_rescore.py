@@ -62,3 +62,9 @@ def test_rescore_splits_the_word_errors_against_the_dictionary_rebuilt_from_the_
     run.write_text(json.dumps({"predictions": [{"split": "validation", "text": "the end", "decoded": "the end"}]}))
     r = rescore(run, "--data-dir", tmp_path / "db")
     assert r.returncode != 0 and "are not the ones the run read" in r.stderr and len(r.stderr.splitlines()) == 1
+    # and a run.json whose dictionary settings are no settings, in one line too
+    for size, message in (("abc", "must be a whole number"), (-5, "must lie in 1..")):
+        run.write_text(json.dumps({"config": {"dictionary_size": size}, "predictions": [
+            {"split": "test", "text": "a dog", "decoded": "a dog"}]}))
+        r = rescore(run, "--data-dir", tmp_path / "db")
+        assert r.returncode != 0 and f"dictionary_size {message}" in r.stderr and len(r.stderr.splitlines()) == 1
