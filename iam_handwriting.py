@@ -137,7 +137,7 @@ SCHEMA_VERSION = 2  # run.json: 2 added the task, WER and the lines task's keys
 TASK_NAMES = ("words", "lines", "iam-ondb")
 DECODERS = ("greedy", "beam", "lexicon", "lm")
 FEATURE_SETS = ("raw", "graves25")
-OOV_MODES = ("none", "chars", "token")  # how the lm decoder reads out-of-dictionary tokens (see reading_lexicon)
+OOV_MODES = ("none", "chars", "char-bigram", "token")  # how the lm decoder reads out-of-dictionary tokens (see reading_lexicon)
 N_ENGLISH_WORDS = 82_680  # words over a-z in symspellpy's counts, less the excluded ones (a test checks it)
 
 
@@ -246,7 +246,8 @@ class RunConfig:
     lm_beam: int = _setting(64, "tokens (history, tree node) kept per time step by the lm decoder", low=1,
                             high=1_000_000, flag=True, tasks=LM_TASKS, since_schema_1=True, decoding=True)
     oov: str = _setting("none", "lm decoder: out-of-dictionary tokens are not read (none), or spelled with a cost "
-                                "per character (chars) or per token (token)", choices=OOV_MODES,
+                                "per character (chars), a character bigram of the training words (char-bigram) or "
+                                "per token (token)", choices=OOV_MODES,
                                 flag=True, tasks=LM_TASKS, since_schema_1=True, decoding=True)
     oov_penalty: float = _setting(0.0, "lm decoder: added per spelled out-of-dictionary token", low=-100.0,
                                   high=100.0, flag=True, tasks=LM_TASKS, since_schema_1=True, decoding=True)
@@ -1064,14 +1065,16 @@ class Lexicon:
     cost: np.ndarray  # (W,) log-probability of the spelling given the LM word (its case; a spelled character)
     glue_to: np.ndarray  # (N, 4) for a child of the root: True if its subtree holds an entry that may follow
     #                     an entry of that kind with no space (GLUES); False elsewhere
+    spelling: np.ndarray  # (S + 1, S + 1) log P(next | previous) over the S spelled characters in entry order,
+    #                      index S the edge of the token (oov "char-bigram"); (0, 0): no character model
 
 
-def build_lexicon(words, alphabet=None, kind=None, lm_id=None, cost=None):
+def build_lexicon(words, alphabet=None, kind=None, lm_id=None, cost=None, spelling=None):
     """Prefix tree of `words`; ValueError for an empty lexicon, an empty or repeated word, or a foreign letter.
 
     alphabet: default the words task's (ALPHABET). kind, lm_id, cost (W,): how
     the lm decoder reads each entry (default: each a WORD, its own LM word, at
-    no cost)."""
+    no cost). spelling: Lexicon.spelling, for the S SPELLED entries (default none)."""
     alphabet = ALPHABET if alphabet is None else alphabet
     words = tuple(words)
     if not words:
@@ -1103,9 +1106,13 @@ def build_lexicon(words, alphabet=None, kind=None, lm_id=None, cost=None):
     glue_to = np.zeros((len(label), 4), bool)
     for a in range(4):
         glue_to[first[GLUES[a, kind]], a] = True
+    spelling = np.zeros((0, 0)) if spelling is None else np.asarray(spelling, dtype=float)
+    n_spelled = int((kind == SPELLED).sum())
+    if spelling.size and spelling.shape != (n_spelled + 1, n_spelled + 1):
+        raise ValueError(f"the spelling model is {spelling.shape}, for {n_spelled} spelled characters")
     return Lexicon(words, alphabet, label, parent, skip, end, word_at, child_start, children, kind,
                    np.arange(W) if lm_id is None else np.asarray(lm_id),
-                   np.zeros(W) if cost is None else np.asarray(cost, dtype=float), glue_to)
+                   np.zeros(W) if cost is None else np.asarray(cost, dtype=float), glue_to, spelling)
 
 
 # The CTC recursion on a prefix tree, shared by the single-word lexicon decoder
@@ -1369,7 +1376,10 @@ def check_dictionary_alphabet(size, alphabet):
 # Tokens outside the dictionary (numbers, names) can be spelled character by
 # character (cfg.oov): "chars" costs log(1/A) per character (a uniform
 # character model over the A letters and digits) plus oov_penalty per token;
-# "token" costs oov_penalty per token whatever its length.
+# "char-bigram" scores the characters with a character bigram of the training
+# words (spelling_log_probs), the token's end included, so that English-like
+# spellings cost less than noise; "token" costs oov_penalty per token whatever
+# its length.
 
 CLITICS = ("'s", "'re", "'ve", "'ll", "'m", "'d")  # split off the word before; the n't forms stay whole words
 CASES = ("lower", "capital", "upper")
@@ -1441,14 +1451,46 @@ def case_log_probs(texts):
     return {case: math.log(n / total) for case, n in counts.items()}
 
 
-def reading_lexicon(words, alphabet, case_logp, oov="none"):
+# The character bigram's counts are interpolated with its add-one unigram at
+# this weight: on the validation pieces outside the 20,000-word dictionary,
+# the log-likelihood per character is -3.14 at 5, -3.13 at 20 to 100 (uniform
+# over the 61 letters and digits: -4.11; a character trigram: -2.98).
+SPELLING_PRIOR_WEIGHT = 20.0
+
+
+def spelling_log_probs(pieces, chars):
+    """(S + 1, S + 1) log P(next | previous) of a character bigram over `chars`
+    (S,), index S the edge of a token (row S: the first character; column S: the
+    end), from the pieces (strings) every character of which is in chars:
+
+        P(c | p) = (n(p c) + a P(c)) / (n(p) + a),   P(c) = (n(c) + 1) / (n + S + 1)
+
+    with a = SPELLING_PRIOR_WEIGHT and n(c) counting every position, the end
+    included. An empty token is impossible: P(end | start) is 0."""
+    S, index = len(chars), {c: i for i, c in enumerate(chars)}
+    pairs = [(a, b) for p in pieces if p and all(c in index for c in p)
+             for seq in [[S] + [index[c] for c in p] + [S]] for a, b in zip(seq, seq[1:])]
+    counts = np.zeros((S + 1, S + 1))
+    if pairs:
+        np.add.at(counts, tuple(np.array(pairs).T), 1)
+    unigram = (counts.sum(0) + 1) / (counts.sum() + S + 1)
+    prob = (counts + SPELLING_PRIOR_WEIGHT * unigram) / (counts.sum(1, keepdims=True) + SPELLING_PRIOR_WEIGHT)
+    prob[S, S] = 0.0
+    prob[S] /= prob[S].sum()
+    with np.errstate(divide="ignore"):
+        return np.log(prob)
+
+
+def reading_lexicon(words, alphabet, case_logp, oov="none", spelling_pieces=()):
     """The lm decoder's Lexicon for LM words `words` (lower case, in LM id order).
 
     Each word enters as each distinct spelling (spellings) the alphabet can
     write, at cost log P(case), renormalised over those spellings (spellings
     that coincide, as "I" for Capitalised and CAPITALS, add up); a word the
-    alphabet cannot write at all is left out. oov "chars" or "token" adds every
-    letter and digit of the alphabet as a SPELLED entry (see OOV_MODES)."""
+    alphabet cannot write at all is left out. oov "chars", "char-bigram" or
+    "token" adds every letter and digit of the alphabet as a SPELLED entry (see
+    OOV_MODES); "char-bigram" scores them with spelling_log_probs of
+    spelling_pieces (the words themselves if none are given)."""
     letters = set(alphabet)
     entries, kind, lm_id, cost = [], [], [], []
     for i, w in enumerate(words):
@@ -1469,7 +1511,8 @@ def reading_lexicon(words, alphabet, case_logp, oov="none"):
             kind.append(SPELLED)
             lm_id.append(-1)
             cost.append(-math.log(len(chars)) if oov == "chars" else 0.0)
-    return build_lexicon(entries, alphabet, np.array(kind, int), np.array(lm_id, int), cost)
+    spelling = spelling_log_probs(spelling_pieces or words, chars) if oov == "char-bigram" else None
+    return build_lexicon(entries, alphabet, np.array(kind, int), np.array(lm_id, int), cost, spelling)
 
 
 # The real-English model: symspellpy's counts and the training transcriptions,
@@ -1775,7 +1818,9 @@ def ranked_lm_words(cfg, texts):
 
 @functools.lru_cache(maxsize=8)
 def _reading_lexicon(words, alphabet, train, oov):
-    return reading_lexicon(words, alphabet, case_log_probs(train), oov)
+    """reading_lexicon with the case and the spelling models of the training transcriptions `train`."""
+    pieces = [piece for text in train for piece, _ in split_line(text) if piece_kind(piece) == WORD]
+    return reading_lexicon(words, alphabet, case_log_probs(train), oov, pieces)
 
 
 def decoder_lexicon(cfg, alphabet, texts, size):
@@ -2005,7 +2050,9 @@ def lm_decode(log_probs, lexicon, lm, lm_weight=1.0, word_penalty=0.0, beam=64, 
     cost is the entry's spelling (its case) and P_LM scores its LM word
     (lexicon.lm_id). A run of glued SPELLED characters (an out-of-dictionary
     token) scores cost per character, and word_penalty + oov_penalty once,
-    with no LM score; the word after it is scored as a line's first.
+    with no LM score; the word after it is scored as a line's first. With a
+    character model (lexicon.spelling) the run also scores
+    log P(c1 | edge) + log P(c2 | c1) + ... + log P(edge | cn).
 
     A token is a (history, tree node, glued) triple carrying the CTC
     log-probabilities of the alignments so far that end on the node's label or
@@ -2039,11 +2086,20 @@ def lm_decode(log_probs, lexicon, lm, lm_weight=1.0, word_penalty=0.0, beam=64, 
     space = 1 + lexicon.alphabet.index(" ")
     node_class = np.where(np.arange(N) == 0, space, lexicon.label)  # the class each node's label emits
     kind, lm_id = lexicon.kind, lexicon.lm_id
+    spelling = lexicon.spelling if lexicon.spelling.size else np.zeros((1, 1))  # no model: every term 0
+    edge = len(spelling) - 1
+    spelled_index = np.where(kind == SPELLED, np.cumsum(kind == SPELLED) - 1, edge) if lexicon.spelling.size \
+        else np.zeros(len(kind), int)  # (W,) each entry's row and column in spelling
 
     def context(entry):
         """The LM context after an entry: its LM word; LM_START after a spelled character or at the start."""
         spelled = (entry < 0) | (kind[np.maximum(entry, 0)] == SPELLED)
         return np.where(spelled, LM_START, lm_id[np.maximum(entry, 0)])
+
+    def spelled_end(entry):
+        """log P(edge | the entry's character) where the entry is spelled (a spelled token ends there), else 0."""
+        return np.where((entry >= 0) & (kind[np.maximum(entry, 0)] == SPELLED),
+                        spelling[spelled_index[np.maximum(entry, 0)], edge], 0.0)
 
     def word_score(prev_code, code):
         """Score of appending history code (entry * 2 + glued) after prev_code."""
@@ -2051,8 +2107,10 @@ def lm_decode(log_probs, lexicon, lm, lm_weight=1.0, word_penalty=0.0, beam=64, 
         spelled = kind[entry] == SPELLED
         goes_on = spelled & glued & (prev >= 0) & (kind[np.maximum(prev, 0)] == SPELLED)
         lm_part = lm_log_prob(lm, context(prev), np.maximum(lm_id[entry], 0)) if lm is not None else 0.0
-        new_token = word_penalty + np.where(spelled, oov_penalty, lm_weight * lm_part)
-        return lexicon.cost[entry] + np.where(goes_on, 0.0, new_token)
+        new_token = word_penalty + np.where(spelled, oov_penalty, lm_weight * lm_part) + spelled_end(prev)
+        character = np.where(spelled, spelling[np.where(goes_on, spelled_index[np.maximum(prev, 0)], edge),
+                                               spelled_index[entry]], 0.0)
+        return lexicon.cost[entry] + character + np.where(goes_on, 0.0, new_token)
 
     histories = _Histories(2 * len(lexicon.words), word_score)
     hist, node, glued = np.array([0]), np.array([0]), np.array([False])  # (M,) the tokens
@@ -2100,8 +2158,9 @@ def lm_decode(log_probs, lexicon, lm, lm_weight=1.0, word_penalty=0.0, beam=64, 
     starts = np.flatnonzero(np.diff(line_hist[order], prepend=-1) != 0)
     ctc = group_logsumexp(np.concatenate([total[done], total[after_space]])[order][:, None], starts)[:, 0]
     line_hist = line_hist[order][starts]
-    end_score = lm_weight * lm_end_log_prob(lm, context(histories.word[line_hist] >> 1)) if lm is not None else 0.0
-    score = ctc + histories.score[line_hist] + end_score
+    last = histories.word[line_hist] >> 1
+    end_score = lm_weight * lm_end_log_prob(lm, context(last)) if lm is not None else 0.0
+    score = ctc + histories.score[line_hist] + end_score + spelled_end(last)
     best = int(np.argmax(score))
     codes = histories.words(line_hist[best])
     return [lexicon.words[c >> 1] for c in codes], float(score[best]), [bool(c & 1) for c in codes]

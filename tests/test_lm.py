@@ -198,20 +198,35 @@ EN_ALPHA = "adA',1 "  # K = 8 with the blank
 EN_WORDS = ("a", "ad", ",", "'d", "d")  # LM words: a word, a longer one, punctuation, a clitic
 
 
+def spelled_token_log_prob(chars, lex):
+    """log P of one spelled token (its characters, as strings) under lex.spelling, edges included."""
+    if not lex.spelling.size:
+        return 0.0
+    spelled = [w for w, k in zip(lex.words, lex.kind) if k == ih.SPELLED]
+    path = [len(spelled)] + [spelled.index(c) for c in chars] + [len(spelled)]
+    return sum(lex.spelling[a, b] for a, b in zip(path, path[1:]))
+
+
 def reading_score(seq, lex, lm, lm_weight, word_penalty, oov_penalty):
     """The objective of one reading [(entry, glued)], entry by entry in plain Python."""
-    score, context, prev = 0.0, ih.LM_START, None
+    score, context, prev, token = 0.0, ih.LM_START, None, []  # token: the spelled token being read
     for e, glued in seq:
         kind = lex.kind[e]
         score += lex.cost[e]
+        goes_on = kind == ih.SPELLED and glued and prev is not None and lex.kind[prev] == ih.SPELLED
+        if token and not goes_on:
+            score += spelled_token_log_prob(token, lex)
+            token = []
         if kind == ih.SPELLED:
-            if not (glued and prev is not None and lex.kind[prev] == ih.SPELLED):  # a new spelled token
+            if not goes_on:  # a new spelled token
                 score += word_penalty + oov_penalty
+            token.append(lex.words[e])
             context = ih.LM_START
         else:
             score += word_penalty + (lm_weight * float(ih.lm_log_prob(lm, [context], [lex.lm_id[e]])[0]) if lm else 0)
             context = int(lex.lm_id[e])
         prev = e
+    score += spelled_token_log_prob(token, lex) if token else 0.0
     return score + (lm_weight * float(ih.lm_end_log_prob(lm, [context])[0]) if lm else 0.0)
 
 
@@ -249,9 +264,12 @@ def brute_force_readings(lp, lex, lm, lm_weight, word_penalty, oov_penalty):
     return [lex.words[e] for e, _ in seqs[best]], scores[best], [g for _, g in seqs[best]]
 
 
+EN_SPELLING_PIECES = ("ad", "a1", "dAd", "11", "d")  # the character bigram's training words
+
+
 def english_lexicon(oov):
     case = {"lower": np.log(0.7), "capital": np.log(0.2), "upper": np.log(0.1)}
-    return ih.reading_lexicon(EN_WORDS, EN_ALPHA, case, oov)
+    return ih.reading_lexicon(EN_WORDS, EN_ALPHA, case, oov, EN_SPELLING_PIECES)
 
 
 def english_lm(rng, order):
@@ -288,9 +306,61 @@ def test_the_reading_lexicon_holds_each_spelling_the_alphabet_can_write_with_its
     assert len(lex.words) == 7 + 4
 
 
+def test_the_character_bigram_is_the_interpolated_count_of_its_training_words():
+    """Over chars "ab" (edge index 2): the words "ab", "ab", "b" give the pairs
+    edge-a x2, a-b x2, b-edge x3, edge-b x1, smoothed towards the add-one unigram
+    of the positions they end on with the weight a = SPELLING_PRIOR_WEIGHT."""
+    chars, a = "ab", ih.SPELLING_PRIOR_WEIGHT
+    lp = ih.spelling_log_probs(["ab", "ab", "b", "a-b", ""], chars)  # "a-b" holds a foreign character: skipped
+    p = np.exp(lp)
+    # Counts by position (the column): a 2, b 3, edge 3; n = 8 pairs.
+    unigram = np.array([2 + 1, 3 + 1, 3 + 1]) / (8 + 3)
+    assert p[0, 1] == pytest.approx((2 + a * unigram[1]) / (2 + a))  # b after a: both times
+    assert p[0, 0] == pytest.approx(a * unigram[0] / (2 + a))  # never seen: the unigram's share
+    assert p[1, 2] == pytest.approx((3 + a * unigram[2]) / (3 + a))
+    assert p[2, 2] == 0.0  # an empty token is impossible
+    np.testing.assert_allclose(p.sum(1), 1.0)
+    first = np.array([2 + a * unigram[0], 1 + a * unigram[1]]) / (3 + a)
+    np.testing.assert_allclose(p[2, :2], first / first.sum())
+    # No words at all: every character alike after the edge.
+    empty = np.exp(ih.spelling_log_probs([], chars))
+    assert empty[2, 0] == pytest.approx(empty[2, 1]) and empty[2, 2] == 0.0
+
+
+def test_the_character_bigram_reads_the_spelling_its_words_make_likely_where_the_ink_cannot_tell():
+    """Ink that is half 'd', half 'A' at its second step: 'ad' and 'aA' are equally
+    inked, and only the character model of the spelled token chooses between them,
+    the way its training words go ('dAd' puts A after d, 'ad' puts d after a)."""
+    rng = np.random.default_rng(7)
+    lex = ih.reading_lexicon(("d",), EN_ALPHA, {"lower": 0.0, "capital": -50.0, "upper": -50.0}, "char-bigram",
+                             ("ad", "ad", "ad", "dAd"))
+    K = len(EN_ALPHA) + 1
+    lp = np.full((2, K), np.log(1e-4))
+    lp[0, 1 + EN_ALPHA.index("a")] = np.log(0.98)
+    lp[1, 1 + EN_ALPHA.index("d")] = lp[1, 1 + EN_ALPHA.index("A")] = np.log(0.49)
+    lp = lp - np.logaddexp.reduce(lp, axis=1, keepdims=True)
+    words, _, _ = ih.lm_decode(lp, lex, None, 0.0, 0.0, beam=None, oov_penalty=0.0)
+    assert "".join(words) == "ad"
+    flipped = ih.reading_lexicon(("d",), EN_ALPHA, {"lower": 0.0, "capital": -50.0, "upper": -50.0}, "char-bigram",
+                                 ("aA", "aA", "aA", "dAd"))
+    assert "".join(ih.lm_decode(lp, flipped, None, 0.0, 0.0, beam=None, oov_penalty=0.0)[0]) == "aA"
+    # The uniform character cost cannot tell them apart: its reading is whichever the tie falls on.
+    uniform = ih.reading_lexicon(("d",), EN_ALPHA, {"lower": 0.0, "capital": -50.0, "upper": -50.0}, "chars")
+    spelled = {w: e for e, (w, k) in enumerate(zip(uniform.words, uniform.kind)) if k == ih.SPELLED}
+    scores = [reading_score([(spelled[c], i > 0) for i, c in enumerate(w)], uniform, None, 0, 0, 0)
+              for w in ("ad", "aA")]
+    assert scores[0] == scores[1]
+
+
+def test_a_spelling_model_of_the_wrong_size_is_refused():
+    with pytest.raises(ValueError, match="spelling model"):
+        ih.build_lexicon(["a", "b"], "ab ", np.array([ih.WORD, ih.SPELLED]), np.array([0, -1]), None, np.zeros((3, 3)))
+
+
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("oov,order,lm_weight,word_penalty,oov_penalty", [
-    ("chars", 2, 1.0, 0.5, -1.0), ("token", 1, 0.7, -0.5, 1.0), ("none", 2, 2.0, 0.0, 0.0), ("chars", None, 0.0, 1.0, 0.5)])
+    ("chars", 2, 1.0, 0.5, -1.0), ("token", 1, 0.7, -0.5, 1.0), ("none", 2, 2.0, 0.0, 0.0), ("chars", None, 0.0, 1.0, 0.5),
+    ("char-bigram", 2, 1.0, 0.5, -1.0), ("char-bigram", None, 0.0, -0.5, 2.0)])
 def test_unpruned_decoding_of_cased_glued_and_spelled_tokens_is_the_brute_force_best(seed, oov, order, lm_weight,
                                                                                       word_penalty, oov_penalty):
     rng = np.random.default_rng(100 + seed)
@@ -321,7 +391,7 @@ def test_a_beam_that_never_fills_gives_the_exact_result_even_where_labels_are_be
     """The emission floor prunes only once the beam is full, so a beam wider than
     every token the line can have is exact, also where most labels are below the floor."""
     rng = np.random.default_rng(200 + seed)
-    lex = english_lexicon(("chars", "token", "none")[seed % 3])
+    lex = english_lexicon(("chars", "token", "none", "char-bigram")[seed % 4])
     lm = english_lm(rng, 2)
     T = 5
     lp = sparse_log_probs(rng, T, len(EN_ALPHA) + 1, below_floor=0.5)
