@@ -5660,7 +5660,7 @@ TASKS = {
     "iam-ondb": Task(name="iam-ondb", alphabet=None, monitor=("validation",), group_by="writer",
                      decoders=("greedy", "beam", "lm"), flags=LM_FLAGS,
                      defaults=dict(hidden=100, layers=2, batch_size=8, epochs=15, lr=1e-2, lr_final=0.1, workers=2,
-                                   patience=6, augment=1.0, features="graves25", oov="chars", lm_tuning=TUNING_LINES,
+                                   patience=6, augment=1.0, features="graves25", oov="char-bigram", lm_tuning=TUNING_LINES,
                                    lm_beam=1024),
                      quick=dict(hidden=32, epochs=2, patience=0, lm_beam=64), make_data=iam_ondb_data),
 }
