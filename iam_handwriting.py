@@ -1066,7 +1066,7 @@ class Lexicon:
     glue_to: np.ndarray  # (N, 4) for a child of the root: True if its subtree holds an entry that may follow
     #                     an entry of that kind with no space (GLUES); False elsewhere
     spelling: np.ndarray  # (S + 1, S + 1) log P(next | previous) over the S spelled characters in entry order,
-    #                      index S the edge of the token (oov "char-bigram"); (0, 0): no character model
+    #                      index S the edge of the token (oov "char-bigram"); all 0: no character model
 
 
 def build_lexicon(words, alphabet=None, kind=None, lm_id=None, cost=None, spelling=None):
@@ -1074,7 +1074,7 @@ def build_lexicon(words, alphabet=None, kind=None, lm_id=None, cost=None, spelli
 
     alphabet: default the words task's (ALPHABET). kind, lm_id, cost (W,): how
     the lm decoder reads each entry (default: each a WORD, its own LM word, at
-    no cost). spelling: Lexicon.spelling, for the S SPELLED entries (default none)."""
+    no cost). spelling: Lexicon.spelling, for the S SPELLED entries (default all 0: none)."""
     alphabet = ALPHABET if alphabet is None else alphabet
     words = tuple(words)
     if not words:
@@ -1106,9 +1106,9 @@ def build_lexicon(words, alphabet=None, kind=None, lm_id=None, cost=None, spelli
     glue_to = np.zeros((len(label), 4), bool)
     for a in range(4):
         glue_to[first[GLUES[a, kind]], a] = True
-    spelling = np.zeros((0, 0)) if spelling is None else np.asarray(spelling, dtype=float)
     n_spelled = int((kind == SPELLED).sum())
-    if spelling.size and spelling.shape != (n_spelled + 1, n_spelled + 1):
+    spelling = np.zeros((n_spelled + 1, n_spelled + 1)) if spelling is None else np.asarray(spelling, dtype=float)
+    if spelling.shape != (n_spelled + 1, n_spelled + 1):
         raise ValueError(f"the spelling model is {spelling.shape}, for {n_spelled} spelled characters")
     return Lexicon(words, alphabet, label, parent, skip, end, word_at, child_start, children, kind,
                    np.arange(W) if lm_id is None else np.asarray(lm_id),
@@ -1819,7 +1819,8 @@ def ranked_lm_words(cfg, texts):
 @functools.lru_cache(maxsize=8)
 def _reading_lexicon(words, alphabet, train, oov):
     """reading_lexicon with the case and the spelling models of the training transcriptions `train`."""
-    pieces = [piece for text in train for piece, _ in split_line(text) if piece_kind(piece) == WORD]
+    pieces = [piece for text in train for piece, _ in split_line(text) if piece_kind(piece) == WORD] \
+        if oov == "char-bigram" else ()
     return reading_lexicon(words, alphabet, case_log_probs(train), oov, pieces)
 
 
@@ -2086,10 +2087,9 @@ def lm_decode(log_probs, lexicon, lm, lm_weight=1.0, word_penalty=0.0, beam=64, 
     space = 1 + lexicon.alphabet.index(" ")
     node_class = np.where(np.arange(N) == 0, space, lexicon.label)  # the class each node's label emits
     kind, lm_id = lexicon.kind, lexicon.lm_id
-    spelling = lexicon.spelling if lexicon.spelling.size else np.zeros((1, 1))  # no model: every term 0
+    spelling = lexicon.spelling
     edge = len(spelling) - 1
-    spelled_index = np.where(kind == SPELLED, np.cumsum(kind == SPELLED) - 1, edge) if lexicon.spelling.size \
-        else np.zeros(len(kind), int)  # (W,) each entry's row and column in spelling
+    spelled_index = np.where(kind == SPELLED, np.cumsum(kind == SPELLED) - 1, edge)  # (W,) row and column in spelling
 
     def context(entry):
         """The LM context after an entry: its LM word; LM_START after a spelled character or at the start."""

@@ -200,8 +200,6 @@ EN_WORDS = ("a", "ad", ",", "'d", "d")  # LM words: a word, a longer one, punctu
 
 def spelled_token_log_prob(chars, lex):
     """log P of one spelled token (its characters, as strings) under lex.spelling, edges included."""
-    if not lex.spelling.size:
-        return 0.0
     spelled = [w for w, k in zip(lex.words, lex.kind) if k == ih.SPELLED]
     path = [len(spelled)] + [spelled.index(c) for c in chars] + [len(spelled)]
     return sum(lex.spelling[a, b] for a, b in zip(path, path[1:]))
