@@ -323,6 +323,9 @@ def test_the_character_bigram_is_the_interpolated_count_of_its_training_words():
     # No words at all: every character alike after the edge.
     empty = np.exp(ih.spelling_log_probs([], chars))
     assert empty[2, 0] == pytest.approx(empty[2, 1]) and empty[2, 2] == 0.0
+    # Read without training transcriptions (a model file on new ink), the dictionary's words are the pieces.
+    lex = ih.reading_lexicon(("ab", "b"), "ab ", {"lower": 0.0, "capital": -50.0, "upper": -50.0}, "char-bigram")
+    np.testing.assert_array_equal(lex.spelling, ih.spelling_log_probs(("ab", "b"), chars))
 
 
 def test_the_character_bigram_reads_the_spelling_its_words_make_likely_where_the_ink_cannot_tell():
