@@ -364,7 +364,7 @@ def test_the_final_lm_decoder_is_tuned_on_every_kth_validation_line_and_run_json
 def test_the_iam_ondb_headline_is_the_chosen_recipe_and_a_given_weight_needs_tuning_off(tmp_path):
     defaults = ih.TASKS["iam-ondb"].defaults
     assert (defaults["layers"], defaults["epochs"], defaults["augment"], defaults["oov"], defaults["lm_tuning"],
-            defaults["lm_beam"]) == (2, 15, 1.0, "char-bigram", 100, 1024)
+            defaults["lm_beam"]) == (2, 15, 1.0, "char-bigram", 400, 1024)
     r = run_cli("--task", "iam-ondb", "--data-dir", tmp_path, "--decoder", "lm", "--lm-weight", "2", "--quiet")
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "add --lm-tuning 0" in lines[0], r.stderr
