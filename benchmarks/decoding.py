@@ -11,7 +11,7 @@ root:
     python iam_handwriting.py --task lines --save-model lines.npz
     python benchmarks/decoding.py lines.npz                              # 20,000 words, beams 16 64 1024
     python benchmarks/decoding.py lines.npz --sizes 1000 20000 --beams 64 256 --lines 100
-    python benchmarks/decoding.py models/iam_ondb.npz --data-dir DIR --beams 64 1024      # the 103 check lines
+    python benchmarks/decoding.py models/iam_ondb.npz --data-dir DIR --beams 64 1024      # the validation lines lm tuning leaves out
     python benchmarks/decoding.py models/iam_ondb.npz --data-dir DIR --beams 64 256 1024 4096 16384
     python benchmarks/decoding.py models/iam_ondb.npz --data-dir DIR --split validation2 --lines all --beams 64
     python benchmarks/decoding.py models/iam_ondb.npz --data-dir DIR --beams 64 1024 --workers 2   # lines dealt over 2 processes
